@@ -1,0 +1,1 @@
+"""egress-sidecar: the per-pod egress allowlist proxy."""

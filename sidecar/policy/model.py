@@ -1,0 +1,72 @@
+"""Values of the decision core: destinations, decisions, rules. No I/O here."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+type IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+type IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Verdict(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    AUDIT = "audit"  # would have been denied; let through because the mode is audit
+
+
+class Mode(StrEnum):
+    ENFORCE = "enforce"
+    AUDIT = "audit"
+
+
+class Reason(StrEnum):
+    MATCHED_ALLOW = "matched allow rule"
+    MATCHED_DENY = "matched deny rule"
+    NO_MATCH = "no allow rule matches"
+    PRIVATE_ADDRESS = "private address"
+    POLICY_NOT_LOADED = "policy not loaded"
+    POLICY_DELETED = "policy deleted"
+    INVALID_DESTINATION = "invalid destination"
+    UNRESOLVABLE = "host does not resolve"
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """What the proxy knows about one outbound call.
+
+    ``host`` is the name the client asked for (None for an address-only flow such as raw TCP or
+    TLS without SNI); an IP literal host is allowed and is treated as an address. ``address`` is the
+    resolved or original IP the proxy would connect to, when known. ``method``/``path`` are set only
+    where the request is visible (plain HTTP).
+    """
+
+    host: str | None
+    port: int
+    address: IPAddress | None = None
+    method: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    reason: Reason
+    rule: str | None = None  # the rule as written in the allowlist, where one matched
+    detail: str | None = None  # e.g. "10.0.0.1 is private" or "method POST not in [GET]"
+
+    @property
+    def permits(self) -> bool:
+        """True when the call goes through (allow or audit)."""
+        return self.verdict is not Verdict.DENY
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyMeta:
+    """Where a policy came from: shown on spans, logs, metrics and health."""
+
+    source: str  # e.g. "configmap:shop/egress-allowlist" or "file:/etc/egress/allowlist.yaml"
+    version: str  # ConfigMap resourceVersion, or "sha256:<12 hex>" digest of a file
+    mode: Mode | None = None  # the document's own `mode:`, if it set one
+    extra: dict[str, str] = field(default_factory=dict)
