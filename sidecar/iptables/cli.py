@@ -1,0 +1,210 @@
+"""`egress-sidecar iptables apply|print|clean` — what the ``egress-init`` container runs.
+
+Only the standard library and the pure rules module are imported: the init container starts
+this and must be quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sidecar.contract import PROXY_UID, TRANSPARENT_PORT
+from sidecar.iptables import apply as adapter
+from sidecar.iptables import rules
+from sidecar.iptables.rules import CaptureOptions, Family, RuleOptionError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "iptables",
+        help="install, show or remove the transparent-capture iptables rules",
+        description=(
+            "Redirect the pod's outbound TCP (every UID but the proxy's) to the sidecar's "
+            "transparent listener, and reject UDP 443 (QUIC) so clients fall back to TCP. "
+            f"Rules live in chains named {rules.CHAIN_PREFIX}* in the nat and filter tables, "
+            "IPv4 and IPv6; other rules are left alone."
+        ),
+    )
+    actions = parser.add_subparsers(dest="iptables_action", metavar="ACTION", required=True)
+
+    p_apply = actions.add_parser(
+        "apply", help="load the rules (atomic per table; re-applying replaces ours)"
+    )
+    _rule_options(p_apply)
+    _system_options(p_apply)
+    p_apply.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the restore input apply would load now (including removal of old rules)",
+    )
+    p_apply.set_defaults(func=_cmd_apply)
+
+    p_print = actions.add_parser(
+        "print", help="show exactly the rules apply loads (iptables-restore format)"
+    )
+    _rule_options(p_print)
+    _ipv6_option(p_print)
+    p_print.set_defaults(func=_cmd_print)
+
+    p_clean = actions.add_parser(
+        "clean", help=f"remove our chains ({rules.CHAIN_PREFIX}*) and the jumps into them"
+    )
+    _system_options(p_clean)
+    p_clean.set_defaults(func=_cmd_clean)
+
+
+def _rule_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--proxy-uid",
+        type=int,
+        default=PROXY_UID,
+        help=f"UID of the proxy; its traffic is never redirected (default {PROXY_UID})",
+    )
+    p.add_argument(
+        "--proxy-gid",
+        type=int,
+        default=None,
+        help="also exempt traffic of this GID (default: none, only the UID is exempt)",
+    )
+    p.add_argument(
+        "--proxy-port",
+        type=int,
+        default=TRANSPARENT_PORT,
+        help=f"transparent listener port to redirect to (default {TRANSPARENT_PORT})",
+    )
+    p.add_argument(
+        "--exclude-outbound-cidrs",
+        default="",
+        metavar="CIDR,...",
+        help=(
+            "destinations never redirected, IPv4 and/or IPv6 (default: none beyond loopback; "
+            "pass the cluster's pod and service CIDRs, as the injector does)"
+        ),
+    )
+    p.add_argument(
+        "--exclude-outbound-ports",
+        default="",
+        metavar="PORT,...",
+        help="destination ports never redirected; ranges as A-B (exclusion wins over inclusion)",
+    )
+    p.add_argument(
+        "--include-outbound-ports",
+        default="*",
+        metavar="PORT,...",
+        help="redirect only these destination ports; '*' or empty = all (default)",
+    )
+    p.add_argument(
+        "--no-quic-reject",
+        dest="quic_reject",
+        action="store_false",
+        help="do not reject UDP 443 (by default it is rejected when port 443 is captured)",
+    )
+
+
+def _ipv6_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ipv6",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also handle IPv6 (ip6tables); auto = when the kernel has IPv6 (default)",
+    )
+
+
+def _system_options(p: argparse.ArgumentParser) -> None:
+    _ipv6_option(p)
+    p.add_argument(
+        "--backend",
+        choices=("auto", "nft", "legacy"),
+        default="auto",
+        help="iptables backend; auto = the one `iptables --version` names (default)",
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> CaptureOptions:
+    return CaptureOptions(
+        proxy_uid=args.proxy_uid,
+        proxy_gid=args.proxy_gid,
+        proxy_port=args.proxy_port,
+        exclude_cidrs=rules.parse_cidrs(args.exclude_outbound_cidrs),
+        exclude_ports=rules.parse_ports(args.exclude_outbound_ports),
+        include_ports=rules.parse_ports(
+            args.include_outbound_ports, option="--include-outbound-ports", allow_all=True
+        ),
+        quic_reject=args.quic_reject,
+    )
+
+
+def render_print(opts: CaptureOptions, fams: list[Family]) -> str:
+    parts = []
+    for fam in fams:
+        tool = fam.restore_command + "-restore"
+        parts.append(f"# {fam.value}: load with `{tool} --noflush`\n")
+        parts.append(rules.render_rules(opts, fam))
+    return "".join(parts)
+
+
+def _cmd_print(args: argparse.Namespace) -> int:
+    try:
+        opts = options_from_args(args)
+    except RuleOptionError as exc:
+        print(f"egress-sidecar iptables print: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(render_print(opts, adapter.families(args.ipv6)))
+    return EXIT_OK
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    try:
+        opts = options_from_args(args)
+    except RuleOptionError as exc:
+        print(f"egress-sidecar iptables apply: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        backend = adapter.resolve_backend(args.backend)
+        plans = []
+        for fam in adapter.families(args.ipv6):
+            tools = adapter.tools_for(fam, backend)
+            plans.append((fam, tools, adapter.plan_apply(opts, fam, tools)))
+        for fam, tools, text in plans:
+            if args.dry_run:
+                sys.stdout.write(f"# {fam.value}: {tools.restore} --noflush\n{text}")
+            else:
+                adapter.restore(tools, text)
+    except adapter.IptablesError as exc:
+        print(f"egress-sidecar iptables apply: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.dry_run:
+        done = ", ".join(f"{fam.value} ({tools.restore})" for fam, tools, _ in plans)
+        print(f"egress-sidecar iptables: capture rules applied for {done}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    try:
+        backend = adapter.resolve_backend(args.backend)
+        for fam in adapter.families(args.ipv6):
+            tools = adapter.tools_for(fam, backend)
+            adapter.restore(tools, adapter.plan_clean(tools))
+    except adapter.IptablesError as exc:
+        print(f"egress-sidecar iptables clean: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m sidecar.iptables.cli apply ...``), same as
+    `egress-sidecar iptables ...` without importing the other subcommands."""
+    parser = argparse.ArgumentParser(prog="egress-sidecar")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["iptables", *(sys.argv[1:] if argv is None else argv)])
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
