@@ -1,0 +1,130 @@
+"""`egress-sidecar iptables print` golden output, option errors, backend detection."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.iptables import apply as adapter
+from sidecar.iptables import cli
+from sidecar.iptables.apply import Backend, IptablesError
+from sidecar.iptables.rules import Family
+
+GOLDEN = Path(__file__).parent / "golden"
+
+CASES: dict[str, list[str]] = {
+    "default": ["--ipv6", "on"],
+    "ipv4_only": ["--ipv6", "off"],
+    "cluster_excludes": [
+        "--ipv6",
+        "on",
+        "--exclude-outbound-cidrs",
+        "10.96.0.0/12,10.244.0.0/16,fd00:10:96::/112",
+        "--exclude-outbound-ports",
+        "15020,22,9000-9100",
+    ],
+    "include_ports": ["--ipv6", "on", "--include-outbound-ports", "80,443,5432"],
+    "include_no_443": ["--ipv6", "off", "--include-outbound-ports", "80,8080"],
+    "exclude_443": ["--ipv6", "off", "--exclude-outbound-ports", "443"],
+    "no_quic_gid_port": [
+        "--ipv6",
+        "on",
+        "--no-quic-reject",
+        "--proxy-uid",
+        "2000",
+        "--proxy-gid",
+        "2001",
+        "--proxy-port",
+        "16000",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_print_matches_golden(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["print", *CASES[name]]) == 0
+    assert capsys.readouterr().out == (GOLDEN / f"{name}.rules").read_text()
+
+
+def test_every_golden_file_has_a_case() -> None:
+    assert {p.stem for p in GOLDEN.glob("*.rules")} == set(CASES)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--exclude-outbound-cidrs", "10.0.0.0/33"], "--exclude-outbound-cidrs: '10.0.0.0/33'"),
+        (["--exclude-outbound-ports", "*"], "--exclude-outbound-ports"),
+        (["--include-outbound-ports", "80,http"], "--include-outbound-ports: 'http'"),
+        (["--proxy-port", "0"], "proxy port"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_option(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["print", "--ipv6", "off", *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
+def test_include_star_and_empty_mean_all() -> None:
+    args = ["print", "--ipv6", "off", "--include-outbound-ports"]
+    outputs = []
+    for value in ("*", "", " * "):
+        ns = _parse([*args, value])
+        outputs.append(cli.render_print(cli.options_from_args(ns), [Family.IPV4]))
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert "-p tcp -j REDIRECT --to-ports 15002" in outputs[0]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["iptables", *argv])
+
+
+def test_registers_under_the_main_cli_with_func() -> None:
+    ns = _parse(["apply", "--backend", "legacy", "--ipv6", "off", "--dry-run"])
+    assert ns.func is not None and ns.backend == "legacy" and ns.dry_run
+    assert _parse(["clean"]).backend == "auto"
+
+
+@pytest.mark.parametrize(
+    ("version", "backend"),
+    [
+        ("iptables v1.8.9 (nf_tables)\n", Backend.NFT),
+        ("iptables v1.8.7 (legacy)\n", Backend.LEGACY),
+        ("iptables v1.6.1\n", Backend.LEGACY),
+        ("iptables-restore v1.8.9 (nf_tables)", Backend.NFT),
+    ],
+)
+def test_detect_backend(version: str, backend: Backend) -> None:
+    assert adapter.detect_backend(version) is backend
+
+
+def test_detect_backend_refuses_unknown_output() -> None:
+    with pytest.raises(IptablesError, match="cannot tell"):
+        adapter.detect_backend("iptables v2.0.0 (something)")
+
+
+@pytest.mark.parametrize(
+    ("ipv6", "expected"), [("on", [Family.IPV4, Family.IPV6]), ("off", [Family.IPV4])]
+)
+def test_families(ipv6: str, expected: list[Family]) -> None:
+    assert adapter.families(ipv6) == expected
+
+
+def test_cli_module_keeps_heavy_imports_out() -> None:
+    """The init container runs this: importing it must not pull in mitmproxy & co."""
+    code = (
+        "import sys, sidecar.iptables.cli; "
+        "heavy = ('mitmproxy', 'kubernetes', 'opentelemetry', 'yaml'); "
+        "bad = [m for m in heavy if m in sys.modules]; "
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,339 @@
+"""The pure rules generator: option parsing, rendering, iptables-save parsing."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.contract import PROXY_UID, TRANSPARENT_PORT
+from sidecar.iptables import rules
+from sidecar.iptables.rules import (
+    CaptureOptions,
+    Family,
+    PortRange,
+    RuleOptionError,
+    SaveParseError,
+    TableState,
+)
+
+# --- option parsing -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", ()),
+        ("  ", ()),
+        ("80", (PortRange(80, 80),)),
+        ("443, 80", (PortRange(80, 80), PortRange(443, 443))),
+        ("8000-8080", (PortRange(8000, 8080),)),
+        ("8000:8080", (PortRange(8000, 8080),)),
+        ("80,80,,80", (PortRange(80, 80),)),
+        ("1,65535", (PortRange(1, 1), PortRange(65535, 65535))),
+    ],
+)
+def test_parse_ports(text: str, expected: tuple[PortRange, ...]) -> None:
+    assert rules.parse_ports(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "65536", "x", "80-", "-80", "90-80", "1.5", "80-90-100"])
+def test_parse_ports_rejects_and_names_the_item(text: str) -> None:
+    with pytest.raises(RuleOptionError, match="--exclude-outbound-ports"):
+        rules.parse_ports(text)
+
+
+def test_star_means_all_only_where_allowed() -> None:
+    assert rules.parse_ports("*", allow_all=True) == ()
+    with pytest.raises(RuleOptionError, match="'\\*'"):
+        rules.parse_ports("*")
+
+
+@given(st.lists(st.integers(1, 65535), min_size=1, max_size=20))
+def test_parse_ports_roundtrips_any_port_list(ports: list[int]) -> None:
+    parsed = rules.parse_ports(",".join(map(str, ports)))
+    assert [r.first for r in parsed] == sorted(set(ports))
+    assert all(r.first == r.last for r in parsed)
+
+
+@given(st.integers(1, 65535), st.integers(1, 65535), st.integers(1, 65535))
+def test_port_range_contains(a: int, b: int, port: int) -> None:
+    lo, hi = sorted((a, b))
+    assert PortRange(lo, hi).contains(port) == (lo <= port <= hi)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10.0.0.0/8", ["10.0.0.0/8"]),
+        ("10.1.2.3/8", ["10.0.0.0/8"]),  # host bits cleared, as iptables-save shows it
+        ("10.0.0.1", ["10.0.0.1/32"]),
+        ("fd00::/8, 10.0.0.0/8,10.0.0.0/8", ["10.0.0.0/8", "fd00::/8"]),
+        ("::1", ["::1/128"]),
+    ],
+)
+def test_parse_cidrs(text: str, expected: list[str]) -> None:
+    assert [str(n) for n in rules.parse_cidrs(text)] == expected
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/33", "example.com", "10.0.0", "fd00::/129"])
+def test_parse_cidrs_rejects_and_names_the_item(text: str) -> None:
+    with pytest.raises(RuleOptionError, match=f"--exclude-outbound-cidrs: '{text}'"):
+        rules.parse_cidrs(text)
+
+
+@given(st.ip_addresses(), st.integers(0, 128))
+def test_parse_cidrs_accepts_any_valid_network(
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address, plen: int
+) -> None:
+    plen = min(plen, addr.max_prefixlen)
+    (net,) = rules.parse_cidrs(f"{addr}/{plen}")
+    assert addr in net and net.prefixlen == plen
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"proxy_uid": -1}, {"proxy_gid": 2**32}, {"proxy_port": 0}, {"proxy_port": 70000}]
+)
+def test_capture_options_validate(kwargs: dict[str, int]) -> None:
+    with pytest.raises(RuleOptionError):
+        CaptureOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_defaults_come_from_the_contract() -> None:
+    opts = CaptureOptions()
+    assert (opts.proxy_uid, opts.proxy_port, opts.proxy_gid) == (PROXY_UID, TRANSPARENT_PORT, None)
+    assert opts.exclude_cidrs == ()  # no cluster ranges by default: the injector passes them
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def _chain_rules(opts: CaptureOptions, family: Family, table: str) -> list[str]:
+    for t in rules.desired_tables(opts, family):
+        if t.table == table:
+            return list(t.rules)
+    return []
+
+
+def test_nat_rules_order_default_ipv4() -> None:
+    assert _chain_rules(CaptureOptions(), Family.IPV4, "nat") == [
+        "-m owner --uid-owner 1337 -j RETURN",
+        "-o lo -j RETURN",
+        "-d 127.0.0.0/8 -j RETURN",
+        "-p tcp -j REDIRECT --to-ports 15002",
+    ]
+
+
+def test_exclusions_come_before_the_redirect_and_split_by_family() -> None:
+    opts = CaptureOptions(
+        exclude_cidrs=rules.parse_cidrs("10.96.0.0/12,fd00:10::/64"),
+        exclude_ports=rules.parse_ports("22"),
+        include_ports=rules.parse_ports("22,80", allow_all=True),
+    )
+    v4 = _chain_rules(opts, Family.IPV4, "nat")
+    v6 = _chain_rules(opts, Family.IPV6, "nat")
+    assert "-d 10.96.0.0/12 -j RETURN" in v4 and not any("fd00" in r for r in v4)
+    assert "-d fd00:10::/64 -j RETURN" in v6 and not any("10.96" in r for r in v6)
+    assert "-d ::1/128 -j RETURN" in v6
+    for chain in (v4, v6):
+        assert chain.index("-p tcp -m tcp --dport 22 -j RETURN") < chain.index(
+            "-p tcp -m tcp --dport 22 -j REDIRECT --to-ports 15002"
+        )
+        assert chain[-1] == "-p tcp -m tcp --dport 80 -j REDIRECT --to-ports 15002"
+        assert "-p tcp -j REDIRECT --to-ports 15002" not in chain
+
+
+@pytest.mark.parametrize(
+    ("opts", "has_filter"),
+    [
+        (CaptureOptions(), True),
+        (CaptureOptions(quic_reject=False), False),
+        (CaptureOptions(exclude_ports=rules.parse_ports("400-500")), False),
+        (CaptureOptions(include_ports=rules.parse_ports("80")), False),
+        (CaptureOptions(include_ports=rules.parse_ports("80,443")), True),
+        (CaptureOptions(exclude_ports=rules.parse_ports("80")), True),
+    ],
+)
+def test_quic_reject_only_where_443_is_captured(opts: CaptureOptions, has_filter: bool) -> None:
+    for fam in Family:
+        tables = [t.table for t in rules.desired_tables(opts, fam)]
+        assert tables == (["nat", "filter"] if has_filter else ["nat"])
+
+
+def test_filter_rules_reject_udp_443_per_family() -> None:
+    opts = CaptureOptions(proxy_gid=1337, exclude_cidrs=rules.parse_cidrs("10.0.0.0/8"))
+    assert _chain_rules(opts, Family.IPV4, "filter") == [
+        "-m owner --uid-owner 1337 -j RETURN",
+        "-m owner --gid-owner 1337 -j RETURN",
+        "-o lo -j RETURN",
+        "-d 10.0.0.0/8 -j RETURN",
+        "-p udp -j REJECT --reject-with icmp-port-unreachable",
+    ]
+    assert _chain_rules(opts, Family.IPV6, "filter")[-1] == (
+        "-p udp -j REJECT --reject-with icmp6-port-unreachable"
+    )
+
+
+def test_render_rules_is_one_commit_per_table() -> None:
+    text = rules.render_rules(CaptureOptions(), Family.IPV4)
+    lines = text.splitlines()
+    assert lines[0] == "*nat" and lines.count("COMMIT") == 2 and lines[-1] == "COMMIT"
+    assert lines[1] == ":EGRESS_SIDECAR_OUTPUT - [0:0]"
+    assert lines[2] == "-I OUTPUT 1 -p tcp -j EGRESS_SIDECAR_OUTPUT"
+    assert not any(line.startswith(("-D", "-X", "-F")) for line in lines)
+
+
+# --- save parsing, re-apply and clean -------------------------------------------------------
+
+SAVE_WITH_OURS_AND_OTHERS = """\
+# Generated by iptables-save v1.8.9 (nf_tables)
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:EGRESS_SIDECAR_OUTPUT - [0:0]
+:OTHER - [0:0]
+-A OUTPUT -p udp -m udp --dport 443 -j EGRESS_SIDECAR_OUTPUT
+-A OUTPUT -j OTHER
+-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable
+-A OTHER -m comment --comment "keep me" -j ACCEPT
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:EGRESS_SIDECAR_OUTPUT - [0:0]
+:EGRESS_SIDECAR_OLD - [0:0]
+-A OUTPUT -p tcp -j EGRESS_SIDECAR_OUTPUT
+-A OUTPUT -p tcp -m tcp --dport 25 -j EGRESS_SIDECAR_OLD
+-A POSTROUTING -j MASQUERADE
+-A EGRESS_SIDECAR_OUTPUT -p tcp -j REDIRECT --to-ports 15002
+-A EGRESS_SIDECAR_OLD -j EGRESS_SIDECAR_OUTPUT
+COMMIT
+*mangle
+:OUTPUT ACCEPT [0:0]
+-A OUTPUT -j MARK --set-xmark 0x1/0xffffffff
+COMMIT
+"""
+
+
+def test_parse_save_finds_only_ours() -> None:
+    state = rules.parse_save(SAVE_WITH_OURS_AND_OTHERS)
+    assert set(state) == {"filter", "nat"}  # mangle has nothing of ours
+    assert state["nat"].chains == ["EGRESS_SIDECAR_OUTPUT", "EGRESS_SIDECAR_OLD"]
+    assert state["nat"].jumps == [
+        ("OUTPUT", "-p tcp -j EGRESS_SIDECAR_OUTPUT"),
+        ("OUTPUT", "-p tcp -m tcp --dport 25 -j EGRESS_SIDECAR_OLD"),
+    ]
+    assert state["filter"].jumps == [
+        ("OUTPUT", "-p udp -m udp --dport 443 -j EGRESS_SIDECAR_OUTPUT")
+    ]
+    assert len(state["nat"].rules) == 2
+
+
+@pytest.mark.parametrize("text", ["-A OUTPUT -j ACCEPT\n", "*nat\n-I OUTPUT 1 -j ACCEPT\nCOMMIT\n"])
+def test_parse_save_rejects_garbage(text: str) -> None:
+    with pytest.raises(SaveParseError, match="line"):
+        rules.parse_save(text)
+
+
+def test_parse_save_of_a_clean_namespace_is_empty() -> None:
+    assert rules.parse_save("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j ACCEPT\nCOMMIT\n") == {}
+
+
+def test_reapply_replaces_ours_and_leaves_others() -> None:
+    state = rules.parse_save(SAVE_WITH_OURS_AND_OTHERS)
+    text = rules.render_apply(CaptureOptions(quic_reject=False), Family.IPV4, state)
+    assert text == (
+        "*nat\n"
+        ":EGRESS_SIDECAR_OUTPUT - [0:0]\n"
+        "-D OUTPUT -p tcp -j EGRESS_SIDECAR_OUTPUT\n"
+        "-D OUTPUT -p tcp -m tcp --dport 25 -j EGRESS_SIDECAR_OLD\n"
+        "-F EGRESS_SIDECAR_OLD\n"
+        "-X EGRESS_SIDECAR_OLD\n"
+        "-I OUTPUT 1 -p tcp -j EGRESS_SIDECAR_OUTPUT\n"
+        "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -o lo -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -d 127.0.0.0/8 -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p tcp -j REDIRECT --to-ports 15002\n"
+        "COMMIT\n"
+        # QUIC reject no longer wanted: our filter chain goes, OTHER stays
+        "*filter\n"
+        "-D OUTPUT -p udp -m udp --dport 443 -j EGRESS_SIDECAR_OUTPUT\n"
+        "-F EGRESS_SIDECAR_OUTPUT\n"
+        "-X EGRESS_SIDECAR_OUTPUT\n"
+        "COMMIT\n"
+    )
+    assert "OTHER" not in text and "MASQUERADE" not in text
+
+
+def test_clean_removes_jumps_before_chains_and_flushes_before_deleting() -> None:
+    text = rules.render_clean(rules.parse_save(SAVE_WITH_OURS_AND_OTHERS))
+    nat = text.split("*nat\n")[1].split("COMMIT")[0].splitlines()
+    assert nat == [
+        "-D OUTPUT -p tcp -j EGRESS_SIDECAR_OUTPUT",
+        "-D OUTPUT -p tcp -m tcp --dport 25 -j EGRESS_SIDECAR_OLD",
+        "-F EGRESS_SIDECAR_OUTPUT",
+        "-F EGRESS_SIDECAR_OLD",
+        "-X EGRESS_SIDECAR_OUTPUT",
+        "-X EGRESS_SIDECAR_OLD",
+    ]
+
+
+def test_clean_of_nothing_is_empty() -> None:
+    assert rules.render_clean({}) == ""
+    assert rules.render_clean({"nat": TableState()}) == ""
+
+
+def test_saved_form_matches_what_save_shows_after_a_fresh_apply() -> None:
+    text = rules.render_rules(CaptureOptions(), Family.IPV4)
+    # What iptables-save printed after loading exactly this text (nft and legacy agree).
+    save = (
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        ":EGRESS_SIDECAR_OUTPUT - [0:0]\n"
+        "-A OUTPUT -p udp -m udp --dport 443 -j EGRESS_SIDECAR_OUTPUT\n"
+        "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -o lo -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable\n"
+        "COMMIT\n"
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        ":POSTROUTING ACCEPT [0:0]\n:EGRESS_SIDECAR_OUTPUT - [0:0]\n"
+        "-A OUTPUT -p tcp -j EGRESS_SIDECAR_OUTPUT\n"
+        "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -o lo -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -d 127.0.0.0/8 -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p tcp -j REDIRECT --to-ports 15002\n"
+        "COMMIT\n"
+    )
+    assert rules.ours_in_save(save) == rules.saved_form(text)
+    assert rules.ours_in_save(save.replace("15002", "15003")) != rules.saved_form(text)
+
+
+@given(
+    st.lists(st.integers(1, 65535), max_size=5),
+    st.lists(st.integers(1, 65535), max_size=5),
+    st.booleans(),
+    st.sampled_from(list(Family)),
+)
+def test_apply_over_own_rules_deletes_every_old_jump(
+    excl: list[int], incl: list[int], quic: bool, fam: Family
+) -> None:
+    """Whatever was applied before, re-applying over it never leaves a second jump."""
+    opts = CaptureOptions(
+        exclude_ports=rules.parse_ports(",".join(map(str, excl))),
+        include_ports=rules.parse_ports(",".join(map(str, incl)), allow_all=True),
+        quic_reject=quic,
+    )
+    first = rules.saved_form(rules.render_rules(opts, fam))
+    save = "".join(
+        f"*{table}\n" + "".join(line + "\n" for line in lines) + "COMMIT\n"
+        for table, lines in first.items()
+    )
+    state = rules.parse_save(save)
+    again = rules.render_apply(CaptureOptions(), fam, state).splitlines()
+    deleted = [line for line in again if line.startswith("-D OUTPUT ")]
+    assert len(deleted) == len(first)  # one old jump per table we had
+    assert sum(line.startswith("-I OUTPUT 1 ") for line in again) == 2
