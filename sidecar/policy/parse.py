@@ -1,0 +1,665 @@
+"""Allowlist documents → ``Policy``: every problem found, each with its line.
+
+Works on ``yaml.compose`` nodes (SafeLoader) rather than loaded Python values, so each problem
+can name the line it is on, duplicate keys are caught, and the rule can be shown as written.
+A ConfigMap manifest is accepted too: its ``data["allowlist.yaml"]`` is parsed, and for a
+``|`` block scalar the lines of the embedded document are mapped back to lines of the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from sidecar.contract import ALLOWLIST_KEY
+from sidecar.policy.engine import PathPattern, Policy, Rule
+from sidecar.policy.errors import AllowlistError, InvalidHost, Problem
+from sidecar.policy.hosts import normalize_host, parse_ip, split_host_port
+from sidecar.policy.model import IPNetwork, Mode, PolicyMeta
+
+TOP_KEYS = ("mode", "allow", "deny", "privateRanges")
+RULE_KEYS = ("host", "cidr", "ports", "methods", "paths")
+MANIFEST_KEYS = ("apiVersion", "kind", "metadata", "data")
+
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_NULL = "tag:yaml.org,2002:null"
+_TYPE_NAMES = {
+    "tag:yaml.org,2002:int": "number",
+    "tag:yaml.org,2002:float": "number",
+    "tag:yaml.org,2002:bool": "boolean",
+    "tag:yaml.org,2002:null": "null",
+    "tag:yaml.org,2002:timestamp": "date",
+    "tag:yaml.org,2002:binary": "binary",
+}
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+_DECIMAL_RE = re.compile(r"[1-9][0-9]{0,4}")
+_LINE_BREAK_RE = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")
+_PATH_BAD_RE = re.compile(r"[\x00-\x20\x7f?#]")
+_WILDCARD_MESSAGE = 'only a leading "*." wildcard is allowed'
+
+
+def digest(text: str) -> str:
+    """``sha256:<12 hex>`` of an allowlist document: the version of a file-based policy."""
+    data = text.encode("utf-8", "surrogatepass")
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:12]
+
+
+# -- positions ---------------------------------------------------------------------------------
+
+# (0-based line, 0-based column) in the text being parsed → (line, column, message prefix)
+type Locate = Callable[[int, int], tuple[int | None, int | None, str]]
+
+
+def _locate_plain(line: int, column: int) -> tuple[int | None, int | None, str]:
+    return line + 1, column + 1, ""
+
+
+def _locate_embedded(file_text: str, node: ScalarNode, embedded: str, key: str) -> Locate:
+    """Map lines of a ConfigMap's embedded document to lines of the manifest file.
+
+    Only a literal (``|``) block scalar keeps lines one-to-one; the mapping is verified line by
+    line against the file, and anything else reports ``allowlist.yaml line N`` instead.
+    """
+
+    def unmapped(line: int, column: int) -> tuple[int | None, int | None, str]:
+        return None, None, f"{key} line {line + 1}: "
+
+    if node.style != "|":
+        return unmapped
+    file_lines = _LINE_BREAK_RE.split(file_text)
+    first = node.start_mark.line + 1  # content starts on the line after the "|" header
+    indents: list[int] = []
+    for index, content in enumerate(embedded.split("\n")):
+        number = first + index
+        if number >= len(file_lines):
+            if content:
+                return unmapped
+            indents.append(0)
+            continue
+        actual = file_lines[number]
+        if not content:
+            indents.append(len(actual) - len(actual.lstrip(" ")))
+            continue
+        if not actual.endswith(content) or actual[: len(actual) - len(content)].strip(" "):
+            return unmapped
+        indents.append(len(actual) - len(content))
+
+    def mapped(line: int, column: int) -> tuple[int | None, int | None, str]:
+        if line >= len(indents):
+            return unmapped(line, column)
+        return first + line + 1, indents[line] + column + 1, ""
+
+    return mapped
+
+
+# -- the parser --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Document:
+    allow: list[Rule] = field(default_factory=list)
+    deny: list[Rule] = field(default_factory=list)
+    private_ranges: list[IPNetwork] = field(default_factory=list)
+    mode: Mode | None = None
+
+
+def _describe(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if node.tag == _NULL:
+        return "nothing (null)"
+    kind = _TYPE_NAMES.get(node.tag)
+    if kind is None:
+        return f"a value tagged {node.tag}" if node.tag != _STR else f'"{node.value}"'
+    return f"{kind} {node.value}"
+
+
+def _suggest(word: str, choices: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == _NULL
+
+
+def _flow(node: Node) -> str:
+    """A compact one-line rendering of a rule as written."""
+    if isinstance(node, ScalarNode):
+        return str(node.value)
+    if isinstance(node, SequenceNode):
+        return "[" + ", ".join(_flow(item) for item in node.value) + "]"
+    if isinstance(node, MappingNode):
+        pairs = ", ".join(f"{_flow(k)}: {_flow(v)}" for k, v in node.value)
+        return "{" + pairs + "}"
+    return "?"
+
+
+class _Parser:
+    def __init__(self, locate: Locate) -> None:
+        self.locate = locate
+        self.problems: list[Problem] = []
+
+    def problem(self, at: Node | tuple[int, int] | None, message: str) -> None:
+        if at is None:
+            self.problems.append(Problem(None, None, message))
+            return
+        line, column = (at.start_mark.line, at.start_mark.column) if isinstance(at, Node) else at
+        where_line, where_column, prefix = self.locate(line, column)
+        self.problems.append(Problem(where_line, where_column, prefix + message))
+
+    # -- YAML ----------------------------------------------------------------------------------
+
+    def compose(self, text: str) -> Node | None:
+        """The single document's root node, or None (problem recorded, or empty text)."""
+        try:
+            nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            what = exc.problem or "invalid YAML"
+            if exc.context:
+                what = f"{what} ({exc.context})"
+            self.problem((mark.line, mark.column) if mark else None, f"YAML syntax error: {what}")
+            return None
+        except yaml.YAMLError as exc:  # e.g. ReaderError: a character YAML does not allow
+            position = getattr(exc, "position", None)
+            if isinstance(position, int):
+                line = len(_LINE_BREAK_RE.findall(text[:position]))
+                column = position - max(text.rfind("\n", 0, position) + 1, 0)
+                self.problem((line, column), f"YAML error: {_reader_message(exc)}")
+            else:
+                self.problem(None, f"YAML error: {exc}")
+            return None
+        except RecursionError:
+            self.problem(None, "YAML error: the document nests too deeply")
+            return None
+        if len(nodes) > 1:
+            self.problem(
+                nodes[1],
+                f"{len(nodes)} YAML documents in one file: expected a single allowlist "
+                "or ConfigMap (remove the extra '---' section)",
+            )
+            return None
+        if not nodes or _is_null(nodes[0]):
+            self.problem(
+                (0, 0), "the document is empty: expected a mapping with allow: and deny: lists"
+            )
+            return None
+        return nodes[0]
+
+    def mapping_items(self, node: MappingNode, what: str) -> list[tuple[str, Node, Node]]:
+        """(key, key node, value node) for string keys; duplicates and non-strings reported."""
+        seen: dict[str, Node] = {}
+        items: list[tuple[str, Node, Node]] = []
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag != _STR:
+                self.problem(key_node, f"{what} keys must be names, not {_describe(key_node)}")
+                continue
+            key = str(key_node.value)
+            if key in seen:
+                first = seen[key].start_mark.line
+                where, _, _ = self.locate(first, 0)
+                also = f" (first on line {where})" if where is not None else ""
+                self.problem(key_node, f'"{key}" appears twice in {what}{also}')
+                continue
+            seen[key] = key_node
+            items.append((key, key_node, value_node))
+        return items
+
+    def string(self, node: Node, what: str) -> str | None:
+        if isinstance(node, ScalarNode) and node.tag == _STR:
+            return str(node.value)
+        hint = " (quote it)" if isinstance(node, ScalarNode) and not _is_null(node) else ""
+        self.problem(node, f"{what} must be a string, not {_describe(node)}{hint}")
+        return None
+
+    def items(self, node: Node, what: str, *, single_ok: bool) -> list[Node] | None:
+        """The items of a list value; a lone scalar counts as a one-item list where allowed."""
+        if isinstance(node, SequenceNode):
+            return list(node.value)
+        if single_ok and isinstance(node, ScalarNode) and not _is_null(node):
+            return [node]
+        self.problem(node, f"{what} must be a list, not {_describe(node)}")
+        return None
+
+    # -- the allowlist document ----------------------------------------------------------------
+
+    def document(self, root: Node) -> _Document:
+        doc = _Document()
+        if not isinstance(root, MappingNode):
+            self.problem(
+                root,
+                f"an allowlist must be a mapping with allow:/deny: lists, not {_describe(root)}",
+            )
+            return doc
+        for key, key_node, value in self.mapping_items(root, "the allowlist"):
+            if key == "mode":
+                doc.mode = self.mode(value)
+            elif key == "allow":
+                doc.allow = self.rules(value, "allow")
+            elif key == "deny":
+                doc.deny = self.rules(value, "deny")
+            elif key == "privateRanges":
+                doc.private_ranges = self.private_ranges(value)
+            else:
+                allowed = ", ".join(TOP_KEYS)
+                self.problem(
+                    key_node,
+                    f'unknown key "{key}"{_suggest(key, TOP_KEYS)}: the allowlist takes {allowed}',
+                )
+        return doc
+
+    def mode(self, node: Node) -> Mode | None:
+        text = node.value if isinstance(node, ScalarNode) and node.tag == _STR else None
+        if text in ("enforce", "audit"):
+            return Mode(text)
+        self.problem(node, f'mode must be "enforce" or "audit", not {_describe(node)}')
+        return None
+
+    def private_ranges(self, node: Node) -> list[IPNetwork]:
+        if _is_null(node):
+            return []
+        nodes = self.items(node, "privateRanges", single_ok=False)
+        ranges: list[IPNetwork] = []
+        seen: dict[IPNetwork, Node] = {}
+        for item in nodes or []:
+            text = self.string(item, "a privateRanges entry")
+            if text is None:
+                continue
+            network = self.network(text.strip(), item)
+            if network is None:
+                continue
+            if network in seen:
+                self.problem(item, f'duplicate privateRanges entry "{text}"')
+                continue
+            seen[network] = item
+            ranges.append(network)
+        return ranges
+
+    def rules(self, node: Node, list_name: str) -> list[Rule]:
+        if _is_null(node):
+            return []  # every entry commented out: an empty list
+        nodes = self.items(node, list_name, single_ok=False)
+        rules: list[Rule] = []
+        seen: dict[tuple[object, ...], Rule] = {}
+        for item in nodes or []:
+            rule = self.rule(item, list_name)
+            if rule is None:
+                continue
+            first = seen.get(rule.key)
+            if first is not None:
+                also = f" on line {first.line}" if first.line is not None else ""
+                self.problem(
+                    item, f'duplicate {list_name} rule "{rule.text}": same as "{first.text}"{also}'
+                )
+                continue
+            seen[rule.key] = rule
+            rules.append(rule)
+        return rules
+
+    def rule(self, node: Node, list_name: str) -> Rule | None:
+        line, _, _ = self.locate(node.start_mark.line, node.start_mark.column)
+        if isinstance(node, MappingNode):
+            return self.mapping_rule(node, line)
+        if isinstance(node, ScalarNode):
+            if _is_null(node):
+                self.problem(node, f"empty {list_name} rule")
+                return None
+            text = self.string(node, f"an {list_name} rule")
+            return None if text is None else self.string_rule(text, node, line)
+        self.problem(
+            node,
+            f"an {list_name} rule must be a host, host:port, CIDR or a mapping "
+            f"(host:/cidr:, ports:, methods:, paths:), not {_describe(node)}",
+        )
+        return None
+
+    def string_rule(self, text: str, node: Node, line: int | None) -> Rule | None:
+        stripped = text.strip()
+        if not stripped:
+            self.problem(node, "empty rule")
+            return None
+        if "://" in stripped:
+            self.problem(
+                node, f'"{stripped}" looks like a URL: write the host (and :port), not the URL'
+            )
+            return None
+        if "/" in stripped:
+            if parse_ip(stripped.split("/")[0]) is not None and ":" in stripped.split("/")[-1]:
+                self.problem(
+                    node,
+                    f'"{stripped}": a CIDR rule with a port needs the mapping form '
+                    "{cidr: ..., ports: [...]}",
+                )
+                return None
+            network = self.network(stripped, node)
+            return None if network is None else Rule(text, network=network, line=line)
+        try:
+            host_text, port = split_host_port(stripped)
+        except InvalidHost as exc:
+            self.problem(node, f'"{stripped}" is not a valid rule: {exc.reason}')
+            return None
+        ports = None if port is None else frozenset({port})
+        target = self.host_pattern(host_text, node)
+        if target is None:
+            return None
+        if isinstance(target, tuple):
+            host, wildcard = target
+            return Rule(text, host=host, wildcard=wildcard, ports=ports, line=line)
+        return Rule(text, network=target, ports=ports, line=line)
+
+    def host_pattern(self, text: str, node: Node) -> tuple[str, bool] | IPNetwork | None:
+        """(normalized host, wildcard) for a name, an /32 or /128 network for an IP literal."""
+        written = text.strip()
+        if not written:
+            self.problem(node, "empty host")
+            return None
+        wildcard = written.startswith("*.")
+        rest = written[2:] if wildcard else written
+        if "*" in rest or not rest:
+            self.problem(node, f'"{written}" is not a valid host pattern: {_WILDCARD_MESSAGE}')
+            return None
+        try:
+            host = normalize_host(rest)
+        except InvalidHost as exc:
+            self.problem(node, f'"{written}" is not a valid host: {exc.reason}')
+            return None
+        address = parse_ip(host)
+        if address is not None:
+            if wildcard:
+                self.problem(node, f'"{written}": a wildcard cannot apply to an IP address')
+                return None
+            return ipaddress.ip_network(address)
+        return host, wildcard
+
+    def network(self, text: str, node: Node) -> IPNetwork | None:
+        try:
+            return ipaddress.ip_network(text, strict=True)
+        except ValueError:
+            pass
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            self.problem(node, f'"{text}" is not a valid CIDR (e.g. 10.20.0.0/16 or fd00::/8)')
+            return None
+        self.problem(node, f'"{text}" has host bits set: did you mean {loose}?')
+        return None
+
+    def mapping_rule(self, node: MappingNode, line: int | None) -> Rule | None:
+        text = _flow(node)
+        values: dict[str, Node] = {}
+        ok = True
+        for key, key_node, value in self.mapping_items(node, "a rule"):
+            if key not in RULE_KEYS:
+                self.problem(
+                    key_node,
+                    f'unknown rule key "{key}"{_suggest(key, RULE_KEYS)}: a rule takes '
+                    + ", ".join(RULE_KEYS),
+                )
+                ok = False
+                continue
+            values[key] = value
+        if ("host" in values) == ("cidr" in values):
+            which = "both" if "host" in values else "neither"
+            self.problem(node, f'a rule needs exactly one of "host" or "cidr" ({which} given)')
+            return None
+
+        host: str | None = None
+        wildcard = False
+        network: IPNetwork | None = None
+        if "host" in values:
+            written = self.string(values["host"], "host")
+            if written is None:
+                return None
+            target = self.host_in_mapping(written, values["host"])
+            if target is None:
+                ok = False
+            elif isinstance(target, tuple):
+                host, wildcard = target
+            else:
+                network = target
+        else:
+            written = self.string(values["cidr"], "cidr")
+            if written is None:
+                return None
+            network = self.network(written.strip(), values["cidr"])
+            ok = ok and network is not None
+
+        ports = self.ports(values["ports"]) if "ports" in values else None
+        methods = self.methods(values["methods"]) if "methods" in values else None
+        paths = self.paths(values["paths"]) if "paths" in values else None
+        ok = ok and all(
+            values.get(k) is None or parsed is not None
+            for k, parsed in (("ports", ports), ("methods", methods), ("paths", paths))
+        )
+        if not ok:
+            return None
+        return Rule(
+            text,
+            host=host,
+            wildcard=wildcard,
+            network=network,
+            ports=ports,
+            methods=methods,
+            paths=paths,
+            line=line,
+        )
+
+    def host_in_mapping(self, written: str, node: Node) -> tuple[str, bool] | IPNetwork | None:
+        stripped = written.strip()
+        try:
+            bare, port = split_host_port(stripped)
+        except InvalidHost as exc:
+            self.problem(node, f'"{stripped}" is not a valid host: {exc.reason}')
+            return None
+        if port is not None:
+            self.problem(node, f'host "{stripped}" carries a port: put it in ports: [{port}]')
+            return None
+        return self.host_pattern(bare, node)
+
+    def ports(self, node: Node) -> frozenset[int] | None:
+        items = self.items(node, "ports", single_ok=True)
+        if items is None:
+            return None
+        if not items:
+            self.problem(node, "ports: [] allows no port; leave ports out for 80 and 443")
+            return None
+        ports: set[int] = set()
+        ok = True
+        for item in items:
+            port = self.port(item)
+            if port is None:
+                ok = False
+            elif port in ports:
+                self.problem(item, f"port {port} is listed twice")
+                ok = False
+            else:
+                ports.add(port)
+        return frozenset(ports) if ok else None
+
+    def port(self, node: Node) -> int | None:
+        if not isinstance(node, ScalarNode) or node.tag != _INT:
+            self.problem(node, f"a port must be a number from 1 to 65535, not {_describe(node)}")
+            return None
+        value = str(node.value)
+        if not _DECIMAL_RE.fullmatch(value):
+            self.problem(node, f"port {value} must be a decimal number from 1 to 65535")
+            return None
+        port = int(value)
+        if port > 65535:
+            self.problem(node, f"port {port} is out of range 1..65535")
+            return None
+        return port
+
+    def methods(self, node: Node) -> frozenset[str] | None:
+        items = self.items(node, "methods", single_ok=True)
+        if items is None:
+            return None
+        if not items:
+            self.problem(node, "methods: [] allows no method; leave methods out for any")
+            return None
+        methods: set[str] = set()
+        ok = True
+        for item in items:
+            text = self.string(item, "a method")
+            if text is None:
+                ok = False
+                continue
+            if not _TOKEN_RE.fullmatch(text):
+                self.problem(item, f'"{text}" is not an HTTP method (e.g. GET, POST)')
+                ok = False
+                continue
+            method = text.upper()
+            if method in methods:
+                self.problem(item, f"method {method} is listed twice")
+                ok = False
+                continue
+            methods.add(method)
+        return frozenset(methods) if ok else None
+
+    def paths(self, node: Node) -> tuple[PathPattern, ...] | None:
+        items = self.items(node, "paths", single_ok=True)
+        if items is None:
+            return None
+        if not items:
+            self.problem(node, "paths: [] allows no path; leave paths out for any")
+            return None
+        patterns: list[PathPattern] = []
+        seen: set[tuple[str, ...]] = set()
+        ok = True
+        for item in items:
+            text = self.string(item, "a path")
+            if text is None:
+                ok = False
+                continue
+            if not text.startswith("/"):
+                self.problem(item, f'path "{text}" must start with "/"')
+                ok = False
+                continue
+            bad = _PATH_BAD_RE.search(text)
+            if bad:
+                why = (
+                    "paths are compared without the query string or fragment"
+                    if bad.group() in "?#"
+                    else "spaces and control characters are not allowed"
+                )
+                self.problem(item, f'path "{text}" contains {bad.group()!r}: {why}')
+                ok = False
+                continue
+            pattern = PathPattern.compile(text)
+            if pattern.parts in seen:
+                self.problem(item, f'path "{text}" is listed twice')
+                ok = False
+                continue
+            seen.add(pattern.parts)
+            patterns.append(pattern)
+        return tuple(patterns) if ok else None
+
+
+def _reader_message(exc: yaml.YAMLError) -> str:
+    character = getattr(exc, "character", None)
+    reason = getattr(exc, "reason", None)
+    if isinstance(character, str):
+        return f"character {character!r} is not allowed ({reason or 'not printable'})"
+    return str(reason or exc)
+
+
+def _manifest_document(parser: _Parser, root: MappingNode, text: str) -> tuple[str, Locate] | None:
+    """The embedded allowlist text of a ConfigMap manifest, and where its lines are."""
+    items = {
+        key: (key_node, value)
+        for key, key_node, value in parser.mapping_items(root, "the manifest")
+    }
+    kind_entry = items.get("kind")
+    kind = kind_entry[1].value if kind_entry and isinstance(kind_entry[1], ScalarNode) else None
+    if kind != "ConfigMap":
+        at = kind_entry[1] if kind_entry else root
+        parser.problem(
+            at,
+            f"a manifest must be kind: ConfigMap with data.{ALLOWLIST_KEY}, "
+            f"not kind: {kind if kind is not None else '(missing)'}",
+        )
+        return None
+    data_entry = items.get("data")
+    if data_entry is None or not isinstance(data_entry[1], MappingNode):
+        at = data_entry[1] if data_entry else root
+        parser.problem(at, f'the ConfigMap has no data mapping with an "{ALLOWLIST_KEY}" key')
+        return None
+    data = {key: value for key, _, value in parser.mapping_items(data_entry[1], "data")}
+    value = data.get(ALLOWLIST_KEY)
+    if value is None:
+        has = ", ".join(sorted(data)) or "none"
+        parser.problem(
+            data_entry[0], f'the ConfigMap has no "{ALLOWLIST_KEY}" key in data (it has: {has})'
+        )
+        return None
+    if not isinstance(value, ScalarNode) or value.tag != _STR:
+        parser.problem(
+            value, f"data.{ALLOWLIST_KEY} must be a string (use a | block), not {_describe(value)}"
+        )
+        return None
+    embedded = str(value.value)
+    return embedded, _locate_embedded(text, value, embedded, ALLOWLIST_KEY)
+
+
+def _is_manifest(root: Node) -> bool:
+    if not isinstance(root, MappingNode):
+        return False
+    keys = {k.value for k, _ in root.value if isinstance(k, ScalarNode)}
+    return bool(keys & {"apiVersion", "kind"}) or ({"data", "metadata"} <= keys)
+
+
+def _parse(text: str, source: str) -> tuple[_Document, str, list[Problem]]:
+    outer = _Parser(_locate_plain)
+    root = outer.compose(text)
+    if root is None:
+        return _Document(), text, outer.problems
+    if not _is_manifest(root):
+        doc = outer.document(root)
+        return doc, text, outer.problems
+    assert isinstance(root, MappingNode)
+    found = _manifest_document(outer, root, text)
+    if found is None:
+        return _Document(), text, outer.problems
+    embedded, locate = found
+    inner = _Parser(locate)
+    inner_root = inner.compose(embedded)
+    doc = inner.document(inner_root) if inner_root is not None else _Document()
+    return doc, embedded, outer.problems + inner.problems
+
+
+def parse_allowlist(text: str, *, source: str, version: str | None = None) -> Policy:
+    """Parse a bare allowlist document or a ConfigMap manifest holding one.
+
+    ``version`` defaults to the digest of the allowlist document itself (for a manifest: of its
+    ``allowlist.yaml`` value), so re-wrapping the same rules does not change the version.
+    Raises AllowlistError listing every problem.
+    """
+    doc, document_text, problems = _parse(text, source)
+    if problems:
+        raise AllowlistError(problems, source=source)
+    meta = PolicyMeta(
+        source=source,
+        version=version if version is not None else digest(document_text),
+        mode=doc.mode,
+    )
+    return Policy(meta, doc.allow, doc.deny, doc.private_ranges)
+
+
+def validate_text(text: str, *, source: str) -> list[Problem]:
+    """Every problem of a document (empty: it is valid)."""
+    try:
+        parse_allowlist(text, source=source)
+    except AllowlistError as exc:
+        return list(exc.problems)
+    return []
