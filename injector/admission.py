@@ -1,0 +1,183 @@
+"""AdmissionReview v1 in, AdmissionReview v1 out: the webhook's logic without the server.
+
+Whatever the input, a review that carries a ``request.uid`` is answered ``allowed: true`` — with a
+patch when the core injected, with a warning when the input could not be understood — so that a
+surprise in a pod spec never turns into an HTTP 500 (and, with ``failurePolicy: Fail``, into a
+rejected pod). Only a body that is not an AdmissionReview at all gets an HTTP 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from injector.config import InjectorConfig
+from injector.mutate import (
+    TEMPLATE_PATHS,
+    NamespaceInjection,
+    NotAPodError,
+    PodContext,
+    inject_pod,
+    make_patch,
+    sync_workload_annotations,
+)
+
+log = logging.getLogger("injector.admission")
+
+Route = Literal["pods", "pods-namespace-enabled", "workloads"]
+# Paths the MutatingWebhookConfiguration calls. The pod webhook whose namespaceSelector matches
+# namespaces labelled egress-sidecar.io/injection=enabled calls the second path: that is how the
+# server knows the label without reading Namespaces from the API (it needs no RBAC at all).
+ROUTES: Final[Mapping[str, Route]] = {
+    "/mutate/pods": "pods",
+    "/mutate/pods/namespace-enabled": "pods-namespace-enabled",
+    "/mutate/workloads": "workloads",
+}
+MAX_WARNING_CHARS: Final = 250
+Outcome = Literal["injected", "skipped", "patched", "unchanged", "not-understood"]
+
+
+class BadReviewError(ValueError):
+    """The request body is not an AdmissionReview with a request.uid (answered with HTTP 400)."""
+
+
+@dataclass
+class ReviewResult:
+    """The response document, and the fields of the structured log line for this review."""
+
+    response: dict[str, Any]
+    outcome: Outcome
+    log: dict[str, Any] = field(default_factory=dict)
+
+
+def _response(
+    api_version: str, uid: str, patch: list[dict[str, Any]] | None, warnings: list[str]
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"uid": uid, "allowed": True}
+    if patch:
+        body["patchType"] = "JSONPatch"
+        body["patch"] = base64.b64encode(json.dumps(patch).encode()).decode("ascii")
+    if warnings:
+        body["warnings"] = [_short("egress-injector: " + w) for w in warnings]
+    return {"apiVersion": api_version, "kind": "AdmissionReview", "response": body}
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_WARNING_CHARS else text[: MAX_WARNING_CHARS - 1] + "…"
+
+
+def parse_review(body: bytes) -> tuple[str, dict[str, Any]]:
+    """The review's apiVersion and request; raises BadReviewError when there is none."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadReviewError(f"body is not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("kind") != "AdmissionReview":
+        raise BadReviewError("body is not an AdmissionReview")
+    api_version = doc.get("apiVersion")
+    if api_version not in ("admission.k8s.io/v1", "admission.k8s.io/v1beta1"):
+        raise BadReviewError(f"AdmissionReview apiVersion {api_version!r} is not supported")
+    request = doc.get("request")
+    if not isinstance(request, dict) or not isinstance(request.get("uid"), str):
+        raise BadReviewError("AdmissionReview has no request.uid")
+    return str(api_version), request
+
+
+def review(body: bytes, route: Route, cfg: InjectorConfig) -> ReviewResult:
+    """Answer one AdmissionReview. Raises BadReviewError only for bodies without a request.uid."""
+    started = time.monotonic()
+    api_version, request = parse_review(body)
+    uid: str = request["uid"]
+    kind = request.get("kind") if isinstance(request.get("kind"), Mapping) else {}
+    obj = request.get("object")
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    meta = meta if isinstance(meta, Mapping) else {}
+    namespace = request.get("namespace") if isinstance(request.get("namespace"), str) else None
+    fields: dict[str, Any] = {
+        "uid": uid,
+        "route": route,
+        "operation": request.get("operation"),
+        "kind": (kind or {}).get("kind"),
+        "namespace": namespace,
+        "name": meta.get("name") or meta.get("generateName") or request.get("name"),
+        "dry_run": bool(request.get("dryRun")),
+    }
+    try:
+        patch, outcome, reason, warnings = _decide(request, route, cfg, namespace)
+    except Exception as exc:  # never a 500: answer allowed, say why, keep the traceback in the log
+        log.exception("review %s failed", uid)
+        patch, outcome = None, "not-understood"
+        reason = f"internal error: {type(exc).__name__}"
+        warnings = [f"could not process this object ({type(exc).__name__}); not injected"]
+    fields.update(
+        outcome=outcome,
+        reason=reason,
+        patch_ops=len(patch or []),
+        warnings=warnings,
+        duration_ms=round((time.monotonic() - started) * 1000, 3),
+    )
+    return ReviewResult(_response(api_version, uid, patch, warnings), outcome, fields)
+
+
+def _decide(
+    request: Mapping[str, Any], route: Route, cfg: InjectorConfig, namespace: str | None
+) -> tuple[list[dict[str, Any]] | None, Outcome, str, list[str]]:
+    kind = request.get("kind")
+    kind_name = kind.get("kind") if isinstance(kind, Mapping) else None
+    operation = request.get("operation")
+    obj = request.get("object")
+    if route in ("pods", "pods-namespace-enabled"):
+        if kind_name != "Pod" or request.get("subResource"):
+            return (
+                None,
+                "not-understood",
+                f"unexpected kind {kind_name!r}",
+                [f"expected a Pod on this path, got {kind_name!r}; not injected"],
+            )
+        if operation != "CREATE":
+            return None, "skipped", f"operation {operation} (only CREATE is injected)", []
+        if not isinstance(obj, Mapping):
+            return None, "not-understood", "no object", ["the review carries no Pod; not injected"]
+        injection: NamespaceInjection = "enabled" if route == "pods-namespace-enabled" else None
+        ctx = PodContext(namespace=namespace, namespace_injection=injection)
+        try:
+            result = inject_pod(obj, ctx, cfg)
+        except NotAPodError as exc:
+            return None, "not-understood", str(exc), [f"pod spec not understood ({exc})"]
+        if not result.injected:
+            return None, "skipped", result.reason, list(result.warnings)
+        return make_patch(obj, result.pod), "injected", result.reason, list(result.warnings)
+    # workloads: copy the workload's egress-sidecar.io/* annotations into its pod template
+    if kind_name not in TEMPLATE_PATHS:
+        return (
+            None,
+            "not-understood",
+            f"unexpected kind {kind_name!r}",
+            [f"expected a workload on this path, got {kind_name!r}; unchanged"],
+        )
+    if operation not in ("CREATE", "UPDATE"):
+        return None, "unchanged", f"operation {operation}", []
+    if not isinstance(obj, Mapping):
+        return None, "not-understood", "no object", ["the review carries no object; unchanged"]
+    if obj.get("kind") != kind_name:
+        obj = {**obj, "kind": kind_name}  # the API server always sets it; be safe
+        original: Mapping[str, Any] = request["object"]
+    else:
+        original = obj
+    try:
+        updated, changed = sync_workload_annotations(obj)
+    except NotAPodError as exc:
+        return None, "not-understood", str(exc), [f"workload not understood ({exc}); unchanged"]
+    if not changed:
+        return None, "unchanged", "template annotations already in sync", []
+    if original is not obj:
+        updated["kind"] = original.get("kind")
+        if "kind" not in original:
+            del updated["kind"]
+    reason = "copied workload annotations into the pod template: " + ", ".join(changed)
+    return make_patch(original, updated), "patched", reason, []

@@ -1,0 +1,166 @@
+"""A CA and a serving certificate for the webhook Service, and the manifests that carry them.
+
+``egress-injector certs`` writes a ``kubernetes.io/tls`` Secret (tls.crt, tls.key, ca.crt) and a
+kustomize patch setting the webhook's ``caBundle``. The CA's private key signs the serving
+certificate and is then thrown away: renewing means running the command again, which replaces
+both (the cert-manager overlay in config/cert-manager/ renews automatically instead).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Final
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+WEBHOOK_CONFIGURATION: Final = "egress-injector"
+WEBHOOK_NAMES: Final = (
+    "namespace.pods.egress-sidecar.io",
+    "annotation.pods.egress-sidecar.io",
+    "workloads.egress-sidecar.io",
+)
+
+
+@dataclass(frozen=True)
+class CertBundle:
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    @property
+    def ca_bundle(self) -> str:
+        """The base64 of the CA certificate, as MutatingWebhookConfiguration's caBundle wants."""
+        return base64.b64encode(self.ca_pem).decode("ascii")
+
+
+def service_dns_names(service: str, namespace: str) -> list[str]:
+    return [
+        service,
+        f"{service}.{namespace}",
+        f"{service}.{namespace}.svc",
+        f"{service}.{namespace}.svc.cluster.local",
+    ]
+
+
+def generate(
+    dns_names: list[str],
+    ip_addresses: list[str] | None = None,
+    days: int = 365,
+    now: dt.datetime | None = None,
+) -> CertBundle:
+    """A fresh P-256 CA and a serving certificate for ``dns_names`` (and IPs) signed by it."""
+    if not dns_names:
+        raise ValueError("at least one DNS name is needed for the serving certificate")
+    if days < 1:
+        raise ValueError(f"days must be positive, got {days}")
+    start = (now or dt.datetime.now(dt.UTC)) - dt.timedelta(minutes=5)  # clock skew
+    end = start + dt.timedelta(days=days)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "egress-injector CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses or []]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return CertBundle(
+        ca_pem=ca_cert.public_bytes(serialization.Encoding.PEM),
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+        key_pem=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+def secret_manifest(bundle: CertBundle, name: str, namespace: str) -> dict[str, Any]:
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode("ascii")
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": "egress-injector"},
+        },
+        "type": "kubernetes.io/tls",
+        "data": {
+            "tls.crt": b64(bundle.cert_pem),
+            "tls.key": b64(bundle.key_pem),
+            "ca.crt": b64(bundle.ca_pem),
+        },
+    }
+
+
+def cabundle_patch(bundle: CertBundle) -> dict[str, Any]:
+    """A strategic-merge patch (webhooks merge by name) setting every webhook's caBundle."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": WEBHOOK_CONFIGURATION},
+        "webhooks": [
+            {"name": name, "clientConfig": {"caBundle": bundle.ca_bundle}} for name in WEBHOOK_NAMES
+        ],
+    }
+
+
+def kustomization(base: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [base, "secret.yaml"],
+        "patches": [{"path": "webhook-cabundle-patch.yaml"}],
+    }
+
+
+def dump(doc: dict[str, Any]) -> str:
+    return yaml.safe_dump(doc, sort_keys=False)

@@ -1,0 +1,754 @@
+"""The pure mutation core: pod spec in, pod spec out, plus the reason it did or did not inject.
+
+No HTTP, no Kubernetes client, no I/O (an import-linter contract keeps it so). The webhook and the
+offline ``inject`` command are thin adapters around ``inject_pod``, ``sync_workload_annotations``
+and ``make_patch``; the JSON Patch is always derived by diffing (``jsonpatch.make_patch``).
+
+What is injected (see docs/injector.md):
+
+- native style (default): ``initContainers = [egress-init?, egress-sidecar(restartPolicy: Always),
+  *user init containers]`` so that user init containers and app containers start only once the
+  sidecar's startupProbe (``/healthz/ready``: policy loaded, listeners up) has passed;
+- container style (clusters before 1.29): the sidecar is the first regular container with a
+  postStart hook that blocks the next containers until it is ready;
+- capture transparent: ``egress-init`` runs ``egress-sidecar iptables apply`` as root with only
+  NET_ADMIN and NET_RAW; capture explicit: HTTP(S)_PROXY/NO_PROXY in every other container.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import jsonpatch
+
+from injector import __version__
+from injector.config import Capture, InjectorConfig
+from sidecar import contract as c
+
+JSON = dict[str, Any]
+
+CONFDIR: Final = "/var/run/egress-sidecar/mitmproxy"
+CONFDIR_VOLUME: Final = "egress-sidecar-confdir"
+TMP_VOLUME: Final = "egress-sidecar-tmp"
+INJECTED_VOLUMES: Final = (CONFDIR_VOLUME, TMP_VOLUME)
+# Template annotation listing the egress-sidecar.io/* keys that were copied from the workload's
+# own metadata, so that removing one from the workload removes it from the template too.
+ANNOTATION_FROM_WORKLOAD: Final = c.PREFIX + "workload-annotations"
+OTEL_SERVICE_NAME_ANNOTATION: Final = "resource.opentelemetry.io/service.name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_NAME: Final = "app.kubernetes.io/name"
+PROXY_URL: Final = f"http://127.0.0.1:{c.EXPLICIT_PORT}"
+PROXY_ENV_NAMES: Final = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+# Where each workload kind keeps its pod template.
+TEMPLATE_PATHS: Final[Mapping[str, tuple[str, ...]]] = {
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+# OTel resource attribute naming the owning workload, per kind.
+_WORKLOAD_ATTRIBUTE: Final = {
+    "Deployment": "k8s.deployment.name",
+    "StatefulSet": "k8s.statefulset.name",
+    "DaemonSet": "k8s.daemonset.name",
+    "ReplicaSet": "k8s.replicaset.name",
+    "Job": "k8s.job.name",
+    "CronJob": "k8s.cronjob.name",
+}
+# A CronJob names its Jobs "<cronjob>-<scheduled time in minutes since the epoch>".
+_CRONJOB_JOB = re.compile(r"^(?P<cronjob>.+)-\d{8,}$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+NamespaceInjection = Literal["enabled", "disabled"] | None
+
+
+class NotAPodError(ValueError):
+    """The object handed to the core has no pod shape (metadata/spec mappings); names the part."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class PodContext:
+    """What the core knows about where the pod lives, beyond the pod itself.
+
+    ``namespace``: the namespace the pod is created in (None when unknown, e.g. offline).
+    ``namespace_injection``: the namespace's ``egress-sidecar.io/injection`` label value.
+    ``workload``: the workload whose template this is (offline inject of a Deployment, ...).
+    """
+
+    namespace: str | None = None
+    namespace_injection: NamespaceInjection = None
+    workload: Workload | None = None
+
+
+@dataclass(frozen=True)
+class PodResult:
+    """The outcome for one pod (or pod template): the pod after mutation, and why."""
+
+    pod: JSON
+    injected: bool
+    reason: str
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The per-pod choices read from the annotations, after validation."""
+
+    capture: Capture
+    configmaps: tuple[str, ...]
+    mode: str | None
+    exclude_cidrs: tuple[str, ...]
+    exclude_ports: tuple[int, ...]
+    include_ports: tuple[int, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+
+# --------------------------------------------------------------------------- opt-in decision
+
+
+def _annotations(meta: Mapping[str, Any]) -> dict[str, str]:
+    raw = meta.get("annotations")
+    if not isinstance(raw, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in raw.items() if v is not None}
+
+
+def _labels(meta: Mapping[str, Any]) -> dict[str, str]:
+    raw = meta.get("labels")
+    if not isinstance(raw, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in raw.items() if v is not None}
+
+
+def _split_pod(pod: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    if not isinstance(pod, Mapping):
+        raise NotAPodError(f"expected a pod mapping, got {type(pod).__name__}")
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec")
+    if not isinstance(meta, Mapping):
+        raise NotAPodError("metadata is not a mapping")
+    if not isinstance(spec, Mapping):
+        raise NotAPodError("spec is missing or not a mapping")
+    containers = spec.get("containers")
+    if not isinstance(containers, list) or not all(isinstance(x, Mapping) for x in containers):
+        raise NotAPodError("spec.containers is missing or not a list of containers")
+    init = spec.get("initContainers")
+    if init is not None and (
+        not isinstance(init, list) or not all(isinstance(x, Mapping) for x in init)
+    ):
+        raise NotAPodError("spec.initContainers is not a list of containers")
+    volumes = spec.get("volumes")
+    if volumes is not None and (
+        not isinstance(volumes, list) or not all(isinstance(x, Mapping) for x in volumes)
+    ):
+        raise NotAPodError("spec.volumes is not a list of volumes")
+    return meta, spec
+
+
+def decide(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> tuple[bool, str]:
+    """Whether to inject, and why: the opt-in precedence of DESIGN.md.
+
+    Never: already injected, system or injector namespaces, host-network or Windows pods.
+    Then the pod annotation ``egress-sidecar.io/inject`` ("true"/"false") decides, and without
+    it the namespace label ``egress-sidecar.io/injection=enabled``. A namespace labelled
+    ``disabled`` is an administrator's opt-out that a pod cannot override.
+    """
+    meta, spec = _split_pod(pod)
+    annotations = _annotations(meta)
+    if c.ANNOTATION_STATUS in annotations:
+        return False, f"already injected ({c.ANNOTATION_STATUS} is set)"
+    namespace = ctx.namespace or _str_or_none(meta.get("namespace"))
+    if namespace in cfg.excluded_namespaces:
+        return False, f"namespace {namespace} is never injected"
+    if spec.get("hostNetwork") is True:
+        return False, (
+            "host-network pod: its traffic is the node's, iptables rules would capture the "
+            "whole node, so it is never injected"
+        )
+    os_name = spec.get("os", {}).get("name") if isinstance(spec.get("os"), Mapping) else None
+    if os_name == "windows":
+        return False, "Windows pod: the sidecar and iptables capture need Linux"
+    if ctx.namespace_injection == "disabled":
+        return False, f"namespace opted out ({c.LABEL_INJECTION}=disabled)"
+    value = annotations.get(c.ANNOTATION_INJECT)
+    if value == "true":
+        return True, f"pod annotation {c.ANNOTATION_INJECT}=true"
+    if value == "false":
+        return False, f"pod annotation {c.ANNOTATION_INJECT}=false"
+    if value is not None:
+        return False, (
+            f'pod annotation {c.ANNOTATION_INJECT}={value!r} is neither "true" nor "false"'
+        )
+    if ctx.namespace_injection == "enabled":
+        return True, f"namespace label {c.LABEL_INJECTION}=enabled"
+    return False, "not opted in (no pod annotation, namespace not labelled)"
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+# --------------------------------------------------------------------------- annotations
+
+
+def read_settings(annotations: Mapping[str, str], cfg: InjectorConfig) -> Settings:
+    """Validate the tuning annotations. A bad value never blocks the pod: it is dropped with a
+    warning, falling back to the stricter behaviour (enforce, transparent, capture more)."""
+    warnings: list[str] = []
+    capture_raw = annotations.get(c.ANNOTATION_CAPTURE)
+    capture: Capture = cfg.default_capture
+    if capture_raw in ("transparent", "explicit"):
+        capture = "transparent" if capture_raw == "transparent" else "explicit"
+    elif capture_raw is not None:
+        warnings.append(
+            f"{c.ANNOTATION_CAPTURE}={capture_raw!r} is not transparent or explicit; "
+            f"using {capture}"
+        )
+    mode_raw = annotations.get(c.ANNOTATION_MODE)
+    mode: str | None = None
+    if mode_raw in ("enforce", "audit"):
+        mode = mode_raw
+    elif mode_raw is not None:
+        warnings.append(
+            f"{c.ANNOTATION_MODE}={mode_raw!r} is not enforce or audit; "
+            "the allowlist's own mode (default enforce) applies"
+        )
+    configmaps: list[str] = []
+    for ref in _split_list(annotations.get(c.ANNOTATION_ALLOWLIST)):
+        if _valid_configmap_ref(ref):
+            if ref not in configmaps:
+                configmaps.append(ref)
+        else:
+            warnings.append(f"{c.ANNOTATION_ALLOWLIST}: {ref!r} is not a ConfigMap name; ignored")
+    if not configmaps:
+        configmaps = [c.DEFAULT_ALLOWLIST_CONFIGMAP]
+    cidrs: list[str] = []
+    for raw in _split_list(annotations.get(c.ANNOTATION_EXCLUDE_CIDRS)):
+        try:
+            cidrs.append(str(ipaddress.ip_network(raw, strict=False)))
+        except ValueError:
+            warnings.append(f"{c.ANNOTATION_EXCLUDE_CIDRS}: {raw!r} is not a CIDR; ignored")
+    exclude_ports = _ports(c.ANNOTATION_EXCLUDE_PORTS, annotations, warnings)
+    include_ports = _ports(c.ANNOTATION_INCLUDE_PORTS, annotations, warnings)
+    if capture == "explicit" and (exclude_ports or include_ports):
+        warnings.append("outbound port annotations only apply to transparent capture; ignored")
+    return Settings(
+        capture=capture,
+        configmaps=tuple(configmaps),
+        mode=mode,
+        exclude_cidrs=tuple(cidrs),
+        exclude_ports=tuple(exclude_ports),
+        include_ports=tuple(include_ports),
+        warnings=tuple(warnings),
+    )
+
+
+def _split_list(value: str | None) -> list[str]:
+    if value is None:
+        return []
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _valid_configmap_ref(ref: str) -> bool:
+    namespace, _, name = ref.rpartition("/")
+    if namespace and not _DNS_LABEL.match(namespace):
+        return False
+    return bool(_DNS_SUBDOMAIN.match(name))
+
+
+def _ports(key: str, annotations: Mapping[str, str], warnings: list[str]) -> list[int]:
+    ports: list[int] = []
+    for raw in _split_list(annotations.get(key)):
+        if raw.isdigit() and 1 <= int(raw) <= 65535:
+            if int(raw) not in ports:
+                ports.append(int(raw))
+        else:
+            warnings.append(f"{key}: {raw!r} is not a port (1-65535); ignored")
+    return ports
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def owning_workload(meta: Mapping[str, Any], ctx: PodContext) -> Workload | None:
+    """The workload a pod belongs to: the one being admitted/injected, else its controller owner
+    (a ReplicaSet made by a Deployment is reported as the Deployment; a Job made by a CronJob
+    as the CronJob)."""
+    if ctx.workload is not None:
+        return ctx.workload
+    owners = meta.get("ownerReferences")
+    if not isinstance(owners, list):
+        return None
+    candidates = [o for o in owners if isinstance(o, Mapping)]
+    controller = next((o for o in candidates if o.get("controller") is True), None)
+    owner = controller or (candidates[0] if candidates else None)
+    if owner is None:
+        return None
+    kind, name = owner.get("kind"), owner.get("name")
+    if not isinstance(kind, str) or not isinstance(name, str) or not name:
+        return None
+    if kind == "ReplicaSet":
+        pod_hash = _labels(meta).get("pod-template-hash")
+        if pod_hash and name.endswith("-" + pod_hash) and len(name) > len(pod_hash) + 1:
+            return Workload("Deployment", name[: -len(pod_hash) - 1])
+    if kind == "Job":
+        match = _CRONJOB_JOB.match(name)
+        if match:
+            return Workload("CronJob", match.group("cronjob"))
+    return Workload(kind, name)
+
+
+def service_name(meta: Mapping[str, Any], workload: Workload | None) -> str:
+    """``service.name`` in the OpenTelemetry order for Kubernetes: the
+    resource.opentelemetry.io/service.name annotation, app.kubernetes.io/instance,
+    app.kubernetes.io/name, the owning workload's name, the pod's name."""
+    annotations = _annotations(meta)
+    labels = _labels(meta)
+    for value in (
+        annotations.get(OTEL_SERVICE_NAME_ANNOTATION),
+        labels.get(LABEL_INSTANCE),
+        labels.get(LABEL_NAME),
+        workload.name if workload else None,
+        _str_or_none(meta.get("name")),
+    ):
+        if value:
+            return value
+    return f"$({c.ENV_POD_NAME})"  # expanded by the kubelet once the pod has its name
+
+
+def _sidecar_env(meta: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> list[JSON]:
+    workload = owning_workload(meta, ctx)
+    env: list[JSON] = [
+        _field_env(c.ENV_POD_NAME, "metadata.name"),
+        _field_env(c.ENV_POD_NAMESPACE, "metadata.namespace"),
+        _field_env(c.ENV_NODE_NAME, "spec.nodeName"),
+    ]
+    if workload is not None:
+        env.append({"name": c.ENV_WORKLOAD_KIND, "value": workload.kind})
+        env.append({"name": c.ENV_WORKLOAD_NAME, "value": workload.name})
+    attributes = [
+        f"k8s.namespace.name=$({c.ENV_POD_NAMESPACE})",
+        f"k8s.pod.name=$({c.ENV_POD_NAME})",
+        f"k8s.node.name=$({c.ENV_NODE_NAME})",
+        f"k8s.container.name={c.SIDECAR_CONTAINER}",
+    ]
+    if workload is not None and workload.kind in _WORKLOAD_ATTRIBUTE:
+        attributes.append(f"{_WORKLOAD_ATTRIBUTE[workload.kind]}={workload.name}")
+    configured = dict(cfg.otel_env)
+    extra = configured.pop("OTEL_RESOURCE_ATTRIBUTES", "")
+    env.append({"name": "OTEL_SERVICE_NAME", "value": service_name(meta, workload)})
+    env.append(
+        {
+            "name": "OTEL_RESOURCE_ATTRIBUTES",
+            "value": ",".join(([extra] if extra else []) + attributes),
+        }
+    )
+    env.extend({"name": name, "value": value} for name, value in configured.items())
+    return env
+
+
+def _field_env(name: str, path: str) -> JSON:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+
+# --------------------------------------------------------------------------- containers
+
+
+def _security_context_sidecar() -> JSON:
+    return {
+        "runAsUser": c.PROXY_UID,
+        "runAsGroup": c.PROXY_GID,
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _probe(path: str, period: int, failures: int) -> JSON:
+    return {
+        "httpGet": {"path": path, "port": c.HEALTH_PORT, "scheme": "HTTP"},
+        "periodSeconds": period,
+        "timeoutSeconds": 1,
+        "failureThreshold": failures,
+    }
+
+
+def _wait_ready_script(timeout: int) -> str:
+    # Runs in the sidecar image (python3 is there); blocks the kubelet from starting the next
+    # container until the sidecar reports ready, or fails the sidecar after `timeout` seconds.
+    return (
+        "import sys, time, urllib.request\n"
+        f"deadline = time.monotonic() + {timeout}\n"
+        "while time.monotonic() < deadline:\n"
+        "    try:\n"
+        f"        urllib.request.urlopen('http://127.0.0.1:{c.HEALTH_PORT}"
+        f"{c.HEALTH_READY_PATH}', timeout=1)\n"
+        "        sys.exit(0)\n"
+        "    except Exception:\n"
+        "        time.sleep(0.5)\n"
+        "sys.exit(1)\n"
+    )
+
+
+def sidecar_container(
+    meta: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig, settings: Settings
+) -> JSON:
+    args = ["--configmap", ",".join(settings.configmaps)]
+    if settings.mode is not None:
+        args += ["--mode", settings.mode]
+    args += ["--confdir", CONFDIR]
+    if settings.capture == "explicit":
+        args.append("--no-transparent")
+    ports: list[JSON] = [
+        {"name": "egress-proxy", "containerPort": c.EXPLICIT_PORT, "protocol": "TCP"}
+    ]
+    if settings.capture == "transparent":
+        ports.append(
+            {"name": "egress-transp", "containerPort": c.TRANSPARENT_PORT, "protocol": "TCP"}
+        )
+    ports.append({"name": "egress-health", "containerPort": c.HEALTH_PORT, "protocol": "TCP"})
+    container: JSON = {
+        "name": c.SIDECAR_CONTAINER,
+        "image": cfg.image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": ["egress-sidecar", "run"],
+        "args": args,
+        "ports": ports,
+        "env": _sidecar_env(meta, ctx, cfg),
+        "resources": copy.deepcopy(cfg.sidecar_resources),
+        "securityContext": _security_context_sidecar(),
+        "volumeMounts": [
+            {"name": CONFDIR_VOLUME, "mountPath": CONFDIR},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+        # Startup: poll every second for up to ready_timeout_seconds, then the kubelet restarts it.
+        "startupProbe": _probe(c.HEALTH_READY_PATH, 1, max(1, cfg.ready_timeout_seconds)),
+        "readinessProbe": _probe(c.HEALTH_READY_PATH, 5, 3),
+        "livenessProbe": _probe(c.HEALTH_LIVE_PATH, 10, 3),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if cfg.sidecar_style == "native":
+        container["restartPolicy"] = "Always"
+    else:
+        container["lifecycle"] = {
+            "postStart": {
+                "exec": {
+                    "command": ["python3", "-c", _wait_ready_script(cfg.ready_timeout_seconds)]
+                }
+            }
+        }
+    return container
+
+
+def init_container(cfg: InjectorConfig, settings: Settings) -> JSON:
+    args = ["--proxy-uid", str(c.PROXY_UID), "--proxy-port", str(c.TRANSPARENT_PORT)]
+    cidrs = _dedupe(list(cfg.cluster_cidrs) + list(settings.exclude_cidrs))
+    if cidrs:
+        args += ["--exclude-outbound-cidrs", ",".join(cidrs)]
+    if settings.exclude_ports:
+        args += ["--exclude-outbound-ports", ",".join(map(str, settings.exclude_ports))]
+    if settings.include_ports:
+        args += ["--include-outbound-ports", ",".join(map(str, settings.include_ports))]
+    return {
+        "name": c.INIT_CONTAINER,
+        "image": cfg.image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": ["egress-sidecar", "iptables", "apply"],
+        "args": args,
+        "resources": copy.deepcopy(cfg.init_resources),
+        # Root with NET_ADMIN/NET_RAW only, to install the pod's iptables rules; explicit values
+        # override a pod-level runAsNonRoot/runAsUser, which would otherwise stop it starting.
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    seen: list[str] = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def _no_proxy(cfg: InjectorConfig, settings: Settings) -> str:
+    return ",".join(
+        _dedupe(list(cfg.no_proxy_hosts) + list(cfg.cluster_cidrs) + list(settings.exclude_cidrs))
+    )
+
+
+def _add_proxy_env(container: JSON, no_proxy: str) -> bool:
+    """Add HTTP(S)_PROXY/NO_PROXY (both cases) where the user has not set them; True when some
+    name was already set by the user (left as it was)."""
+    env = container.get("env")
+    if not isinstance(env, list):
+        env = []
+    present = {e.get("name") for e in env if isinstance(e, Mapping)}
+    kept = False
+    values = {"HTTP_PROXY": PROXY_URL, "HTTPS_PROXY": PROXY_URL, "NO_PROXY": no_proxy}
+    for upper in PROXY_ENV_NAMES:
+        for name in (upper, upper.lower()):
+            if name in present:
+                kept = True
+                continue
+            env.append({"name": name, "value": values[upper]})
+    container["env"] = env
+    return kept
+
+
+# --------------------------------------------------------------------------- injection
+
+
+def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> PodResult:
+    """Inject the sidecar into a Pod or a pod template (a mapping with metadata and spec).
+
+    Returns a new object (the input is not modified); unchanged when not injected. Raises
+    NotAPodError when the object has no pod shape.
+    """
+    inject, reason = decide(pod, ctx, cfg)
+    if not inject:
+        return PodResult(pod=copy.deepcopy(dict(pod)), injected=False, reason=reason)
+    out: JSON = copy.deepcopy(dict(pod))
+    meta: JSON = out.setdefault("metadata", {})
+    if not isinstance(meta, dict):  # checked by decide(); keeps mypy and readers sure
+        raise NotAPodError("metadata is not a mapping")
+    spec: JSON = out["spec"]
+    annotations = _annotations(meta)
+    settings = read_settings(annotations, cfg)
+    warnings = list(settings.warnings)
+
+    init: list[JSON] = list(spec.get("initContainers") or [])
+    containers: list[JSON] = list(spec["containers"])
+    volumes: list[JSON] = list(spec.get("volumes") or [])
+    taken = {x.get("name") for x in init + containers}
+    clash = taken & {c.SIDECAR_CONTAINER, c.INIT_CONTAINER}
+    if clash:
+        return PodResult(
+            pod=copy.deepcopy(dict(pod)),
+            injected=False,
+            reason=f"container name {sorted(str(n) for n in clash)[0]} is already used by the pod",
+        )
+    vclash = {v.get("name") for v in volumes} & set(INJECTED_VOLUMES)
+    if vclash:
+        return PodResult(
+            pod=copy.deepcopy(dict(pod)),
+            injected=False,
+            reason=f"volume name {sorted(str(n) for n in vclash)[0]} is already used by the pod",
+        )
+
+    user_init = copy.deepcopy(init)
+    user_containers = copy.deepcopy(containers)
+    if settings.capture == "explicit":
+        no_proxy = _no_proxy(cfg, settings)
+        for container in user_init + user_containers:
+            if _add_proxy_env(container, no_proxy):
+                warnings.append(
+                    f"container {container.get('name')}: proxy variables it sets itself were kept"
+                )
+            if container.get("envFrom"):
+                warnings.append(
+                    f"container {container.get('name')}: proxy variables from envFrom are "
+                    "overridden by the injected ones"
+                )
+    else:
+        warnings.extend(_uid_warnings(spec, user_init + user_containers))
+
+    sidecar = sidecar_container(meta, ctx, cfg, settings)
+    injected_init: list[JSON] = []
+    if settings.capture == "transparent":
+        injected_init.append(init_container(cfg, settings))
+    if cfg.sidecar_style == "native":
+        injected_init.append(sidecar)
+        spec["initContainers"] = injected_init + user_init
+        spec["containers"] = user_containers
+    else:
+        if injected_init or user_init:
+            spec["initContainers"] = injected_init + user_init
+        spec["containers"] = [sidecar, *user_containers]
+        if user_init and settings.capture == "transparent":
+            warnings.append(
+                "container sidecar style: user init containers run before the sidecar, so their "
+                "outbound connections are refused (use the native style)"
+            )
+        if spec.get("restartPolicy") in ("Never", "OnFailure"):
+            warnings.append(
+                "container sidecar style: the sidecar never exits, so this Job's pods never "
+                "complete (use the native style, Kubernetes >= 1.29)"
+            )
+    volumes.append({"name": CONFDIR_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}})
+    volumes.append({"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}})
+    spec["volumes"] = volumes
+
+    status = {
+        "version": __version__,
+        "image": cfg.image,
+        "style": cfg.sidecar_style,
+        "capture": settings.capture,
+        "allowlist": list(settings.configmaps),
+        "mode": settings.mode or "default",
+        "initContainers": [x["name"] for x in injected_init],
+        "containers": [] if cfg.sidecar_style == "native" else [c.SIDECAR_CONTAINER],
+        "volumes": list(INJECTED_VOLUMES),
+    }
+    new_annotations = dict(meta.get("annotations") or {})
+    new_annotations[c.ANNOTATION_STATUS] = json.dumps(status, separators=(",", ":"))
+    meta["annotations"] = new_annotations
+    return PodResult(pod=out, injected=True, reason=reason, warnings=tuple(warnings))
+
+
+def _uid_warnings(spec: Mapping[str, Any], containers: list[JSON]) -> list[str]:
+    pod_sc = spec.get("securityContext")
+    pod_uid = pod_sc.get("runAsUser") if isinstance(pod_sc, Mapping) else None
+    warnings = []
+    for container in containers:
+        sc = container.get("securityContext")
+        uid = sc.get("runAsUser", pod_uid) if isinstance(sc, Mapping) else pod_uid
+        if uid == c.PROXY_UID:
+            warnings.append(
+                f"container {container.get('name')} runs as UID {c.PROXY_UID}, the proxy's: "
+                "its traffic is not captured"
+            )
+    return warnings
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def pod_template(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The pod template of a workload object, or None when its kind has none."""
+    path = TEMPLATE_PATHS.get(str(obj.get("kind")))
+    if path is None:
+        return None
+    node: Any = obj
+    for key in path:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node if isinstance(node, Mapping) else None
+
+
+def _template_for_update(obj: JSON) -> JSON:
+    path = TEMPLATE_PATHS[str(obj.get("kind"))]
+    node: JSON = obj
+    for key in path:
+        child = node.get(key)
+        if child is None:
+            child = {}
+            node[key] = child
+        if not isinstance(child, dict):
+            raise NotAPodError(f"{'.'.join(path)} is not a mapping")
+        node = child
+    return node
+
+
+def workload_annotations(meta: Mapping[str, Any]) -> dict[str, str]:
+    """The workload's own egress-sidecar.io/* annotations that are copied into its template."""
+    return {
+        k: v
+        for k, v in _annotations(meta).items()
+        if k.startswith(c.PREFIX) and k not in (c.ANNOTATION_STATUS, ANNOTATION_FROM_WORKLOAD)
+    }
+
+
+def sync_workload_annotations(obj: Mapping[str, Any]) -> tuple[JSON, list[str]]:
+    """Copy a workload's egress-sidecar.io/* annotations into its pod template (the workload
+    wins over the template), and remove those it copied before but no longer carries.
+
+    Returns the new object and the keys that changed (empty: nothing to do).
+    """
+    if str(obj.get("kind")) not in TEMPLATE_PATHS:
+        raise NotAPodError(f"kind {obj.get('kind')!r} has no pod template")
+    out: JSON = copy.deepcopy(dict(obj))
+    meta = out.get("metadata") if isinstance(out.get("metadata"), Mapping) else {}
+    wanted = workload_annotations(meta or {})
+    template = _template_for_update(out)
+    tmeta = template.get("metadata")
+    if tmeta is None:
+        tmeta = {}
+    if not isinstance(tmeta, dict):
+        raise NotAPodError("the pod template's metadata is not a mapping")
+    tannotations = dict(_annotations(tmeta))
+    previously = set(_split_list(tannotations.get(ANNOTATION_FROM_WORKLOAD)))
+    changed: list[str] = []
+    for key in sorted(previously - set(wanted)):
+        if key in tannotations:
+            del tannotations[key]
+            changed.append(key)
+    for key, value in sorted(wanted.items()):
+        if tannotations.get(key) != value:
+            tannotations[key] = value
+            changed.append(key)
+    bookkeeping = ",".join(sorted(wanted))
+    if bookkeeping:
+        if tannotations.get(ANNOTATION_FROM_WORKLOAD) != bookkeeping:
+            tannotations[ANNOTATION_FROM_WORKLOAD] = bookkeeping
+            changed.append(ANNOTATION_FROM_WORKLOAD)
+    elif ANNOTATION_FROM_WORKLOAD in tannotations:
+        del tannotations[ANNOTATION_FROM_WORKLOAD]
+        changed.append(ANNOTATION_FROM_WORKLOAD)
+    if not changed:
+        return copy.deepcopy(dict(obj)), []
+    tmeta["annotations"] = tannotations
+    template["metadata"] = tmeta
+    return out, changed
+
+
+def inject_workload(
+    obj: Mapping[str, Any], cfg: InjectorConfig, namespace_injection: NamespaceInjection = None
+) -> PodResult:
+    """Offline injection of a workload: sync its annotations into the template, then inject the
+    template as a pod of that workload. ``pod`` in the result is the whole workload object."""
+    synced, _ = sync_workload_annotations(obj)
+    meta = synced.get("metadata") if isinstance(synced.get("metadata"), Mapping) else {}
+    name = (meta or {}).get("name")
+    namespace = (meta or {}).get("namespace")
+    kind = str(synced.get("kind"))
+    ctx = PodContext(
+        namespace=namespace if isinstance(namespace, str) and namespace else None,
+        namespace_injection=namespace_injection,
+        workload=Workload(kind, name) if isinstance(name, str) and name else None,
+    )
+    template = _template_for_update(synced)
+    result = inject_pod(template, ctx, cfg)
+    if not result.injected:
+        return PodResult(pod=synced, injected=False, reason=result.reason)
+    template.clear()
+    template.update(result.pod)
+    return PodResult(pod=synced, injected=True, reason=result.reason, warnings=result.warnings)
+
+
+# --------------------------------------------------------------------------- patch
+
+
+def make_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[JSON]:
+    """The RFC 6902 JSON Patch turning ``before`` into ``after``, derived by diffing."""
+    ops: list[JSON] = jsonpatch.make_patch(dict(before), dict(after)).patch
+    return ops
