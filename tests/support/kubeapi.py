@@ -1,0 +1,810 @@
+"""A small Kubernetes API server for tests: the wire protocol of what the sidecar uses.
+
+There is no kube-apiserver on these machines (FIELD-NOTES), so this serves, on loopback and
+optionally over HTTPS with its own CA:
+
+- ConfigMaps: GET one, LIST (``fieldSelector=metadata.name=...``), WATCH with chunked
+  responses (one JSON event per line, flushed per event), ``resourceVersion``,
+  ``timeoutSeconds`` (the watch then ends normally), ``allowWatchBookmarks`` (BOOKMARK events),
+  410 Gone for compacted versions (as an ERROR event in the stream, or as an HTTP 410),
+- core/v1 and events.k8s.io/v1 Events: create (409 when the name exists), patch, get, list,
+- bearer-token checks (401), an RBAC-like name restriction (403), Status bodies for errors.
+
+One global resourceVersion counter, as in etcd. Test controls change ConfigMaps, compact the
+history, restart the server on the same port and rotate the accepted token. The sidecar code is
+driven against it only through the official ``kubernetes`` client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import ipaddress
+import json
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import yaml
+
+type JSON = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    query: dict[str, str]
+    authorization: str | None
+    status: int
+
+
+@dataclass
+class HistoryEntry:
+    rv: int
+    type: str  # ADDED | MODIFIED | DELETED
+    obj: JSON
+
+
+@dataclass
+class _Generation:
+    """One run of the server between start() and stop(); watches of an old run end."""
+
+    stopped: threading.Event = field(default_factory=threading.Event)
+    sockets: set[socket.socket] = field(default_factory=set)
+
+
+def status_body(code: int, reason: str, message: str) -> JSON:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _merge(target: JSON, patch: JSON) -> JSON:
+    """RFC 7386 merge patch (also good enough for the strategic merge patches we receive)."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
+
+
+class FakeKubeAPI:
+    """Start with ``start()``; ``url`` is then the API server's base URL."""
+
+    def __init__(
+        self,
+        *,
+        tls: bool = False,
+        token: str | None = "token-1",
+        gone_as_http: bool = False,
+        bookmark_interval: float = 0.5,
+        allowed_configmaps: set[tuple[str, str]] | None = None,
+        workdir: Path | None = None,
+    ) -> None:
+        self.tls = tls
+        self.gone_as_http = gone_as_http  # a too-old watch gets HTTP 410 instead of an ERROR event
+        self.bookmark_interval = bookmark_interval
+        # None: any ConfigMap may be read; a set: only these (namespace, name), as RBAC
+        # resourceNames would allow; list/watch must then select the name with a field selector.
+        self.allowed_configmaps = allowed_configmaps
+        self._tokens: set[str] = {token} if token is not None else set()
+        self.auth_required = token is not None
+        self._lock = threading.Condition()
+        self._rv = 100  # like a real cluster, versions do not start at 1
+        self._compacted = 0  # watches from a version older than this get 410
+        self._expire_epoch = 0  # bumped by expire_history(): open watches then get ERROR 410
+        self._configmaps: dict[tuple[str, str], JSON] = {}
+        self._history: list[HistoryEntry] = []
+        self.events: dict[tuple[str, str], JSON] = {}  # (namespace, name) -> core/v1 Event
+        self.requests: list[RecordedRequest] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._generation = _Generation()
+        self.port = 0
+        self.host = "127.0.0.1"
+        self._workdir = workdir
+        self.ca_path: Path | None = None
+        self._ssl: ssl.SSLContext | None = None
+        if tls:
+            if workdir is None:
+                raise ValueError("a TLS FakeKubeAPI needs a workdir for its CA and key files")
+            self.ca_path, cert, key = _make_ca_and_cert(workdir)
+            self._ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._ssl.load_cert_chain(cert, key)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        api = self
+        generation = _Generation()
+
+        class Handler(_Handler):
+            pass
+
+        Handler.api = api
+        Handler.generation = generation
+        server = ThreadingHTTPServer((self.host, self.port), Handler)
+        server.daemon_threads = True
+        if self._ssl is not None:
+            server.socket = self._ssl.wrap_socket(
+                server.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self.port = server.server_address[1]
+        self._server = server
+        self._generation = generation
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening and cut every open connection, as a crashed or restarted server does."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        generation = self._generation
+        generation.stopped.set()
+        server.shutdown()
+        server.server_close()
+        with self._lock:
+            sockets = list(generation.sockets)
+            self._lock.notify_all()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop and start again on the same port; the stored state (the "etcd") survives."""
+        self.stop()
+        if down_for > 0:
+            time.sleep(down_for)
+        self.start()
+
+    def __enter__(self) -> FakeKubeAPI:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- test controls --------------------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        with self._lock:
+            return self._rv
+
+    def put_configmap(
+        self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str] | None = None
+    ) -> str:
+        """Create or replace a ConfigMap; returns its new resourceVersion."""
+        with self._lock:
+            self._rv += 1
+            key = (namespace, name)
+            old = self._configmaps.get(key)
+            if old is None:
+                metadata: JSON = {
+                    "name": name,
+                    "namespace": namespace,
+                    "uid": str(uuid.uuid4()),
+                    "creationTimestamp": _now(),
+                }
+                kind = "ADDED"
+            else:
+                metadata = copy.deepcopy(old["metadata"])
+                kind = "MODIFIED"
+            metadata["resourceVersion"] = str(self._rv)
+            if labels is not None:
+                metadata["labels"] = dict(labels)
+            obj: JSON = {
+                "kind": "ConfigMap",
+                "apiVersion": "v1",
+                "metadata": metadata,
+                "data": dict(data),
+            }
+            self._configmaps[key] = obj
+            self._history.append(HistoryEntry(self._rv, kind, copy.deepcopy(obj)))
+            self._lock.notify_all()
+            return str(self._rv)
+
+    def delete_configmap(self, namespace: str, name: str) -> str:
+        with self._lock:
+            obj = self._configmaps.pop((namespace, name))
+            self._rv += 1
+            gone = copy.deepcopy(obj)
+            gone["metadata"]["resourceVersion"] = str(self._rv)
+            self._history.append(HistoryEntry(self._rv, "DELETED", gone))
+            self._lock.notify_all()
+            return str(self._rv)
+
+    def get_configmap(self, namespace: str, name: str) -> JSON | None:
+        with self._lock:
+            obj = self._configmaps.get((namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    def expire_history(self, *, notify_watchers: bool = True) -> None:
+        """Compact: every version up to now is gone. Open watches get an ERROR 410 event."""
+        with self._lock:
+            self._compacted = self._rv + 1
+            self._history.clear()
+            if notify_watchers:
+                self._expire_epoch += 1
+            self._lock.notify_all()
+
+    def rotate_token(self, new: str, *, keep_old: bool = False) -> None:
+        with self._lock:
+            self._tokens = ({*self._tokens, new}) if keep_old else {new}
+
+    def watch_count(self) -> int:
+        """Watch requests received so far (each reconnect is one)."""
+        with self._lock:
+            return sum(1 for r in self.requests if r.query.get("watch") in ("true", "1"))
+
+    def requests_matching(self, pred: Callable[[RecordedRequest], bool]) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self.requests if pred(r)]
+
+    def events_for(self, namespace: str, name: str) -> list[JSON]:
+        with self._lock:
+            return [
+                copy.deepcopy(e)
+                for (ns, _), e in self.events.items()
+                if ns == namespace and e.get("involvedObject", {}).get("name") == name
+            ]
+
+    def write_kubeconfig(
+        self, path: Path, *, token: str | None = None, namespace: str = "default"
+    ) -> Path:
+        cluster: JSON = {"server": self.url}
+        if self.ca_path is not None:
+            cluster["certificate-authority"] = str(self.ca_path)
+        user: JSON = {"token": token if token is not None else next(iter(self._tokens), "")}
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": cluster}],
+            "users": [{"name": "fake", "user": user}],
+            "contexts": [
+                {
+                    "name": "fake",
+                    "context": {"cluster": "fake", "user": "fake", "namespace": namespace},
+                }
+            ],
+            "current-context": "fake",
+        }
+        path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        return path
+
+    # -- request handling (called from handler threads) ------------------------------------------
+
+    def _record(self, req: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(req)
+
+    def _token_ok(self, authorization: str | None) -> bool:
+        if not self.auth_required:
+            return True
+        if authorization is None:
+            return False
+        scheme, _, token = authorization.partition(" ")
+        with self._lock:
+            return scheme.lower() == "bearer" and token.strip() in self._tokens
+
+    def _may_read(self, namespace: str, name: str | None) -> bool:
+        if self.allowed_configmaps is None:
+            return True
+        return name is not None and (namespace, name) in self.allowed_configmaps
+
+    def _list(self, namespace: str, name: str | None) -> JSON:
+        with self._lock:
+            items = [
+                copy.deepcopy(obj)
+                for (ns, n), obj in sorted(self._configmaps.items())
+                if ns == namespace and (name is None or n == name)
+            ]
+            return {
+                "kind": "ConfigMapList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self._rv)},
+                "items": items,
+            }
+
+    def _watch_events(
+        self,
+        *,
+        generation: _Generation,
+        namespace: str,
+        name: str | None,
+        since: int | None,
+        deadline: float,
+        bookmarks: bool,
+    ) -> Iterator[JSON]:
+        """Yield watch events until the deadline, a restart, or a compaction (ERROR 410)."""
+        with self._lock:
+            epoch = self._expire_epoch
+            too_old = bool(since is not None and since + 1 < self._compacted)
+            if since is None:  # "any version": synthetic ADDED events for the current state
+                position = self._rv
+                initial = [
+                    {"type": "ADDED", "object": copy.deepcopy(obj)}
+                    for (ns, n), obj in sorted(self._configmaps.items())
+                    if ns == namespace and (name is None or n == name)
+                ]
+            else:
+                position = since
+                initial = []
+        if too_old:
+            yield {"type": "ERROR", "object": _gone(position)}
+            return
+        yield from initial
+        next_bookmark = time.monotonic() + self.bookmark_interval
+        while True:
+            with self._lock:
+                if self._expire_epoch != epoch:
+                    yield {"type": "ERROR", "object": _gone(position)}
+                    return
+                pending = [
+                    e
+                    for e in self._history
+                    if e.rv > position
+                    and e.obj["metadata"]["namespace"] == namespace
+                    and (name is None or e.obj["metadata"]["name"] == name)
+                ]
+                if pending:
+                    position = max(e.rv for e in pending)
+                elif self._history and self._history[-1].rv > position:
+                    position = self._history[-1].rv
+                if not pending:
+                    now = time.monotonic()
+                    if generation.stopped.is_set() or now >= deadline:
+                        return
+                    if bookmarks and now >= next_bookmark:
+                        next_bookmark = now + self.bookmark_interval
+                        position = self._rv
+                        yield _bookmark(self._rv)
+                        continue
+                    wait = min(deadline, next_bookmark if bookmarks else deadline) - now
+                    self._lock.wait(timeout=max(0.0, min(wait, 0.25)))
+                    continue
+            for entry in pending:
+                yield {"type": entry.type, "object": copy.deepcopy(entry.obj)}
+
+    def _too_old(self, since: int | None) -> bool:
+        with self._lock:
+            return since is not None and since + 1 < self._compacted
+
+    def _create_event(self, namespace: str, body: JSON, api: str) -> tuple[int, JSON]:
+        if api == "events.k8s.io/v1":
+            problems = [
+                f"{key}: Required value"
+                for key in (
+                    "regarding",
+                    "reason",
+                    "type",
+                    "eventTime",
+                    "reportingController",
+                    "reportingInstance",
+                    "action",
+                )
+                if not body.get(key)
+            ]
+        else:
+            problems = [
+                f"{key}: Required value"
+                for key in ("involvedObject", "reason", "type")
+                if not body.get(key)
+            ]
+            involved = body.get("involvedObject") or {}
+            problems += [
+                f"involvedObject.{key}: Required value"
+                for key in ("kind", "name", "namespace", "uid")
+                if not involved.get(key)
+            ]
+        if body.get("type") not in (None, "Normal", "Warning"):
+            problems.append("type: Unsupported value")
+        if len(body.get("message", "") or body.get("note", "") or "") > 1024:
+            problems.append("message: Too long: may not be longer than 1024")
+        metadata = body.get("metadata") or {}
+        name = str(metadata.get("name") or "")
+        if not name:
+            problems.append("metadata.name: Required value")
+        if problems:
+            return 422, status_body(422, "Invalid", "Event is invalid: " + "; ".join(problems))
+        with self._lock:
+            if (namespace, name) in self.events:
+                return 409, status_body(409, "AlreadyExists", f'events "{name}" already exists')
+            self._rv += 1
+            stored = copy.deepcopy(body)
+            stored.setdefault("kind", "Event")
+            stored["apiVersion"] = api
+            stored["metadata"] = {
+                **metadata,
+                "namespace": namespace,
+                "uid": str(uuid.uuid4()),
+                "resourceVersion": str(self._rv),
+                "creationTimestamp": _now(),
+            }
+            if api == "events.k8s.io/v1":  # the same object, seen through core/v1
+                stored["involvedObject"] = stored.get("regarding")
+                stored["message"] = stored.get("note")
+            self.events[(namespace, name)] = stored
+            self._lock.notify_all()
+            return 201, copy.deepcopy(stored)
+
+    def _patch_event(self, namespace: str, name: str, patch: JSON) -> tuple[int, JSON]:
+        with self._lock:
+            event = self.events.get((namespace, name))
+            if event is None:
+                return 404, status_body(404, "NotFound", f'events "{name}" not found')
+            _merge(event, patch)
+            self._rv += 1
+            event["metadata"]["resourceVersion"] = str(self._rv)
+            return 200, copy.deepcopy(event)
+
+    def _get_event(self, namespace: str, name: str) -> tuple[int, JSON]:
+        with self._lock:
+            event = self.events.get((namespace, name))
+            if event is None:
+                return 404, status_body(404, "NotFound", f'events "{name}" not found')
+            return 200, copy.deepcopy(event)
+
+    def _list_events(self, namespace: str) -> JSON:
+        with self._lock:
+            return {
+                "kind": "EventList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self._rv)},
+                "items": [
+                    copy.deepcopy(e)
+                    for (ns, _), e in sorted(self.events.items())
+                    if ns == namespace
+                ],
+            }
+
+
+def _gone(position: int) -> JSON:
+    return status_body(410, "Expired", f"too old resource version: {position} (compacted)")
+
+
+def _bookmark(rv: int) -> JSON:
+    return {
+        "type": "BOOKMARK",
+        "object": {
+            "kind": "ConfigMap",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": str(rv)},
+        },
+    }
+
+
+def _field_name(selector: str | None) -> tuple[str | None, str | None]:
+    """``metadata.name=x`` -> ("x", None); anything else we do not serve -> (None, error)."""
+    if not selector:
+        return None, None
+    names: list[str] = []
+    for term in selector.split(","):
+        key, sep, value = term.partition("=")
+        key = key.rstrip("=")
+        value = value.lstrip("=")
+        if not sep or key != "metadata.name":
+            return None, f'"{term}" is not a known field selector: only "metadata.name" is served'
+        names.append(value)
+    if len(set(names)) != 1:
+        return "", None  # contradictory terms select nothing
+    return names[0], None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    api: FakeKubeAPI
+    generation: _Generation
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.api._lock:
+            self.generation.sockets.add(self.connection)
+
+    def finish(self) -> None:
+        with self.api._lock:
+            self.generation.sockets.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def handle(self) -> None:
+        # The client went away, or the server was stopped under it.
+        with contextlib.suppress(OSError, ssl.SSLError):
+            super().handle()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _send_json(self, code: int, body: JSON) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self._status = code
+
+    def _status_reply(self, code: int, reason: str, message: str) -> None:
+        self._send_json(code, status_body(code, reason, message))
+
+    def _body(self) -> JSON:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b"{}"
+        loaded = json.loads(raw or b"{}")
+        if not isinstance(loaded, dict):
+            raise ValueError("body is not a JSON object")
+        return loaded
+
+    def _dispatch(self, method: str) -> None:
+        self._status = 0
+        parsed = urllib.parse.urlsplit(self.path)
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query).items()}
+        auth = self.headers.get("Authorization")
+        try:
+            if self.generation.stopped.is_set():
+                self.close_connection = True
+                return
+            if not self.api._token_ok(auth):
+                self._status_reply(401, "Unauthorized", "Unauthorized")
+                return
+            self._route(method, parsed.path, query)
+        finally:
+            self.api._record(RecordedRequest(method, parsed.path, query, auth, self._status))
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def _route(self, method: str, path: str, query: dict[str, str]) -> None:
+        parts = [p for p in path.split("/") if p]
+        # /api/v1/namespaces/{ns}/{resource}[/{name}]
+        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (5, 6):
+            ns, resource = parts[3], parts[4]
+            name = parts[5] if len(parts) == 6 else None
+            if resource == "configmaps" and method == "GET":
+                self._configmaps(ns, name, query)
+                return
+            if resource == "events":
+                self._events(method, ns, name, "v1")
+                return
+        # /apis/events.k8s.io/v1/namespaces/{ns}/events[/{name}]
+        if (
+            parts[:4] == ["apis", "events.k8s.io", "v1", "namespaces"]
+            and len(parts) in (6, 7)
+            and parts[5] == "events"
+        ):
+            name = parts[6] if len(parts) == 7 else None
+            self._events(method, parts[4], name, "events.k8s.io/v1")
+            return
+        self._status_reply(404, "NotFound", "the server could not find the requested resource")
+
+    def _forbidden(self, verb: str, ns: str) -> None:
+        self._status_reply(
+            403,
+            "Forbidden",
+            f'configmaps is forbidden: User "system:serviceaccount:{ns}:egress-sidecar" cannot '
+            f'{verb} resource "configmaps" in API group "" in the namespace "{ns}"',
+        )
+
+    def _configmaps(self, ns: str, name: str | None, query: dict[str, str]) -> None:
+        api = self.api
+        if name is not None:  # GET one
+            if not api._may_read(ns, name):
+                self._forbidden("get", ns)
+                return
+            obj = api.get_configmap(ns, name)
+            if obj is None:
+                self._status_reply(404, "NotFound", f'configmaps "{name}" not found')
+                return
+            self._send_json(200, obj)
+            return
+        selected, error = _field_name(query.get("fieldSelector"))
+        if error is not None:
+            self._status_reply(400, "BadRequest", error)
+            return
+        watching = query.get("watch") in ("true", "1")
+        if not api._may_read(ns, selected):
+            self._forbidden("watch" if watching else "list", ns)
+            return
+        if not watching:
+            self._send_json(200, api._list(ns, selected))
+            return
+        rv_text = query.get("resourceVersion")
+        since = int(rv_text) if rv_text not in (None, "", "0") else None
+        if api.gone_as_http and api._too_old(since):
+            self._send_json(410, _gone(since or 0))
+            return
+        timeout = float(query.get("timeoutSeconds", "1800"))
+        deadline = time.monotonic() + timeout
+        bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._status = 200
+        for event in api._watch_events(
+            generation=self.generation,
+            namespace=ns,
+            name=selected,
+            since=since,
+            deadline=deadline,
+            bookmarks=bookmarks,
+        ):
+            line = json.dumps(event).encode() + b"\n"
+            self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+            self.wfile.flush()
+        if self.generation.stopped.is_set():
+            self.close_connection = True  # cut, as a dying server does: no terminating chunk
+            return
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _patch(self, ns: str, name: str) -> tuple[int, JSON]:
+        kind = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        length = int(self.headers.get("Content-Length") or 0)
+        patch = json.loads(self.rfile.read(length) or b"null")
+        if kind in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+            if not isinstance(patch, dict):
+                return 400, status_body(400, "BadRequest", "a merge patch must be a JSON object")
+            return self.api._patch_event(ns, name, patch)
+        if kind == "application/json-patch+json":
+            if not isinstance(patch, list):
+                return 400, status_body(400, "BadRequest", "a JSON patch must be a JSON array")
+            code, current = self.api._get_event(ns, name)
+            if code != 200:
+                return code, current
+            patched = jsonpatch.apply_patch(current, patch)
+            return self.api._patch_event(ns, name, patched)
+        return 415, status_body(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an unknown format - accepted media types include: "
+            f"application/json-patch+json, application/merge-patch+json (got {kind!r})",
+        )
+
+    def _events(self, method: str, ns: str, name: str | None, api_version: str) -> None:
+        api = self.api
+        try:
+            if method == "POST" and name is None:
+                code, body = api._create_event(ns, self._body(), api_version)
+            elif method == "PATCH" and name is not None:
+                code, body = self._patch(ns, name)
+            elif method == "GET" and name is not None:
+                code, body = api._get_event(ns, name)
+            elif method == "GET":
+                code, body = 200, api._list_events(ns)
+            else:
+                code, body = 405, status_body(405, "MethodNotAllowed", f"{method} is not supported")
+        except ValueError as err:
+            code, body = 400, status_body(400, "BadRequest", f"invalid body: {err}")
+        self._send_json(code, body)
+
+
+def _make_ca_and_cert(workdir: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 and localhost."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-kube-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca_path = workdir / "ca.crt"
+    cert_path = workdir / "apiserver.crt"
+    key_path = workdir / "apiserver.key"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_path, cert_path, key_path
+
+
+def wait_until[T](predicate: Callable[[], T], *, timeout: float = 5.0, interval: float = 0.01) -> T:
+    """Poll ``predicate`` until it returns something truthy; bounded in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
