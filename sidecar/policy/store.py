@@ -25,9 +25,17 @@ if TYPE_CHECKING:
     from sidecar.policy.engine import Policy
 
 
+# Without a policy there is nothing to audit against: these deny even in audit mode.
+FAIL_CLOSED_REASONS = frozenset({Reason.POLICY_NOT_LOADED, Reason.POLICY_DELETED})
+
+
 def apply_mode(decision: Decision, mode: Mode) -> Decision:
     """Audit mode turns a deny into ``audit``: decided, traced and logged, but let through."""
-    if mode is Mode.AUDIT and decision.verdict is Verdict.DENY:
+    if (
+        mode is Mode.AUDIT
+        and decision.verdict is Verdict.DENY
+        and decision.reason not in FAIL_CLOSED_REASONS
+    ):
         return replace(decision, verdict=Verdict.AUDIT)
     return decision
 
@@ -39,6 +47,12 @@ class Snapshot:
     policy: Policy | None
     unavailable: Reason | None = Reason.POLICY_NOT_LOADED
     mode_override: Mode | None = None  # --mode / EGRESS_MODE; wins over the document's `mode:`
+    # A union of several sources where some were deleted: ``policy`` is the union with the
+    # deleted sources' last good versions (their deny rules stay in force: deleting never opens
+    # anything), ``live`` the union of the sources still there. A call only a deleted source
+    # allowed is denied with POLICY_DELETED until that source comes back.
+    live: Policy | None = None
+    deleted_sources: tuple[str, ...] = ()
 
     @property
     def meta(self) -> PolicyMeta | None:
@@ -64,7 +78,18 @@ class Snapshot:
         """The policy's own decision, before the mode is applied."""
         if self.policy is None:
             return Decision(Verdict.DENY, self.unavailable or Reason.POLICY_NOT_LOADED)
-        return self.policy.decide(dest)
+        decision = self.policy.decide(dest)
+        if not self.deleted_sources or not decision.permits:
+            return decision
+        live = self.live.decide(dest) if self.live is not None else None
+        if live is not None and live.permits:
+            return live
+        return Decision(
+            Verdict.DENY,
+            Reason.POLICY_DELETED,
+            decision.rule,
+            detail=f"allowed only by {', '.join(self.deleted_sources)}, which was deleted",
+        )
 
     def decide(self, dest: Destination) -> Decision:
         return apply_mode(self.decide_raw(dest), self.mode)
@@ -73,6 +98,12 @@ class Snapshot:
         """Whether resolving ``dest.host`` could change or confirm the by-name decision."""
         if self.policy is None:
             return False
+        if self.deleted_sources:
+            # ``by_name`` may be POLICY_DELETED, which neither union produced: ask each union
+            # about its own by-name decision.
+            if self.live is not None and self.live.needs_address(dest, self.live.decide(dest)):
+                return True
+            return self.policy.needs_address(dest, self.policy.decide(dest))
         return self.policy.needs_address(dest, by_name)
 
     def decide_resolved(
@@ -91,7 +122,9 @@ class Snapshot:
                 return decision, address
             first_deny = first_deny or decision
         if first_deny is None:
-            return Decision(Verdict.DENY, Reason.UNRESOLVABLE, detail=f"{dest.host} has no address"), None
+            return Decision(
+                Verdict.DENY, Reason.UNRESOLVABLE, detail=f"{dest.host} has no address"
+            ), None
         return first_deny, None
 
 
@@ -111,6 +144,13 @@ class PolicyStore:
 
     def set_policy(self, policy: Policy) -> Snapshot:
         self._snapshot = Snapshot(policy, None, self._mode_override)
+        return self._snapshot
+
+    def set_partial(self, union: Policy, live: Policy | None, deleted: Sequence[str]) -> Snapshot:
+        """Some sources of a union are deleted (see ``Snapshot.live``); ``deleted`` names them."""
+        if not deleted:
+            return self.set_policy(union)
+        self._snapshot = Snapshot(union, None, self._mode_override, live, tuple(deleted))
         return self._snapshot
 
     def set_unavailable(self, reason: Reason) -> Snapshot:

@@ -1,0 +1,249 @@
+"""`egress-sidecar run`: the proxy, its health server, its policy source and its telemetry."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from sidecar import contract
+from sidecar.commands.options import add_policy_options, env_ranges
+
+log = logging.getLogger("sidecar.run")
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def add_parser(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "run",
+        help="run the egress proxy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Run the egress proxy: an explicit HTTP proxy (HTTP_PROXY/HTTPS_PROXY point here), a\n"
+            "transparent listener for iptables-redirected connections, and health/metrics.\n"
+            "Every outbound call is decided against the allowlist, logged as one JSON line on\n"
+            "stdout and traced as one OpenTelemetry span (export set by the OTEL_* variables:\n"
+            "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf, ...).\n"
+            "TLS is never decrypted.\n\n"
+            "examples:\n"
+            "  egress-sidecar run --allowlist-file examples/allowlist.yaml\n"
+            "  egress-sidecar run --configmap shop/egress-allowlist"
+        ),
+    )
+    source = parser.add_argument_group("policy source (one of)")
+    add_policy_options(parser, file_required=False)
+    source.add_argument(
+        "--configmap",
+        metavar="[NS/]NAME[,...]",
+        default=os.environ.get(contract.ENV_CONFIGMAPS),
+        help="ConfigMap(s) holding allowlist.yaml, watched and hot-reloaded; several = union "
+        f"(env {contract.ENV_CONFIGMAPS}; namespace defaults to the pod's own)",
+    )
+    source.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        default=os.environ.get("KUBECONFIG"),
+        help="kubeconfig for running outside a cluster (default: in-cluster service account)",
+    )
+    listen = parser.add_argument_group("listeners")
+    listen.add_argument(
+        "--explicit-listen",
+        metavar="HOST:PORT",
+        action="append",
+        help=f"explicit HTTP proxy listener (default 127.0.0.1:{contract.EXPLICIT_PORT})",
+    )
+    listen.add_argument(
+        "--transparent-listen",
+        metavar="HOST:PORT",
+        action="append",
+        help=f"transparent listener (default 127.0.0.1:{contract.TRANSPARENT_PORT})",
+    )
+    listen.add_argument(
+        "--transparent-listen6",
+        metavar="HOST:PORT",
+        default=None,
+        help=f"IPv6 transparent listener (default ::1:{contract.TRANSPARENT_PORT} when the "
+        "host has IPv6 loopback; 'off' to disable)",
+    )
+    listen.add_argument(
+        "--no-transparent",
+        action="store_true",
+        default=os.environ.get(contract.ENV_CAPTURE, "") == "explicit",
+        help=f"explicit capture only: no transparent listener (env {contract.ENV_CAPTURE}=explicit)",
+    )
+    listen.add_argument(
+        "--health-listen",
+        metavar="HOST:PORT",
+        default=f"0.0.0.0:{contract.HEALTH_PORT}",
+        help="health and metrics: /healthz/live, /healthz/ready, /metrics (default %(default)s)",
+    )
+    out = parser.add_argument_group("telemetry and logging")
+    out.add_argument("--trace-console", action="store_true", help="also print spans on stderr")
+    out.add_argument(
+        "--trace-file",
+        metavar="PATH",
+        type=Path,
+        help="also append spans to PATH as OTLP JSON lines (Jaeger's UI can load the file)",
+    )
+    out.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument(
+        "--confdir",
+        default=os.environ.get("EGRESS_CONFDIR", "~/.mitmproxy"),
+        help="a writable directory for mitmproxy's state (an emptyDir in a pod)",
+    )
+    parser.add_argument(
+        "--resolve-timeout", type=float, default=5.0, help="DNS timeout in seconds (default 5)"
+    )
+    parser.set_defaults(func=run)
+
+
+def _pod_namespace() -> str | None:
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or None
+    except OSError:
+        return os.environ.get(contract.ENV_POD_NAMESPACE) or None
+
+
+def run(args: argparse.Namespace) -> int:
+    from sidecar.decision_log import configure_logging
+
+    configure_logging(args.log_level)
+    from sidecar.proxy.master import ListenSpec
+
+    if args.allowlist_file and args.configmap:
+        print("egress-sidecar run: give --allowlist-file or --configmap, not both", file=sys.stderr)
+        return 2
+    if not args.allowlist_file and not args.configmap:
+        if _pod_namespace() is None:
+            print(
+                "egress-sidecar run: no policy source: give --allowlist-file PATH or "
+                "--configmap [NS/]NAME (in a pod the default is the ConfigMap "
+                f"{contract.DEFAULT_ALLOWLIST_CONFIGMAP})",
+                file=sys.stderr,
+            )
+            return 2
+        args.configmap = contract.DEFAULT_ALLOWLIST_CONFIGMAP
+    try:
+        explicit = tuple(
+            ListenSpec.parse(s)
+            for s in (args.explicit_listen or [f"127.0.0.1:{contract.EXPLICIT_PORT}"])
+        )
+        transparent: tuple[ListenSpec, ...] = ()
+        if not args.no_transparent:
+            transparent = tuple(
+                ListenSpec.parse(s)
+                for s in (args.transparent_listen or [f"127.0.0.1:{contract.TRANSPARENT_PORT}"])
+            )
+            v6 = args.transparent_listen6
+            if v6 is None and _ipv6_loopback():
+                v6 = f"::1:{contract.TRANSPARENT_PORT}"
+            if v6 and v6 != "off":
+                transparent += (ListenSpec.parse(v6),)
+        health = ListenSpec.parse(args.health_listen)
+    except ValueError as err:
+        print(f"egress-sidecar run: {err}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(args, explicit, transparent, health))
+
+
+async def _serve(
+    args: argparse.Namespace,
+    explicit: tuple[Any, ...],
+    transparent: tuple[Any, ...],
+    health_spec: Any,
+) -> int:
+    from opentelemetry import trace
+
+    from sidecar.decision_log import DecisionLog
+    from sidecar.health import HealthServer
+    from sidecar.metrics import Metrics
+    from sidecar.policy.model import Mode
+    from sidecar.policy.store import PolicyStore
+    from sidecar.proxy.master import ProxyConfig, build_master
+    from sidecar.reporter import Reporter
+    from sidecar.sources import SourceSpec, open_source
+    from sidecar.telemetry.setup import TelemetryConfigError, build_tracer_provider
+    from sidecar.telemetry.spans import DecisionSpans
+
+    try:
+        provider, plan = build_tracer_provider(console=args.trace_console, file=args.trace_file)
+    except TelemetryConfigError as err:
+        print(f"egress-sidecar run: {err}", file=sys.stderr)
+        return 2
+    trace.set_tracer_provider(provider)
+    metrics = Metrics()
+    store = PolicyStore(Mode(args.mode) if args.mode else None)
+    reporter = Reporter(DecisionSpans(provider.get_tracer("egress-sidecar")), DecisionLog(), metrics)
+    configmaps = tuple(p.strip() for p in (args.configmap or "").split(",") if p.strip())
+    spec = SourceSpec(
+        allowlist_file=args.allowlist_file,
+        configmaps=configmaps,
+        kubeconfig=args.kubeconfig,
+        extra_private_ranges=tuple(args.allow_private_range) + tuple(env_ranges()),
+    )
+    config = ProxyConfig(
+        explicit=explicit,
+        transparent=transparent,
+        confdir=args.confdir,
+        resolve_timeout=args.resolve_timeout,
+    )
+    master, listeners = build_master(config, store, reporter)
+
+    def readiness() -> tuple[bool, dict[str, Any]]:
+        snap = store.get()
+        body: dict[str, Any] = {
+            "policy": {"source": snap.source, "version": snap.version} if snap.policy else None,
+            "policy_state": "loaded" if snap.policy else str(snap.unavailable),
+            "mode": snap.mode.value,
+            "listeners": listeners.addresses,
+            "listening": listeners.all_running,
+        }
+        return store.ready and listeners.all_running, body
+
+    try:
+        health = HealthServer((health_spec.host, health_spec.port), readiness, metrics)
+    except OSError as err:
+        print(f"egress-sidecar run: health listener {health_spec}: {err}", file=sys.stderr)
+        return 1
+    health.start()
+    log.info(
+        "starting",
+        extra={
+            "explicit": ",".join(f"{s.host}:{s.port}" for s in explicit),
+            "transparent": ",".join(f"{s.host}:{s.port}" for s in transparent),
+            "health": f"{health_spec.host}:{health_spec.port}",
+            "trace_export": f"{plan.protocol} {plan.endpoint}" if plan.protocol else "none",
+        },
+    )
+    source = open_source(spec, store, metrics)
+    source.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, master.shutdown)
+    try:
+        await master.run()
+    finally:
+        source.stop()
+        health.shutdown()
+        health.server_close()
+        provider.shutdown()  # flushes the batch processors
+        log.info("stopped")
+    return 0 if not listeners.failed else 1

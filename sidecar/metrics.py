@@ -1,0 +1,68 @@
+"""Prometheus metrics of one sidecar process, served on :15021/metrics.
+
+One registry per process (not the client's global one) so tests can run several sidecars'
+worth of metrics in one interpreter without collisions.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+# `*_created` series double the output and no dashboard of ours reads them.
+disable_created_metrics()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.decisions = Counter(
+            "egress_decisions",
+            "Outbound calls decided, by decision, reason and capture mode.",
+            ["decision", "reason", "capture"],
+            registry=self.registry,
+        )
+        self.policy_info = Gauge(
+            "egress_policy_info",
+            "The policy version in force (value 1), labelled by source and version.",
+            ["source", "version"],
+            registry=self.registry,
+        )
+        self.policy_loaded = Gauge(
+            "egress_policy_loaded",
+            "1 while a policy is loaded and enforced, 0 before the first good load.",
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "egress_policy_reloads",
+            "Policy load attempts by source and result (applied, invalid, deleted, error).",
+            ["source", "result"],
+            registry=self.registry,
+        )
+        self.last_reload_error = Gauge(
+            "egress_policy_last_invalid_timestamp_seconds",
+            "Unix time of the last rejected policy version, by source.",
+            ["source"],
+            registry=self.registry,
+        )
+
+    def set_policy_info(self, source: str, version: str) -> None:
+        """Exactly one egress_policy_info series: the version in force."""
+        self.policy_info.clear()
+        self.policy_info.labels(source=source, version=version).set(1)
+        self.policy_loaded.set(1)
+
+    def clear_policy_info(self) -> None:
+        self.policy_info.clear()
+        self.policy_loaded.set(0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

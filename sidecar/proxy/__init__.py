@@ -1,0 +1,1 @@
+"""The mitmproxy adapter: listeners, protocol layering, and the decision addon."""

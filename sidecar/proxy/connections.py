@@ -1,0 +1,43 @@
+"""What the proxy learned about each client connection, shared by the layering and decision addons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from mitmproxy import connection
+
+
+class Kind(StrEnum):
+    PENDING = "pending"  # transparent, protocol not known yet
+    HTTP = "http"  # requests decided one by one
+    TLS = "tls"  # transparent TLS: decided on the SNI when connecting upstream
+    TCP = "tcp"  # transparent raw TCP (or TLS without SNI): decided on the original address
+    TUNNEL = "tunnel"  # the inside of an allowed CONNECT: already decided
+
+
+@dataclass(slots=True)
+class ConnectionInfo:
+    kind: Kind = Kind.PENDING
+    sni: str | None = None
+    # (address, port) pairs a decision vetted for this client: server_connect lets only these out.
+    vetted: set[tuple[str, int]] = field(default_factory=set)
+
+
+class Connections:
+    """Per-client-connection state, created on first use and dropped on disconnect."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, ConnectionInfo] = {}
+
+    def get(self, client: connection.Client) -> ConnectionInfo:
+        info = self._by_id.get(client.id)
+        if info is None:
+            info = self._by_id[client.id] = ConnectionInfo()
+        return info
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._by_id.pop(client.id, None)
+
+    def __len__(self) -> int:
+        return len(self._by_id)

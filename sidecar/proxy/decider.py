@@ -1,0 +1,282 @@
+"""The decision addon: every outbound call gets exactly one decision before any byte leaves.
+
+- explicit plain HTTP: ``requestheaders`` (each request; answered 403 when denied)
+- explicit CONNECT: ``http_connect`` (answered 403 when denied; else the tunnel is pinned to
+  the vetted address and passes through untouched)
+- transparent HTTP: ``requestheaders`` on the Host header, sent to a vetted address of that host
+- transparent TLS / TCP: ``server_connect`` on the SNI or the original destination; a denied
+  connection gets ``server.error`` set, so nothing is ever sent upstream
+- anything else that tries to connect upstream without a vetted address is refused
+  (fail closed), which is why upstream connections must be lazy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from mitmproxy import connection, http
+from mitmproxy.net.http.url import parse_authority
+from mitmproxy.proxy.mode_specs import TransparentMode
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+
+from sidecar.policy.model import Decision, Destination, IPAddress, Reason, Verdict
+from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
+from sidecar.proxy.connections import Connections, Kind
+from sidecar.proxy.denial import denial_response
+from sidecar.proxy.hostnames import address_of, redact_url
+from sidecar.proxy.resolver import Resolver
+from sidecar.record import Capture, DecisionRecord
+from sidecar.reporter import OpenDecision, Reporter
+from sidecar.telemetry.spans import extract_parent, inject_context
+
+log = logging.getLogger(__name__)
+
+_METADATA_KEY = "egress"
+
+
+@dataclass(frozen=True, slots=True)
+class Vetted:
+    """A decision (mode applied) and the address to connect to when it permits."""
+
+    decision: Decision
+    address: IPAddress | None
+    error: str | None = None  # why there is no address although the call is permitted
+
+
+def _capture(client: connection.Client) -> Capture:
+    if isinstance(client.proxy_mode, TransparentMode):
+        return Capture.TRANSPARENT
+    return Capture.EXPLICIT
+
+
+def _peer(client: connection.Client) -> str | None:
+    return client.peername[0] if client.peername else None
+
+
+class Decider:
+    def __init__(
+        self,
+        store: PolicyStore,
+        reporter: Reporter,
+        resolver: Resolver,
+        connections: Connections,
+    ) -> None:
+        self._store = store
+        self._reporter = reporter
+        self._resolver = resolver
+        self._connections = connections
+
+    # -- deciding -------------------------------------------------------------------------------
+
+    async def vet(self, snap: Snapshot, dest: Destination) -> Vetted:
+        """Decide ``dest`` and find the address to connect to (the one that was checked)."""
+        literal = address_of(dest.host) if dest.host is not None else None
+        if dest.host is None or literal is not None:
+            address = dest.address or literal
+            raw = snap.decide_raw(Destination(None, dest.port, address, dest.method, dest.path))
+            return Vetted(apply_mode(raw, snap.mode), address)
+        by_name = snap.decide_raw(dest)
+        audited = by_name.verdict is Verdict.DENY and apply_mode(by_name, snap.mode).permits
+        if not (snap.needs_address(dest, by_name) or audited):
+            return Vetted(apply_mode(by_name, snap.mode), None)
+        resolution = await self._resolver.resolve(dest.host, dest.port)
+        if not resolution.addresses:
+            if by_name.permits or audited:
+                # Allowed by name, but nowhere to connect: fail closed, say why.
+                raw = Decision(Verdict.DENY, Reason.UNRESOLVABLE, by_name.rule, resolution.error)
+                return Vetted(raw, None)
+            return Vetted(apply_mode(by_name, snap.mode), None)
+        raw, address = snap.decide_resolved(dest, resolution.addresses)
+        decision = apply_mode(raw, snap.mode)
+        if decision.permits and address is None:
+            address = resolution.addresses[0]  # audit: let it through to where it was going
+        return Vetted(decision, address)
+
+    def _record(
+        self,
+        snap: Snapshot,
+        vetted: Vetted,
+        *,
+        capture: Capture,
+        protocol: str,
+        host: str | None,
+        port: int,
+        client: connection.Client,
+    ) -> DecisionRecord:
+        return DecisionRecord(
+            decision=vetted.decision,
+            capture=capture,
+            protocol=protocol,
+            host=host,
+            port=port,
+            policy_source=snap.source,
+            policy_version=snap.version,
+            mode=snap.mode.value,
+            peer_address=str(vetted.address) if vetted.address is not None else None,
+            client_address=_peer(client),
+        )
+
+    # -- explicit CONNECT ---------------------------------------------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        start_ns = time.time_ns()
+        snap = self._store.get()
+        host, port = flow.request.host, flow.request.port
+        vetted = await self.vet(snap, Destination(host, port))
+        rec = self._record(
+            snap,
+            vetted,
+            capture=_capture(flow.client_conn),
+            protocol="CONNECT",
+            host=host,
+            port=port,
+            client=flow.client_conn,
+        )
+        rec.method = "CONNECT"
+        if not vetted.decision.permits or vetted.address is None:
+            rec.status_code = 403
+            flow.response = denial_response(rec)
+        else:
+            rec.status_code = 200
+            rec.tls_passthrough = True
+            # Pins the tunnel to the vetted address: mitmproxy connects to request.host.
+            flow.request.data.host = str(vetted.address)
+            self._connections.get(flow.client_conn).vetted.add((str(vetted.address), port))
+        self._reporter.report(rec, start_ns=start_ns)
+
+    # -- plain HTTP (explicit and transparent) --------------------------------------------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        capture = _capture(flow.client_conn)
+        snap = self._store.get()
+        if capture is Capture.TRANSPARENT:
+            original = flow.server_conn.address
+            assert original is not None
+            port = original[1]
+            host: str | None = None
+            try:
+                host = parse_authority(request.host_header or "", check=True)[0] or None
+            except ValueError:
+                host = None
+            dest_host = host
+            original_address = original[0]
+        else:
+            host = dest_host = request.host
+            port = request.port
+            original_address = None
+        path = request.path.split("?", 1)[0] or "/"
+        dest = Destination(
+            dest_host,
+            port,
+            address_of(original_address) if dest_host is None and original_address else None,
+            request.method.upper(),
+            path,
+        )
+        vetted = await self.vet(snap, dest)
+        rec = self._record(
+            snap, vetted, capture=capture, protocol=request.method.upper(), host=host, port=port,
+            client=flow.client_conn,
+        )
+        rec.method = request.method.upper()
+        rec.original_address = original_address
+        url_host = host or original_address or request.host
+        rec.url = redact_url(
+            f"{request.scheme}://{url_host if ':' not in url_host else f'[{url_host}]'}"
+            f":{port}{request.path}"
+        )
+        start_ns = int(request.timestamp_start * 1e9)
+        opened = self._reporter.begin(rec, parent=extract_parent(request.headers), start_ns=start_ns)
+        if not vetted.decision.permits or vetted.address is None:
+            rec.status_code = 403
+            flow.response = denial_response(rec)
+            self._reporter.end(opened)
+            return
+        request.data.host = str(vetted.address)  # connect to the address that was checked
+        request.data.port = port
+        self._connections.get(flow.client_conn).vetted.add((str(vetted.address), port))
+        # The upstream sees a traceparent naming our span (the incoming one is its parent).
+        carrier: dict[str, str] = {}
+        inject_context(opened.span, carrier)
+        for key, value in carrier.items():
+            request.headers[key] = value
+        request.stream = True  # never buffer bodies: nothing in them is decided
+        flow.metadata[_METADATA_KEY] = opened
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and _METADATA_KEY in flow.metadata:
+            flow.response.stream = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        opened: OpenDecision | None = flow.metadata.pop(_METADATA_KEY, None)
+        if opened is not None and flow.response is not None:
+            opened.record.status_code = flow.response.status_code
+            self._reporter.end(opened)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        opened: OpenDecision | None = flow.metadata.pop(_METADATA_KEY, None)
+        if opened is not None:
+            opened.record.error = flow.error.msg if flow.error else "upstream error"
+            if flow.response is not None:
+                opened.record.status_code = flow.response.status_code
+            self._reporter.end(opened)
+
+    # -- transparent TLS and TCP, and the fail-closed check for every upstream connection -------
+
+    async def server_connect(self, data: ServerConnectionHookData) -> None:
+        server, client = data.server, data.client
+        if server.address is None:
+            server.error = "egress-sidecar: no destination"
+            return
+        info = self._connections.get(client)
+        if (server.address[0], server.address[1]) in info.vetted:
+            return
+        if _capture(client) is Capture.TRANSPARENT and info.kind in (Kind.TLS, Kind.TCP):
+            await self._decide_transparent_stream(data, info.kind, info.sni)
+            return
+        log.warning(
+            "refused an upstream connection that no decision vetted",
+            extra={"address": f"{server.address[0]}:{server.address[1]}", "kind": info.kind},
+        )
+        server.error = "egress-sidecar: destination was not vetted"
+
+    async def _decide_transparent_stream(
+        self, data: ServerConnectionHookData, kind: Kind, sni: str | None
+    ) -> None:
+        start_ns = time.time_ns()
+        server, client = data.server, data.client
+        assert server.address is not None
+        original_ip, port = server.address[0], server.address[1]
+        snap = self._store.get()
+        by_sni = kind is Kind.TLS and sni
+        dest = (
+            Destination(sni, port) if by_sni else Destination(None, port, address_of(original_ip))
+        )
+        vetted = await self.vet(snap, dest)
+        rec = self._record(
+            snap,
+            vetted,
+            capture=Capture.TRANSPARENT,
+            protocol="TLS" if kind is Kind.TLS else "TCP",
+            host=sni if by_sni else None,
+            port=port,
+            client=client,
+        )
+        rec.original_address = original_ip
+        rec.tls_passthrough = kind is Kind.TLS
+        if not vetted.decision.permits or vetted.address is None:
+            server.error = (
+                f"egress-sidecar denied {rec.protocol} to {sni or original_ip}:{port}: "
+                f"{vetted.decision.reason.value}"
+            )
+            if rec.peer_address is None:
+                rec.peer_address = original_ip
+        else:
+            server.address = (str(vetted.address), port)
+            self._connections.get(client).vetted.add((str(vetted.address), port))
+        self._reporter.report(rec, start_ns=start_ns)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._connections.client_disconnected(client)

@@ -1,0 +1,30 @@
+"""What a client sees when a plain-HTTP request or a CONNECT is denied."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from sidecar.record import DecisionRecord
+
+
+def denial_body(rec: DecisionRecord) -> str:
+    target = f"{rec.host or rec.original_address}:{rec.port}"
+    detail = f" ({rec.decision.detail})" if rec.decision.detail else ""
+    return (
+        f"egress-sidecar denied {rec.protocol} {target}: {rec.decision.reason.value}{detail}; "
+        f"policy {rec.policy_source or '-'} version {rec.policy_version or '-'}\n"
+    )
+
+
+def denial_response(rec: DecisionRecord) -> http.Response:
+    return http.Response.make(
+        403,
+        denial_body(rec).encode(),
+        {
+            "content-type": "text/plain; charset=utf-8",
+            "x-egress-decision": rec.verdict.value,
+            "x-egress-reason": rec.decision.reason.value,
+            "x-egress-policy-version": rec.policy_version or "-",
+            "connection": "close",
+        },
+    )

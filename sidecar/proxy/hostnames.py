@@ -1,0 +1,45 @@
+"""Small conversions between mitmproxy's strings and the policy core's values."""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sidecar.policy.model import IPAddress
+
+# Query parameters that carry credentials in signed URLs (OpenTelemetry's url.full guidance).
+_SECRET_QUERY_KEYS = frozenset(
+    {"awsaccesskeyid", "signature", "sig", "x-goog-signature", "x-amz-signature", "token"}
+)
+REDACTED = "REDACTED"
+
+
+def address_of(text: str) -> IPAddress | None:
+    """The IP address in ``text`` ("1.2.3.4", "::1", "[::1]"), or None for a name."""
+    try:
+        return ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def redact_url(url: str) -> str:
+    """url.full without credentials: user:password and signature-like query values."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}:{REDACTED}@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_QUERY_KEYS for k, _ in pairs):
+            query = urlencode(
+                [(k, REDACTED if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs]
+            )
+    return urlunsplit(SplitResult(parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,73 @@
+"""Assembles mitmproxy with only the addons an egress proxy needs.
+
+mitmproxy's ~30 default addons cost most of its per-request CPU (FIELD-NOTES) and several of them
+would intercept TLS or rewrite traffic; this master runs the proxy server, our layering and our
+decision addon, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from mitmproxy import options
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.master import Master
+
+from sidecar.policy.store import PolicyStore
+from sidecar.proxy.connections import Connections
+from sidecar.proxy.decider import Decider
+from sidecar.proxy.layering import Layering, install_transparent_start
+from sidecar.proxy.listeners import Listeners
+from sidecar.proxy.resolver import Resolver
+from sidecar.reporter import Reporter
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ListenSpec:
+        """``HOST:PORT`` with a bare IPv6 host allowed (``::1:15002``, as mitmproxy spells it)."""
+        host, sep, port = text.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        return cls(host.strip("[]"), int(port))
+
+    def mode(self, kind: str) -> str:
+        return f"{kind}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    explicit: tuple[ListenSpec, ...]
+    transparent: tuple[ListenSpec, ...]
+    confdir: str
+    resolve_timeout: float = 5.0
+
+
+def build_master(
+    config: ProxyConfig, store: PolicyStore, reporter: Reporter
+) -> tuple[Master, Listeners]:
+    install_transparent_start()
+    master = Master(options.Options(), event_loop=asyncio.get_running_loop())
+    connections = Connections()
+    listeners = Listeners()
+    master.addons.add(
+        Proxyserver(),
+        Layering(store, connections),
+        Decider(store, reporter, Resolver(config.resolve_timeout), connections),
+        listeners,
+    )
+    master.options.update(
+        confdir=config.confdir,
+        # Lazy: nothing is connected upstream before the decision (FIELD-NOTES).
+        connection_strategy="lazy",
+        mode=[spec.mode("regular") for spec in config.explicit]
+        + [spec.mode("transparent") for spec in config.transparent],
+        # Headers are relayed as the client sent them; we are not a normalising proxy.
+        validate_inbound_headers=True,
+    )
+    return master, listeners

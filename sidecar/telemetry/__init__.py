@@ -1,0 +1,1 @@
+"""OpenTelemetry: one CLIENT span per decision, exported as the OTEL_* variables say."""

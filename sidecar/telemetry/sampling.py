@@ -1,0 +1,38 @@
+"""Denied and audited calls are always sampled, whatever OTEL_TRACES_SAMPLER says."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind, get_current_span
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
+
+ALWAYS_KEPT = frozenset({"deny", "audit"})
+
+
+class DecisionSampler(Sampler):
+    def __init__(self, delegate: Sampler) -> None:
+        self._delegate = delegate
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        if attributes and attributes.get("egress.decision") in ALWAYS_KEPT:
+            parent_state = get_current_span(parent_context).get_span_context().trace_state
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, parent_state)
+        return self._delegate.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"DecisionSampler{{deny,audit always; else {self._delegate.get_description()}}}"

@@ -1,0 +1,127 @@
+"""Build the TracerProvider from the standard OTEL_* variables and the pod's identity.
+
+The SDK's exporter classes do not read OTEL_EXPORTER_OTLP_PROTOCOL themselves (only the SDK's
+auto-configuration does), so the protocol is chosen here. No endpoint configured means no OTLP
+exporter at all: a sidecar without a collector must not spend time retrying one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
+
+from sidecar import contract
+from sidecar.telemetry.file_exporter import OtlpJsonLinesExporter
+from sidecar.telemetry.sampling import DecisionSampler
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("grpc", "http/protobuf")
+
+
+class TelemetryConfigError(ValueError):
+    """An OTEL_* variable holds a value we cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    protocol: str | None  # None: no OTLP export
+    endpoint: str | None
+    console: bool
+    file: Path | None
+
+
+def plan_export(
+    env: Mapping[str, str], *, console: bool = False, file: Path | None = None
+) -> ExportPlan:
+    """Which exporters the environment asks for (pure, for tests and the startup log)."""
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    exporter = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    if exporter == "none" or not endpoint:
+        return ExportPlan(None, None, console, file)
+    if exporter not in ("otlp", "console"):
+        raise TelemetryConfigError(
+            f"OTEL_TRACES_EXPORTER={exporter!r}: only 'otlp', 'console' and 'none' are supported"
+        )
+    if exporter == "console":
+        return ExportPlan(None, None, True, file)
+    var = (
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+        if env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        else "OTEL_EXPORTER_OTLP_PROTOCOL"
+    )
+    # The OpenTelemetry specification's default is http/protobuf.
+    protocol = env.get(var, "http/protobuf").strip().lower() or "http/protobuf"
+    if protocol not in PROTOCOLS:
+        raise TelemetryConfigError(
+            f"{var}={protocol!r}: use one of {', '.join(PROTOCOLS)} (http/json is not supported)"
+        )
+    return ExportPlan(protocol, endpoint, console, file)
+
+
+def pod_resource(env: Mapping[str, str]) -> Resource:
+    """service.name and k8s.* attributes; anything set in OTEL_* variables wins."""
+    defaults: dict[str, str] = {}
+    workload = env.get(contract.ENV_WORKLOAD_NAME)
+    kind = env.get(contract.ENV_WORKLOAD_KIND, "").lower()
+    pod = env.get(contract.ENV_POD_NAME)
+    defaults["service.name"] = workload or pod or "egress-sidecar"
+    if pod:
+        defaults["k8s.pod.name"] = pod
+    if namespace := env.get(contract.ENV_POD_NAMESPACE):
+        defaults["k8s.namespace.name"] = namespace
+    if node := env.get(contract.ENV_NODE_NAME):
+        defaults["k8s.node.name"] = node
+    if workload and kind in ("deployment", "statefulset", "daemonset", "job", "cronjob"):
+        defaults[f"k8s.{kind}.name"] = workload
+    defaults["service.namespace"] = env.get(contract.ENV_POD_NAMESPACE, "") or "default"
+    from_env = OTELResourceDetector().detect().attributes
+    return Resource.create({k: v for k, v in defaults.items() if k not in from_env})
+
+
+def _otlp_exporter(plan: ExportPlan) -> SpanExporter:
+    # The exporters read their endpoint, headers, timeout, compression and TLS variables
+    # themselves; HTTP appends v1/traces to OTEL_EXPORTER_OTLP_ENDPOINT, as the spec says.
+    if plan.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        return GrpcExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpExporter,
+    )
+
+    return HttpExporter()
+
+
+def build_tracer_provider(
+    env: Mapping[str, str] | None = None, *, console: bool = False, file: Path | None = None
+) -> tuple[TracerProvider, ExportPlan]:
+    env = os.environ if env is None else env
+    plan = plan_export(env, console=console, file=file)
+    provider = TracerProvider(
+        resource=pod_resource(env), sampler=DecisionSampler(_get_from_env_or_default())
+    )
+    if plan.protocol is not None:
+        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(plan)))
+    if plan.file is not None:
+        provider.add_span_processor(BatchSpanProcessor(OtlpJsonLinesExporter(plan.file)))
+    if plan.console:
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    return provider, plan

@@ -1,0 +1,100 @@
+"""One CLIENT span per decision, attributes as shared/DESIGN.md fixes them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
+
+from sidecar.policy.model import Verdict
+from sidecar.record import DecisionRecord
+
+_propagator = TraceContextTextMapPropagator()
+
+DENIED_ERROR_TYPE = "egress_denied"
+
+
+def decision_attributes(rec: DecisionRecord) -> dict[str, AttributeValue]:
+    """Attributes known when the decision is made (the sampler sees these)."""
+    d = rec.decision
+    attrs: dict[str, AttributeValue] = {
+        "egress.decision": d.verdict.value,
+        "egress.reason": d.reason.value,
+        "egress.policy.source": rec.policy_source,
+        "egress.policy.version": rec.policy_version,
+        "egress.capture": rec.capture.value,
+        "egress.tls.passthrough": rec.tls_passthrough,
+        "egress.mode": rec.mode,
+        "server.port": rec.port,
+    }
+    if d.rule is not None:
+        attrs["egress.rule"] = d.rule
+    if d.detail is not None:
+        attrs["egress.reason.detail"] = d.detail
+    server = rec.host or rec.original_address or rec.peer_address
+    if server:
+        attrs["server.address"] = server
+    peer = rec.peer_address or rec.original_address
+    if peer:
+        attrs["network.peer.address"] = peer
+    if rec.original_address:
+        attrs["egress.original_destination"] = rec.original_address
+    if rec.client_address:
+        attrs["client.address"] = rec.client_address
+    if rec.method:
+        attrs["http.request.method"] = rec.method
+    if rec.url:
+        attrs["url.full"] = rec.url
+    if d.verdict is Verdict.DENY:
+        attrs["error.type"] = DENIED_ERROR_TYPE
+    return attrs
+
+
+def extract_parent(headers: Mapping[str, str]) -> Context:
+    """The W3C trace context an incoming plain-HTTP request carries (empty if none)."""
+    return _propagator.extract(headers)
+
+
+def inject_context(span: Span, headers: MutableMapping[str, str]) -> None:
+    """Hand the upstream a traceparent naming ``span`` (replacing the incoming one)."""
+    _propagator.inject(headers, context=trace.set_span_in_context(span))
+
+
+class DecisionSpans:
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    def start(
+        self, rec: DecisionRecord, *, parent: Context | None = None, start_ns: int | None = None
+    ) -> Span:
+        return self._tracer.start_span(
+            rec.protocol,
+            context=parent,
+            kind=SpanKind.CLIENT,
+            attributes=decision_attributes(rec),
+            start_time=start_ns,
+        )
+
+    def finish(self, span: Span, rec: DecisionRecord, *, end_ns: int | None = None) -> None:
+        if rec.peer_address:
+            span.set_attribute("network.peer.address", rec.peer_address)
+        if rec.status_code is not None:
+            span.set_attribute("http.response.status_code", rec.status_code)
+        if rec.verdict is Verdict.DENY:
+            span.set_status(Status(StatusCode.ERROR, rec.decision.reason.value))
+        elif rec.error is not None:
+            span.set_attribute("error.type", rec.error)
+            span.set_status(Status(StatusCode.ERROR, rec.error))
+        elif rec.status_code is not None and rec.status_code >= 500:
+            # Client span semantics: 5xx is an error, 4xx from upstream is not ours to judge.
+            span.set_attribute("error.type", str(rec.status_code))
+            span.set_status(Status(StatusCode.ERROR))
+        span.end(end_time=end_ns)
+
+    def record(self, rec: DecisionRecord, *, start_ns: int | None = None) -> None:
+        """A decision whose span has nothing more to wait for (CONNECT, TLS, TCP, early deny)."""
+        self.finish(self.start(rec, start_ns=start_ns), rec)
