@@ -135,7 +135,10 @@ def _rfc6052_candidates(value: int) -> list[ipaddress.IPv4Address]:
             candidates.append(ipaddress.IPv4Address((bits(56, 8) << 24) | bits(72, 24)))
         if bits(88, 40) == 0:  # /48: 16 bits at 48-63, 16 bits at 72-87
             candidates.append(ipaddress.IPv4Address((bits(48, 16) << 16) | bits(72, 16)))
-    return candidates
+    # A layout that reads 0.0.0.0 is the wrong guess when another layout fits (the zero bits are
+    # its suffix); keep it only when nothing else fits, and it then classifies as unspecified.
+    meaningful = [c for c in candidates if int(c) != 0]
+    return meaningful or candidates[:1]
 
 
 def _embedded_v4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address] | None:

@@ -379,7 +379,8 @@ class Policy:
             why = rule.allow_failure(port, method, path)
             if why is None:
                 return rule, None
-            failure = failure or why
+            if failure is None or (port in rule.allow_ports() and failure.startswith("port ")):
+                failure = why
         return None, failure
 
     def _decide_named(
@@ -405,7 +406,9 @@ class Policy:
             if why is None:
                 allowed = rule
                 break
-            failure = failure or why
+            # Report the closest miss: a rule that took the port but not the method or path.
+            if failure is None or (port in rule.allow_ports() and failure.startswith("port ")):
+                failure = why
         by_name = (
             _allow(allowed)
             if allowed is not None
