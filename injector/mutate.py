@@ -506,8 +506,9 @@ def _no_proxy(cfg: InjectorConfig, settings: Settings) -> str:
 
 
 def _add_proxy_env(container: JSON, no_proxy: str) -> bool:
-    """Add HTTP(S)_PROXY/NO_PROXY (both cases) where the user has not set them; True when some
-    name was already set by the user (left as it was)."""
+    """Add HTTP(S)_PROXY/NO_PROXY in both cases, except where the user set the variable (in either
+    case: tools disagree on which case wins, so a half-set pair would be ambiguous). True when a
+    user's variable was kept."""
     env = container.get("env")
     if not isinstance(env, list):
         env = []
@@ -515,11 +516,11 @@ def _add_proxy_env(container: JSON, no_proxy: str) -> bool:
     kept = False
     values = {"HTTP_PROXY": PROXY_URL, "HTTPS_PROXY": PROXY_URL, "NO_PROXY": no_proxy}
     for upper in PROXY_ENV_NAMES:
-        for name in (upper, upper.lower()):
-            if name in present:
-                kept = True
-                continue
-            env.append({"name": name, "value": values[upper]})
+        if upper in present or upper.lower() in present:
+            kept = True
+            continue
+        env.append({"name": upper, "value": values[upper]})
+        env.append({"name": upper.lower(), "value": values[upper]})
     container["env"] = env
     return kept
 
