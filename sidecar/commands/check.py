@@ -7,6 +7,7 @@ import ipaddress
 import json
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,17 +35,20 @@ def parse_target(target: str, method: str | None) -> Destination:
         if not parts.hostname:
             raise TargetError(f"{target!r} names no host")
         try:
-            port = parts.port or _DEFAULT_PORTS[scheme]
+            explicit_port = parts.port
         except ValueError as err:
             raise TargetError(f"{target!r}: {err}") from None
+        port = explicit_port or _DEFAULT_PORTS[scheme]
         if scheme == "http":
-            return Destination(parts.hostname, port, None, (method or "GET").upper(), parts.path or "/")
+            return Destination(
+                parts.hostname, port, None, (method or "GET").upper(), parts.path or "/"
+            )
         return Destination(parts.hostname, port)
     try:
-        host, port = split_host_port(target)
+        host, maybe_port = split_host_port(target)
     except InvalidHost as err:
         raise TargetError(str(err)) from None
-    return Destination(host, port or 443, None, method.upper() if method else None)
+    return Destination(host, maybe_port or 443, None, method.upper() if method else None)
 
 
 def add_parser(sub: Any) -> None:
@@ -76,7 +80,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        text = open(args.allowlist_file, encoding="utf-8").read()
+        text = Path(args.allowlist_file).read_text(encoding="utf-8")
         policy = parse_allowlist(text, source=f"file:{args.allowlist_file}")
         dest = parse_target(args.target, args.method)
         address: IPAddress | None = ipaddress.ip_address(args.address) if args.address else None

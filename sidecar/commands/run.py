@@ -85,7 +85,8 @@ def add_parser(sub: Any) -> None:
         "--no-transparent",
         action="store_true",
         default=os.environ.get(contract.ENV_CAPTURE, "") == "explicit",
-        help=f"explicit capture only: no transparent listener (env {contract.ENV_CAPTURE}=explicit)",
+        help="explicit capture only: no transparent listener "
+        f"(env {contract.ENV_CAPTURE}=explicit)",
     )
     listen.add_argument(
         "--health-listen",
@@ -101,9 +102,7 @@ def add_parser(sub: Any) -> None:
         type=Path,
         help="also append spans to PATH as OTLP JSON lines (Jaeger's UI can load the file)",
     )
-    out.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    out.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
         "--confdir",
         default=os.environ.get("EGRESS_CONFDIR", "~/.mitmproxy"),
@@ -191,7 +190,9 @@ async def _serve(
     trace.set_tracer_provider(provider)
     metrics = Metrics()
     store = PolicyStore(Mode(args.mode) if args.mode else None)
-    reporter = Reporter(DecisionSpans(provider.get_tracer("egress-sidecar")), DecisionLog(), metrics)
+    reporter = Reporter(
+        DecisionSpans(provider.get_tracer("egress-sidecar")), DecisionLog(), metrics
+    )
     configmaps = tuple(p.strip() for p in (args.configmap or "").split(",") if p.strip())
     spec = SourceSpec(
         allowlist_file=args.allowlist_file,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from sidecar.policy.errors import AllowlistError
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     worst = 0
     for name in args.files:
         try:
-            text = sys.stdin.read() if name == "-" else open(name, encoding="utf-8").read()
+            text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             print(f"{name}: cannot read: {err}", file=sys.stderr)
             worst = 2

@@ -1,4 +1,4 @@
-"""What the proxy learned about each client connection, shared by the layering and decision addons."""
+"""What the proxy learned about each client connection (shared by layering and decision)."""
 
 from __future__ import annotations
 

@@ -177,7 +177,12 @@ class Decider:
         )
         vetted = await self.vet(snap, dest)
         rec = self._record(
-            snap, vetted, capture=capture, protocol=request.method.upper(), host=host, port=port,
+            snap,
+            vetted,
+            capture=capture,
+            protocol=request.method.upper(),
+            host=host,
+            port=port,
             client=flow.client_conn,
         )
         rec.method = request.method.upper()
@@ -188,7 +193,9 @@ class Decider:
             f":{port}{request.path}"
         )
         start_ns = int(request.timestamp_start * 1e9)
-        opened = self._reporter.begin(rec, parent=extract_parent(request.headers), start_ns=start_ns)
+        opened = self._reporter.begin(
+            rec, parent=extract_parent(request.headers), start_ns=start_ns
+        )
         if not vetted.decision.permits or vetted.address is None:
             rec.status_code = 403
             flow.response = denial_response(rec)

@@ -50,7 +50,7 @@ class _TransparentProxyAskingOnStart(modes.TransparentProxy):
     pass through at once.
     """
 
-    @expect(events.Start)
+    @expect(events.Start)  # type: ignore[untyped-decorator]
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         assert self.context.server.address, "No server address set."
         self.child_layer = layer.NextLayer(self.context, ask_on_start=True)

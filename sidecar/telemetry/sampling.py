@@ -17,7 +17,7 @@ class DecisionSampler(Sampler):
     def __init__(self, delegate: Sampler) -> None:
         self._delegate = delegate
 
-    def should_sample(
+    def should_sample(  # noqa: PLR0917 (the SDK's signature)
         self,
         parent_context: Context | None,
         trace_id: int,

@@ -79,7 +79,13 @@ deny:
         },
     )
     yield World(
-        sidecar, api, api_cert.fingerprint_sha256, web, blocked_http, blocked_https, otlp_http,
+        sidecar,
+        api,
+        api_cert.fingerprint_sha256,
+        web,
+        blocked_http,
+        blocked_https,
+        otlp_http,
         ca_file,
     )
     assert sidecar.stop() == 0, sidecar.stderr[-20:]
@@ -124,9 +130,21 @@ def test_https_tunnel_shows_the_upstreams_own_certificate(world: World) -> None:
 def test_curl_https_through_the_proxy_verifies_against_the_upstream_ca(world: World) -> None:
     url = f"https://api.test:{world.api.port}/curl"
     out = subprocess.run(
-        ["curl", "-sS", "--cacert", str(world.ca_file), "-x", world.sidecar.proxy_url, url,
-         "-w", "\n%{http_code} %{ssl_verify_result}"],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            "curl",
+            "-sS",
+            "--cacert",
+            str(world.ca_file),
+            "-x",
+            world.sidecar.proxy_url,
+            url,
+            "-w",
+            "\n%{http_code} %{ssl_verify_result}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.rstrip().endswith("200 0")
@@ -137,8 +155,9 @@ def test_requests_and_httpx_reach_the_allowed_https_host(world: World) -> None:
     proxies = {"https": world.sidecar.proxy_url, "http": world.sidecar.proxy_url}
     r = requests.get(url, proxies=proxies, verify=str(world.ca_file), timeout=10)
     assert r.status_code == 200 and r.json()["upstream"] == "api"
-    with httpx.Client(proxy=world.sidecar.proxy_url, verify=ssl.create_default_context(
-        cafile=str(world.ca_file))) as client:
+    with httpx.Client(
+        proxy=world.sidecar.proxy_url, verify=ssl.create_default_context(cafile=str(world.ca_file))
+    ) as client:
         h = client.get(url, timeout=10)
     assert h.status_code == 200 and h.json()["path"] == "/clients"
 
@@ -182,10 +201,23 @@ def test_denied_connect_answers_403_and_never_reaches_the_destination(world: Wor
     assert "x-egress-decision: deny" in text
     assert "x-egress-reason: no allow rule matches" in text
     body = subprocess.run(
-        ["curl", "-s", "-x", world.sidecar.proxy_url, "--proxy-header", "X: 1",
-         f"https://blocked.test:{world.blocked_https.port}/", "-o", "/dev/null",
-         "-w", "%{http_connect}"],
-        capture_output=True, text=True, timeout=30, check=False,
+        [
+            "curl",
+            "-s",
+            "-x",
+            world.sidecar.proxy_url,
+            "--proxy-header",
+            "X: 1",
+            f"https://blocked.test:{world.blocked_https.port}/",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_connect}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert body.stdout == "403"
     assert world.blocked_https.seen.connections == before
@@ -271,9 +303,7 @@ def test_url_credentials_are_redacted_in_spans(world: World) -> None:
         proxies={"http": world.sidecar.proxy_url},
         timeout=10,
     )
-    span = world.otlp.sink.wait_for(
-        lambda s: "sig=" in str(s.attributes.get("url.full", ""))
-    )[-1]
+    span = world.otlp.sink.wait_for(lambda s: "sig=" in str(s.attributes.get("url.full", "")))[-1]
     assert "secret" not in span.attributes["url.full"]
     assert "abc" not in span.attributes["url.full"]
 
@@ -293,8 +323,10 @@ def test_each_decision_is_one_json_line_on_stdout(world: World) -> None:
     assert d["decision"] == "allow" and d["protocol"] == "GET" and d["status"] == 200
     assert d["host"] == "web.test" and d["address"] == WEB
     # nothing but decisions on stdout
-    assert all(line.startswith('{"ts"') and '"msg":"egress decision"' in line
-               for line in world.sidecar.stdout)
+    assert all(
+        line.startswith('{"ts"') and '"msg":"egress decision"' in line
+        for line in world.sidecar.stdout
+    )
 
 
 def test_ready_reports_the_policy_version_and_metrics_count_decisions(world: World) -> None:
@@ -302,10 +334,14 @@ def test_ready_reports_the_policy_version_and_metrics_count_decisions(world: Wor
     assert status == 200
     assert '"version": "sha256:' in body
     status, live = world.sidecar.health("/healthz/live")
-    assert status == 200
+    assert (status, live) == (200, "ok\n")
     status, metrics = world.sidecar.health("/metrics")
     assert status == 200
-    assert re.search(r'egress_policy_info\{source="file:[^"]+",version="sha256:[0-9a-f]{12}"\} 1',
-                     metrics)
-    assert re.search(r'egress_decisions_total\{capture="explicit",decision="deny",'
-                     r'reason="no allow rule matches"\} [1-9]', metrics)
+    assert re.search(
+        r'egress_policy_info\{source="file:[^"]+",version="sha256:[0-9a-f]{12}"\} 1', metrics
+    )
+    assert re.search(
+        r'egress_decisions_total\{capture="explicit",decision="deny",'
+        r'reason="no allow rule matches"\} [1-9]',
+        metrics,
+    )

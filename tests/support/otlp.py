@@ -82,7 +82,7 @@ class SpanSink:
                 if left <= 0:
                     raise AssertionError(
                         f"expected {count} matching span(s), got {len(found)}; all spans: "
-                        + "; ".join(f"{s.name} {s.attributes}" for s in self.spans)
+                        + "; ".join(f"{s.name} {s.attributes!r}" for s in self.spans)
                     )
                 self.cond.wait(left)
 
@@ -127,7 +127,8 @@ class OtlpHttpReceiver(ThreadingHTTPServer):
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+        host, port = self.server_address[0], self.server_address[1]
+        return f"http://{host!s}:{port}"
 
     def stop(self) -> None:
         self.shutdown()

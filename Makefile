@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test pytest lint bench venv clean help
+
+help:
+	@echo "make run    - run the sidecar locally on examples/allowlist.yaml (explicit proxy 127.0.0.1:15001)"
+	@echo "make test   - lint (ruff, mypy --strict, import contracts) and the whole test suite"
+	@echo "make lint   - only the linters"
+	@echo "make bench  - throughput/latency/memory benchmark against Squid"
+
+venv:
+	@scripts/bootstrap-venv
+
+run: venv
+	$(BIN)/egress-sidecar run --allowlist-file examples/allowlist.yaml --health-listen 127.0.0.1:15021 --confdir $(CURDIR)/.venv/mitmproxy-confdir
+
+lint: venv
+	$(BIN)/ruff check sidecar injector tests
+	$(BIN)/ruff format --check sidecar injector tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+pytest: venv
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint pytest
+
+bench: venv
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
