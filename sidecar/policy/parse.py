@@ -31,6 +31,7 @@ MANIFEST_KEYS = ("apiVersion", "kind", "metadata", "data")
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _NULL = "tag:yaml.org,2002:null"
+_MERGE = "tag:yaml.org,2002:merge"
 _TYPE_NAMES = {
     "tag:yaml.org,2002:int": "number",
     "tag:yaml.org,2002:float": "number",
@@ -133,14 +134,16 @@ def _is_null(node: Node) -> bool:
     return isinstance(node, ScalarNode) and node.tag == _NULL
 
 
-def _flow(node: Node) -> str:
+def _flow(node: Node, depth: int = 0) -> str:
     """A compact one-line rendering of a rule as written."""
     if isinstance(node, ScalarNode):
         return str(node.value)
+    if depth > 3:  # aliases can make a node contain itself
+        return "..."
     if isinstance(node, SequenceNode):
-        return "[" + ", ".join(_flow(item) for item in node.value) + "]"
+        return "[" + ", ".join(_flow(item, depth + 1) for item in node.value) + "]"
     if isinstance(node, MappingNode):
-        pairs = ", ".join(f"{_flow(k)}: {_flow(v)}" for k, v in node.value)
+        pairs = ", ".join(f"{_flow(k, depth + 1)}: {_flow(v, depth + 1)}" for k, v in node.value)
         return "{" + pairs + "}"
     return "?"
 
@@ -202,8 +205,11 @@ class _Parser:
         seen: dict[str, Node] = {}
         items: list[tuple[str, Node, Node]] = []
         for key_node, value_node in node.value:
+            if isinstance(key_node, ScalarNode) and key_node.tag == _MERGE:
+                self.problem(key_node, "YAML merge keys (<<) are not supported: write it out")
+                continue
             if not isinstance(key_node, ScalarNode) or key_node.tag != _STR:
-                self.problem(key_node, f"{what} keys must be names, not {_describe(key_node)}")
+                self.problem(key_node, f"keys of {what} must be names, not {_describe(key_node)}")
                 continue
             key = str(key_node.value)
             if key in seen:
@@ -569,6 +575,8 @@ class _Parser:
 def _reader_message(exc: yaml.YAMLError) -> str:
     character = getattr(exc, "character", None)
     reason = getattr(exc, "reason", None)
+    if isinstance(character, int):
+        character = chr(character)
     if isinstance(character, str):
         return f"character {character!r} is not allowed ({reason or 'not printable'})"
     return str(reason or exc)
