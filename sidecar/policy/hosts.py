@@ -171,7 +171,7 @@ def split_host_port(text: str) -> tuple[str, int | None]:
         end = stripped.find("]")
         if end < 0:
             raise InvalidHost(text, "'[' without a closing ']'")
-        host, rest = stripped[1:end], stripped[end + 1 :]
+        host, rest = stripped[1:end].strip(), stripped[end + 1 :]
         if not host:
             raise InvalidHost(text, "empty host")
         if not rest:
@@ -186,4 +186,4 @@ def split_host_port(text: str) -> tuple[str, int | None]:
         # A bare IPv6 literal: a port would need brackets.
         return stripped, None
     host, _, port_text = stripped.partition(":")
-    return host, parse_port(port_text, original=text)
+    return host.rstrip(), parse_port(port_text, original=text)
