@@ -15,6 +15,8 @@ from tests.support.sidecar import Sidecar, start_sidecar
 from tests.support.upstream import UpstreamServer
 
 INTERNAL, CIDR_OK, RANGE_OK = "127.0.0.9", "127.0.0.10", "127.0.0.11"
+# multi.test resolves to both; only the second is in privateRanges.
+MULTI_PRIVATE, MULTI_VETTED = "127.0.0.20", "127.0.0.21"
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,9 @@ def upstreams() -> Iterator[dict[str, UpstreamServer]]:
         "cidr": UpstreamServer(CIDR_OK, label="cidr").start(),
         "range": UpstreamServer(RANGE_OK, label="range").start(),
     }
+    port = servers["range"].port
+    servers["multi-private"] = UpstreamServer(MULTI_PRIVATE, port, label="multi-private").start()
+    servers["multi-vetted"] = UpstreamServer(MULTI_VETTED, port, label="multi-vetted").start()
     yield servers
     for s in servers.values():
         s.stop()
@@ -46,14 +51,18 @@ allow:
     ports: [{c}]
   - host: range.test
     ports: [{r}]
+  - host: multi.test
+    ports: [{r}]
 privateRanges:
   - {RANGE_OK}/32
+  - {MULTI_VETTED}/32
 """
     trace_file = tmp / "spans.jsonl"
     sidecar = start_sidecar(
         tmp,
         allowlist=allowlist,
         hosts={"internal.test": INTERNAL, "cidr.test": CIDR_OK, "range.test": RANGE_OK},
+        extra_hosts=[f"{MULTI_PRIVATE} multi.test", f"{MULTI_VETTED} multi.test"],
         args=["--trace-file", str(trace_file)],
     )
     yield sidecar, trace_file
@@ -96,6 +105,20 @@ def test_private_ranges_let_host_rules_decide(
     assert r.status_code == 200
     d = sidecar.wait_decisions(lambda d: d.get("host") == "range.test")[-1]
     assert d["rule"] == f"{{host: range.test, ports: [{upstreams['range'].port}]}}"
+
+
+def test_the_proxy_connects_to_the_address_it_vetted(
+    guarded: tuple[Sidecar, Path], upstreams: dict[str, UpstreamServer]
+) -> None:
+    sidecar, _ = guarded
+    private, vetted = upstreams["multi-private"], upstreams["multi-vetted"]
+    before = private.seen.connections
+    for _ in range(3):
+        r = _get(sidecar, f"http://multi.test:{vetted.port}/")
+        assert r.status_code == 200 and r.json()["upstream"] == "multi-vetted"
+    assert private.seen.connections == before
+    d = sidecar.wait_decisions(lambda d: d.get("host") == "multi.test")[-1]
+    assert d["address"] == MULTI_VETTED
 
 
 def test_cloud_metadata_is_denied_without_any_connection_attempt(

@@ -32,16 +32,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def hosts_file(path: Path, names: Mapping[str, str]) -> Path:
+def hosts_file(path: Path, names: Mapping[str, str], extra: Sequence[str] = ()) -> Path:
     lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
     lines += [f"{address} {name}" for name, address in names.items()]
+    lines += list(extra)
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def with_hosts(hosts: Path, argv: Sequence[str]) -> list[str]:
     """argv run in its own mount namespace where /etc/hosts is ``hosts``."""
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _MOUNT_HOSTS, str(hosts), *argv]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        _MOUNT_HOSTS,
+        str(hosts),
+        *argv,
+    ]
 
 
 @dataclass
@@ -66,8 +77,12 @@ class Sidecar:
 
     def start_pumps(self) -> None:
         assert self.proc.stdout is not None and self.proc.stderr is not None
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True).start()
+        threading.Thread(
+            target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True
+        ).start()
+        threading.Thread(
+            target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True
+        ).start()
 
     def decisions(self) -> list[dict[str, Any]]:
         with self._cond:
@@ -136,6 +151,7 @@ def start_sidecar(
     *,
     allowlist: str | None = None,
     hosts: Mapping[str, str] | None = None,
+    extra_hosts: Sequence[str] = (),
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     wait: bool = True,
@@ -165,7 +181,7 @@ def start_sidecar(
     for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
         full_env.pop(key, None)
     full_env.update(env or {})
-    command = with_hosts(hosts_file(workdir / "hosts", hosts or {}), argv)
+    command = with_hosts(hosts_file(workdir / "hosts", hosts or {}, extra_hosts), argv)
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,

@@ -1,0 +1,94 @@
+"""Small pure pieces of the proxy adapter: URL redaction, listen specs, protocol sniffing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.policy.model import Decision, Reason, Verdict
+from sidecar.proxy.denial import denial_body
+from sidecar.proxy.hostnames import address_of, redact_url
+from sidecar.proxy.layering import _http_prefix
+from sidecar.proxy.master import ListenSpec
+from sidecar.record import Capture, DecisionRecord
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://a.test/x?y=1", "http://a.test/x?y=1"),
+        ("http://u:p@a.test:8080/x", "http://REDACTED:REDACTED@a.test:8080/x"),
+        ("http://a.test/x?sig=abc&y=1", "http://a.test/x?sig=REDACTED&y=1"),
+        (
+            "http://a.test/x?X-Amz-Signature=s&AWSAccessKeyId=k",
+            "http://a.test/x?X-Amz-Signature=REDACTED&AWSAccessKeyId=REDACTED",
+        ),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+@given(st.text())
+def test_redact_url_never_raises_and_never_leaks_a_password(text: str) -> None:
+    out = redact_url(f"http://user:hunter2secret@h.test/{text}")
+    assert "hunter2secret" not in out
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("127.0.0.1:15001", "127.0.0.1", 15001),
+        ("::1:15002", "::1", 15002),
+        ("[::]:15021", "::", 15021),
+        ("0.0.0.0:1", "0.0.0.0", 1),
+    ],
+)
+def test_listen_spec_parse(text: str, host: str, port: int) -> None:
+    assert ListenSpec.parse(text) == ListenSpec(host, port)
+
+
+@pytest.mark.parametrize("text", ["15001", "host:", ":80", "h:0", "h:65536", "h:x"])
+def test_listen_spec_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        ListenSpec.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"GET / HTTP/1.1\r\n", True),
+        (b"POST", None),
+        (b"G", None),
+        (b"\x16\x03\x01", False),
+        (b"SSH-2.0-OpenSSH", False),
+        (b"PRI * HTTP/2.0", False),
+        (b"OPTIONS * HTTP/1.1", True),
+    ],
+)
+def test_http_sniffing(data: bytes, expected: bool | None) -> None:
+    assert _http_prefix(data) is expected
+
+
+def test_address_of() -> None:
+    assert str(address_of("[::1]")) == "::1"
+    assert str(address_of("fe80::1%eth0")) == "fe80::1"
+    assert address_of("api.test") is None
+
+
+def test_denial_body_is_one_line_naming_host_port_reason_policy() -> None:
+    rec = DecisionRecord(
+        decision=Decision(Verdict.DENY, Reason.NO_MATCH, detail="no allow rule names x.test"),
+        capture=Capture.EXPLICIT,
+        protocol="CONNECT",
+        host="x.test",
+        port=443,
+        policy_source="configmap:shop/egress-allowlist",
+        policy_version="4711",
+        mode="enforce",
+    )
+    body = denial_body(rec)
+    assert body.endswith("\n") and body.count("\n") == 1
+    for part in ("x.test:443", "no allow rule matches", "configmap:shop/egress-allowlist", "4711"):
+        assert part in body

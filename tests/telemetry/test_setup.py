@@ -1,0 +1,119 @@
+"""Export planning from OTEL_* variables, the resource, and the decision sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision
+from opentelemetry.trace import SpanKind
+
+from sidecar.telemetry.sampling import DecisionSampler
+from sidecar.telemetry.setup import ExportPlan, TelemetryConfigError, plan_export, pod_resource
+
+EP = "http://collector:4318"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, ExportPlan(None, None, False, None)),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, ExportPlan(None, None, False, None)),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": EP}, ExportPlan("http/protobuf", EP, False, None)),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": EP, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            ExportPlan("grpc", EP, False, None),
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": EP + "/v1/traces"},
+            ExportPlan("http/protobuf", EP + "/v1/traces", False, None),
+        ),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": EP,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+            },
+            ExportPlan("grpc", EP, False, None),
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": EP, "OTEL_TRACES_EXPORTER": "none"},
+            ExportPlan(None, None, False, None),
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": EP, "OTEL_TRACES_EXPORTER": "console"},
+            ExportPlan(None, None, True, None),
+        ),
+    ],
+)
+def test_plan_export_follows_the_otel_variables(env: dict[str, str], expected: ExportPlan) -> None:
+    assert plan_export(env) == expected
+
+
+def test_console_and_file_need_no_endpoint(tmp_path: Path) -> None:
+    plan = plan_export({}, console=True, file=tmp_path / "s.jsonl")
+    assert (plan.protocol, plan.console, plan.file) == (None, True, tmp_path / "s.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": EP, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": EP, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "thrift"},
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": EP, "OTEL_TRACES_EXPORTER": "zipkin"}, "zipkin"),
+    ],
+)
+def test_unusable_values_are_rejected_naming_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(TelemetryConfigError, match=named):
+        plan_export(env)
+
+
+def test_pod_resource_names_the_workload(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    attrs = pod_resource(
+        {
+            "POD_NAME": "web-5d8-x2",
+            "POD_NAMESPACE": "shop",
+            "NODE_NAME": "node-1",
+            "EGRESS_WORKLOAD_KIND": "Deployment",
+            "EGRESS_WORKLOAD_NAME": "web",
+        }
+    ).attributes
+    assert attrs["service.name"] == "web"
+    assert attrs["k8s.deployment.name"] == "web"
+    assert attrs["k8s.pod.name"] == "web-5d8-x2"
+    assert attrs["k8s.namespace.name"] == "shop"
+    assert attrs["k8s.node.name"] == "node-1"
+
+
+def test_otel_variables_win_over_derived_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "checkout-api")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "k8s.pod.name=from-env")
+    attrs = pod_resource({"POD_NAME": "p", "EGRESS_WORKLOAD_NAME": "web"}).attributes
+    assert attrs["service.name"] == "checkout-api"
+    assert attrs["k8s.pod.name"] == "from-env"
+
+
+def test_without_identity_the_service_is_egress_sidecar(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    assert pod_resource({}).attributes["service.name"] == "egress-sidecar"
+
+
+@pytest.mark.parametrize(
+    ("decision", "sampled"), [("deny", True), ("audit", True), ("allow", False), (None, False)]
+)
+def test_denials_and_audits_are_sampled_even_when_the_sampler_drops_everything(
+    decision: str | None, sampled: bool
+) -> None:
+    sampler = DecisionSampler(ALWAYS_OFF)
+    attrs = {"egress.decision": decision} if decision else {}
+    result = sampler.should_sample(None, 0x1234, "GET", SpanKind.CLIENT, attrs)
+    assert (result.decision is Decision.RECORD_AND_SAMPLE) is sampled
