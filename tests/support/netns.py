@@ -136,10 +136,11 @@ class Netns:
         timeout: float = 15,
         input: str | None = None,
         env: Mapping[str, str] | None = None,
+        binds: Mapping[str, Path] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run(
-                [*self.prefix(uid, gid), *argv],
+                [*self.prefix(uid, gid, binds), *argv],
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -410,9 +411,16 @@ class World:
         wait_for(ready.exists, 15, f"{name} servers", proc, output)
         return Upstream(log)
 
-    def client(self, *args: str, uid: int | None, timeout: float = 15) -> dict[str, Any]:
+    def client(
+        self,
+        *args: str,
+        uid: int | None,
+        timeout: float = 15,
+        binds: Mapping[str, Path] | None = None,
+    ) -> dict[str, Any]:
         """Run ``netns_client.py`` in the pod as ``uid``; its JSON result."""
-        proc = self.pod.run([sys.executable, str(CLIENT_SCRIPT), *args], uid=uid, timeout=timeout)
+        argv = [sys.executable, str(CLIENT_SCRIPT), *args]
+        proc = self.pod.run(argv, uid=uid, timeout=timeout, binds=binds)
         if proc.returncode != 0:
             raise HarnessError(f"client {args} as {uid} failed: {proc.stderr.strip()}")
         result: dict[str, Any] = json.loads(proc.stdout)

@@ -38,7 +38,8 @@ def tcp(host: str, port: int, send: str | None) -> dict[str, Any]:
                 if not chunk:
                     break
                 data += chunk
-                if send is not None and data.endswith(send.encode()):
+                # Echo: stop once it is all back. Server speaks first: its greeting is enough.
+                if send is None or data.endswith(send.encode()):
                     break
             out["received"] = data.decode("utf-8", "replace")
     except OSError as exc:
