@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument(
         "--kustomize-base",
         metavar="PATH",
-        help="install manifests, relative to DIR (default: the path from DIR to ./config)",
+        help="the install manifests to build on (default ./config)",
     )
     certs.add_argument(
         "--print-ca-bundle", action="store_true", help="print only the base64 caBundle"
@@ -349,7 +349,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = args.kustomize_base or os.path.relpath(Path("config").resolve(), out.resolve())
+    # kustomize only accepts a relative path to a base
+    base = os.path.relpath(Path(args.kustomize_base or "config").resolve(), out.resolve())
     files = {
         "secret.yaml": certs.dump(secret),
         "webhook-cabundle-patch.yaml": certs.dump(patch),

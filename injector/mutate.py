@@ -145,19 +145,35 @@ def _split_pod(pod: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, 
         raise NotAPodError("metadata is not a mapping")
     if not isinstance(spec, Mapping):
         raise NotAPodError("spec is missing or not a mapping")
+    for key in ("annotations", "labels"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise NotAPodError(f"metadata.{key} is not a mapping")
     containers = spec.get("containers")
-    if not isinstance(containers, list) or not all(isinstance(x, Mapping) for x in containers):
+    if not isinstance(containers, list):
         raise NotAPodError("spec.containers is missing or not a list of containers")
     init = spec.get("initContainers")
-    if init is not None and (
-        not isinstance(init, list) or not all(isinstance(x, Mapping) for x in init)
-    ):
+    if init is not None and not isinstance(init, list):
         raise NotAPodError("spec.initContainers is not a list of containers")
+    for where, items in (("containers", containers), ("initContainers", init or [])):
+        for i, container in enumerate(items):
+            if not isinstance(container, Mapping) or not isinstance(container.get("name"), str):
+                raise NotAPodError(f"spec.{where}[{i}] is not a container with a name")
+            env = container.get("env")
+            if env is not None and (
+                not isinstance(env, list) or not all(isinstance(e, Mapping) for e in env)
+            ):
+                raise NotAPodError(f"spec.{where}[{i}].env is not a list of variables")
     volumes = spec.get("volumes")
     if volumes is not None and (
-        not isinstance(volumes, list) or not all(isinstance(x, Mapping) for x in volumes)
+        not isinstance(volumes, list)
+        or not all(isinstance(v, Mapping) and isinstance(v.get("name"), str) for v in volumes)
     ):
-        raise NotAPodError("spec.volumes is not a list of volumes")
+        raise NotAPodError("spec.volumes is not a list of named volumes")
+    for key in ("securityContext", "os"):
+        value = spec.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise NotAPodError(f"spec.{key} is not a mapping")
     return meta, spec
 
 
@@ -181,7 +197,7 @@ def decide(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> tupl
             "host-network pod: its traffic is the node's, iptables rules would capture the "
             "whole node, so it is never injected"
         )
-    os_name = spec.get("os", {}).get("name") if isinstance(spec.get("os"), Mapping) else None
+    os_name = (spec.get("os") or {}).get("name")
     if os_name == "windows":
         return False, "Windows pod: the sidecar and iptables capture need Linux"
     if ctx.namespace_injection == "disabled":

@@ -10,7 +10,14 @@ import pytest
 import yaml
 
 from injector.offline import inject_text
-from tests.injector.support import GOLDEN, K8S_VERSION, K8S_VERSION_OLD, UPDATE_GOLDEN, config, validate
+from tests.injector.support import (
+    GOLDEN,
+    K8S_VERSION,
+    K8S_VERSION_OLD,
+    UPDATE_GOLDEN,
+    config,
+    validate,
+)
 
 INPUTS = sorted((GOLDEN / "input").glob("*.yaml"))
 STYLES = ("native", "container")

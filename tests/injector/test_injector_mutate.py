@@ -1,0 +1,454 @@
+"""The pure mutation core: opt-in precedence, settings from annotations, identity, what is
+injected where, idempotence, workload annotation sync, and the patch."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from injector.mutate import (
+    ANNOTATION_FROM_WORKLOAD,
+    NotAPodError,
+    PodContext,
+    Workload,
+    decide,
+    inject_pod,
+    inject_workload,
+    make_patch,
+    owning_workload,
+    read_settings,
+    service_name,
+    sync_workload_annotations,
+)
+from sidecar import contract as c
+from tests.injector.support import config
+
+CFG = config()
+
+
+def pod(
+    annotations: dict[str, str] | None = None,
+    namespace: str | None = "shop",
+    **spec: Any,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": "p"}
+    if namespace:
+        meta["namespace"] = namespace
+    if annotations is not None:
+        meta["annotations"] = annotations
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": meta,
+        "spec": {"containers": [{"name": "app", "image": "busybox"}], **spec},
+    }
+
+
+INJECT_TRUE = {c.ANNOTATION_INJECT: "true"}
+
+
+@pytest.mark.parametrize(
+    ("obj", "ctx", "expected", "reason_part"),
+    [
+        (pod(INJECT_TRUE), PodContext(), True, "annotation egress-sidecar.io/inject=true"),
+        (pod(), PodContext(namespace_injection="enabled"), True, "namespace label"),
+        (pod(), PodContext(), False, "not opted in"),
+        # the pod annotation wins over the namespace label, both ways
+        (
+            pod({c.ANNOTATION_INJECT: "false"}),
+            PodContext(namespace_injection="enabled"),
+            False,
+            "inject=false",
+        ),
+        (pod(INJECT_TRUE), PodContext(namespace_injection=None), True, "inject=true"),
+        # an administrator's namespace opt-out is not overridable
+        (pod(INJECT_TRUE), PodContext(namespace_injection="disabled"), False, "opted out"),
+        (
+            pod({c.ANNOTATION_INJECT: "yes"}),
+            PodContext(namespace_injection="enabled"),
+            False,
+            "neither",
+        ),
+        (pod(INJECT_TRUE, namespace="kube-system"), PodContext(), False, "never injected"),
+        (pod(INJECT_TRUE, namespace="kube-public"), PodContext(), False, "never injected"),
+        (pod(INJECT_TRUE, namespace="kube-node-lease"), PodContext(), False, "never injected"),
+        (pod(INJECT_TRUE, namespace="egress-system"), PodContext(), False, "never injected"),
+        # the request's namespace counts when the pod carries none
+        (pod(INJECT_TRUE, namespace=None), PodContext(namespace="kube-system"), False, "never"),
+        (pod(INJECT_TRUE, hostNetwork=True), PodContext(), False, "host-network"),
+        (pod(INJECT_TRUE, hostNetwork=False), PodContext(), True, "inject=true"),
+        (pod(INJECT_TRUE, os={"name": "windows"}), PodContext(), False, "Windows"),
+        (pod({**INJECT_TRUE, c.ANNOTATION_STATUS: "{}"}), PodContext(), False, "already"),
+    ],
+)
+def test_decide(obj: dict[str, Any], ctx: PodContext, expected: bool, reason_part: str) -> None:
+    inject, reason = decide(obj, ctx, CFG)
+    assert inject is expected
+    assert reason_part in reason
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"metadata": {}}, "spec"),
+        ({"spec": {"containers": "x"}}, "spec.containers"),
+        ({"spec": {"containers": [], "initContainers": {}}}, "initContainers"),
+        ({"spec": {"containers": [], "volumes": [1]}}, "volumes"),
+        ({"metadata": [], "spec": {"containers": []}}, "metadata"),
+    ],
+)
+def test_not_a_pod_is_named(bad: dict[str, Any], message: str) -> None:
+    with pytest.raises(NotAPodError, match=message):
+        inject_pod(bad, PodContext(namespace_injection="enabled"), CFG)
+
+
+@pytest.mark.parametrize(
+    ("annotations", "field", "value", "warns"),
+    [
+        ({}, "capture", "transparent", False),
+        ({c.ANNOTATION_CAPTURE: "explicit"}, "capture", "explicit", False),
+        ({c.ANNOTATION_CAPTURE: "sideways"}, "capture", "transparent", True),
+        ({c.ANNOTATION_MODE: "audit"}, "mode", "audit", False),
+        ({c.ANNOTATION_MODE: "Audit"}, "mode", None, True),
+        ({}, "configmaps", ("egress-allowlist",), False),
+        ({c.ANNOTATION_ALLOWLIST: " a , ns/b ,a"}, "configmaps", ("a", "ns/b"), False),
+        ({c.ANNOTATION_ALLOWLIST: "Bad_Name"}, "configmaps", ("egress-allowlist",), True),
+        ({c.ANNOTATION_ALLOWLIST: "a/b/c,ok"}, "configmaps", ("ok",), True),
+        (
+            {c.ANNOTATION_EXCLUDE_CIDRS: "10.1.2.3/8, 2001:db8::/32"},
+            "exclude_cidrs",
+            ("10.0.0.0/8", "2001:db8::/32"),
+            False,
+        ),
+        ({c.ANNOTATION_EXCLUDE_CIDRS: "nope"}, "exclude_cidrs", (), True),
+        ({c.ANNOTATION_EXCLUDE_PORTS: "5432,5432, 6379"}, "exclude_ports", (5432, 6379), False),
+        ({c.ANNOTATION_INCLUDE_PORTS: "0,65536,x,443"}, "include_ports", (443,), True),
+        (
+            {c.ANNOTATION_CAPTURE: "explicit", c.ANNOTATION_INCLUDE_PORTS: "443"},
+            "include_ports",
+            (443,),
+            True,
+        ),
+    ],
+)
+def test_read_settings(annotations: dict[str, str], field: str, value: object, warns: bool) -> None:
+    settings = read_settings(annotations, CFG)
+    assert getattr(settings, field) == value
+    assert bool(settings.warnings) is warns
+
+
+def _owned(kind: str, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "generateName": name + "-",
+        "labels": labels or {},
+        "ownerReferences": [
+            {"apiVersion": "v1", "kind": "Other", "name": "x", "uid": "1"},
+            {"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "2", "controller": True},
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("meta", "ctx", "expected"),
+    [
+        (
+            _owned("ReplicaSet", "web-5d9c7b8f9c", {"pod-template-hash": "5d9c7b8f9c"}),
+            PodContext(),
+            Workload("Deployment", "web"),
+        ),
+        (
+            _owned("ReplicaSet", "my-web-app-7f9", {"pod-template-hash": "7f9"}),
+            PodContext(),
+            Workload("Deployment", "my-web-app"),
+        ),
+        # a bare ReplicaSet (no pod-template-hash): reported as such
+        (_owned("ReplicaSet", "rs-abc"), PodContext(), Workload("ReplicaSet", "rs-abc")),
+        (_owned("StatefulSet", "db"), PodContext(), Workload("StatefulSet", "db")),
+        (_owned("DaemonSet", "agent"), PodContext(), Workload("DaemonSet", "agent")),
+        (_owned("Job", "migrate"), PodContext(), Workload("Job", "migrate")),
+        (_owned("Job", "migrate-2"), PodContext(), Workload("Job", "migrate-2")),
+        (_owned("Job", "report-29400120"), PodContext(), Workload("CronJob", "report")),
+        ({"name": "lonely"}, PodContext(), None),
+        ({"ownerReferences": "junk"}, PodContext(), None),
+        (
+            _owned("StatefulSet", "db"),
+            PodContext(workload=Workload("Deployment", "w")),
+            Workload("Deployment", "w"),
+        ),
+    ],
+)
+def test_owning_workload(meta: dict[str, Any], ctx: PodContext, expected: Workload | None) -> None:
+    assert owning_workload(meta, ctx) == expected
+
+
+@pytest.mark.parametrize(
+    ("meta", "workload", "expected"),
+    [
+        (
+            {
+                "annotations": {"resource.opentelemetry.io/service.name": "svc"},
+                "labels": {"app.kubernetes.io/instance": "i", "app.kubernetes.io/name": "n"},
+                "name": "p",
+            },
+            Workload("Deployment", "w"),
+            "svc",
+        ),
+        (
+            {
+                "labels": {"app.kubernetes.io/instance": "i", "app.kubernetes.io/name": "n"},
+                "name": "p",
+            },
+            Workload("Deployment", "w"),
+            "i",
+        ),
+        (
+            {"labels": {"app.kubernetes.io/name": "n", "app": "a"}, "name": "p"},
+            Workload("Deployment", "w"),
+            "n",
+        ),
+        ({"labels": {"app": "a"}, "name": "p"}, Workload("Deployment", "w"), "w"),
+        ({"name": "p"}, None, "p"),
+        ({"generateName": "p-"}, None, "$(POD_NAME)"),
+    ],
+)
+def test_service_name_order(meta: dict[str, Any], workload: Workload | None, expected: str) -> None:
+    assert service_name(meta, workload) == expected
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_native_transparent_layout_and_sidecar_contract() -> None:
+    src = pod(INJECT_TRUE, initContainers=[{"name": "setup", "image": "busybox"}])
+    result = inject_pod(src, PodContext(), CFG)
+    assert result.injected
+    spec = result.pod["spec"]
+    assert [x["name"] for x in spec["initContainers"]] == ["egress-init", "egress-sidecar", "setup"]
+    assert [x["name"] for x in spec["containers"]] == ["app"]
+    sidecar = spec["initContainers"][1]
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["command"] == ["egress-sidecar", "run"]
+    assert sidecar["args"] == [
+        "--configmap",
+        "egress-allowlist",
+        "--confdir",
+        "/var/run/egress-sidecar/mitmproxy",
+    ]
+    assert [(p["name"], p["containerPort"]) for p in sidecar["ports"]] == [
+        ("egress-proxy", 15001),
+        ("egress-transp", 15002),
+        ("egress-health", 15021),
+    ]
+    assert sidecar["startupProbe"]["httpGet"] == {
+        "path": "/healthz/ready",
+        "port": 15021,
+        "scheme": "HTTP",
+    }
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/healthz/ready"
+    assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz/live"
+    sc = sidecar["securityContext"]
+    assert (sc["runAsUser"], sc["runAsGroup"], sc["runAsNonRoot"]) == (1337, 1337, True)
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    env = _env(sidecar)
+    assert list(env)[:3] == ["POD_NAME", "POD_NAMESPACE", "NODE_NAME"]  # before their users
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger-collector.observability:4317"
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+    assert env["OTEL_RESOURCE_ATTRIBUTES"].startswith(
+        "k8s.namespace.name=$(POD_NAMESPACE),k8s.pod.name=$(POD_NAME),k8s.node.name=$(NODE_NAME)"
+    )
+    init = spec["initContainers"][0]
+    assert init["command"] == ["egress-sidecar", "iptables", "apply"]
+    assert init["args"][:4] == ["--proxy-uid", "1337", "--proxy-port", "15002"]
+    assert "HTTP_PROXY" not in _env(spec["containers"][0])  # transparent: no proxy env
+    status = json.loads(result.pod["metadata"]["annotations"][c.ANNOTATION_STATUS])
+    assert status["initContainers"] == ["egress-init", "egress-sidecar"]
+    assert status["capture"] == "transparent"
+    assert {v["name"] for v in spec["volumes"]} == set(status["volumes"])
+    assert src["spec"]["containers"] == [{"name": "app", "image": "busybox"}]  # input untouched
+
+
+def test_container_style_explicit_layout() -> None:
+    src = pod({**INJECT_TRUE, c.ANNOTATION_CAPTURE: "explicit", c.ANNOTATION_MODE: "audit"})
+    result = inject_pod(src, PodContext(), config("container"))
+    spec = result.pod["spec"]
+    assert "initContainers" not in spec  # explicit: no egress-init, none of the user's
+    assert [x["name"] for x in spec["containers"]] == ["egress-sidecar", "app"]
+    sidecar = spec["containers"][0]
+    assert "restartPolicy" not in sidecar
+    assert sidecar["lifecycle"]["postStart"]["exec"]["command"][0] == "python3"
+    assert "/healthz/ready" in sidecar["lifecycle"]["postStart"]["exec"]["command"][2]
+    assert sidecar["args"][-1] == "--no-transparent"
+    assert sidecar["args"][2:4] == ["--mode", "audit"]
+    assert [p["containerPort"] for p in sidecar["ports"]] == [15001, 15021]
+    env = _env(spec["containers"][1])
+    assert env["HTTP_PROXY"] == env["https_proxy"] == "http://127.0.0.1:15001"
+    assert env["NO_PROXY"] == env["no_proxy"]
+    assert env["NO_PROXY"].startswith("localhost,127.0.0.1,::1,.svc,.cluster.local,10.0.0.0/8")
+
+
+def test_explicit_keeps_user_proxy_variables() -> None:
+    src = pod({**INJECT_TRUE, c.ANNOTATION_CAPTURE: "explicit"})
+    src["spec"]["containers"][0]["env"] = [{"name": "no_proxy", "value": "mine"}]
+    result = inject_pod(src, PodContext(), CFG)
+    env = _env(result.pod["spec"]["containers"][0])
+    assert env["no_proxy"] == "mine" and "NO_PROXY" not in env
+    assert env["HTTP_PROXY"] == "http://127.0.0.1:15001"
+    assert any("kept" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize(
+    ("spec_extra", "warning"),
+    [
+        ({"securityContext": {"runAsUser": 1337}}, "UID 1337"),
+        ({"restartPolicy": "Never"}, None),
+    ],
+)
+def test_warnings(spec_extra: dict[str, Any], warning: str | None) -> None:
+    result = inject_pod(pod(INJECT_TRUE, **spec_extra), PodContext(), CFG)
+    assert result.injected
+    if warning:
+        assert any(warning in w for w in result.warnings)
+    else:
+        assert result.warnings == ()
+
+
+def test_container_style_job_warns() -> None:
+    result = inject_pod(pod(INJECT_TRUE, restartPolicy="Never"), PodContext(), config("container"))
+    assert any("never exits" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("name", ["egress-sidecar", "egress-init"])
+def test_name_clash_is_not_injected(name: str) -> None:
+    src = pod(INJECT_TRUE)
+    src["spec"]["containers"].append({"name": name, "image": "x"})
+    result = inject_pod(src, PodContext(), CFG)
+    assert not result.injected and name in result.reason
+    assert result.pod == src
+
+
+def test_volume_clash_is_not_injected() -> None:
+    src = pod(INJECT_TRUE, volumes=[{"name": "egress-sidecar-confdir", "emptyDir": {}}])
+    result = inject_pod(src, PodContext(), CFG)
+    assert not result.injected and "egress-sidecar-confdir" in result.reason
+
+
+@pytest.mark.parametrize("style", ["native", "container"])
+@pytest.mark.parametrize("capture", ["transparent", "explicit"])
+def test_injecting_twice_equals_once(style: str, capture: str) -> None:
+    cfg = config(style)
+    src = pod({**INJECT_TRUE, c.ANNOTATION_CAPTURE: capture})
+    once = inject_pod(src, PodContext(), cfg)
+    twice = inject_pod(once.pod, PodContext(), cfg)
+    assert once.injected and not twice.injected
+    assert twice.pod == once.pod
+    assert make_patch(once.pod, twice.pod) == []
+
+
+def test_patch_applies_to_the_original() -> None:
+    src = pod(INJECT_TRUE)
+    result = inject_pod(src, PodContext(), CFG)
+    patch = make_patch(src, result.pod)
+    assert patch and all(op["op"] in ("add", "replace", "remove", "move", "copy") for op in patch)
+    assert jsonpatch.apply_patch(copy.deepcopy(src), patch) == result.pod
+
+
+def deployment(annotations: dict[str, str] | None, template_annotations: dict[str, str] | None):  # type: ignore[no-untyped-def]
+    meta: dict[str, Any] = {"name": "web", "namespace": "shop"}
+    if annotations is not None:
+        meta["annotations"] = annotations
+    tmeta: dict[str, Any] = {"labels": {"app": "web"}}
+    if template_annotations is not None:
+        tmeta["annotations"] = template_annotations
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": tmeta,
+                "spec": {"containers": [{"name": "web", "image": "x"}]},
+            },
+        },
+    }
+
+
+def test_workload_annotations_are_copied_and_removed() -> None:
+    # kubectl annotate deploy web egress-sidecar.io/inject=true
+    annotated = deployment({c.ANNOTATION_INJECT: "true", "other": "x"}, {"keep": "me"})
+    synced, changed = sync_workload_annotations(annotated)
+    tann = synced["spec"]["template"]["metadata"]["annotations"]
+    assert tann == {
+        "keep": "me",
+        c.ANNOTATION_INJECT: "true",
+        ANNOTATION_FROM_WORKLOAD: c.ANNOTATION_INJECT,
+    }
+    assert changed == [c.ANNOTATION_INJECT, ANNOTATION_FROM_WORKLOAD]
+    # idempotent
+    again, changed_again = sync_workload_annotations(synced)
+    assert again == synced and changed_again == []
+    # kubectl annotate deploy web egress-sidecar.io/inject-
+    removed = copy.deepcopy(synced)
+    del removed["metadata"]["annotations"][c.ANNOTATION_INJECT]
+    cleaned, changed = sync_workload_annotations(removed)
+    assert cleaned["spec"]["template"]["metadata"]["annotations"] == {"keep": "me"}
+    assert set(changed) == {c.ANNOTATION_INJECT, ANNOTATION_FROM_WORKLOAD}
+
+
+def test_workload_wins_over_template_and_status_is_never_copied() -> None:
+    obj = deployment(
+        {c.ANNOTATION_MODE: "audit", c.ANNOTATION_STATUS: "x"},
+        {c.ANNOTATION_MODE: "enforce", c.ANNOTATION_CAPTURE: "explicit"},
+    )
+    synced, _ = sync_workload_annotations(obj)
+    tann = synced["spec"]["template"]["metadata"]["annotations"]
+    assert tann[c.ANNOTATION_MODE] == "audit"
+    assert tann[c.ANNOTATION_CAPTURE] == "explicit"  # the template's own: not the workload's
+    assert c.ANNOTATION_STATUS not in tann
+    assert tann[ANNOTATION_FROM_WORKLOAD] == c.ANNOTATION_MODE
+
+
+def test_workload_without_annotations_is_unchanged() -> None:
+    obj = deployment(None, None)
+    synced, changed = sync_workload_annotations(obj)
+    assert changed == [] and synced == obj
+
+
+def test_cronjob_template_path() -> None:
+    obj = {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": {"name": "r", "annotations": {c.ANNOTATION_INJECT: "true"}},
+        "spec": {
+            "schedule": "* * * * *",
+            "jobTemplate": {
+                "spec": {
+                    "template": {
+                        "spec": {
+                            "restartPolicy": "Never",
+                            "containers": [{"name": "r", "image": "x"}],
+                        }
+                    }
+                }
+            },
+        },
+    }
+    result = inject_workload(obj, CFG)
+    assert result.injected
+    tmpl = result.pod["spec"]["jobTemplate"]["spec"]["template"]
+    assert tmpl["metadata"]["annotations"][c.ANNOTATION_INJECT] == "true"
+    assert tmpl["spec"]["initContainers"][1]["name"] == "egress-sidecar"
+    env = _env(tmpl["spec"]["initContainers"][1])
+    assert (env["EGRESS_WORKLOAD_KIND"], env["EGRESS_WORKLOAD_NAME"]) == ("CronJob", "r")
+
+
+def test_sync_rejects_kinds_without_template() -> None:
+    with pytest.raises(NotAPodError, match="Service"):
+        sync_workload_annotations({"kind": "Service", "metadata": {}})

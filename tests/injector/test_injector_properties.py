@@ -1,0 +1,75 @@
+"""Property tests: random pod specs never make the webhook fail or produce an invalid patch."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import uuid
+from typing import Any
+
+import jsonpatch
+from hypothesis import HealthCheck, given, settings
+
+from injector.admission import review
+from injector.mutate import PodContext, inject_pod
+from tests.injector.strategies import valid_pods, weird_pods
+from tests.injector.support import config, validate
+
+CFG = config()
+
+
+def admission_review(obj: Any, namespace: str = "shop") -> bytes:
+    return json.dumps(
+        {
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": str(uuid.uuid4()),
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": namespace,
+                "operation": "CREATE",
+                "object": obj,
+            },
+        }
+    ).encode()
+
+
+def applied(obj: Any, response: dict[str, Any]) -> Any:
+    if "patch" not in response:
+        return obj
+    assert response["patchType"] == "JSONPatch"
+    patch = json.loads(base64.b64decode(response["patch"]))
+    return jsonpatch.apply_patch(copy.deepcopy(obj), patch)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_pods())
+def test_valid_pods_get_a_valid_patch_equal_to_the_pure_result(pod: dict[str, Any]) -> None:
+    for route, injection in (("pods", None), ("pods-namespace-enabled", "enabled")):
+        result = review(admission_review(pod), route, CFG)  # type: ignore[arg-type]
+        response = result.response["response"]
+        assert response["allowed"] is True
+        assert result.outcome in ("injected", "skipped"), result.log
+        expected = inject_pod(pod, PodContext("shop", injection), CFG)  # type: ignore[arg-type]
+        assert applied(pod, response) == expected.pod
+        assert ("patch" in response) is expected.injected
+        if expected.injected:
+            validate(expected.pod)
+            again = review(admission_review(expected.pod), route, CFG)  # type: ignore[arg-type]
+            assert "patch" not in again.response["response"]  # idempotent
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(weird_pods())
+def test_anything_is_answered_allowed(obj: Any) -> None:
+    result = review(admission_review(obj), "pods-namespace-enabled", CFG)
+    response = result.response["response"]
+    assert response["allowed"] is True
+    assert not result.log["reason"].startswith("internal error"), result.log
+    patched = applied(obj, response)  # a patch, if any, applies to what was sent
+    if "patch" in response:
+        assert patched["metadata"]["annotations"]["egress-sidecar.io/status"]
+    else:
+        assert result.outcome in ("skipped", "not-understood")
