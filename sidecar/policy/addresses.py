@@ -110,9 +110,21 @@ _PRECEDENCE = {
 }
 
 
+def _masks(
+    table: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, AddressClass], ...],
+) -> tuple[tuple[int, int, AddressClass], ...]:
+    # (mask, network, class) as ints: a membership test is one AND and one compare.
+    return tuple((int(n.netmask), int(n.network_address), cls) for n, cls in table)
+
+
+_V4_MASKS = _masks(_V4_TABLE)
+_V6_MASKS = _masks(_V6_TABLE)
+
+
 def _classify_v4(address: ipaddress.IPv4Address) -> AddressClass:
-    for network, cls in _V4_TABLE:
-        if address in network:
+    value = int(address)
+    for mask, network, cls in _V4_MASKS:
+        if value & mask == network:
             return cls
     return AddressClass.PUBLIC
 
@@ -172,8 +184,9 @@ def classify(address: IPAddress | str) -> AddressClass:
     embedded = _embedded_v4(plain)
     if embedded is not None:
         return max((_classify_v4(v4) for v4 in embedded), key=_PRECEDENCE.__getitem__)
-    for network, cls in _V6_TABLE:
-        if plain in network:
+    value = int(plain)
+    for mask, network, cls in _V6_MASKS:
+        if value & mask == network:
             return cls
     return AddressClass.RESERVED  # unreachable: ::/0 is the table's last row
 

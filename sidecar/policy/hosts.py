@@ -9,6 +9,7 @@ address they denote, so a name rule cannot be sidestepped by spelling an address
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -23,6 +24,7 @@ MAX_LABEL = 63
 # Letters, digits, hyphen; underscore too because real service names (_dmarc, SRV-style,
 # some CDN hosts) carry it and refusing them would only push users to wider wildcards.
 _LABEL_RE = re.compile(r"[a-z0-9_-]+")
+_IP_CHARS_RE = re.compile(r"[0-9a-fA-F.:]+(%|$)")
 _SCOPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DIGITS_RE = re.compile(r"[0-9]+")
 _HEX_RE = re.compile(r"[0-9a-fA-F]*")
@@ -35,8 +37,8 @@ def parse_ip(host: str) -> IPAddress | None:
     bracketed = text.startswith("[") and text.endswith("]")
     if bracketed:
         text = text[1:-1]
-    if not text or len(text) > 100:
-        return None
+    if not text or len(text) > 100 or not _IP_CHARS_RE.match(text):
+        return None  # cheap early out: most host names are not addresses
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -51,6 +53,18 @@ def parse_ip(host: str) -> IPAddress | None:
 
 def normalize_host(name: str) -> str:
     """The normal form of a host name or IP literal; raises InvalidHost naming ``name``."""
+    if isinstance(name, str) and len(name) <= 300:
+        return _normalize_cached(name)
+    return _normalize(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalize_cached(name: str) -> str:
+    # A proxy sees the same few hosts over and over; the cache is bounded and the function pure.
+    return _normalize(name)
+
+
+def _normalize(name: str) -> str:
     if not isinstance(name, str):
         raise InvalidHost(repr(name), "not a string")
     text = name.strip()

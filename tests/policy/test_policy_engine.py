@@ -650,6 +650,10 @@ def test_decision_cost_does_not_grow_with_rule_count() -> None:
         D("deep.a.b.c.d.e.f.example.com", 443, "10.0.0.1"),
         D("blocked.example.com"),
     ] * 250
-    small_cost, large_cost = _cost(small, dests), _cost(large, dests)
+    # interleaved rounds, best of each: noise from other processes hits both alike
+    small_cost = large_cost = float("inf")
+    for _ in range(3):
+        small_cost = min(small_cost, _cost(small, dests, rounds=2))
+        large_cost = min(large_cost, _cost(large, dests, rounds=2))
     assert large_cost < 5 * small_cost, (small_cost, large_cost)
     assert large_cost < 100e-6  # and absolutely cheap: well under 100 µs per decision
