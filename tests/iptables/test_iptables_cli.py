@@ -128,3 +128,11 @@ def test_cli_module_keeps_heavy_imports_out() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("has_v6", "expected"), [(True, 2), (False, 1)])
+def test_ipv6_auto_follows_the_kernel(
+    monkeypatch: pytest.MonkeyPatch, has_v6: bool, expected: int
+) -> None:
+    monkeypatch.setattr(adapter, "kernel_has_ipv6", lambda: has_v6)
+    assert len(adapter.families("auto")) == expected
