@@ -20,6 +20,7 @@ class Kind(StrEnum):
 class ConnectionInfo:
     kind: Kind = Kind.PENDING
     sni: str | None = None
+    original: tuple[str, int] | None = None  # transparent: where the app was connecting
     # (address, port) pairs a decision vetted for this client: server_connect lets only these out.
     vetted: set[tuple[str, int]] = field(default_factory=set)
 

@@ -286,4 +286,27 @@ class Decider:
         self._reporter.report(rec, start_ns=start_ns)
 
     def client_disconnected(self, client: connection.Client) -> None:
+        info = self._connections.get(client)
+        if info.kind is Kind.PENDING and info.original is not None:
+            # A transparent connection that never sent a byte (e.g. a server-speaks-first
+            # protocol to an address no cidr rule allows) was held, never connected upstream.
+            # It still gets its decision: by the original address, as raw TCP.
+            self._report_unsent(client, info.original)
         self._connections.client_disconnected(client)
+
+    def _report_unsent(self, client: connection.Client, original: tuple[str, int]) -> None:
+        snap = self._store.get()
+        raw = snap.decide_raw(Destination(None, original[1], address_of(original[0])))
+        decision = apply_mode(raw, snap.mode)
+        rec = self._record(
+            snap,
+            Vetted(decision, None),
+            capture=Capture.TRANSPARENT,
+            protocol="TCP",
+            host=None,
+            port=original[1],
+            client=client,
+        )
+        rec.original_address = rec.peer_address = original[0]
+        rec.error = None if not decision.permits else "client sent no data"
+        self._reporter.report(rec)

@@ -90,6 +90,8 @@ class Layering:
     def _transparent(self, nextlayer: layer.NextLayer) -> layer.Layer | None:
         context = nextlayer.context
         info = self._connections.get(context.client)
+        if info.original is None and context.server.address is not None:
+            info.original = (context.server.address[0], context.server.address[1])
         data = nextlayer.data_client()
         if not data:
             if self._address_allowed(context.server.address):
