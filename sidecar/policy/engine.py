@@ -277,10 +277,7 @@ class Policy:
         deny: Sequence[Rule] = (),
         private_ranges: Iterable[IPNetwork] = (),
     ) -> None:
-        ranges: list[IPNetwork] = []
-        for network in private_ranges:
-            if network not in ranges:
-                ranges.append(network)
+        ranges = list(dict.fromkeys(private_ranges))  # de-duplicated, first-seen order
         set_ = object.__setattr__
         set_(self, "meta", meta)
         set_(self, "private_ranges", tuple(ranges))
@@ -453,12 +450,13 @@ class Policy:
 
         True when the by-name decision permits (the resolved address must be vetted by the
         guard) or when nothing matched by name but a cidr allow rule could match on this port.
-        False for a by-name deny rule, an invalid destination, or a destination whose address is
-        already known (an IP literal or ``dest.address``).
+        False for a by-name deny rule, an invalid destination, or an IP-literal host (nothing to
+        resolve). ``dest.address`` is not consulted: a transparent flow that knows its original
+        destination may still resolve the SNI name to dial a vetted address instead.
         """
         if by_name.reason in (Reason.MATCHED_DENY, Reason.INVALID_DESTINATION):
             return False
-        if dest.host is None or dest.address is not None:
+        if dest.host is None:
             return False
         try:
             host = normalize_host(dest.host)

@@ -382,6 +382,9 @@ class _Parser:
             return None
         address = parse_ip(host)
         if address is not None:
+            if "%" in host:
+                self.problem(node, f'"{written}": zone ids (%...) are not supported in rules')
+                return None
             if wildcard:
                 self.problem(node, f'"{written}": a wildcard cannot apply to an IP address')
                 return None
@@ -389,6 +392,9 @@ class _Parser:
         return host, wildcard
 
     def network(self, text: str, node: Node) -> IPNetwork | None:
+        if "%" in text:
+            self.problem(node, f'"{text}": zone ids (%...) are not supported in rules')
+            return None
         try:
             return ipaddress.ip_network(text, strict=True)
         except ValueError:

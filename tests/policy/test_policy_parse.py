@@ -198,6 +198,8 @@ REJECTED: list[tuple[str, int, str]] = [
     ("allow:\n  - cidr: fd00::1/8\n", 2, "did you mean fd00::/8?"),
     ("allow:\n  - cidr: 10.0.0.0/33\n", 2, '"10.0.0.0/33" is not a valid CIDR'),
     ("allow:\n  - cidr: example.com\n", 2, '"example.com" is not a valid CIDR'),
+    ("allow:\n  - 'fe80::1%eth0'\n", 2, "zone ids (%...) are not supported"),
+    ("privateRanges:\n  - 'fe80::%eth0/64'\n", 2, "zone ids (%...) are not supported"),
     ("allow:\n  - 443\n", 2, "an allow rule must be a string, not number 443 (quote it)"),
     ("allow:\n  - yes\n", 2, "must be a string, not boolean yes"),
     ("allow:\n  - [a.com]\n", 2, "an allow rule must be a host, host:port, CIDR or a mapping"),
@@ -498,3 +500,34 @@ def test_generated_documents_round_trip(specs: list[tuple[str, bool, int | None]
         assert policy.decide(Destination(target, port or 443)).verdict is Verdict.ALLOW
     again = parse_allowlist(manifest(yaml.safe_dump({"allow": entries})), source="gen")
     assert [r.key for r in again.allow_rules] == [r.key for r in policy.allow_rules]
+
+
+@pytest.mark.parametrize("header", ["|", "|-", "|+", "|2", "|2-", "|  # comment"])
+def test_manifest_block_scalar_variants_map_lines(header: str) -> None:
+    text = (
+        "kind: ConfigMap\ndata:\n  allowlist.yaml: "
+        + header
+        + "\n    allow:\n      - a.com\n      - 'b*.com'\n"
+    )
+    (found,) = problems(text)
+    assert (found.line, found.column) == (6, 9)
+
+
+@given(
+    st.lists(HOST, min_size=1, max_size=6, unique=True),
+    st.integers(min_value=0, max_value=6),
+    st.integers(min_value=3, max_value=8),  # deeper than the "allowlist.yaml:" key
+    st.integers(min_value=0, max_value=3),
+)
+def test_manifest_problem_line_is_the_file_line_of_the_bad_rule(
+    hosts: list[str], position: int, indent: int, blank_lines: int
+) -> None:
+    entries = [f"  - {host}" for host in hosts]
+    entries.insert(min(position, len(entries)), "  - bad*.example")
+    doc = "allow:\n" + "\n" * blank_lines + "\n".join(entries) + "\n"
+    text = manifest(doc, indent=indent)
+    (found,) = problems(text)
+    assert found.line is not None
+    assert text.splitlines()[found.line - 1].strip() == "- bad*.example"
+    assert found.column is not None
+    assert text.splitlines()[found.line - 1][found.column - 1 :] == "bad*.example"
