@@ -151,15 +151,20 @@ def _flow(node: Node, depth: int = 0) -> str:
 class _Parser:
     def __init__(self, locate: Locate) -> None:
         self.locate = locate
-        self.problems: list[Problem] = []
+        self._found: list[tuple[tuple[int, int], Problem]] = []
+
+    @property
+    def problems(self) -> list[Problem]:
+        """Problems in document order (a rule's conditions are checked before its target)."""
+        return [problem for _, problem in sorted(self._found, key=lambda item: item[0])]
 
     def problem(self, at: Node | tuple[int, int] | None, message: str) -> None:
         if at is None:
-            self.problems.append(Problem(None, None, message))
+            self._found.append(((-1, -1), Problem(None, None, message)))
             return
         line, column = (at.start_mark.line, at.start_mark.column) if isinstance(at, Node) else at
         where_line, where_column, prefix = self.locate(line, column)
-        self.problems.append(Problem(where_line, where_column, prefix + message))
+        self._found.append(((line, column), Problem(where_line, where_column, prefix + message)))
 
     # -- YAML ----------------------------------------------------------------------------------
 
@@ -421,19 +426,25 @@ class _Parser:
                 ok = False
                 continue
             values[key] = value
-        if ("host" in values) == ("cidr" in values):
-            which = "both" if "host" in values else "neither"
-            self.problem(node, f'a rule needs exactly one of "host" or "cidr" ({which} given)')
-            return None
+        # Every condition is checked even when the target is wrong: all problems, in one pass.
+        ports = self.ports(values["ports"]) if "ports" in values else None
+        methods = self.methods(values["methods"]) if "methods" in values else None
+        paths = self.paths(values["paths"]) if "paths" in values else None
+        ok = ok and all(
+            values.get(k) is None or parsed is not None
+            for k, parsed in (("ports", ports), ("methods", methods), ("paths", paths))
+        )
 
         host: str | None = None
         wildcard = False
         network: IPNetwork | None = None
+        if ("host" in values) == ("cidr" in values):
+            which = "both" if "host" in values else "neither"
+            self.problem(node, f'a rule needs exactly one of "host" or "cidr" ({which} given)')
+            return None
         if "host" in values:
             written = self.string(values["host"], "host")
-            if written is None:
-                return None
-            target = self.host_in_mapping(written, values["host"])
+            target = None if written is None else self.host_in_mapping(written, values["host"])
             if target is None:
                 ok = False
             elif isinstance(target, tuple):
@@ -442,18 +453,9 @@ class _Parser:
                 network = target
         else:
             written = self.string(values["cidr"], "cidr")
-            if written is None:
-                return None
-            network = self.network(written.strip(), values["cidr"])
+            network = None if written is None else self.network(written.strip(), values["cidr"])
             ok = ok and network is not None
 
-        ports = self.ports(values["ports"]) if "ports" in values else None
-        methods = self.methods(values["methods"]) if "methods" in values else None
-        paths = self.paths(values["paths"]) if "paths" in values else None
-        ok = ok and all(
-            values.get(k) is None or parsed is not None
-            for k, parsed in (("ports", ports), ("methods", methods), ("paths", paths))
-        )
         if not ok:
             return None
         return Rule(

@@ -531,3 +531,15 @@ def test_manifest_problem_line_is_the_file_line_of_the_bad_rule(
     assert text.splitlines()[found.line - 1].strip() == "- bad*.example"
     assert found.column is not None
     assert text.splitlines()[found.line - 1][found.column - 1 :] == "bad*.example"
+
+
+def test_a_rule_reports_its_target_and_its_conditions() -> None:
+    doc = "allow:\n  - host: '*'\n    ports: [0]\n    methods: ['G T']\n  - ports: [80]\n    paths: [x]\n"
+    found = problems(doc)
+    assert [(p.line, p.message.split(" ")[0]) for p in found] == [
+        (2, '"*"'),
+        (3, "port"),
+        (4, '"G'),
+        (5, "a"),
+        (6, "path"),
+    ]
