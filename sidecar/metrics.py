@@ -53,6 +53,19 @@ class Metrics:
             ["source"],
             registry=self.registry,
         )
+        self.source_connected = Gauge(
+            "egress_policy_source_connected",
+            "1 while the Kubernetes API answers for this ConfigMap source, 0 while it fails "
+            "(the last good version stays in force).",
+            ["source"],
+            registry=self.registry,
+        )
+        self.source_errors = Counter(
+            "egress_policy_source_errors",
+            "Failed list/watch requests to the Kubernetes API, by source.",
+            ["source"],
+            registry=self.registry,
+        )
 
     def set_policy_info(self, source: str, version: str) -> None:
         """Exactly one egress_policy_info series: the version in force."""

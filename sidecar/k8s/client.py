@@ -82,6 +82,7 @@ class KubeClient:
         self._opts = opts
         self._environ = dict(os.environ if environ is None else environ)
         self._lock = threading.Lock()
+        self.incluster_loader: Any = None
         self.configuration = k8s.Configuration()
         self.mode = self._load(self.configuration)
         self.api_client: Any = k8s.ApiClient(self.configuration)
@@ -114,6 +115,7 @@ class KubeClient:
             try_refresh_token=True,
             environ=self._environ,
         )
+        self.incluster_loader = loader  # its token_expires_at drives the periodic re-read
         try:
             loader.load_and_set(configuration)
         except Exception as err:
