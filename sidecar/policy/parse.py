@@ -44,6 +44,19 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _DECIMAL_RE = re.compile(r"[1-9][0-9]{0,4}")
 _LINE_BREAK_RE = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")
 _PATH_BAD_RE = re.compile(r"[\x00-\x20\x7f?#]")
+# libyaml's loader when present (7x faster on large lists), with the same node marks.
+_FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _compose_all(text: str) -> list[Node]:
+    """The document nodes; a bad document is composed again by the pure-Python loader, so
+    error messages do not depend on whether libyaml is installed."""
+    try:
+        return list(yaml.compose_all(text, Loader=_FAST_LOADER))
+    except yaml.YAMLError:
+        return list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+
+
 _WILDCARD_MESSAGE = 'only a leading "*." wildcard is allowed'
 
 
@@ -171,7 +184,7 @@ class _Parser:
     def compose(self, text: str) -> Node | None:
         """The single document's root node, or None (problem recorded, or empty text)."""
         try:
-            nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+            nodes = _compose_all(text)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             what = exc.problem or "invalid YAML"
