@@ -1,0 +1,85 @@
+"""Memory and CPU of a process tree, from /proc (VmRSS; utime+stime of every thread)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PROC = Path("/proc")
+
+
+def parse_vmrss_kib(status_text: str) -> int:
+    for line in status_text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise ValueError("no VmRSS line in /proc/PID/status")
+
+
+def parse_cpu_ticks(stat_text: str) -> int:
+    """utime+stime from /proc/PID/stat (fields 14 and 15; the comm field may hold spaces)."""
+    fields = stat_text[stat_text.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state): utime is field 14 -> index 11, stime 15 -> index 12
+    return int(fields[11]) + int(fields[12])
+
+
+def tree(pid: int) -> list[int]:
+    """pid and its descendants (Squid or a shell wrapper may fork helpers)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo and len(out) < 256:
+        p = todo.pop()
+        out.append(p)
+        for task in (_PROC / str(p) / "task").glob("*/children"):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
+def rss_mib(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        try:
+            total += parse_vmrss_kib((_PROC / str(p) / "status").read_text())
+        except (OSError, ValueError):
+            continue  # exited, or a zombie without VmRSS
+    return total / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        try:
+            total += parse_cpu_ticks((_PROC / str(p) / "stat").read_text())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / _TICKS
+
+
+class PeakRss:
+    """Samples the tree's RSS every ``interval`` seconds in a thread while in a ``with`` block."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_mib(self.pid))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.peak = max(self.peak, rss_mib(self.pid))

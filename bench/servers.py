@@ -1,0 +1,200 @@
+"""The processes under test and the upstream: started on loopback, ready-checked, stopped."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.configs import (
+    BIG_PATH,
+    LOOPBACK,
+    UpstreamPorts,
+    allowlist_yaml,
+    nginx_conf,
+    squid_conf,
+    write_self_signed,
+)
+from bench.loadgen import clean_env
+
+
+class ServerError(RuntimeError):
+    """A server did not start or become ready; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _health_ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/healthz/ready", timeout=1) as r:
+            return int(r.status) == 200
+    except (OSError, urllib.error.HTTPError):
+        return False
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait(self, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{_tail(self.log)}"
+                )
+            if ready():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise ServerError(f"{self.name} not ready within {timeout:.0f} s:\n{_tail(self.log)}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _spawn(name: str, argv: Sequence[str], log: Path, stdout: Path | None = None) -> Server:
+    with log.open("wb") as err, (stdout or log).open("ab") as out:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=_server_env(),
+            start_new_session=True,  # a Ctrl-C in the terminal reaches only the bench
+        )
+    return Server(name, proc, log)
+
+
+def _server_env() -> dict[str, str]:
+    env = clean_env()
+    for key in list(env):
+        if key.startswith("OTEL_"):
+            del env[key]  # no trace export: decisions are still traced in-process
+    return env
+
+
+def start_nginx(
+    nginx: str, prefix: Sequence[str], workdir: Path, big_bytes: int
+) -> tuple[Server, UpstreamPorts]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "www").mkdir(exist_ok=True)
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (workdir / "nginx-temp" / sub).mkdir(parents=True, exist_ok=True)
+    big = workdir / "www" / BIG_PATH.lstrip("/")
+    chunk = os.urandom(1 << 20)  # random: nothing on the path can compress it
+    with big.open("wb") as f:
+        left = big_bytes
+        while left > 0:
+            left -= f.write(chunk[: min(left, len(chunk))])
+    cert, key = workdir / "upstream.crt", workdir / "upstream.key"
+    write_self_signed(cert, key)
+    ports = UpstreamPorts(http=free_port(), https=free_port())
+    conf = workdir / "nginx.conf"
+    conf.write_text(nginx_conf(workdir, ports, cert, key))
+    server = _spawn(
+        "nginx", [*prefix, nginx, "-p", str(workdir), "-c", str(conf)], workdir / "nginx.log"
+    )
+    server.wait(lambda: _port_open(ports.http) and _port_open(ports.https), 15)
+    return server, ports
+
+
+def start_squid(
+    squid: str, prefix: Sequence[str], workdir: Path, upstream: UpstreamPorts
+) -> tuple[Server, int]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        # As root Squid drops to its cache_effective_user, which must write its logs here.
+        try:
+            user = pwd.getpwnam("proxy")
+            os.chown(workdir, user.pw_uid, user.pw_gid)
+        except KeyError:
+            pass
+        for parent in [workdir, *workdir.parents]:
+            if parent == Path("/"):
+                break
+            parent.chmod(parent.stat().st_mode | 0o011)  # traversable, not listable
+    port = free_port()
+    conf = workdir / "squid.conf"
+    conf.write_text(squid_conf(workdir, port, upstream))
+    server = _spawn("squid", [*prefix, squid, "-N", "-f", str(conf)], workdir / "squid.log")
+    server.wait(lambda: _port_open(port), 20)
+    return server, port
+
+
+@dataclass
+class Sidecar:
+    server: Server
+    port: int
+    health_port: int
+
+
+def start_sidecar(prefix: Sequence[str], workdir: Path, upstream: UpstreamPorts) -> Sidecar:
+    workdir.mkdir(parents=True, exist_ok=True)
+    allowlist = workdir / "allowlist.yaml"
+    allowlist.write_text(allowlist_yaml(upstream))
+    port, transparent, health = free_port(), free_port(), free_port()
+    argv = [
+        *prefix,
+        str(Path(sys.executable).parent / "egress-sidecar"),
+        "run",
+        "--allowlist-file",
+        str(allowlist),
+        "--allow-private-range",
+        "127.0.0.0/8",
+        "--explicit-listen",
+        f"{LOOPBACK}:{port}",
+        "--transparent-listen",
+        f"{LOOPBACK}:{transparent}",
+        "--transparent-listen6",
+        "off",
+        "--health-listen",
+        f"{LOOPBACK}:{health}",
+        "--confdir",
+        str(workdir / "confdir"),
+    ]
+    server = _spawn(
+        "egress-sidecar", argv, workdir / "sidecar-stderr.log", workdir / "decisions.jsonl"
+    )
+    server.wait(lambda: _health_ready(health), 60)
+    return Sidecar(server, port, health)
