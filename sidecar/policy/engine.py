@@ -450,8 +450,10 @@ class Policy:
 
         True when the by-name decision permits (the resolved address must be vetted by the
         guard) or when nothing matched by name but a cidr allow rule could match on this port.
-        False for a by-name deny rule, an invalid destination, or an IP-literal host (nothing to
-        resolve). ``dest.address`` is not consulted: a transparent flow that knows its original
+        False for a by-name deny rule or an invalid destination. For an IP-literal host (in any
+        spelling a resolver accepts, e.g. ``127.1``) the by-name decision already vetted the
+        address: True only when it permits, so the caller finds the address to dial.
+        ``dest.address`` is not consulted: a transparent flow that knows its original
         destination may still resolve the SNI name to dial a vetted address instead.
         """
         if by_name.reason in (Reason.MATCHED_DENY, Reason.INVALID_DESTINATION):
@@ -463,7 +465,9 @@ class Policy:
         except InvalidHost:
             return False
         if parse_ip(host) is not None:
-            return False
+            # The literal was already decided as an address; resolving it (it may be spelled
+            # "127.1" or "0x7f.1") only yields the address to dial, which decide() already vetted.
+            return by_name.permits
         if by_name.permits:
             return True
         return by_name.reason is Reason.NO_MATCH and dest.port in self._cidr_allow_ports

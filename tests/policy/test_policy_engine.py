@@ -483,7 +483,9 @@ def test_normalize_path(raw: str, normal: str) -> None:
         ("allow: [a.test, {cidr: 8.8.8.0/24, ports: [53]}]", D("b.test", 53), True),
         ("{allow: ['*.test'], deny: [b.test]}", D("b.test"), False),  # denied by name
         ("{allow: ['*.test', {cidr: 1.0.0.0/8}], deny: [b.test]}", D("b.test"), False),
-        ("allow: [{cidr: 8.8.8.0/24}]", D("8.8.8.8"), False),  # an IP literal: nothing to resolve
+        ("allow: [{cidr: 8.8.8.0/24}]", D("8.8.8.8"), True),  # permitted literal: the address
+        ("allow: [{cidr: 8.8.8.0/24}]", D("0x8080808"), True),  # ... however it is spelled
+        ("allow: [{cidr: 8.8.8.0/24}]", D("8.8.4.4"), False),  # a literal already decided
         ("allow: [a.test]", D("a.test", 443, "1.2.3.4"), True),  # may dial a vetted address
         ("allow: [a.test]", D("a.test", 443, "10.0.0.1"), False),  # guard denied: no change
         ("allow: [a.test]", D("bad host"), False),

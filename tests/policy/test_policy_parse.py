@@ -534,7 +534,10 @@ def test_manifest_problem_line_is_the_file_line_of_the_bad_rule(
 
 
 def test_a_rule_reports_its_target_and_its_conditions() -> None:
-    doc = "allow:\n  - host: '*'\n    ports: [0]\n    methods: ['G T']\n  - ports: [80]\n    paths: [x]\n"
+    doc = (
+        "allow:\n  - host: '*'\n    ports: [0]\n    methods: ['G T']\n"
+        "  - ports: [80]\n    paths: [x]\n"
+    )
     found = problems(doc)
     assert [(p.line, p.message.split(" ")[0]) for p in found] == [
         (2, '"*"'),
