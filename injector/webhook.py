@@ -206,10 +206,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path  # the API server appends ?timeout=...
-        route = ROUTES.get(path)
-        if route is None:
-            self._error(404, f"no such path {path}; use one of {', '.join(ROUTES)}", close=True)
-            return
         length_header = self.headers.get("Content-Length")
         if length_header is None or not length_header.isdigit():
             self._error(411, "Content-Length required", close=True)
@@ -225,6 +221,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         if len(body) != length:
             self.close_connection = True
+            return
+        # (body read first: closing with unread bytes would reset the connection under the reply)
+        route = ROUTES.get(path)
+        if route is None:
+            self._error(404, f"no such path {path}; use one of {', '.join(ROUTES)}")
             return
         started = time.monotonic()
         try:
