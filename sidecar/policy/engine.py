@@ -30,6 +30,7 @@ DEFAULT_PORTS: frozenset[int] = frozenset({80, 443})
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
+_SLASHES_RE = re.compile(r"/{2,}")
 
 
 def _pct_normalize(match: re.Match[str]) -> str:
@@ -63,13 +64,16 @@ def _remove_dot_segments(path: str) -> str:
 
 def normalize_path(path: str) -> str:
     """The request path as rules compare it: no query or fragment, unreserved %-escapes decoded,
-    dot segments removed (so ``/a/../admin`` and ``/%61dmin`` are ``/admin``)."""
+    repeated slashes collapsed, dot segments removed (``/a/../admin``, ``//admin`` and
+    ``/%61dmin`` are all ``/admin``), so a deny rule's path cannot be dodged by respelling it."""
     for mark in ("?", "#"):
         cut = path.find(mark)
         if cut >= 0:
             path = path[:cut]
     if "%" in path:
         path = _PCT_RE.sub(_pct_normalize, path)
+    if "//" in path:
+        path = _SLASHES_RE.sub("/", path)  # most servers route //admin as /admin
     return _remove_dot_segments(path)
 
 

@@ -403,6 +403,12 @@ deny:
             "{host: api.example.com, paths: [/admin/*]}",
         ),
         Case(
+            D("api.example.com", 80, method="GET", path="//admin/users"),
+            DENY,
+            DENIED,
+            "{host: api.example.com, paths: [/admin/*]}",
+        ),
+        Case(
             D("api.example.com", 80, method="GET", path="/public"),
             ALLOW,
             MATCHED,
@@ -463,6 +469,7 @@ def test_path_patterns(pattern: str, path: str, matches: bool) -> None:
         ("/../../etc", "/etc"),
         ("/%7Euser/%2f", "/~user/%2F"),
         ("/a/..", "/"),
+        ("//admin///x", "/admin/x"),
         ("", ""),
     ],
 )
