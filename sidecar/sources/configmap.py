@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.trace import TracerProvider
+
 from sidecar.contract import ALLOWLIST_KEY
 from sidecar.k8s.client import KubeClient
 from sidecar.k8s.events import EventRecorder, InvolvedObject
@@ -55,6 +57,7 @@ class ConfigMapSource:
         tuning: WatchTuning | None = None,
         not_ready_when_api_unreachable: bool = False,
         unreachable_after: float = 10.0,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.refs = tuple(refs)
         self.client = client
@@ -67,7 +70,9 @@ class ConfigMapSource:
         self.assembler = PolicyAssembler(
             [r.source for r in self.refs], store, metrics, extra_private_ranges
         )
-        self.reporter = ReloadReporter(metrics, on_invalid=self._post_event)
+        self.reporter = ReloadReporter(
+            metrics, on_invalid=self._post_event, tracer_provider=tracer_provider
+        )
         self._lock = threading.Lock()
         self._connections = {ref: _Connection() for ref in self.refs}
         self.watchers = [ConfigMapWatcher(client, ref, self, tuning) for ref in self.refs]

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.trace import TracerProvider
+
 from sidecar.metrics import Metrics
 from sidecar.policy.errors import AllowlistError
 from sidecar.policy.model import IPNetwork
@@ -64,6 +66,7 @@ class FileSource:
         *,
         interval: float = 0.2,
         assembler: PolicyAssembler | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.path = Path(path)
         self.store = store
@@ -73,7 +76,7 @@ class FileSource:
         self.assembler = assembler or PolicyAssembler(
             [self.source], store, metrics, extra_private_ranges
         )
-        self.reporter = ReloadReporter(metrics)
+        self.reporter = ReloadReporter(metrics, tracer_provider=tracer_provider)
         self._seen: FileIdentity | None = None
         self._text_digest: str | None = None  # of the last text handled (applied or rejected)
         self._read_error: str | None = None

@@ -74,10 +74,12 @@ class ReloadReporter:
         self,
         metrics: Metrics,
         on_invalid: Callable[[Rejection], None] | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.metrics = metrics
         self.on_invalid = on_invalid
-        self._tracer = trace.get_tracer(TRACER_NAME)
+        # None: the global provider the run command installs (a proxy until it does).
+        self._tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
 
     def _span(
         self, source: str, version: str, result: ReloadResult, error: str | None = None
