@@ -21,6 +21,16 @@ class Resolver:
         self.timeout = timeout
 
     async def resolve(self, host: str, port: int) -> Resolution:
+        resolution = await self._resolve(host, port)
+        if not resolution.addresses and host.endswith(".") and len(host) > 1:
+            # A fully qualified "name." resolves in DNS but not in a hosts file; the policy
+            # already treats both spellings as one host.
+            retry = await self._resolve(host[:-1], port)
+            if retry.addresses:
+                return retry
+        return resolution
+
+    async def _resolve(self, host: str, port: int) -> Resolution:
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(

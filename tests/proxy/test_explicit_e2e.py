@@ -55,6 +55,8 @@ def world(
 allow:
   - host: api.test
     ports: [{api.port}]
+  - host: ghost.test
+    ports: [{web.port}]
   - host: web.test
     ports: [{web.port}]
     methods: [GET, HEAD]
@@ -246,6 +248,30 @@ def test_denied_plain_http_body_names_host_port_reason_and_policy(world: World) 
     assert span.attributes["egress.rule"] == "denied.test"
     assert span.attributes["http.response.status_code"] == 403
     assert span.attributes["url.full"] == f"http://denied.test:{world.blocked_http.port}/x"
+
+
+@pytest.mark.parametrize(
+    "host", ["WEB.TEST", "web.test.", "Web.Test."], ids=["upper", "fqdn-dot", "mixed-dot"]
+)
+def test_host_spellings_of_an_allowed_host_reach_it(world: World, host: str) -> None:
+    r = requests.get(
+        f"http://{host}:{world.web.port}/get",
+        proxies={"http": world.sidecar.proxy_url},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["upstream"] == "web"
+
+
+def test_an_allowed_host_that_does_not_resolve_fails_closed_with_its_reason(world: World) -> None:
+    r = requests.get(
+        f"http://ghost.test:{world.web.port}/x",  # allowed, but in no hosts file and no DNS
+        proxies={"http": world.sidecar.proxy_url},
+        timeout=10,
+    )
+    assert r.status_code == 403
+    assert r.headers["x-egress-reason"] == "host does not resolve"
+    assert "ghost.test" in r.text
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,13 @@ from typing import Any
 
 BIN = Path(sys.executable).parent
 
-_MOUNT_HOSTS = 'mount --bind "$0" /etc/hosts && exec "$@"'
+# /etc/hosts from the test; name service limited to that file, and any resolver query that is
+# still made goes to loopback: tests never send DNS to the machine's nameserver.
+_MOUNT_HOSTS = (
+    'mount --bind "$0" /etc/hosts && '
+    'mount --bind "$(dirname "$0")/nsswitch.conf" /etc/nsswitch.conf && '
+    'mount --bind "$(dirname "$0")/resolv.conf" /etc/resolv.conf && exec "$@"'
+)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -37,6 +43,8 @@ def hosts_file(path: Path, names: Mapping[str, str], extra: Sequence[str] = ()) 
     lines += [f"{address} {name}" for name, address in names.items()]
     lines += list(extra)
     path.write_text("\n".join(lines) + "\n")
+    (path.parent / "nsswitch.conf").write_text("hosts: files\n")
+    (path.parent / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
     return path
 
 
