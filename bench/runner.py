@@ -221,6 +221,19 @@ def _workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _own_cpu(cpu: int | None) -> Iterator[None]:
+    """Our own sampling thread stays off the proxy's core too (restored after: a caller such
+    as pytest keeps its CPUs)."""
+    before = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def run(
     tools: Tools,
     settings: Settings,
@@ -230,13 +243,10 @@ def run(
     log: Log = print,
 ) -> Report:
     pinning = plan_pinning(tools, pin)
-    if pinning.load_cpu is not None:
-        # Our own sampling thread stays off the proxy's core as well.
-        os.sched_setaffinity(0, {pinning.load_cpu})
-    notes: list[str] = []
-    with _workdir(keep_workdir) as work:
+    with _workdir(keep_workdir) as work, _own_cpu(pinning.load_cpu):
         if keep_workdir:
             log(f"work directory: {work}")
+        notes: list[str] = []
         gen = Generators(tools.wrk, tools.hey, tools.curl, pinning.load, work)
         nginx, up = start_nginx(tools.nginx, pinning.load, work / "nginx", settings.big_bytes)
         try:

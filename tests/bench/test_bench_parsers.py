@@ -1,0 +1,123 @@
+"""The benchmark's readers of wrk/hey/curl output and /proc, and its table (no processes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bench.loadgen import LoadError, LoadResult, parse_curl, parse_hey, parse_wrk
+from bench.procstat import parse_cpu_ticks, parse_vmrss_kib
+from bench.report import _num, _ratio
+
+HEY_OUTPUT = """
+Summary:
+  Total:\t5.0031 secs
+  Slowest:\t0.0712 secs
+  Requests/sec:\t218.2000
+
+Latency distribution:
+  10% in 0.0301 secs
+  50% in 0.0452 secs
+  99% in 0.0650 secs
+
+Status code distribution:
+  [200]\t1090 responses
+  [403]\t2 responses
+
+Error distribution:
+  [3]\tGet "https://127.0.0.1:4443/": proxyconnect tcp: connection reset by peer
+  [1]\tGet "https://127.0.0.1:4443/": context deadline exceeded
+"""
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "BENCH-WRK requests=1000 duration_us=2000000 connect=0 read=0 write=0 status=0 "
+            "timeout=0 p50_us=250 p99_us=1200 mean_us=300.5",
+            LoadResult(ok=1000, errors=0, seconds=2.0, p50_ms=0.25, p99_ms=1.2),
+        ),
+        (
+            "noise\nBENCH-WRK requests=10 duration_us=1000000 connect=1 read=2 write=0 status=3 "
+            "timeout=1 p50_us=1000 p99_us=5000 mean_us=1.0\n",
+            LoadResult(ok=7, errors=7, seconds=1.0, p50_ms=1.0, p99_ms=5.0),
+        ),
+    ],
+)
+def test_parse_wrk(line: str, expected: LoadResult) -> None:
+    assert parse_wrk(line) == expected
+
+
+def test_parse_wrk_without_marker_line_names_the_output() -> None:
+    with pytest.raises(LoadError, match="no BENCH-WRK line"):
+        parse_wrk("Running 5s test @ http://127.0.0.1:1/\n")
+
+
+def test_parse_hey_counts_2xx_as_ok_and_the_rest_as_errors() -> None:
+    result = parse_hey(HEY_OUTPUT)
+    assert (result.ok, result.errors, result.seconds) == (1090, 6, 5.0031)
+    assert result.p50_ms == pytest.approx(45.2)
+    assert result.p99_ms == pytest.approx(65.0)
+    assert result.rate == pytest.approx(1090 / 5.0031)
+
+
+def test_parse_hey_without_total_is_an_error() -> None:
+    with pytest.raises(LoadError, match="Total"):
+        parse_hey("Error: too many open files\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "status", "size", "mb_per_s"),
+    [("200 100000000 0.250000", 200, 100_000_000, 400.0), ("403 0 0.01", 403, 0, 0.0)],
+)
+def test_parse_curl(text: str, status: int, size: int, mb_per_s: float) -> None:
+    d = parse_curl(text)
+    assert (d.status, d.size) == (status, size)
+    assert d.mb_per_s == pytest.approx(mb_per_s)
+
+
+def test_parse_curl_garbage() -> None:
+    with pytest.raises(LoadError):
+        parse_curl("curl: (7) Failed to connect")
+
+
+def test_parse_vmrss() -> None:
+    status = "Name:\tsquid\nVmPeak:\t  99999 kB\nVmRSS:\t   31024 kB\nThreads:\t1\n"
+    assert parse_vmrss_kib(status) == 31024
+    with pytest.raises(ValueError, match="VmRSS"):
+        parse_vmrss_kib("Name:\tzombie\nState:\tZ (zombie)\n")
+
+
+@given(
+    comm=st.text(alphabet=st.characters(blacklist_characters="\x00\n"), max_size=15),
+    utime=st.integers(0, 10**9),
+    stime=st.integers(0, 10**9),
+)
+def test_parse_cpu_ticks_whatever_the_command_name(comm: str, utime: int, stime: int) -> None:
+    # fields 3..13 before utime (14) and stime (15); comm may hold spaces and parentheses
+    stat = f"4242 ({comm}) S 1 4242 4242 0 -1 4194560 100 0 0 0 {utime} {stime} 0 0 20 0 1 0"
+    assert parse_cpu_ticks(stat) == utime + stime
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "text"),
+    [
+        (581.0, 11998.0, "0.05x"),
+        (17.2, 0.8, "21.50x"),
+        (1.0, 0.0, "n/a"),
+        (1.0, -0.01, "n/a"),
+        (math.nan, 1.0, "n/a"),
+    ],
+)
+def test_ratio(ours: float, theirs: float, text: str) -> None:
+    assert _ratio(ours, theirs) == text
+
+
+def test_num() -> None:
+    assert _num(11998.4) == "11,998"
+    assert _num(0.2913, 3) == "0.291"
+    assert _num(math.nan) == "n/a"

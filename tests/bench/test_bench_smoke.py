@@ -1,0 +1,83 @@
+"""The benchmark harness end to end in a tiny configuration: every scenario yields numbers.
+
+Runs the real thing (nginx, Squid, the sidecar, wrk, hey, curl) with 1-second scenarios and a
+1 MB download: it checks the harness, not the performance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import main
+
+LABELS = [
+    "HTTP keep-alive req/s, c=4",
+    "CPU-s per 10k HTTP requests",
+    "new CONNECT tunnels/s, c=4",
+    "CPU-s per 10k new tunnels",
+    "long-lived tunnels req/s, c=4",
+    "1 MB via one tunnel, MB/s",
+    "added p50 latency, c=1, ms",
+    "added p99 latency, c=1, ms",
+    "RSS idle, MiB",
+    "RSS peak under load, MiB",
+]
+NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
+
+
+def _cells(table: str, label: str) -> list[str]:
+    for line in table.splitlines():
+        if line.startswith(f"| {label} "):
+            return [c.strip() for c in line.strip().strip("|").split("|")]
+    raise AssertionError(f"no row {label!r} in:\n{table}")
+
+
+def test_help_names_the_scenarios_and_the_packages() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).parents[2],
+    ).stdout
+    out = " ".join(out.split())  # argparse wraps the description
+    assert "--seconds" in out
+    assert "apt-get install squid nginx-light wrk hey curl" in out
+
+
+@pytest.mark.timeout(60)
+def test_tiny_run_gives_numbers_for_every_scenario(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    affinity = os.sched_getaffinity(0)
+    out = tmp_path / "results.md"
+    code = main(
+        [
+            "--seconds=1",
+            "--latency-seconds=1",
+            "--warmup-seconds=0",
+            "--connections=4",
+            "--big-mb=1",
+            f"--out={out}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    table = out.read_text()
+    for label in LABELS:
+        _, _, squid, ours, ratio = _cells(table, label)
+        assert NUMBER.match(squid), (label, squid)
+        assert NUMBER.match(ours), (label, ours)
+        if "latency" not in label:  # added latency may be ~0 for Squid
+            assert float(squid.replace(",", "")) > 0, (label, squid)
+            assert float(ours.replace(",", "")) > 0, (label, ours)
+            assert ratio.endswith("x"), (label, ratio)
+    assert _cells(table, "errors (non-2xx, socket)")[2:4] == ["0", "0"]
+    assert os.sched_getaffinity(0) == affinity  # the run gave pytest its CPUs back
