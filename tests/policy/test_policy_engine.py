@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from dataclasses import dataclass
 
@@ -578,8 +579,10 @@ def test_combine_unions_rules_and_mode() -> None:
 
 # -- properties -------------------------------------------------------------------------------
 
+# Labels of names (not of numeric IPv4 spellings: a last label like "12" or "0x1f" makes the
+# whole host an address, as in browsers).
 LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True).filter(
-    lambda s: not s.isdigit()
+    lambda s: not re.fullmatch(r"[0-9]+|0x[0-9a-f]*", s)
 )
 HOSTS = st.lists(LABEL, min_size=2, max_size=6).map(".".join)
 
