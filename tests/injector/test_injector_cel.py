@@ -10,9 +10,9 @@ from functools import cache
 from typing import Any
 
 import celpy
-from celpy.adapter import json_to_cel
 import pytest
 import yaml
+from celpy.adapter import json_to_cel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
