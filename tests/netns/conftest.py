@@ -9,11 +9,7 @@ from pathlib import Path
 
 import pytest
 
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:  # `tests.support` importable however pytest was started
-    sys.path.insert(0, _ROOT)
-
-from tests.support import netns as h  # noqa: E402
+from tests.support import netns as h
 
 APP_UID = 4242  # the app container's user: anything but the proxy's 1337
 SIDECAR = [sys.executable, "-m", "sidecar.cli"]
