@@ -164,20 +164,11 @@ def _decide(
         return None, "unchanged", f"operation {operation}", []
     if not isinstance(obj, Mapping):
         return None, "not-understood", "no object", ["the review carries no object; unchanged"]
-    if obj.get("kind") != kind_name:
-        obj = {**obj, "kind": kind_name}  # the API server always sets it; be safe
-        original: Mapping[str, Any] = request["object"]
-    else:
-        original = obj
     try:
-        updated, changed = sync_workload_annotations(obj)
+        updated, changed = sync_workload_annotations(obj, kind_name)
     except NotAPodError as exc:
         return None, "not-understood", str(exc), [f"workload not understood ({exc}); unchanged"]
     if not changed:
         return None, "unchanged", "template annotations already in sync", []
-    if original is not obj:
-        updated["kind"] = original.get("kind")
-        if "kind" not in original:
-            del updated["kind"]
     reason = "copied workload annotations into the pod template: " + ", ".join(changed)
-    return make_patch(original, updated), "patched", reason, []
+    return make_patch(obj, updated), "patched", reason, []

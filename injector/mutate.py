@@ -672,8 +672,8 @@ def pod_template(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return node if isinstance(node, Mapping) else None
 
 
-def _template_for_update(obj: JSON) -> JSON:
-    path = TEMPLATE_PATHS[str(obj.get("kind"))]
+def _template_for_update(obj: JSON, kind: str) -> JSON:
+    path = TEMPLATE_PATHS[kind]
     node: JSON = obj
     for key in path:
         child = node.get(key)
@@ -695,18 +695,22 @@ def workload_annotations(meta: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def sync_workload_annotations(obj: Mapping[str, Any]) -> tuple[JSON, list[str]]:
+def sync_workload_annotations(
+    obj: Mapping[str, Any], kind: str | None = None
+) -> tuple[JSON, list[str]]:
     """Copy a workload's egress-sidecar.io/* annotations into its pod template (the workload
     wins over the template), and remove those it copied before but no longer carries.
 
-    Returns the new object and the keys that changed (empty: nothing to do).
+    ``kind`` defaults to the object's own. Returns the new object and the keys that changed
+    (empty: nothing to do).
     """
-    if str(obj.get("kind")) not in TEMPLATE_PATHS:
-        raise NotAPodError(f"kind {obj.get('kind')!r} has no pod template")
+    kind = kind or str(obj.get("kind"))
+    if kind not in TEMPLATE_PATHS:
+        raise NotAPodError(f"kind {kind!r} has no pod template")
     out: JSON = copy.deepcopy(dict(obj))
     meta = out.get("metadata") if isinstance(out.get("metadata"), Mapping) else {}
     wanted = workload_annotations(meta or {})
-    template = _template_for_update(out)
+    template = _template_for_update(out, kind)
     tmeta = template.get("metadata")
     if tmeta is None:
         tmeta = {}
@@ -753,7 +757,7 @@ def inject_workload(
         namespace_injection=namespace_injection,
         workload=Workload(kind, name) if isinstance(name, str) and name else None,
     )
-    template = _template_for_update(synced)
+    template = _template_for_update(synced, kind)
     result = inject_pod(template, ctx, cfg)
     if not result.injected:
         return PodResult(pod=synced, injected=False, reason=result.reason)

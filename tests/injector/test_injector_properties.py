@@ -10,10 +10,17 @@ from typing import Any
 
 import jsonpatch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from injector.admission import review
-from injector.mutate import PodContext, inject_pod
-from tests.injector.strategies import valid_pods, weird_pods
+from injector.mutate import PodContext, inject_pod, sync_workload_annotations
+from tests.injector.strategies import (
+    ANNOTATION_KEYS,
+    ANNOTATION_VALUES,
+    ANY_JSON,
+    valid_pods,
+    weird_pods,
+)
 from tests.injector.support import config, validate
 
 CFG = config()
@@ -73,3 +80,48 @@ def test_anything_is_answered_allowed(obj: Any) -> None:
         assert patched["metadata"]["annotations"]["egress-sidecar.io/status"]
     else:
         assert result.outcome in ("skipped", "not-understood")
+
+
+WORKLOAD_KINDS = st.sampled_from(["Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"])
+
+
+@st.composite
+def weird_workloads(draw: st.DrawFn) -> tuple[str, Any]:
+    kind: str = draw(WORKLOAD_KINDS)
+    template: Any = draw(
+        st.sampled_from([None, {}, {"metadata": None}, {"metadata": {"annotations": {}}}])
+        | ANY_JSON
+    )
+    meta: Any = draw(
+        st.fixed_dictionaries(
+            {"name": st.just("w")},
+            optional={
+                "annotations": st.dictionaries(ANNOTATION_KEYS, ANNOTATION_VALUES) | ANY_JSON
+            },
+        )
+        | ANY_JSON
+    )
+    spec: Any = (
+        {"jobTemplate": {"spec": {"template": template}}}
+        if kind == "CronJob"
+        else {"template": template}
+    )
+    if draw(st.booleans()):
+        spec = draw(ANY_JSON)
+    return kind, {"kind": kind, "metadata": meta, "spec": spec}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(weird_workloads())
+def test_any_workload_is_answered_allowed(case: tuple[str, Any]) -> None:
+    kind, obj = case
+    body = json.loads(admission_review(obj))
+    body["request"]["kind"] = {"group": "apps", "version": "v1", "kind": kind}
+    body["request"]["operation"] = "UPDATE"
+    result = review(json.dumps(body).encode(), "workloads", CFG)
+    response = result.response["response"]
+    assert response["allowed"] is True
+    assert not result.log["reason"].startswith("internal error"), result.log
+    patched = applied(obj, response)
+    if "patch" in response:
+        assert sync_workload_annotations(patched, kind)[1] == []  # in sync afterwards
