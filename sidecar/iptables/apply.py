@@ -36,6 +36,28 @@ class Backend(Enum):
 class Tools:
     save: str
     restore: str
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for both tools
+
+
+LOCK_ENV: Final = "XTABLES_LOCKFILE"
+DEFAULT_LOCK: Final = "/run/xtables.lock"
+
+
+def legacy_lock_env(candidates: tuple[str, ...] | None = None) -> tuple[tuple[str, str], ...]:
+    """The legacy tools take a lock file, /run/xtables.lock, and fail when they cannot create
+    it, as on a read-only root filesystem (the egress-init container's). Use the first lock
+    location that can be created: /run, else /dev/shm (a writable tmpfs in containers), else
+    /tmp. An explicit $XTABLES_LOCKFILE is left alone."""
+    if LOCK_ENV in os.environ:
+        return ()
+    paths = candidates or (DEFAULT_LOCK, "/dev/shm/xtables.lock", "/tmp/xtables.lock")
+    for path in paths:
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
+        except OSError:
+            continue
+        return () if path == DEFAULT_LOCK else ((LOCK_ENV, path),)
+    return ()
 
 
 def detect_backend(version_output: str) -> Backend:
@@ -63,10 +85,11 @@ def tools_for(family: Family, backend: Backend) -> Tools:
     """``iptables-nft-restore`` etc.; falls back to plain ``iptables-restore`` when only that
     exists and its version names the same backend (distributions shipping one variant)."""
     base = family.restore_command
-    specific = Tools(f"{base}-{backend.value}-save", f"{base}-{backend.value}-restore")
+    env = legacy_lock_env() if backend is Backend.LEGACY else ()
+    specific = Tools(f"{base}-{backend.value}-save", f"{base}-{backend.value}-restore", env)
     if shutil.which(specific.save) and shutil.which(specific.restore):
         return specific
-    plain = Tools(f"{base}-save", f"{base}-restore")
+    plain = Tools(f"{base}-save", f"{base}-restore", env)
     if (
         shutil.which(plain.save)
         and shutil.which(plain.restore)
@@ -88,7 +111,7 @@ def families(ipv6: str) -> list[Family]:
 
 
 def read_state(tools: Tools) -> rules.SavedState:
-    return rules.parse_save(_run([tools.save]))
+    return rules.parse_save(_run([tools.save], env=tools.env))
 
 
 def plan_apply(opts: CaptureOptions, family: Family, tools: Tools) -> str:
@@ -101,13 +124,19 @@ def plan_clean(tools: Tools) -> str:
 
 def restore(tools: Tools, text: str) -> None:
     if text:
-        _run([tools.restore, "--noflush", "--wait", str(LOCK_WAIT_S)], stdin=text)
+        _run([tools.restore, "--noflush", "--wait", str(LOCK_WAIT_S)], stdin=text, env=tools.env)
 
 
-def _run(argv: list[str], stdin: str | None = None) -> str:
+def _run(argv: list[str], stdin: str | None = None, env: tuple[tuple[str, str], ...] = ()) -> str:
     try:
         proc = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=False,
+            env={**os.environ, **dict(env)} if env else None,
         )
     except FileNotFoundError:
         raise IptablesError(f"{argv[0]} not found") from None

@@ -136,3 +136,22 @@ def test_ipv6_auto_follows_the_kernel(
 ) -> None:
     monkeypatch.setattr(adapter, "kernel_has_ipv6", lambda: has_v6)
     assert len(adapter.families("auto")) == expected
+
+
+def test_legacy_lock_stays_on_run_when_writable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(adapter.LOCK_ENV, raising=False)
+    monkeypatch.setattr(adapter, "DEFAULT_LOCK", str(tmp_path / "xtables.lock"))
+    assert adapter.legacy_lock_env((adapter.DEFAULT_LOCK, str(tmp_path / "other"))) == ()
+
+
+def test_legacy_lock_moves_when_run_is_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(adapter.LOCK_ENV, raising=False)
+    unwritable = str(tmp_path / "missing-dir" / "xtables.lock")
+    fallback = str(tmp_path / "xtables.lock")
+    assert adapter.legacy_lock_env((unwritable, fallback)) == ((adapter.LOCK_ENV, fallback),)
+    monkeypatch.setenv(adapter.LOCK_ENV, "/somewhere/else")
+    assert adapter.legacy_lock_env((unwritable, fallback)) == ()  # the user's choice wins

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from sidecar.iptables import rules
-from tests.netns.conftest import APP_UID, iptables, save, split_print
+from tests.netns.conftest import APP_UID, SIDECAR, iptables, save, split_print
 from tests.support import netns as h
 from tests.support.netns import OUT4, OUT6
 
@@ -242,3 +242,28 @@ def test_apply_without_privileges_fails_clearly(fresh_world: h.World) -> None:
     assert proc.returncode == 1
     assert "egress-sidecar iptables apply:" in proc.stderr
     assert "iptables" in proc.stderr.split(":", 1)[1]
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_apply_and_clean_work_on_a_read_only_root(fresh_world: h.World, backend: str) -> None:
+    """The egress-init container has readOnlyRootFilesystem: /run is read-only too, where the
+    legacy tools keep their lock file by default."""
+    script = (
+        "set -e; mount -t tmpfs tmpfs /run; mount -o remount,ro /run; "
+        "mount -t tmpfs tmpfs /dev/shm; mount -o remount,bind,ro /; "
+        '"$@" apply --ipv6 on --backend ' + backend + "; "
+        f"{backend_save(backend)} | grep -c EGRESS_SIDECAR_OUTPUT; "
+        '"$@" clean --ipv6 on --backend ' + backend
+    )
+    private = ["unshare", "-m", "--propagation", "private", "--"]
+    proc = fresh_world.pod.run(
+        [*private, "sh", "-c", script, "sh", *SIDECAR, "iptables"], timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    expected = rules.saved_form(rules.render_rules(rules.CaptureOptions(), rules.Family.IPV4))
+    assert int(proc.stdout.split()[0]) == sum(len(lines) for lines in expected.values())
+    assert "EGRESS" not in save(fresh_world, "ipv4", backend)
+
+
+def backend_save(backend: str) -> str:
+    return f"iptables-{backend}-save"
