@@ -267,3 +267,14 @@ def test_apply_and_clean_work_on_a_read_only_root(fresh_world: h.World, backend:
 
 def backend_save(backend: str) -> str:
     return f"iptables-{backend}-save"
+
+
+def test_dry_run_shows_the_replacement_and_changes_nothing(fresh_world: h.World) -> None:
+    w = fresh_world
+    assert iptables(w, "apply", "--ipv6", "off").returncode == 0
+    before = save(w, "ipv4")
+    proc = iptables(w, "apply", "--ipv6", "off", "--include-outbound-ports", "80", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "-D OUTPUT -p tcp -j EGRESS_SIDECAR_OUTPUT\n" in proc.stdout
+    assert "--dport 80 -j REDIRECT --to-ports 15002" in proc.stdout
+    assert _strip(save(w, "ipv4")) == _strip(before)
