@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         "inject",
         help="inject the sidecar into manifest files (like istioctl kube-inject)",
         description=(
-            "Read multi-document YAML, inject every Pod, Deployment, StatefulSet, DaemonSet, "
-            "ReplicaSet, Job and CronJob (and the items of a List), pass other documents through "
+            "Like istioctl kube-inject: read multi-document YAML, inject every Pod, Deployment, "
+            "StatefulSet, DaemonSet, ReplicaSet, Job and CronJob (and the items of a List), pass other documents through "
             "unchanged, write the result. Offline, everything is injected unless it opts out "
             '(egress-sidecar.io/inject: "false"); --require-opt-in injects only what opts in. '
             "A workload's own egress-sidecar.io/* annotations are copied into its template first. "
@@ -316,7 +316,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
         Path(args.output).write_text(output, encoding="utf-8")
     else:
         sys.stdout.write(output)
-    for line in report.unsupported:
+    for line in report.unsupported + report.invalid:
         print(f"error: {line}", file=sys.stderr)
     for line in report.warnings:
         print(f"warning: {line}", file=sys.stderr)
@@ -325,7 +325,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
             print(f"injected: {line}", file=sys.stderr)
         for line in report.skipped:
             print(f"not injected: {line}", file=sys.stderr)
-    if args.strict and report.unsupported:
+    if args.strict and (report.unsupported or report.invalid):
         return 3
     return 0
 

@@ -47,6 +47,7 @@ class Report:
     injected: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # "<object>: <reason>"
     unsupported: list[str] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)  # workload documents without a usable spec
     warnings: list[str] = field(default_factory=list)
     passed_through: int = 0
 
@@ -100,7 +101,7 @@ def inject_object(
             assert kind in TEMPLATE_PATHS
             result = inject_workload(doc, cfg, namespace_injection)
     except NotAPodError as exc:
-        report.skipped.append(f"{what}: not a valid {kind}: {exc}. Left unchanged.")
+        report.invalid.append(f"{what}: not a valid {kind}: {exc}. Left unchanged.")
         return doc
     if result.injected:
         report.injected.append(what)
