@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Like istioctl kube-inject: read multi-document YAML, inject every Pod, Deployment, "
             "StatefulSet, DaemonSet, ReplicaSet, Job and CronJob (and the items of a List), "
-            "pass other documents through unchanged, write the result. Offline, everything is injected unless it opts out "
+            "pass other documents through unchanged, write the result. Offline, everything is "
+            "injected unless it opts out "
             '(egress-sidecar.io/inject: "false"); --require-opt-in injects only what opts in. '
             "A workload's own egress-sidecar.io/* annotations are copied into its template first. "
             "What was injected or skipped, and why, is reported on stderr."
