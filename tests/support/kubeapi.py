@@ -64,6 +64,16 @@ class _Generation:
     sockets: set[socket.socket] = field(default_factory=set)
 
 
+class _Server(ThreadingHTTPServer):
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a reverse DNS lookup (slow where there is no DNS).
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(self.server_address)
+        host, port = self.socket.getsockname()[:2]
+        self.server_address = (host, port)
+        self.server_name, self.server_port = str(host), int(port)
+
+
 def status_body(code: int, reason: str, message: str) -> JSON:
     return {
         "kind": "Status",
@@ -151,7 +161,7 @@ class FakeKubeAPI:
 
         Handler.api = api
         Handler.generation = generation
-        server = ThreadingHTTPServer((self.host, self.port), Handler)
+        server = _Server((self.host, self.port), Handler)
         server.daemon_threads = True
         if self._ssl is not None:
             server.socket = self._ssl.wrap_socket(
