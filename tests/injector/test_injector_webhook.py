@@ -525,3 +525,32 @@ def test_serve_refuses_a_bad_configuration(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 1 and "sidecarStyle" in proc.stderr
+
+
+def test_certificate_rotation_is_picked_up(tmp_path: Path) -> None:
+    srv = start_server(tmp_path)
+    try:
+        with closing(srv.connect()) as connection:
+            connection.request("GET", "/healthz")
+            assert connection.getresponse().status == 200
+        old_ca = srv.context()
+        _certs(tmp_path)  # a new CA and serving certificate, written over the old files
+        deadline = time.monotonic() + 10
+        rotated = False
+        while time.monotonic() < deadline and not rotated:
+            time.sleep(0.3)
+            try:
+                with (
+                    socket.create_connection(("127.0.0.1", srv.port), timeout=5) as raw,
+                    old_ca.wrap_socket(raw, server_hostname="127.0.0.1"),
+                ):
+                    pass
+            except ssl.SSLCertVerificationError:
+                rotated = True
+        assert rotated, "the server kept presenting the old certificate"
+        with closing(srv.connect()) as connection:  # srv.ca now holds the new CA
+            connection.request("GET", "/healthz")
+            assert connection.getresponse().status == 200
+        assert any("reloaded TLS certificate" in line for line in srv.logs)
+    finally:
+        stop_server(srv)
