@@ -169,3 +169,23 @@ def test_cli_injects_all_real_world_files_from_stdin() -> None:
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "StatefulSet", "DaemonSet", "Job", "Service"} <= kinds
     assert proc.stderr.count("injected: ") == sum(1 for d in docs if d["kind"] in TEMPLATE_PATHS)
+
+
+def test_kubernetes_validate_cli_accepts_every_output(tmp_path: Path) -> None:
+    files = []
+    for path in MANIFESTS:
+        if path.name == LEGACY:
+            continue
+        output, _ = inject_text(path.read_text(), config())
+        target = tmp_path / path.name
+        target.write_text(output)
+        files.append(str(target))
+    cli = Path(sys.executable).parent / "kubernetes-validate"
+    proc = subprocess.run(
+        [str(cli), "--strict", "--kubernetes-version", K8S_VERSION, "--quiet", *files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
