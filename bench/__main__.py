@@ -42,6 +42,12 @@ def parser() -> argparse.ArgumentParser:
         help="plain-HTTP warm-up per proxy, not measured (default %(default)s)",
     )
     p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=d.idle_seconds,
+        help="pause after a proxy is ready, before its idle RSS is read (default %(default)s)",
+    )
+    p.add_argument(
         "--connections",
         type=int,
         default=d.connections,
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=args.seconds,
         latency_seconds=args.latency_seconds,
         warmup_seconds=args.warmup_seconds,
+        idle_seconds=args.idle_seconds,
         connections=args.connections,
         big_bytes=int(args.big_mb * 1e6),
         max_requests=args.max_requests,

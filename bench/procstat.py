@@ -59,6 +59,28 @@ def cpu_seconds(pid: int) -> float:
     return total / _TICKS
 
 
+def parse_schedstat(text: str) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for a CPU) from /proc/PID/task/TID/schedstat."""
+    on_cpu, waiting, _ = text.split()
+    return int(on_cpu), int(waiting)
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the tree's threads were ready to run but another process had their CPU.
+
+    On a shared machine this is the noise: a proxy pinned to a busy core waits here.
+    0.0 where the kernel keeps no scheduler statistics.
+    """
+    total = 0
+    for p in tree(pid):
+        for task in (_PROC / str(p) / "task").glob("*/schedstat"):
+            try:
+                total += parse_schedstat(task.read_text())[1]
+            except (OSError, ValueError):
+                continue
+    return total / 1e9
+
+
 class PeakRss:
     """Samples the tree's RSS every ``interval`` seconds in a thread while in a ``with`` block."""
 

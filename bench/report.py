@@ -14,6 +14,7 @@ class Settings:
     seconds: int = 5  # wrk takes whole seconds
     latency_seconds: int = 3
     warmup_seconds: int = 1
+    idle_seconds: float = 1.0  # after start-up, before the idle RSS is read
     connections: int = 16
     big_bytes: int = 100 * 1000 * 1000
     max_requests: int = 500_000  # per wrk run, on top of the time bound
@@ -39,8 +40,11 @@ class ProxyRun:
     new_tunnels_cpu_s: float
     long_tunnels: LoadResult
     download: Download
+    download_cpu_s: float
     rss_idle_mib: float
     rss_peak_mib: float
+    load_seconds: float  # wall time of all measured load
+    cpu_wait_s: float  # runnable but not running during it (other processes on its core)
 
     @property
     def cpu_per_10k_http(self) -> float:
@@ -50,6 +54,11 @@ class ProxyRun:
     def cpu_per_10k_tunnels(self) -> float:
         ok = self.new_tunnels.ok
         return self.new_tunnels_cpu_s / ok * 10_000 if ok else float("nan")
+
+    @property
+    def cpu_per_gb_tunnel(self) -> float:
+        size = self.download.size
+        return self.download_cpu_s / size * 1e9 if size else float("nan")
 
     @property
     def errors(self) -> int:
@@ -131,6 +140,14 @@ def rows(report: Report) -> list[Row]:
             "↑",
         ),
         (
+            "CPU-s per GB through one tunnel",
+            "-",
+            sq.cpu_per_gb_tunnel,
+            us.cpu_per_gb_tunnel,
+            2,
+            "↓",
+        ),
+        (
             "added p50 latency, c=1, ms",
             f"({_num(d.latency.p50_ms, 3)})",
             added(sq, lambda r: r.p50_ms),
@@ -168,13 +185,18 @@ def markdown(report: Report) -> str:
             f"| {label} {better} | {direct} | {_num(theirs, digits)} | {_num(ours, digits)} "
             f"| {_ratio(ours, theirs)} |"
         )
+    lines.append(f"| errors (non-2xx, socket) | - | {sq.errors} | {us.errors} | |")
     lines.append(
-        f"| errors (non-2xx, socket) | - | {sq.errors} | {us.errors} | |",
+        "| proxy runnable but waiting for its CPU | - | "
+        f"{_num(sq.cpu_wait_s, 1)} s of {_num(sq.load_seconds, 0)} s | "
+        f"{_num(us.cpu_wait_s, 1)} s of {_num(us.load_seconds, 0)} s | |"
     )
     lines += [
         "",
         "↑ higher is better, ↓ lower is better. The direct column of the latency rows is the "
-        "absolute latency without a proxy (the proxies' rows are what they add to it).",
+        "absolute latency without a proxy (the proxies' rows are what they add to it). "
+        "The last row is noise from other processes on the proxy's core (scheduler "
+        "statistics): rates and latencies suffer from it, CPU-seconds per request do not.",
     ]
     if report.notes:
         lines += ["", *(f"- {n}" for n in report.notes)]

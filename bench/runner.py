@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.configs import BIG_PATH, LOOPBACK, UpstreamPorts
 from bench.loadgen import Generators, LoadResult
-from bench.procstat import PeakRss, cpu_seconds, rss_mib
+from bench.procstat import PeakRss, cpu_seconds, rss_mib, runqueue_wait_seconds
 from bench.report import Direct, ProxyRun, Report, Settings
 from bench.servers import Server, start_nginx, start_sidecar, start_squid
 from bench.tools import Tools
@@ -142,8 +142,9 @@ def measure_proxy(
     log: Log,
 ) -> ProxyRun:
     c, pid = s.connections, server.pid
-    time.sleep(1.0)  # let start-up work (imports, certificate generation) settle
+    time.sleep(s.idle_seconds)  # let start-up work (imports, CA generation) settle
     rss_idle = rss_mib(pid)
+    wait0, wall0 = runqueue_wait_seconds(pid), time.monotonic()
     with PeakRss(pid) as peak:
         if s.warmup_seconds > 0:
             gen.wrk_http(
@@ -192,9 +193,13 @@ def measure_proxy(
             max_qps_per_worker=s.max_qps_per_worker,
         )
         log(f"{name}: one big download")
+        cpu0 = cpu_seconds(pid)
         download = gen.curl_download(
             url=f"https://{LOOPBACK}:{up.https}{BIG_PATH}", proxy_port=port, max_seconds=60
         )
+        download_cpu = cpu_seconds(pid) - cpu0
+    load_seconds = time.monotonic() - wall0
+    cpu_wait = runqueue_wait_seconds(pid) - wait0
     if download.status != 200 or download.size != s.big_bytes:
         notes.append(f"{name}: big download got {download.status}, {download.size} bytes")
     return ProxyRun(
@@ -206,6 +211,9 @@ def measure_proxy(
         new_tunnels_cpu_s=tunnels_cpu,
         long_tunnels=_checked(f"{name} long-lived tunnels", long_tunnels, notes),
         download=download,
+        download_cpu_s=download_cpu,
+        load_seconds=load_seconds,
+        cpu_wait_s=cpu_wait,
         rss_idle_mib=rss_idle,
         rss_peak_mib=peak.peak,
     )

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.loadgen import LoadError, LoadResult, parse_curl, parse_hey, parse_wrk
-from bench.procstat import parse_cpu_ticks, parse_vmrss_kib
+from bench.procstat import parse_cpu_ticks, parse_schedstat, parse_vmrss_kib
 from bench.report import _num, _ratio
 
 HEY_OUTPUT = """
@@ -121,3 +121,9 @@ def test_num() -> None:
     assert _num(11998.4) == "11,998"
     assert _num(0.2913, 3) == "0.291"
     assert _num(math.nan) == "n/a"
+
+
+def test_parse_schedstat() -> None:
+    assert parse_schedstat("1523000000 870000000 4211\n") == (1_523_000_000, 870_000_000)
+    with pytest.raises(ValueError):
+        parse_schedstat("garbage")
