@@ -243,6 +243,29 @@ def test_each_request_on_a_keepalive_connection_is_decided_on_its_own(pod: Pod) 
     assert [r["headers"]["host"] for r in pod.requests(mark)] == ["web.test"]
 
 
+def test_pipelined_requests_are_decided_one_by_one(pod: Pod) -> None:
+    mark = pod.upstream.mark()
+    both = (
+        "GET /p1 HTTP/1.1\\r\\nHost: web.test\\r\\n\\r\\n"
+        "GET /p2 HTTP/1.1\\r\\nHost: denied.test\\r\\nConnection: close\\r\\n\\r\\n"
+    )
+    result = pod.world.client("raw", WEB4, "80", both, uid=APP_UID)
+    statuses = [
+        line.split()[1] for line in result["received"].splitlines() if line.startswith("HTTP/1.1")
+    ]
+    assert statuses == ["200", "403"], result
+    assert [r["target"] for r in pod.requests(mark)] == ["/p1"]
+
+
+def test_connect_sent_to_the_transparent_port_reaches_nothing(pod: Pod) -> None:
+    mark = pod.upstream.mark()
+    ask = "CONNECT web.test:443 HTTP/1.1\\r\\nHost: web.test:443\\r\\n\\r\\n"
+    result = pod.world.client("raw", OTHER4, "80", ask, uid=APP_UID)
+    assert not result["received"].startswith("HTTP/1.1 200"), result
+    time.sleep(0.3)
+    assert not [r for r in pod.upstream.since(mark) if r["event"] == "accept"]
+
+
 # --- TLS ------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ Run as the app's UID inside the pod namespace; each prints one JSON object.
     tcp HOST PORT [--send TEXT]       raw socket: connect, optionally send, read until EOF/timeout
     udp HOST PORT                     connected UDP socket: send, wait for a reply or an ICMP error
     keepalive HOST PORT HOST1 HOST2   two HTTP/1.1 requests on one connection, Host HOST1 then HOST2
+    raw HOST PORT TEXT                send TEXT (backslash escapes: \r\n) at once, read until EOF
     urllib URL [--host H] [--cafile F] Python urllib (no proxy variables), status and body
 """
 
@@ -85,6 +86,24 @@ def keepalive(host: str, port: int, names: list[str]) -> dict[str, Any]:
     return {"statuses": statuses}
 
 
+def raw(host: str, port: int, text: str) -> dict[str, Any]:
+    payload = text.encode().decode("unicode_escape").encode("latin-1")
+    out: dict[str, Any] = {"received": "", "error": None}
+    try:
+        with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+            sock.sendall(payload)
+            data = b""
+            for _ in range(1000):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            out["received"] = data.decode("utf-8", "replace")
+    except OSError as exc:
+        out["error"] = type(exc).__name__
+    return out
+
+
 def fetch(url: str, host: str | None, cafile: str | None) -> dict[str, Any]:
     req = urllib.request.Request(url, headers={"Host": host} if host else {})
     ctx = ssl.create_default_context(cafile=cafile) if cafile else None
@@ -115,6 +134,10 @@ def main(argv: list[str]) -> None:
     k.add_argument("host")
     k.add_argument("port", type=int)
     k.add_argument("names", nargs="+")
+    r = sub.add_parser("raw")
+    r.add_argument("host")
+    r.add_argument("port", type=int)
+    r.add_argument("text")
     f = sub.add_parser("urllib")
     f.add_argument("url")
     f.add_argument("--host")
@@ -126,6 +149,8 @@ def main(argv: list[str]) -> None:
         result = udp(a.host, a.port)
     elif a.cmd == "keepalive":
         result = keepalive(a.host, a.port, a.names)
+    elif a.cmd == "raw":
+        result = raw(a.host, a.port, a.text)
     else:
         result = fetch(a.url, a.host, a.cafile)
     print(json.dumps(result))
