@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,8 +159,7 @@ def test_manifest_with_other_keys_and_crlf() -> None:
 
 
 def test_example_manifest_file() -> None:
-    with open("examples/allowlist.yaml", encoding="utf-8") as handle:
-        text = handle.read()
+    text = (Path(__file__).parents[2] / "examples" / "allowlist.yaml").read_text("utf-8")
     policy = parse_allowlist(text, source="file:examples/allowlist.yaml")
     assert yaml.safe_load(text)["metadata"]["name"] == "egress-allowlist"
     assert policy.meta.mode is Mode.ENFORCE
