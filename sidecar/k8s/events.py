@@ -9,7 +9,8 @@ We write core/v1 Events (not events.k8s.io/v1):
   its name is derived from the ConfigMap's uid, resourceVersion and the reason, so the first
   sidecar creates it and the others (409 AlreadyExists) patch ``count``/``lastTimestamp``, as the
   kubelet's event correlator does. N replicas rejecting one edit give one Event "xN", not N Events.
-  That is why the RBAC has ``create`` and ``patch`` on events.
+  That is why the RBAC has ``create`` and ``patch`` on events (no ``get``: the patch answers with
+  the current count).
 
 Posting happens on a background thread with a bounded queue: a slow or unreachable API server
 never delays a policy swap.
@@ -163,16 +164,21 @@ class EventRecorder:
         except ApiException as err:
             if err.status != HTTP_CONFLICT:
                 raise
-        existing = api.read_namespaced_event(name, obj.namespace, _request_timeout=(5, 10))
-        patch = {
-            "count": int(existing.count or 1) + 1,
-            "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
+        # Without `get` on events (least privilege): the first patch returns the current count.
+        merge = "application/merge-patch+json"
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        current = api.patch_namespaced_event(
+            name,
+            obj.namespace,
+            {"lastTimestamp": stamp},
+            _content_type=merge,
+            _request_timeout=(5, 10),
+        )
         api.patch_namespaced_event(
             name,
             obj.namespace,
-            patch,
-            _content_type="application/merge-patch+json",
+            {"count": int(current.count or 1) + 1},
+            _content_type=merge,
             _request_timeout=(5, 10),
         )
         return name

@@ -160,6 +160,16 @@ class ConfigMapSource:
             self.metrics.source_errors.labels(source=ref.source).inc()
 
     def on_configmap(self, obj: ConfigMapObject) -> None:
+        try:
+            self._load(obj)
+        except Exception as err:  # a bug here must not stall the watch or skip silently
+            log.exception(
+                "could not load a ConfigMap version, keeping the last good one",
+                extra={"source": obj.ref.source, "version": obj.resource_version},
+            )
+            self.reporter.failed(obj.ref.source, f"{type(err).__name__}: {err}")
+
+    def _load(self, obj: ConfigMapObject) -> None:
         source = obj.ref.source
         with self._lock:
             conn = self._connections[obj.ref]

@@ -22,6 +22,7 @@ def test_one_event_per_rejected_version_counted_across_sidecars(
     kubeapi: FakeKubeAPI, kube_client: KubeClient
 ) -> None:
     api = kube_client.core_v1()
+    kubeapi.event_verbs = {"create", "patch"}  # the sidecar's RBAC: no get, no list
     first = EventRecorder(kube_client, instance="web-1", host="node-a")
     second = EventRecorder(kube_client, instance="web-2", host="node-b")
     request = EventRequest(CM, "InvalidAllowlist", "allowlist.yaml line 3: bad")
@@ -43,10 +44,19 @@ def test_one_event_per_rejected_version_counted_across_sidecars(
     assert event["reportingInstance"] == "web-1"
     assert event["metadata"]["namespace"] == "shop"
     patches = kubeapi.requests_matching(lambda r: r.method == "PATCH")
-    assert len(patches) == 1 and patches[0].status == 200
+    assert patches and all(p.status == 200 for p in patches)
+    assert kubeapi.requests_matching(lambda r: r.status == 403) == []
+    assert third_count(kube_client, request, kubeapi) == 3
     # What `kubectl describe cm` reads: a core/v1 list of the namespace's Events.
+    kubeapi.event_verbs = None
     listed = api.list_namespaced_event("shop").items
-    assert [(e.reason, e.count) for e in listed] == [("InvalidAllowlist", 2)]
+    assert [(e.reason, e.count) for e in listed] == [("InvalidAllowlist", 3)]
+
+
+def third_count(client: KubeClient, request: EventRequest, kubeapi: FakeKubeAPI) -> int:
+    EventRecorder(client, instance="web-3").record(client.core_v1(), request)
+    (event,) = kubeapi.events_for("shop", "egress-allowlist")
+    return int(event["count"])
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,8 @@ class FakeKubeAPI:
         # None: any ConfigMap may be read; a set: only these (namespace, name), as RBAC
         # resourceNames would allow; list/watch must then select the name with a field selector.
         self.allowed_configmaps = allowed_configmaps
+        # None: any verb on events; a set: only these (RBAC), e.g. {"create", "patch"}.
+        self.event_verbs: set[str] | None = None
         self._tokens: set[str] = {token} if token is not None else set()
         self.auth_required = token is not None
         self._lock = threading.Condition()
@@ -727,6 +729,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _events(self, method: str, ns: str, name: str | None, api_version: str) -> None:
         api = self.api
+        verb = {"POST": "create", "PATCH": "patch"}.get(method, "get" if name else "list")
+        if api.event_verbs is not None and verb not in api.event_verbs:
+            self._status_reply(
+                403,
+                "Forbidden",
+                f'events is forbidden: User "system:serviceaccount:{ns}:egress-sidecar" cannot '
+                f'{verb} resource "events" in API group "" in the namespace "{ns}"',
+            )
+            return
         try:
             if method == "POST" and name is None:
                 code, body = api._create_event(ns, self._body(), api_version)
