@@ -278,3 +278,13 @@ def test_dry_run_shows_the_replacement_and_changes_nothing(fresh_world: h.World)
     assert "-D OUTPUT -p tcp -j EGRESS_SIDECAR_OUTPUT\n" in proc.stdout
     assert "--dport 80 -j REDIRECT --to-ports 15002" in proc.stdout
     assert _strip(save(w, "ipv4")) == _strip(before)
+
+
+def test_capture_fails_closed_when_the_sidecar_is_not_listening(fresh_world: h.World) -> None:
+    w = fresh_world
+    outside = w.start_servers(w.outside, "outside", echo=[f"{OUT4[0]}:80", f"[{OUT6[0]}]:80"])
+    assert iptables(w, "apply", "--ipv6", "on", "--proxy-port", "15999").returncode == 0
+    for addr in (OUT4[0], OUT6[0]):
+        result = w.client("tcp", addr, "80", "--send", "ping\n", uid=APP_UID)
+        assert result == {"connected": False, "received": "", "error": "ConnectionRefusedError"}
+    assert not [r for r in outside.records() if r["event"] == "accept"]
