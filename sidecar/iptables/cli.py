@@ -175,7 +175,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                 sys.stdout.write(f"# {fam.value}: {tools.restore} --noflush\n{text}")
             else:
                 adapter.restore(tools, text)
-    except adapter.IptablesError as exc:
+    except (adapter.IptablesError, rules.SaveParseError) as exc:
         print(f"egress-sidecar iptables apply: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if not args.dry_run:
@@ -190,7 +190,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
         for fam in adapter.families(args.ipv6):
             tools = adapter.tools_for(fam, backend)
             adapter.restore(tools, adapter.plan_clean(tools))
-    except adapter.IptablesError as exc:
+    except (adapter.IptablesError, rules.SaveParseError) as exc:
         print(f"egress-sidecar iptables clean: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.iptables import apply as adapter
-from sidecar.iptables import cli
+from sidecar.iptables import cli, rules
 from sidecar.iptables.apply import Backend, IptablesError
 from sidecar.iptables.rules import Family
 
@@ -155,3 +155,30 @@ def test_legacy_lock_moves_when_run_is_read_only(
     assert adapter.legacy_lock_env((unwritable, fallback)) == ((adapter.LOCK_ENV, fallback),)
     monkeypatch.setenv(adapter.LOCK_ENV, "/somewhere/else")
     assert adapter.legacy_lock_env((unwritable, fallback)) == ()  # the user's choice wins
+
+
+def test_apply_reports_unreadable_save_output_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(adapter, "resolve_backend", lambda choice: Backend.NFT)
+    monkeypatch.setattr(adapter, "tools_for", lambda fam, backend: adapter.Tools("save", "restore"))
+    monkeypatch.setattr(adapter, "_run", lambda argv, stdin=None, env=(): "garbage line\n")
+    assert cli.main(["apply", "--ipv6", "off"]) == 1
+    assert "iptables-save line 1" in capsys.readouterr().err
+
+
+def test_apply_loads_exactly_the_planned_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded: list[tuple[list[str], str | None]] = []
+
+    def fake_run(argv: list[str], stdin: str | None = None, env: object = ()) -> str:
+        loaded.append((argv, stdin))
+        return ""  # an empty namespace
+
+    monkeypatch.setattr(adapter, "resolve_backend", lambda choice: Backend.LEGACY)
+    monkeypatch.setattr(adapter, "tools_for", lambda fam, backend: adapter.Tools("s", "r"))
+    monkeypatch.setattr(adapter, "_run", fake_run)
+    assert cli.main(["apply", "--ipv6", "off"]) == 0
+    (save_call, restore_call) = loaded
+    assert save_call == (["s"], None)
+    assert restore_call[0] == ["r", "--noflush", "--wait", "10"]
+    assert restore_call[1] == rules.render_rules(rules.CaptureOptions(), Family.IPV4)
