@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.policy.addresses import AddressClass, classify, describe, is_public
@@ -165,6 +165,7 @@ def test_describe(text: str, expected: str) -> None:
     assert describe(address, classify(address)) == expected
 
 
+@settings(deadline=None)  # no per-example deadline on a shared CI core
 @given(st.ip_addresses(v=4))
 def test_classify_v4_total_and_agrees_with_ipaddress_where_unambiguous(
     address: ipaddress.IPv4Address,
@@ -187,6 +188,7 @@ PUBLIC_CAN_BE_IN = (
 )
 
 
+@settings(deadline=None)  # no per-example deadline on a shared CI core
 @given(st.ip_addresses(v=6))
 def test_classify_v6_total(address: ipaddress.IPv6Address) -> None:
     cls = classify(address)
@@ -195,6 +197,7 @@ def test_classify_v6_total(address: ipaddress.IPv6Address) -> None:
         assert any(address in ipaddress.ip_network(n) for n in PUBLIC_CAN_BE_IN)
 
 
+@settings(deadline=None)  # no per-example deadline on a shared CI core
 @given(st.ip_addresses(v=4))
 def test_embedded_forms_classify_like_the_ipv4_address(address: ipaddress.IPv4Address) -> None:
     v = int(address)

@@ -587,6 +587,7 @@ LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True).fil
 HOSTS = st.lists(LABEL, min_size=2, max_size=6).map(".".join)
 
 
+@settings(deadline=None)  # no per-example deadline on a shared CI core
 @given(HOSTS, st.sampled_from([80, 443]))
 def test_hosts_match_own_rule_and_wildcard_parent_never_apex(host: str, port: int) -> None:
     parent = host.split(".", 1)[1]
@@ -601,6 +602,7 @@ def test_hosts_match_own_rule_and_wildcard_parent_never_apex(host: str, port: in
     assert apex.decide(D(host, port)).verdict is DENY
 
 
+POLICIES = (load(DESIGN_DOC), load(GUARD_DOC), load(DENY_DOC))
 ADDRESSES = st.one_of(st.none(), st.ip_addresses())
 DESTINATIONS = st.builds(
     Destination,
@@ -612,10 +614,10 @@ DESTINATIONS = st.builds(
 )
 
 
-@settings(max_examples=300)
+@settings(deadline=None, max_examples=300)
 @given(DESTINATIONS)
 def test_decide_never_raises(dest: Destination) -> None:
-    for policy in (load(DESIGN_DOC), load(GUARD_DOC), load(DENY_DOC)):
+    for policy in POLICIES:
         decision = policy.decide(dest)
         assert isinstance(decision, Decision)
         if decision.verdict is ALLOW:

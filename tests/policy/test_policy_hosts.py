@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.policy.errors import InvalidHost, PolicyError
@@ -157,6 +157,7 @@ HOST_TEXT = st.one_of(
 )
 
 
+@settings(deadline=None)  # no per-example deadline on a shared CI core
 @given(HOST_TEXT)
 def test_normalize_host_is_idempotent_or_rejects(raw: str) -> None:
     try:
@@ -168,6 +169,7 @@ def test_normalize_host_is_idempotent_or_rejects(raw: str) -> None:
     assert once.isascii()
 
 
+@settings(deadline=None)  # no per-example deadline on a shared CI core
 @given(st.ip_addresses())
 def test_ip_literals_come_back_compressed(address: IPAddress) -> None:
     assert normalize_host(address.exploded) == address.compressed
@@ -175,6 +177,7 @@ def test_ip_literals_come_back_compressed(address: IPAddress) -> None:
         assert normalize_host(f"[{address.exploded}]") == address.compressed
 
 
+@settings(deadline=None)  # no per-example deadline on a shared CI core
 @given(st.text(max_size=30), st.integers(min_value=-5, max_value=70000))
 def test_split_host_port_never_raises_anything_else(host: str, port: int) -> None:
     try:

@@ -460,13 +460,13 @@ def _must_parse_or_reject(text: str) -> None:
     policy.decide(Destination("a.com", 443))
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(max_size=200))
 def test_fuzz_arbitrary_text(text: str) -> None:
     _must_parse_or_reject(text)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(STRUCTURES)
 def test_fuzz_yaml_structures(value: Any) -> None:
     text = yaml.safe_dump(value, allow_unicode=True)
@@ -475,7 +475,7 @@ def test_fuzz_yaml_structures(value: Any) -> None:
     _must_parse_or_reject(manifest(text))
 
 
-@settings(max_examples=200)
+@settings(deadline=None, max_examples=200)
 @given(st.dictionaries(st.sampled_from(["allow", "deny", "privateRanges", "mode"]), STRUCTURES))
 def test_fuzz_allowlist_shaped(value: dict[str, Any]) -> None:
     _must_parse_or_reject(yaml.safe_dump(value, allow_unicode=True))
@@ -486,6 +486,7 @@ HOST = st.lists(LABEL, min_size=2, max_size=4).map(".".join)
 RULE_SPEC = st.tuples(HOST, st.booleans(), st.one_of(st.none(), st.integers(1, 65535)))
 
 
+@settings(deadline=None)  # no per-example deadline on a shared CI core
 @given(st.lists(RULE_SPEC, max_size=8, unique_by=lambda r: (r[0], r[1])))
 def test_generated_documents_round_trip(specs: list[tuple[str, bool, int | None]]) -> None:
     """A document written from rules parses back to rules that allow what they name."""
@@ -513,6 +514,7 @@ def test_manifest_block_scalar_variants_map_lines(header: str) -> None:
     assert (found.line, found.column) == (6, 9)
 
 
+@settings(deadline=None)  # no per-example deadline on a shared CI core
 @given(
     st.lists(HOST, min_size=1, max_size=6, unique=True),
     st.integers(min_value=0, max_value=6),
