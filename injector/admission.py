@@ -24,8 +24,11 @@ from injector.mutate import (
     PodContext,
     inject_pod,
     make_patch,
+    pod_template,
+    read_settings,
     sync_workload_annotations,
 )
+from sidecar import contract as c
 
 log = logging.getLogger("injector.admission")
 
@@ -171,4 +174,18 @@ def _decide(
     if not changed:
         return None, "unchanged", "template annotations already in sync", []
     reason = "copied workload annotations into the pod template: " + ", ".join(changed)
-    return make_patch(obj, updated), "patched", reason, []
+    return make_patch(obj, updated), "patched", reason, _template_warnings(updated, cfg)
+
+
+def _template_warnings(workload: Mapping[str, Any], cfg: InjectorConfig) -> list[str]:
+    """Problems with the template's annotations, told to whoever annotated the workload (the
+    pods' own warnings only reach the controller that creates them)."""
+    template = pod_template(workload) or {}
+    meta = template.get("metadata")
+    raw = meta.get("annotations") if isinstance(meta, Mapping) else None
+    annotations = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, Mapping) else {}
+    warnings = list(read_settings(annotations, cfg).warnings)
+    inject = annotations.get(c.ANNOTATION_INJECT)
+    if inject not in (None, "true", "false"):
+        warnings.append(f'{c.ANNOTATION_INJECT}={inject!r} is neither "true" nor "false"')
+    return warnings

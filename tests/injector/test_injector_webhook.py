@@ -335,6 +335,12 @@ def test_workload_annotate_and_unannotate_round_trip(conn: http.client.HTTPSConn
     review = admission_review(again, "Deployment", group="apps", operation="UPDATE")
     status, answer = post(conn, "/mutate/workloads", review)
     assert status == 200 and "patch" not in answer["response"]
+    # a typo reaches the user who annotated the workload
+    again["metadata"]["annotations"][c.ANNOTATION_MODE] = "Audit"
+    review = admission_review(again, "Deployment", group="apps", operation="UPDATE")
+    status, answer = post(conn, "/mutate/workloads", review)
+    assert "patch" in answer["response"]
+    assert any("'Audit' is not enforce or audit" in w for w in answer["response"]["warnings"])
 
 
 @pytest.mark.parametrize(
