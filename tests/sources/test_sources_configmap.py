@@ -4,10 +4,12 @@ the watcher, validation, the store. Decisions are taken from the store as the pr
 from __future__ import annotations
 
 import logging
+import shutil
 import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -21,6 +23,7 @@ from sidecar.k8s.watch import WatchTuning
 from sidecar.metrics import Metrics
 from sidecar.policy.model import Destination, Reason, Verdict
 from sidecar.policy.store import PolicyStore
+from sidecar.sources import SourceSpec, open_source
 from sidecar.sources.configmap import ConfigMapSource
 from tests.support.kubeapi import FakeKubeAPI, wait_until
 
@@ -314,3 +317,42 @@ def test_union_of_two_configmaps(kubeapi: FakeKubeAPI, make_source: SourceFactor
     wait_until(lambda: store.get().version.endswith("," + rv_b2))
     assert verdict(store, "only-b.test")[0] is Verdict.ALLOW
     assert verdict(store, "contested.test")[0] is Verdict.ALLOW  # b no longer denies it
+
+
+def test_open_source_in_a_pod_uses_the_service_account_and_its_namespace(
+    tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """What `run --configmap egress-allowlist` does in a pod: in-cluster config over HTTPS,
+    the namespace from the service account mount, Events named after the pod."""
+    api = FakeKubeAPI(tls=True, workdir=tmp_path / "pki", token="sa-token")
+    api.start()
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    assert api.ca_path is not None
+    shutil.copy(api.ca_path, sa / "ca.crt")
+    (sa / "token").write_text("sa-token")
+    (sa / "namespace").write_text(NS)
+    env = {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": str(api.port),
+        "EGRESS_SERVICEACCOUNT_DIR": str(sa),
+        "POD_NAME": "checkout-7d9f-abcde",
+        "NODE_NAME": "node-9",
+    }
+    api.put_configmap(NS, A.name, {"allowlist.yaml": "allow: ['*.*.test']\n"})
+    store = PolicyStore()
+    source = open_source(
+        SourceSpec(configmaps=(A.name,), watch_tuning=FAST), store, Metrics(), environ=env
+    )
+    source.start()
+    try:
+        (event,) = wait_until(lambda: api.events_for(NS, A.name))
+        assert event["reportingInstance"] == "checkout-7d9f-abcde"
+        assert event["source"]["host"] == "node-9"
+        rv = api.put_configmap(NS, A.name, allow("api.test"))
+        wait_until(source.ready)
+        assert source.status()["policy"] == {"source": A.source, "version": rv}
+        assert all(r.authorization == "bearer sa-token" for r in api.requests)
+    finally:
+        source.stop()
+        api.stop()
