@@ -144,6 +144,8 @@ class WebhookServer(ThreadingHTTPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(self.conn_timeout)
+        with contextlib.suppress(OSError):  # small replies: no Nagle/delayed-ACK 40 ms stalls
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is None:
             Handler(request, client_address, self)
             return
@@ -164,6 +166,7 @@ class WebhookServer(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    wbufsize = 64 * 1024  # headers and body leave in one write (flushed after each request)
     server_version = "egress-injector"
     sys_version = ""
     server: WebhookServer

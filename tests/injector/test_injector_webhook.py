@@ -440,13 +440,16 @@ def test_keep_alive_serves_many_reviews_on_one_connection(server: Server) -> Non
         "metadata": {"annotations": {c.ANNOTATION_INJECT: "true"}},
         "spec": {"containers": [{"name": "a", "image": "x"}]},
     }
+    latencies = []
     with closing(server.connect()) as connection:
-        started = time.monotonic()
         for _ in range(50):
+            started = time.perf_counter()
             status, answer = post(connection, "/mutate/pods", admission_review(pod))
+            latencies.append(time.perf_counter() - started)
             assert status == 200 and "patch" in answer["response"]
-        elapsed = time.monotonic() - started
-    assert elapsed < 10, f"50 reviews took {elapsed:.1f}s"
+    # ~2.5 ms here; a reply split over two TCP writes stalls ~40 ms on delayed ACKs (Nagle)
+    median = sorted(latencies)[len(latencies) // 2]
+    assert median < 0.025, f"median review latency {median * 1000:.1f} ms"
 
 
 def test_tls_is_real(server: Server) -> None:
