@@ -36,6 +36,19 @@ SUPPORTED_API_VERSIONS: Final[Mapping[str, str]] = {
 }
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (scripts, embedded documents) as literal blocks, readable in review."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    if "\n" in value and not any(line != line.rstrip() for line in value.splitlines()):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+
+_Dumper.add_representer(str, _str)
+
+
 class ManifestError(ValueError):
     """The input is not YAML or a document is not a Kubernetes object; names the document."""
 
@@ -131,7 +144,7 @@ def inject_text(
         for index, doc in enumerate(docs, start=1)
         if doc is not None
     ]
-    rendered = yaml.safe_dump_all(
-        out, sort_keys=False, explicit_start=True, width=100, allow_unicode=True
+    rendered = yaml.dump_all(
+        out, Dumper=_Dumper, sort_keys=False, explicit_start=True, width=100, allow_unicode=True
     )
     return rendered, report

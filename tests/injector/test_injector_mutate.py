@@ -452,3 +452,13 @@ def test_cronjob_template_path() -> None:
 def test_sync_rejects_kinds_without_template() -> None:
     with pytest.raises(NotAPodError, match="Service"):
         sync_workload_annotations({"kind": "Service", "metadata": {}})
+
+
+def test_container_style_wait_script_is_python_with_the_configured_timeout() -> None:
+    cfg = config("container", ready_timeout_seconds=7)
+    result = inject_pod(pod(INJECT_TRUE), PodContext(), cfg)
+    sidecar = result.pod["spec"]["containers"][0]
+    script = sidecar["lifecycle"]["postStart"]["exec"]["command"][2]
+    compile(script, "postStart", "exec")
+    assert "time.monotonic() + 7" in script
+    assert sidecar["startupProbe"]["failureThreshold"] == 7
