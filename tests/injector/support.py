@@ -27,7 +27,8 @@ OTEL_ENV: Final = (
 
 
 def config(style: str = "native", **kwargs: Any) -> InjectorConfig:
-    return InjectorConfig(sidecar_style=style, otel_env=OTEL_ENV, **kwargs)  # type: ignore[arg-type]
+    kwargs.setdefault("otel_env", OTEL_ENV)
+    return InjectorConfig(sidecar_style=style, **kwargs)  # type: ignore[arg-type]
 
 
 def validate(doc: dict[str, Any], version: str = K8S_VERSION) -> None:

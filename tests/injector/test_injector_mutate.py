@@ -462,3 +462,19 @@ def test_container_style_wait_script_is_python_with_the_configured_timeout() -> 
     compile(script, "postStart", "exec")
     assert "time.monotonic() + 7" in script
     assert sidecar["startupProbe"]["failureThreshold"] == 7
+
+
+def test_configured_otel_env_and_resource_attributes_are_merged() -> None:
+    cfg = config(
+        otel_env=(
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+        )
+    )
+    result = inject_pod(pod(INJECT_TRUE), PodContext(), cfg)
+    env = _env(result.pod["spec"]["initContainers"][1])
+    assert env["OTEL_RESOURCE_ATTRIBUTES"].startswith(
+        "deployment.environment=prod,k8s.namespace.name=$(POD_NAMESPACE),"
+    )
+    assert env["OTEL_TRACES_SAMPLER"] == "parentbased_always_on"
+    assert [k for k in env if k == "OTEL_RESOURCE_ATTRIBUTES"] == ["OTEL_RESOURCE_ATTRIBUTES"]
