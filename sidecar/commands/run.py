@@ -170,6 +170,7 @@ async def _serve(
     health_spec: Any,
 ) -> int:
     from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
 
     from sidecar.decision_log import DecisionLog
     from sidecar.health import HealthServer
@@ -245,6 +246,7 @@ async def _serve(
         source.stop()
         health.shutdown()
         health.server_close()
-        provider.shutdown()  # flushes the batch processors
+        if isinstance(provider, TracerProvider):
+            provider.shutdown()  # flushes the batch processors
         log.info("stopped")
     return 0 if not listeners.failed else 1

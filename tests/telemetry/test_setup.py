@@ -117,3 +117,32 @@ def test_denials_and_audits_are_sampled_even_when_the_sampler_drops_everything(
     attrs = {"egress.decision": decision} if decision else {}
     result = sampler.should_sample(None, 0x1234, "GET", SpanKind.CLIENT, attrs)
     assert (result.decision is Decision.RECORD_AND_SAMPLE) is sampled
+
+
+def test_without_any_exporter_no_span_is_built_and_traceparent_is_left_alone() -> None:
+    from opentelemetry.trace import NoOpTracerProvider
+
+    from sidecar.telemetry.setup import build_tracer_provider
+    from sidecar.telemetry.spans import extract_parent, inject_context
+
+    provider, plan = build_tracer_provider({})
+    assert isinstance(provider, NoOpTracerProvider)
+    incoming = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    span = provider.get_tracer("t").start_span("GET", context=extract_parent(incoming))
+    headers = dict(incoming)
+    inject_context(span, headers)
+    assert headers == incoming
+
+
+def test_with_an_endpoint_spans_are_recorded(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from sidecar.telemetry.setup import build_tracer_provider
+
+    provider, _ = build_tracer_provider({}, file=tmp_path / "s.jsonl")
+    assert isinstance(provider, TracerProvider)
+    span = provider.get_tracer("t").start_span("GET", attributes={"egress.decision": "allow"})
+    assert span.is_recording()
+    span.end()
+    provider.shutdown()
+    assert '"name":"GET"' in (tmp_path / "s.jsonl").read_text()
