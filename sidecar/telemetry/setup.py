@@ -22,7 +22,6 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
-
 from opentelemetry.trace import NoOpTracerProvider
 
 from sidecar import contract

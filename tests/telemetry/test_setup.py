@@ -127,6 +127,7 @@ def test_without_any_exporter_no_span_is_built_and_traceparent_is_left_alone() -
 
     provider, plan = build_tracer_provider({})
     assert isinstance(provider, NoOpTracerProvider)
+    assert plan.protocol is None
     incoming = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
     span = provider.get_tracer("t").start_span("GET", context=extract_parent(incoming))
     headers = dict(incoming)
