@@ -36,7 +36,9 @@ JSON = dict[str, Any]
 CONFDIR: Final = "/var/run/egress-sidecar/mitmproxy"
 CONFDIR_VOLUME: Final = "egress-sidecar-confdir"
 TMP_VOLUME: Final = "egress-sidecar-tmp"
-INJECTED_VOLUMES: Final = (CONFDIR_VOLUME, TMP_VOLUME)
+TOKEN_VOLUME: Final = "egress-sidecar-token"
+INJECTED_VOLUMES: Final = (CONFDIR_VOLUME, TMP_VOLUME, TOKEN_VOLUME)
+TOKEN_PATH: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Template annotation listing the egress-sidecar.io/* keys that were copied from the workload's
 # own metadata, so that removing one from the workload removes it from the template too.
 ANNOTATION_FROM_WORKLOAD: Final = c.PREFIX + "workload-annotations"
@@ -622,6 +624,15 @@ def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> 
             )
     volumes.append({"name": CONFDIR_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}})
     volumes.append({"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}})
+    injected_volumes = [CONFDIR_VOLUME, TMP_VOLUME]
+    if spec.get("automountServiceAccountToken") is False:
+        # The app opted out of an API token, but the sidecar needs one to read its allowlist
+        # ConfigMap: give the sidecar alone the volume the ServiceAccount admission would mount.
+        volumes.append(_token_volume())
+        sidecar["volumeMounts"].append(
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_PATH, "readOnly": True}
+        )
+        injected_volumes.append(TOKEN_VOLUME)
     spec["volumes"] = volumes
 
     status = {
@@ -633,12 +644,40 @@ def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> 
         "mode": settings.mode or "default",
         "initContainers": [x["name"] for x in injected_init],
         "containers": [] if cfg.sidecar_style == "native" else [c.SIDECAR_CONTAINER],
-        "volumes": list(INJECTED_VOLUMES),
+        "volumes": injected_volumes,
     }
     new_annotations = dict(meta.get("annotations") or {})
     new_annotations[c.ANNOTATION_STATUS] = json.dumps(status, separators=(",", ":"))
     meta["annotations"] = new_annotations
     return PodResult(pod=out, injected=True, reason=reason, warnings=tuple(warnings))
+
+
+def _token_volume() -> JSON:
+    return {
+        "name": TOKEN_VOLUME,
+        "projected": {
+            "defaultMode": 0o444,
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                {
+                    "configMap": {
+                        "name": "kube-root-ca.crt",
+                        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                    }
+                },
+                {
+                    "downwardAPI": {
+                        "items": [
+                            {
+                                "path": "namespace",
+                                "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                            }
+                        ]
+                    }
+                },
+            ],
+        },
+    }
 
 
 def _uid_warnings(spec: Mapping[str, Any], containers: list[JSON]) -> list[str]:

@@ -25,7 +25,7 @@ from injector.mutate import (
     sync_workload_annotations,
 )
 from sidecar import contract as c
-from tests.injector.support import config
+from tests.injector.support import config, validate
 
 CFG = config()
 
@@ -478,3 +478,22 @@ def test_configured_otel_env_and_resource_attributes_are_merged() -> None:
     )
     assert env["OTEL_TRACES_SAMPLER"] == "parentbased_always_on"
     assert [k for k in env if k == "OTEL_RESOURCE_ATTRIBUTES"] == ["OTEL_RESOURCE_ATTRIBUTES"]
+
+
+@pytest.mark.parametrize("automount", [None, True, False])
+def test_sidecar_gets_a_token_when_the_pod_opts_out_of_one(automount: bool | None) -> None:
+    extra: dict[str, Any] = {} if automount is None else {"automountServiceAccountToken": automount}
+    result = inject_pod(pod(INJECT_TRUE, **extra), PodContext(), CFG)
+    spec = result.pod["spec"]
+    validate(result.pod)
+    names = [v["name"] for v in spec["volumes"]]
+    sidecar_mounts = {m["mountPath"]: m["name"] for m in spec["initContainers"][1]["volumeMounts"]}
+    status = json.loads(result.pod["metadata"]["annotations"][c.ANNOTATION_STATUS])
+    token_path = "/var/run/secrets/kubernetes.io/serviceaccount"
+    if automount is False:
+        assert "egress-sidecar-token" in names and "egress-sidecar-token" in status["volumes"]
+        assert sidecar_mounts[token_path] == "egress-sidecar-token"
+        assert "volumeMounts" not in spec["containers"][0]  # the app stays without a token
+        assert spec["automountServiceAccountToken"] is False
+    else:
+        assert "egress-sidecar-token" not in names and token_path not in sidecar_mounts
