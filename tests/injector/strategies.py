@@ -87,6 +87,8 @@ def valid_pods(draw: st.DrawFn) -> dict[str, Any]:
         spec["securityContext"] = {"runAsNonRoot": draw(st.booleans())}
     if draw(st.booleans()):
         spec["restartPolicy"] = draw(st.sampled_from(["Always", "OnFailure", "Never"]))
+    if draw(st.booleans()):
+        spec["automountServiceAccountToken"] = draw(st.booleans())
     volumes = draw(
         st.lists(st.sampled_from(["data", "egress-sidecar-tmp", "cache"]), unique=True, max_size=2)
     )
