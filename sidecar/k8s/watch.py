@@ -18,6 +18,7 @@ The listener is called from the watcher's thread; it must not block for long.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -220,10 +221,19 @@ class ConfigMapWatcher:
         self.watches += 1
         started = time.monotonic()
         events = 0
+
+        @functools.wraps(api.list_namespaced_config_map)
+        def open_watch(*args: Any, **kwargs: Any) -> Any:
+            response = api.list_namespaced_config_map(*args, **kwargs)
+            # The server accepted the watch (a non-2xx raised above): reachable again, even if
+            # no event or bookmark comes for minutes.
+            self.listener.on_connection(self.ref, ok=True, error=None)
+            return response
+
         try:
             # timeout_seconds also turns off Watch.stream's own retry, so that a 410 reaches us.
             stream = watch.stream(
-                api.list_namespaced_config_map,
+                open_watch,
                 self.ref.namespace,
                 field_selector=f"metadata.name={self.ref.name}",
                 resource_version=self.resource_version,
@@ -237,14 +247,10 @@ class ConfigMapWatcher:
             for event in stream:
                 if self._stop.is_set():
                     break
-                if events == 0:
-                    self.listener.on_connection(self.ref, ok=True, error=None)
                 events += 1
                 self._handle(event)
         finally:
             self._watch = None
-        if events == 0 and not self._stop.is_set():
-            self.listener.on_connection(self.ref, ok=True, error=None)
         # A watch that lasted or delivered something proves the server healthy again; one that
         # ended at once without events should not turn into a tight reconnect loop.
         if events > 0 or time.monotonic() - started >= 1.0:

@@ -145,6 +145,7 @@ def test_410_gone_relists_and_resumes(
     gone = kubeapi.requests_matching(lambda r: r.status == 410)
     assert bool(gone) is gone_as_http  # the HTTP form; the event form answers 200
     # An ERROR 410 in the middle of an open watch relists as well.
+    wait_until(lambda: kubeapi.open_watches == 1)
     lists = watcher.lists
     kubeapi.expire_history()
     wait_until(lambda: watcher.lists == lists + 1)

@@ -274,8 +274,10 @@ def test_api_server_restart_keeps_the_last_good_version(
     assert verdict(store, "api.test") == (Verdict.ALLOW, Reason.MATCHED_ALLOW)
     assert source.status()["api_reachable"] is False
     assert metric(metrics, "egress_policy_source_connected") == 0
+    kubeapi.bookmark_interval = 3600  # no event at all on the new watch: accepted is enough
     kubeapi.start()
     wait_until(source.ready, timeout=5)
+    assert source.status()["api_reachable"] is True
     rv = kubeapi.put_configmap(NS, A.name, allow("cdn.test"))
     wait_until(lambda: store.get().version == rv)
     assert metric(metrics, "egress_policy_source_connected") == 1

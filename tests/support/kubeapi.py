@@ -61,6 +61,7 @@ class _Generation:
     """One run of the server between start() and stop(); watches of an old run end."""
 
     stopped: threading.Event = field(default_factory=threading.Event)
+    open_watches: int = 0
     sockets: set[socket.socket] = field(default_factory=set)
 
 
@@ -277,6 +278,12 @@ class FakeKubeAPI:
         with self._lock:
             self._tokens = ({*self._tokens, new}) if keep_old else {new}
 
+    @property
+    def open_watches(self) -> int:
+        """Watch streams being served right now by this run of the server."""
+        with self._lock:
+            return self._generation.open_watches
+
     def watch_count(self) -> int:
         """Watch requests received so far (each reconnect is one)."""
         with self._lock:
@@ -364,6 +371,33 @@ class FakeKubeAPI:
         """Yield watch events until the deadline, a restart, or a compaction (ERROR 410)."""
         with self._lock:
             epoch = self._expire_epoch
+            generation.open_watches += 1
+        try:
+            yield from self._watch_events_counted(
+                generation=generation,
+                namespace=namespace,
+                name=name,
+                since=since,
+                deadline=deadline,
+                bookmarks=bookmarks,
+                epoch=epoch,
+            )
+        finally:
+            with self._lock:
+                generation.open_watches -= 1
+
+    def _watch_events_counted(
+        self,
+        *,
+        generation: _Generation,
+        namespace: str,
+        name: str | None,
+        since: int | None,
+        deadline: float,
+        bookmarks: bool,
+        epoch: int,
+    ) -> Iterator[JSON]:
+        with self._lock:
             too_old = bool(since is not None and since + 1 < self._compacted)
             if since is None:  # "any version": synthetic ADDED events for the current state
                 position = self._rv
@@ -688,6 +722,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._status = 200
         self._recorded = True  # a watch is recorded when it opens, not when it ends
         api._record(self._request)
+        self._stream_watch(ns, selected, since, deadline, bookmarks)
+
+    def _stream_watch(
+        self, ns: str, selected: str | None, since: int | None, deadline: float, bookmarks: bool
+    ) -> None:
+        api = self.api
         for event in api._watch_events(
             generation=self.generation,
             namespace=ns,
