@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import shutil
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from sidecar.k8s.client import KubeClient
+from sidecar.k8s.client import ClientOptions, KubeClient
 from sidecar.k8s.events import EventRecorder
 from sidecar.k8s.refs import ConfigMapRef
 from sidecar.k8s.watch import WatchTuning
@@ -355,6 +356,58 @@ def test_open_source_in_a_pod_uses_the_service_account_and_its_namespace(
         wait_until(source.ready)
         assert source.status()["policy"] == {"source": A.source, "version": rv}
         assert all(r.authorization == "bearer sa-token" for r in api.requests)
+    finally:
+        source.stop()
+        api.stop()
+
+
+def test_kubectl_describe_shows_the_rejected_edit(
+    tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """The operator's view: `kubectl describe cm` lists the InvalidAllowlist Warning."""
+    api = FakeKubeAPI(tls=True, workdir=tmp_path / "pki")  # kubectl sends tokens only over TLS
+    api.start()
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", namespace=NS)
+    client = KubeClient(ClientOptions(kubeconfig=str(kubeconfig)), environ={})
+    store = PolicyStore()
+    source = ConfigMapSource(
+        (A,),
+        client,
+        store,
+        Metrics(),
+        recorder=EventRecorder(client, instance="web-1", host="node-1"),
+        tuning=FAST,
+        tracer_provider=spans[0],
+    )
+    source.start()
+    try:
+        good = api.put_configmap(NS, A.name, allow("api.test"))
+        wait_until(source.ready)
+        api.put_configmap(NS, A.name, {"allowlist.yaml": "allow:\n  - api.test\n  - 'a*.test'\n"})
+        wait_until(lambda: api.events_for(NS, A.name))
+        out = subprocess.run(
+            [
+                "kubectl",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "describe",
+                "configmap",
+                A.name,
+                "--namespace",
+                NS,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        events = out.split("Events:", 1)[1]
+        assert "Warning" in events and "InvalidAllowlist" in events
+        assert "egress-sidecar" in events  # From
+        assert "allowlist.yaml line 3" in " ".join(events.split())
+        assert f"still enforcing version {good}" in " ".join(events.split())
     finally:
         source.stop()
         api.stop()

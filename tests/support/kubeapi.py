@@ -524,7 +524,16 @@ class FakeKubeAPI:
                 return 404, status_body(404, "NotFound", f'events "{name}" not found')
             return 200, copy.deepcopy(event)
 
-    def _list_events(self, namespace: str) -> JSON:
+    def _list_events(self, namespace: str, selector: dict[str, str]) -> JSON:
+        def matches(event: JSON) -> bool:
+            for path, value in selector.items():
+                node: Any = event
+                for part in path.split("."):
+                    node = node.get(part) if isinstance(node, dict) else None
+                if str(node or "") != value:
+                    return False
+            return True
+
         with self._lock:
             return {
                 "kind": "EventList",
@@ -533,9 +542,59 @@ class FakeKubeAPI:
                 "items": [
                     copy.deepcopy(e)
                     for (ns, _), e in sorted(self.events.items())
-                    if ns == namespace
+                    if ns == namespace and matches(e)
                 ],
             }
+
+
+def _resource(name: str, kind: str, verbs: list[str], short: list[str]) -> JSON:
+    return {
+        "name": name,
+        "singularName": kind.lower(),
+        "namespaced": True,
+        "kind": kind,
+        "verbs": verbs,
+        "shortNames": short,
+    }
+
+
+def _discovery(host: str, port: int) -> dict[str, JSON]:
+    """Legacy discovery documents for what we serve (kubectl reads these before anything)."""
+    events_group = {
+        "name": "events.k8s.io",
+        "versions": [{"groupVersion": "events.k8s.io/v1", "version": "v1"}],
+        "preferredVersion": {"groupVersion": "events.k8s.io/v1", "version": "v1"},
+    }
+    return {
+        "/version": {
+            "major": "1",
+            "minor": "32",
+            "gitVersion": "v1.32.0",
+            "platform": "linux/amd64",
+        },
+        "/api": {
+            "kind": "APIVersions",
+            "versions": ["v1"],
+            "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{host}:{port}"}
+            ],
+        },
+        "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [events_group]},
+        "/api/v1": {
+            "kind": "APIResourceList",
+            "groupVersion": "v1",
+            "resources": [
+                _resource("configmaps", "ConfigMap", ["get", "list", "watch"], ["cm"]),
+                _resource("events", "Event", ["create", "get", "list", "patch"], ["ev"]),
+            ],
+        },
+        "/apis/events.k8s.io/v1": {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": "events.k8s.io/v1",
+            "resources": [_resource("events", "Event", ["create", "get", "list", "patch"], ["ev"])],
+        },
+    }
 
 
 def _gone(position: int) -> JSON:
@@ -551,6 +610,33 @@ def _bookmark(rv: int) -> JSON:
             "metadata": {"resourceVersion": str(rv)},
         },
     }
+
+
+EVENT_FIELDS = frozenset(
+    {
+        "involvedObject.kind",
+        "involvedObject.namespace",
+        "involvedObject.name",
+        "involvedObject.uid",
+        "involvedObject.apiVersion",
+        "involvedObject.resourceVersion",
+        "reason",
+        "type",
+    }
+)
+
+
+def _event_selector(selector: str | None) -> dict[str, str] | None:
+    """The equality field selectors the API server supports on core/v1 Events."""
+    terms: dict[str, str] = {}
+    for term in (selector or "").split(","):
+        if not term:
+            continue
+        key, sep, value = term.partition("=")
+        if not sep or key.rstrip("=") not in EVENT_FIELDS:
+            return None
+        terms[key.rstrip("=")] = value.lstrip("=")
+    return terms
 
 
 def _field_name(selector: str | None) -> tuple[str | None, str | None]:
@@ -577,6 +663,7 @@ class _Handler(BaseHTTPRequestHandler):
     _request: RecordedRequest
     _recorded: bool
     _raw_body: bytes
+    _query: dict[str, str]
     _status: int
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
@@ -639,6 +726,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not self.api._token_ok(auth):
                 self._status_reply(401, "Unauthorized", "Unauthorized")
                 return
+            self._query = query
             self._route(method, parsed.path, query)
         finally:
             if not self._recorded:
@@ -655,6 +743,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str, path: str, query: dict[str, str]) -> None:
         parts = [p for p in path.split("/") if p]
+        discovery = _discovery(self.api.host, self.api.port).get(path.rstrip("/"))
+        if method == "GET" and discovery is not None:  # what kubectl asks first
+            self._send_json(200, discovery)
+            return
         # /api/v1/namespaces/{ns}/{resource}[/{name}]
         if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (5, 6):
             ns, resource = parts[3], parts[4]
@@ -786,7 +878,11 @@ class _Handler(BaseHTTPRequestHandler):
             elif method == "GET" and name is not None:
                 code, body = api._get_event(ns, name)
             elif method == "GET":
-                code, body = 200, api._list_events(ns)
+                selector = _event_selector(self._query.get("fieldSelector"))
+                if selector is None:
+                    code, body = 400, status_body(400, "BadRequest", "unsupported field selector")
+                else:
+                    code, body = 200, api._list_events(ns, selector)
             else:
                 code, body = 405, status_body(405, "MethodNotAllowed", f"{method} is not supported")
         except ValueError as err:
