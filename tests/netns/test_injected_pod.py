@@ -48,7 +48,7 @@ APP_SCRIPT = (
 )
 
 
-def manifest(ca: Path) -> str:
+def manifest(ca: Path, automount: bool) -> str:
     script = APP_SCRIPT.format(web=WEB4, other=OTHER4, ca=ca, other6=OTHER6)
     doc = {
         "apiVersion": "apps/v1",
@@ -63,6 +63,7 @@ def manifest(ca: Path) -> str:
             "template": {
                 "metadata": {"labels": {"app": "web"}},
                 "spec": {
+                    **({} if automount else {"automountServiceAccountToken": False}),
                     "securityContext": {"runAsUser": APP_UID, "runAsGroup": APP_UID},
                     "containers": [
                         {"name": "app", "image": "curl", "command": ["sh", "-c", script]}
@@ -92,9 +93,19 @@ class Injected:
         ]
 
 
-@pytest.fixture(scope="module")
-def injected(world: h.World) -> Iterator[Injected]:
-    w = world
+@pytest.fixture(scope="module", params=[True, False], ids=["automount", "no-automount"])
+def injected(request: pytest.FixtureRequest, reaped: list[str]) -> Iterator[Injected]:
+    """One pod per variant: with the kubelet's service-account mount, and with
+    ``automountServiceAccountToken: false`` (the injector then projects a token for the
+    sidecar alone)."""
+    w = h.create_world()
+    try:
+        yield from _injected(w, automount=request.param)
+    finally:
+        w.close()
+
+
+def _injected(w: h.World, *, automount: bool) -> Iterator[Injected]:
     certs = h.make_certs(w.workdir, ["web.test", "denied.test"], [WEB4, OTHER4])
     upstream = w.start_servers(
         w.outside,
@@ -115,7 +126,7 @@ def injected(world: h.World) -> Iterator[Injected]:
         }
         config.write_text(yaml.safe_dump({"otelEnv": otel}))
         source = w.workdir / "deployment.yaml"
-        source.write_text(manifest(certs.ca_pem))
+        source.write_text(manifest(certs.ca_pem, automount))
         proc = subprocess.run(
             [*INJECT, "-f", str(source), "--config", str(config)],
             capture_output=True,

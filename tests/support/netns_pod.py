@@ -6,7 +6,9 @@ order, with ``$(VAR)`` references to earlier entries), the user and group
 (container ``securityContext`` over the pod's), capabilities (``drop: [ALL]`` + ``add``: the
 bounding set), ``allowPrivilegeEscalation: false`` (no_new_privs), ``readOnlyRootFilesystem``,
 ``emptyDir`` volume mounts, and the service account mount the kubelet adds
-(``/var/run/secrets/kubernetes.io/serviceaccount``: token, ca.crt, namespace).
+(``/var/run/secrets/kubernetes.io/serviceaccount``: token, ca.crt, namespace) unless
+``automountServiceAccountToken: false``, and ``projected`` volumes of a service-account token,
+the ``kube-root-ca.crt`` ConfigMap and the downward API.
 
 What stands in for the rest: the "image" is this machine's root filesystem with the project's
 virtualenv first on PATH (``egress-sidecar`` is its console script); each container gets its
@@ -91,12 +93,44 @@ class PodRunner:
 
     def __post_init__(self) -> None:
         for vol in self.spec.get("volumes", []):
-            if "emptyDir" not in vol:
-                raise PodSpecError(f"volume {vol.get('name')!r}: only emptyDir is emulated")
             path = self.world.workdir / f"volume-{vol['name']}"
             path.mkdir()
-            path.chmod(0o777)  # as the kubelet creates an emptyDir
+            if "emptyDir" in vol:
+                path.chmod(0o777)  # as the kubelet creates an emptyDir
+            elif "projected" in vol:
+                self._project(vol["name"], vol["projected"], path)
+            else:
+                raise PodSpecError(f"volume {vol['name']!r}: only emptyDir/projected emulated")
             self.volumes[vol["name"]] = path
+
+    def _fields(self) -> dict[str, str]:
+        return {
+            "metadata.name": self.pod_name,
+            "metadata.namespace": self.namespace,
+            "spec.nodeName": self.node_name,
+            "status.podIP": self.pod_ip,
+        }
+
+    def _project(self, name: str, projected: Mapping[str, Any], path: Path) -> None:
+        """A projected service-account volume: token, the cluster CA, the namespace."""
+        mode = int(projected.get("defaultMode", 0o644))
+        for src in projected.get("sources", []):
+            if "serviceAccountToken" in src:
+                files = {src["serviceAccountToken"]["path"]: (self.service_account / "token")}
+                for rel, origin in files.items():
+                    (path / rel).write_bytes(origin.read_bytes())
+            elif src.get("configMap", {}).get("name") == "kube-root-ca.crt":
+                for item in src["configMap"].get("items", []):
+                    ca = (self.service_account / "ca.crt").read_bytes()
+                    (path / item["path"]).write_bytes(ca)
+            elif "downwardAPI" in src:
+                for item in src["downwardAPI"]["items"]:
+                    value = self._fields()[item["fieldRef"]["fieldPath"]]
+                    (path / item["path"]).write_text(value)
+            else:
+                raise PodSpecError(f"volume {name!r}: projected source {sorted(src)} not emulated")
+        for f in path.iterdir():
+            f.chmod(mode)
 
     def container(self, name: str) -> dict[str, Any]:
         for c in [*self.spec.get("initContainers", []), *self.spec.get("containers", [])]:
@@ -106,12 +140,7 @@ class PodRunner:
         raise PodSpecError(f"no container {name!r} in the pod spec")
 
     def env(self, c: Mapping[str, Any]) -> dict[str, str]:
-        fields = {
-            "metadata.name": self.pod_name,
-            "metadata.namespace": self.namespace,
-            "spec.nodeName": self.node_name,
-            "status.podIP": self.pod_ip,
-        }
+        fields = self._fields()
         env: dict[str, str] = dict(self.cluster_env)
         for item in c.get("env", []):
             if "value" in item:
@@ -153,8 +182,16 @@ class PodRunner:
         sc = c.get("securityContext", {})
         caps = sc.get("capabilities", {})
         mounts = [(m["mountPath"], self.volumes[m["name"]]) for m in c.get("volumeMounts", [])]
+        # The kubelet's service-account mount, unless the pod opts out or a volume is mounted there.
+        automount = self.spec.get("automountServiceAccountToken", True)
+        if automount and all(dst != SA_DIR for dst, _ in mounts):
+            mounts.insert(0, (SA_DIR, self.service_account))
+        binds = [*self.files.items(), *mounts]
+        # A mount over a directory holding the sources (an emptyDir on /tmp) goes last.
+        sources = [Path(src) for _, src in binds]
+        binds.sort(key=lambda b: any(src.is_relative_to(b[0]) for src in sources))
         script = ["set -e", "mount -t tmpfs -o mode=755 tmpfs /run"]
-        for dst, src in [*self.files.items(), (SA_DIR, self.service_account), *mounts]:
+        for dst, src in binds:
             if not Path(dst).exists() or str(Path(dst).resolve()).startswith("/run/"):
                 script.append(f"mkdir -p {shlex.quote(dst)}")
             script.append(f"mount --bind {shlex.quote(str(src))} {shlex.quote(dst)}")
