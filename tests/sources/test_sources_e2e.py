@@ -321,6 +321,14 @@ def test_load_while_the_configmap_flips(world: World) -> None:
             problems.append(f"{s.url}: stale or future version {rv}")
     assert problems == [], problems[:20]
 
+    # How long after a write new requests could still be decided by the version it replaced.
+    stale = [0.0]
+    for s in sent:
+        d = decisions[s.url]
+        newer = [mono for mono, _, v in writes if write_time[d["policy_version"]] < mono]
+        if newer and s.started > min(newer):
+            stale.append(s.started - min(newer))
+
     # Propagation through the proxy: write -> first decision logged under that version.
     first_decided: dict[str, float] = {}
     for d in decisions.values():
@@ -336,7 +344,9 @@ def test_load_while_the_configmap_flips(world: World) -> None:
         f"\nload: {len(sent)} requests in {seconds:.0f} s by {clients} clients "
         f"({by_host}), {len(writes) - 1} flips; both.test 200: {both_ok}/{by_host['both.test']}; "
         f"mixed decisions: 0; write -> first proxy decision under it (ms clock, {len(lags)} "
-        f"versions): p50 {statistics.median(lags) * 1000:.0f} ms, p99 {cuts[98] * 1000:.0f} ms"
+        f"versions): p50 {statistics.median(lags) * 1000:.0f} ms, p99 {cuts[98] * 1000:.0f} ms; "
+        f"longest a request sent after a write was still decided by the older version: "
+        f"{max(stale) * 1000:.0f} ms ({len(stale) - 1} such requests)"
     )
     assert len(writes) > 50 and len(sent) > 1000
     assert len(lags) >= (len(writes) - 1) * 0.8  # nearly every version decided something
