@@ -21,6 +21,8 @@ from mitmproxy.net.http.url import parse_authority
 from mitmproxy.proxy.mode_specs import TransparentMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+from sidecar.policy.errors import InvalidHost
+from sidecar.policy.hosts import normalize_host
 from sidecar.policy.model import Decision, Destination, IPAddress, Reason, Verdict
 from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
 from sidecar.proxy.connections import Connections, Kind
@@ -53,6 +55,41 @@ def _capture(client: connection.Client) -> Capture:
 
 def _peer(client: connection.Client) -> str | None:
     return client.peername[0] if client.peername else None
+
+
+def _authority_host(authority: str | None) -> str | None:
+    try:
+        return parse_authority(authority or "", check=True)[0] or None
+    except ValueError:
+        return None
+
+
+def _same_host(a: str | None, b: str) -> bool:
+    if a is None:
+        return False
+    try:
+        return normalize_host(a) == normalize_host(b)
+    except InvalidHost:
+        return False
+
+
+def _align_host_header(request: http.Request, host: str, port: int) -> None:
+    """Make the Host header name the host that was decided.
+
+    Otherwise a server hosting several sites on an allowed address would route by a Host (or
+    request-target) the policy never saw. RFC 9112 3.2.2: a proxy replaces a Host that
+    disagrees with the request-target. Agreeing headers are left byte for byte.
+    """
+    if _same_host(_authority_host(request.host_header), host):
+        return
+    try:
+        ascii_host = normalize_host(host)
+    except InvalidHost:
+        ascii_host = host
+    if ":" in ascii_host:
+        ascii_host = f"[{ascii_host}]"
+    default = 443 if request.scheme == "https" else 80
+    request.host_header = ascii_host if port == default else f"{ascii_host}:{port}"
 
 
 class Decider:
@@ -156,11 +193,9 @@ class Decider:
             original = flow.server_conn.address
             assert original is not None
             port = original[1]
-            host: str | None = None
-            try:
-                host = parse_authority(request.host_header or "", check=True)[0] or None
-            except ValueError:
-                host = None
+            # An absolute-form request-target wins over Host (RFC 9112 3.2.2: the server uses
+            # it), so that is what is decided; Host is then made to agree with it.
+            host = _authority_host(request.authority) or _authority_host(request.host_header)
             dest_host = host
             original_address = original[0]
         else:
@@ -201,6 +236,8 @@ class Decider:
             flow.response = denial_response(rec)
             self._reporter.end(opened)
             return
+        if host is not None:
+            _align_host_header(request, host, port)
         request.data.host = str(vetted.address)  # connect to the address that was checked
         request.data.port = port
         self._connections.get(flow.client_conn).vetted.add((str(vetted.address), port))

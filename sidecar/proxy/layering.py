@@ -28,8 +28,9 @@ _HTTP_METHODS = (
     b"OPTIONS ",
     b"PATCH ",
     b"TRACE ",
-    b"CONNECT ",
 )
+# CONNECT is not among them: on the transparent port it is a conversation with some other proxy
+# at the dialled address, so it is raw TCP, decided on that address by cidr rules.
 
 
 def _http_prefix(data: bytes) -> bool | None:

@@ -256,13 +256,40 @@ def test_pipelined_requests_are_decided_one_by_one(pod: Pod) -> None:
     assert [r["target"] for r in pod.requests(mark)] == ["/p1"]
 
 
+def test_an_absolute_form_target_is_decided_not_the_host_header(pod: Pod) -> None:
+    """A server routes by an absolute-form request-target (RFC 9112 3.2.2), so that is what the
+    sidecar decides: an allowed Host cannot carry a request for another site."""
+    mark = pod.upstream.mark()
+    forged = (
+        "GET http://denied.test/abs HTTP/1.1\\r\\nHost: web.test\\r\\nConnection: close\\r\\n\\r\\n"
+    )
+    result = pod.world.client("raw", WEB4, "80", forged, uid=APP_UID)
+    assert result["received"].startswith("HTTP/1.1 403"), result
+    assert pod.nothing_reached(mark, WEB4, 80)
+    assert pod.nothing_reached(mark, OTHER4, 80)
+
+
+def test_an_allowed_absolute_form_target_gets_a_host_header_that_agrees(pod: Pod) -> None:
+    mark = pod.upstream.mark()
+    ask = (
+        "GET http://web.test/abs-ok HTTP/1.1\\r\\n"
+        "Host: denied.test\\r\\nConnection: close\\r\\n\\r\\n"
+    )
+    result = pod.world.client("raw", WEB4, "80", ask, uid=APP_UID)
+    assert result["received"].startswith("HTTP/1.1 200"), result
+    (req,) = pod.requests(mark)
+    assert req["headers"]["host"] == "web.test"
+
+
 def test_connect_sent_to_the_transparent_port_reaches_nothing(pod: Pod) -> None:
     mark = pod.upstream.mark()
     ask = "CONNECT web.test:443 HTTP/1.1\\r\\nHost: web.test:443\\r\\n\\r\\n"
     result = pod.world.client("raw", OTHER4, "80", ask, uid=APP_UID)
-    assert not result["received"].startswith("HTTP/1.1 200"), result
+    assert result["received"] == "", result  # raw TCP to an unlisted address: closed
     time.sleep(0.3)
     assert not [r for r in pod.upstream.since(mark) if r["event"] == "accept"]
+    tcp = [d for d in pod.decisions() if d["protocol"] == "TCP" and d.get("address") == OTHER4]
+    assert tcp and tcp[-1]["decision"] == "deny" and tcp[-1]["port"] == 80
 
 
 # --- TLS ------------------------------------------------------------------------------------

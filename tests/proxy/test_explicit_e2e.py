@@ -250,6 +250,30 @@ def test_denied_plain_http_body_names_host_port_reason_and_policy(world: World) 
     assert span.attributes["url.full"] == f"http://denied.test:{world.blocked_http.port}/x"
 
 
+def test_a_host_header_disagreeing_with_the_url_is_replaced_by_the_decided_host(
+    world: World,
+) -> None:
+    """A shared server would route by Host: the upstream must see the host that was decided."""
+    r = requests.get(
+        f"http://web.test:{world.web.port}/get",
+        headers={"Host": "denied.test"},
+        proxies={"http": world.sidecar.proxy_url},
+        timeout=10,
+    )
+    assert r.status_code == 200
+    assert r.json()["headers"]["host"] == f"web.test:{world.web.port}"
+
+
+def test_an_agreeing_host_header_is_passed_unchanged(world: World) -> None:
+    r = requests.get(
+        f"http://web.test:{world.web.port}/get",
+        headers={"Host": f"WEB.test:{world.web.port}"},
+        proxies={"http": world.sidecar.proxy_url},
+        timeout=10,
+    )
+    assert r.json()["headers"]["host"] == f"WEB.test:{world.web.port}"
+
+
 @pytest.mark.parametrize(
     "host", ["WEB.TEST", "web.test.", "Web.Test."], ids=["upper", "fqdn-dot", "mixed-dot"]
 )

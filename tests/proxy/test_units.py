@@ -65,6 +65,7 @@ def test_listen_spec_rejects(text: str) -> None:
         (b"SSH-2.0-OpenSSH", False),
         (b"PRI * HTTP/2.0", False),
         (b"OPTIONS * HTTP/1.1", True),
+        (b"CONNECT a:443 HTTP/1.1", False),
     ],
 )
 def test_http_sniffing(data: bytes, expected: bool | None) -> None:
