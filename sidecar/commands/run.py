@@ -56,6 +56,19 @@ def add_parser(sub: Any) -> None:
         f"(env {contract.ENV_CONFIGMAPS}; namespace defaults to the pod's own)",
     )
     source.add_argument(
+        "--not-ready-when-api-unreachable",
+        action="store_true",
+        help="report not-ready while the API server has been unreachable for longer than "
+        "--api-unreachable-after (the last good policy is enforced either way)",
+    )
+    source.add_argument(
+        "--api-unreachable-after",
+        metavar="SECONDS",
+        type=float,
+        default=10.0,
+        help="see --not-ready-when-api-unreachable (default %(default)s)",
+    )
+    source.add_argument(
         "--kubeconfig",
         metavar="PATH",
         default=os.environ.get("KUBECONFIG"),
@@ -179,7 +192,7 @@ async def _serve(
     from sidecar.policy.store import PolicyStore
     from sidecar.proxy.master import ProxyConfig, build_master
     from sidecar.reporter import Reporter
-    from sidecar.sources import SourceSpec, open_source
+    from sidecar.sources import SourceConfigError, SourceSpec, open_source
     from sidecar.telemetry.setup import TelemetryConfigError, build_tracer_provider
     from sidecar.telemetry.spans import DecisionSpans
 
@@ -200,7 +213,14 @@ async def _serve(
         configmaps=configmaps,
         kubeconfig=args.kubeconfig,
         extra_private_ranges=tuple(args.allow_private_range) + tuple(env_ranges()),
+        not_ready_when_api_unreachable=args.not_ready_when_api_unreachable,
+        unreachable_after=args.api_unreachable_after,
     )
+    try:
+        source = open_source(spec, store, metrics)
+    except SourceConfigError as err:
+        print(f"egress-sidecar run: {err}", file=sys.stderr)
+        return 2
     config = ProxyConfig(
         explicit=explicit,
         transparent=transparent,
@@ -210,15 +230,18 @@ async def _serve(
     master, listeners = build_master(config, store, reporter)
 
     def readiness() -> tuple[bool, dict[str, Any]]:
+        # Ready = every source had a good version (a deleted ConfigMap is a policy being
+        # enforced, not an outage) and every listener accepts connections.
         snap = store.get()
         body: dict[str, Any] = {
             "policy": {"source": snap.source, "version": snap.version} if snap.policy else None,
             "policy_state": "loaded" if snap.policy else str(snap.unavailable),
             "mode": snap.mode.value,
+            "sources": source.status(),
             "listeners": listeners.addresses,
             "listening": listeners.all_running,
         }
-        return store.ready and listeners.all_running, body
+        return source.ready() and listeners.all_running, body
 
     try:
         health = HealthServer((health_spec.host, health_spec.port), readiness, metrics)
@@ -235,7 +258,6 @@ async def _serve(
             "trace_export": f"{plan.protocol} {plan.endpoint}" if plan.protocol else "none",
         },
     )
-    source = open_source(spec, store, metrics)
     source.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,4 +1,5 @@
-"""Denied and audited calls are always sampled, whatever OTEL_TRACES_SAMPLER says."""
+"""Denied and audited calls, and rejected or deleted policies, are always sampled, whatever
+OTEL_TRACES_SAMPLER says: they are what users look for in Jaeger."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
 ALWAYS_KEPT = frozenset({"deny", "audit"})
+ALWAYS_KEPT_RELOADS = frozenset({"invalid", "deleted"})
 
 
 class DecisionSampler(Sampler):
@@ -27,7 +29,10 @@ class DecisionSampler(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: TraceState | None = None,
     ) -> SamplingResult:
-        if attributes and attributes.get("egress.decision") in ALWAYS_KEPT:
+        if attributes and (
+            attributes.get("egress.decision") in ALWAYS_KEPT
+            or attributes.get("egress.policy.reload.result") in ALWAYS_KEPT_RELOADS
+        ):
             parent_state = get_current_span(parent_context).get_span_context().trace_state
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, parent_state)
         return self._delegate.should_sample(

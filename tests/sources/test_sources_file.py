@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -111,7 +112,15 @@ def test_an_invalid_file_keeps_the_last_good_version(
     assert decide(store, "api.test")[0] is Verdict.ALLOW
     text = metrics.render().decode()
     assert 'egress_policy_reloads_total{result="invalid",source="file:' in text
-    failed = [s for s in spans[1].get_finished_spans() if s.status.status_code is StatusCode.ERROR]
+
+    # The span is reported right after the status changes: wait for it, don't race it.
+    def failed_spans() -> list[Any]:
+        return [
+            s for s in spans[1].get_finished_spans() if s.status.status_code is StatusCode.ERROR
+        ]
+
+    wait_until(lambda: bool(failed_spans()))
+    failed = failed_spans()
     assert len(failed) == 1 and (failed[0].attributes or {})["egress.policy.version"] == digest(BAD)
     writer.write({"allowlist.yaml": DOC_2})
     wait_until(lambda: store.get().version == digest(DOC_2))

@@ -119,6 +119,16 @@ def test_denials_and_audits_are_sampled_even_when_the_sampler_drops_everything(
     assert (result.decision is Decision.RECORD_AND_SAMPLE) is sampled
 
 
+@pytest.mark.parametrize(
+    ("result", "sampled"), [("invalid", True), ("deleted", True), ("applied", False)]
+)
+def test_rejected_and_deleted_policy_reloads_are_always_sampled(result: str, sampled: bool) -> None:
+    sampler = DecisionSampler(ALWAYS_OFF)
+    attrs = {"egress.policy.reload.result": result}
+    outcome = sampler.should_sample(None, 0x1234, "policy reload", SpanKind.INTERNAL, attrs)
+    assert (outcome.decision is Decision.RECORD_AND_SAMPLE) is sampled
+
+
 def test_without_any_exporter_no_span_is_built_and_traceparent_is_left_alone() -> None:
     from opentelemetry.trace import NoOpTracerProvider
 
