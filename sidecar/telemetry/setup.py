@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,5 +129,6 @@ def build_tracer_provider(
     if plan.file is not None:
         provider.add_span_processor(BatchSpanProcessor(OtlpJsonLinesExporter(plan.file)))
     if plan.console:
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        # stderr: stdout carries exactly one JSON line per decision and nothing else.
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
     return provider, plan

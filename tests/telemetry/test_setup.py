@@ -157,3 +157,19 @@ def test_with_an_endpoint_spans_are_recorded(tmp_path: Path) -> None:
     span.end()
     provider.shutdown()
     assert '"name":"GET"' in (tmp_path / "s.jsonl").read_text()
+
+
+def test_trace_console_writes_spans_to_stderr_never_stdout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from sidecar.telemetry.setup import build_tracer_provider
+
+    provider, plan = build_tracer_provider({}, console=True)
+    assert isinstance(provider, TracerProvider) and plan.console
+    provider.get_tracer("t").start_span("CONNECT", attributes={"egress.decision": "deny"}).end()
+    provider.shutdown()
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert '"name": "CONNECT"' in err and '"egress.decision": "deny"' in err
