@@ -124,6 +124,15 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--resolve-timeout", type=float, default=5.0, help="DNS timeout in seconds (default 5)"
     )
+    parser.add_argument(
+        "--first-byte-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="transparent capture: a client that sends nothing for this long (a server-speaks-"
+        "first protocol to an address no cidr rule allows) is decided as raw TCP on its "
+        "original address (default %(default)s)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -226,6 +235,7 @@ async def _serve(
         transparent=transparent,
         confdir=args.confdir,
         resolve_timeout=args.resolve_timeout,
+        first_byte_timeout=args.first_byte_timeout,
     )
     master, listeners = build_master(config, store, reporter)
 

@@ -7,8 +7,11 @@ request decided on its Host) or anything else (decided on the original destinati
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
@@ -43,25 +46,49 @@ def _http_prefix(data: bytes) -> bool | None:
     return False
 
 
+type SilenceHandler = Callable[[Context], layer.Layer]
+
+
 class _TransparentProxyAskingOnStart(modes.TransparentProxy):
-    """mitmproxy's transparent top layer, but it asks for the next layer before any data.
+    """mitmproxy's transparent top layer, but it does not wait forever for a client byte.
 
     With lazy upstream connections a server-speaks-first protocol (MySQL, SMTP) would otherwise
-    wait forever for a client byte. Asking on start lets an address the policy already allows
-    pass through at once.
+    wait for a client byte that never comes. Asking for the next layer on start lets an address
+    the policy already allows pass through at once; for any other address, a client that stays
+    silent for ``first_byte_timeout`` seconds is handed to ``on_silence`` (decided as raw TCP on
+    its original address, so it is closed promptly and traced).
     """
+
+    first_byte_timeout: float = 10.0
+    on_silence: SilenceHandler | None = None
 
     @expect(events.Start)  # type: ignore[untyped-decorator]
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         assert self.context.server.address, "No server address set."
-        self.child_layer = layer.NextLayer(self.context, ask_on_start=True)
+        self._next = layer.NextLayer(self.context, ask_on_start=True)
+        self.child_layer = self._next
+        self._wakeup = commands.RequestWakeup(self.first_byte_timeout)
         err = yield from self.finish_start()
         if err:
             yield commands.CloseConnection(self.context.client)
+            return
+        if self._next.layer is None and self.on_silence is not None:
+            yield self._wakeup
+        self._handle_event = self._relay
+
+    def _relay(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Wakeup) and event.command is self._wakeup:
+            if self._next.layer is None and self.on_silence is not None:
+                self._next.layer = self.on_silence(self.context)
+                yield from self._next._ask()  # replays the buffered Start into that layer
+            return  # our timer: never passed down (a decided layer would not expect it)
+        yield from self._next.handle_event(event)
 
 
-def install_transparent_start() -> None:
-    """Make mitmproxy's transparent mode servers build the layer above (idempotent)."""
+def install_transparent_start(first_byte_timeout: float, on_silence: SilenceHandler | None) -> None:
+    """Make mitmproxy's transparent mode servers build the layer above."""
+    _TransparentProxyAskingOnStart.first_byte_timeout = first_byte_timeout
+    _TransparentProxyAskingOnStart.on_silence = on_silence
     modes.TransparentProxy = _TransparentProxyAskingOnStart  # type: ignore[misc]
 
 
@@ -118,6 +145,11 @@ class Layering:
             info.kind = Kind.HTTP
             return layers.HttpLayer(context, HTTPMode.transparent)
         info.kind = Kind.TCP
+        return layers.TCPLayer(context, ignore=True)
+
+    def silent_client(self, context: Context) -> layer.Layer:
+        """No byte within the first-byte timeout: decided as raw TCP on the original address."""
+        self._connections.get(context.client).kind = Kind.TCP
         return layers.TCPLayer(context, ignore=True)
 
     def _address_allowed(self, address: tuple[str, int] | None) -> bool:

@@ -46,18 +46,20 @@ class ProxyConfig:
     transparent: tuple[ListenSpec, ...]
     confdir: str
     resolve_timeout: float = 5.0
+    first_byte_timeout: float = 10.0  # transparent: a silent client is then decided as raw TCP
 
 
 def build_master(
     config: ProxyConfig, store: PolicyStore, reporter: Reporter
 ) -> tuple[Master, Listeners]:
-    install_transparent_start()
     master = Master(options.Options(), event_loop=asyncio.get_running_loop())
     connections = Connections()
     listeners = Listeners()
+    layering = Layering(store, connections)
+    install_transparent_start(config.first_byte_timeout, layering.silent_client)
     master.addons.add(
         Proxyserver(),
-        Layering(store, connections),
+        layering,
         Decider(store, reporter, Resolver(config.resolve_timeout), connections),
         listeners,
     )

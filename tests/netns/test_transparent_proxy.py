@@ -175,6 +175,8 @@ def pod(world: h.World) -> Iterator[Pod]:
         str(state / "mitmproxy"),
         "--trace-file",
         str(trace_file),
+        "--first-byte-timeout",
+        "1",
     ]
     env = {"HOME": str(state), "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_SERVICE_NAME": "netns-app"}
     sidecar = w.pod.popen(argv, uid=PROXY_UID, binds=binds, env=env, output=out)
@@ -395,6 +397,26 @@ def test_raw_tcp_follows_cidr_rules(pod: Pod) -> None:
 def test_server_speaks_first_protocol_passes_when_allowed(pod: Pod) -> None:
     result = pod.world.client("tcp", DB4, "3306", uid=APP_UID)
     assert result["received"].startswith(f"220 banner from {DB4}:3306"), result
+
+
+def test_a_silent_client_to_an_unlisted_address_is_closed_after_the_first_byte_timeout(
+    pod: Pod,
+) -> None:
+    """A server-speaks-first protocol to an address no cidr rule allows: the client would wait
+    for a greeting forever; after --first-byte-timeout (1 s here) it is decided as raw TCP."""
+    mark = pod.upstream.mark()
+    started = time.monotonic()
+    result = pod.world.client("tcp", OTHER4, "5432", uid=APP_UID)  # sends nothing
+    elapsed = time.monotonic() - started
+    assert result["connected"] and result["received"] == "", result
+    assert elapsed < 4.5, elapsed  # closed by the sidecar, not by the client's 5 s timeout
+    assert pod.nothing_reached(mark, OTHER4, 5432)
+    tcp = [
+        d
+        for d in pod.decisions()
+        if d["protocol"] == "TCP" and d.get("address") == OTHER4 and d["port"] == 5432
+    ]
+    assert tcp and tcp[-1]["decision"] == "deny"
 
 
 @pytest.mark.parametrize("addr", [WEB4, WEB6])
