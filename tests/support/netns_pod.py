@@ -32,6 +32,8 @@ from typing import Any
 from tests.support import netns as h
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# What stands in for the container image: the virtualenv and the sources it installs (editable).
+IMAGE_PATHS = (Path(sys.prefix).resolve(), Path(__file__).resolve().parents[2])
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 
@@ -191,10 +193,19 @@ class PodRunner:
         sources = [Path(src) for _, src in binds]
         binds.sort(key=lambda b: any(src.is_relative_to(b[0]) for src in sources))
         script = ["set -e", "mount -t tmpfs -o mode=755 tmpfs /run"]
+        # The "image" (virtualenv and sources) may live under a mount point of the pod, e.g. a
+        # clone in /tmp with an emptyDir mounted on /tmp: keep it reachable at its own path.
+        image = [p for p in IMAGE_PATHS if any(p.is_relative_to(dst) for dst, _ in binds)]
+        for i, path in enumerate(image):
+            stash = f"/run/image-{i}"
+            script.append(f"mkdir -p {stash} && mount --bind {shlex.quote(str(path))} {stash}")
         for dst, src in binds:
             if not Path(dst).exists() or str(Path(dst).resolve()).startswith("/run/"):
                 script.append(f"mkdir -p {shlex.quote(dst)}")
             script.append(f"mount --bind {shlex.quote(str(src))} {shlex.quote(dst)}")
+        for i, path in enumerate(image):
+            quoted = shlex.quote(str(path))
+            script.append(f"mkdir -p {quoted} && mount --bind /run/image-{i} {quoted}")
         if sc.get("readOnlyRootFilesystem"):
             script += ["mount -o remount,bind,ro /", "mount -o remount,ro /run"]
         setpriv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
