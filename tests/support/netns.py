@@ -17,7 +17,6 @@ Needs root, ``ip`` (iproute2), ``setpriv``/``unshare`` (util-linux). Only addres
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import ipaddress
 import json
 import os
@@ -36,9 +35,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.support.tls import TestCA
 
 PREFIX: Final = "egsc-"
 REPO: Final = Path(__file__).resolve().parents[2]
@@ -263,76 +261,16 @@ class Certs:
 
 def make_certs(directory: Path, names: Sequence[str], ips: Sequence[str]) -> Certs:
     """A test CA and a leaf for ``names``/``ips``: the upstream's own certificate."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cn = f"egress-sidecar netns test CA {secrets.token_hex(4)}"
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_cn)])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    certs = Certs(
-        ca_pem=directory / "upstream-ca.pem",
-        cert_pem=directory / "upstream-cert.pem",
-        key_pem=directory / "upstream-key.pem",
-        ca_subject_cn=ca_cn,
-        leaf_der_sha256=leaf.fingerprint(hashes.SHA256()).hex(),
-    )
-    certs.ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    ca = TestCA(f"egress-sidecar netns test CA {secrets.token_hex(4)}")
+    leaf = ca.issue(*names, *ips)
     # Chain in the server file: the client sees leaf + CA, as from a real server.
-    certs.cert_pem.write_bytes(
-        leaf.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM)
-    )
-    certs.key_pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    cert_pem, key_pem = leaf.write(directory, "upstream", chain=True)
+    certs = Certs(
+        ca_pem=ca.write_ca(directory / "upstream-ca.pem"),
+        cert_pem=cert_pem,
+        key_pem=key_pem,
+        ca_subject_cn=ca.common_name,
+        leaf_der_sha256=leaf.fingerprint_sha256,
     )
     for p in (certs.ca_pem, certs.cert_pem):
         p.chmod(0o644)

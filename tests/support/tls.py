@@ -10,18 +10,20 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 @dataclass(frozen=True)
 class Issued:
     cert_pem: bytes
     key_pem: bytes
-    fingerprint_sha256: str  # hex, lower case
+    fingerprint_sha256: str  # of the leaf's DER, hex, lower case
+    ca_pem: bytes
 
-    def write(self, directory: Path, stem: str) -> tuple[Path, Path]:
+    def write(self, directory: Path, stem: str, *, chain: bool = False) -> tuple[Path, Path]:
+        """Write ``stem.crt`` (leaf, plus the CA when ``chain``) and ``stem.key``."""
         cert, key = directory / f"{stem}.crt", directory / f"{stem}.key"
-        cert.write_bytes(self.cert_pem)
+        cert.write_bytes(self.cert_pem + (self.ca_pem if chain else b""))
         key.write_bytes(self.key_pem)
         return cert, key
 
@@ -59,8 +61,19 @@ class TestCA:
                 ),
                 critical=True,
             )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
+            )
             .sign(self.key, hashes.SHA256())
         )
+
+    @property
+    def common_name(self) -> str:
+        return str(self.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+    def write_ca(self, path: Path) -> Path:
+        path.write_bytes(self.cert_pem)
+        return path
 
     @property
     def cert_pem(self) -> bytes:
@@ -85,6 +98,11 @@ class TestCA:
             .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
             .sign(self.key, hashes.SHA256())
         )
         return Issued(
@@ -95,4 +113,5 @@ class TestCA:
                 serialization.NoEncryption(),
             ),
             cert.fingerprint(hashes.SHA256()).hex(),
+            self.cert_pem,
         )
