@@ -178,7 +178,6 @@ def audit(
         env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_grpc.endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-            "OTEL_EXPORTER_OTLP_INSECURE": "true",
             "OTEL_BSP_SCHEDULE_DELAY": "100",
             # Allowed calls are sampled out; audited (would-be denied) ones must still arrive.
             "OTEL_TRACES_SAMPLER": "always_off",
