@@ -44,7 +44,6 @@ class Vetted:
 
     decision: Decision
     address: IPAddress | None
-    error: str | None = None  # why there is no address although the call is permitted
 
 
 def _capture(client: connection.Client) -> Capture:
