@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from mitmproxy import connection
 
+from sidecar.reporter import OpenDecision
+
 
 class Kind(StrEnum):
     PENDING = "pending"  # transparent, protocol not known yet
@@ -23,6 +25,8 @@ class ConnectionInfo:
     original: tuple[str, int] | None = None  # transparent: where the app was connecting
     # (address, port) pairs a decision vetted for this client: server_connect lets only these out.
     vetted: set[tuple[str, int]] = field(default_factory=set)
+    # Allowed streams whose span ends with the upstream connect's outcome, by vetted address.
+    awaiting: dict[tuple[str, int], OpenDecision] = field(default_factory=dict)
 
 
 class Connections:

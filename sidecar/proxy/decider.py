@@ -179,7 +179,8 @@ class Decider:
             rec.tls_passthrough = True
             # Pins the tunnel to the vetted address: mitmproxy connects to request.host.
             flow.request.data.host = str(vetted.address)
-            self._connections.get(flow.client_conn).vetted.add((str(vetted.address), port))
+            self._await_upstream(flow.client_conn, rec, (str(vetted.address), port), start_ns)
+            return
         self._reporter.report(rec, start_ns=start_ns)
 
     # -- plain HTTP (explicit and transparent) --------------------------------------------------
@@ -318,11 +319,44 @@ class Decider:
                 rec.peer_address = original_ip
         else:
             server.address = (str(vetted.address), port)
-            self._connections.get(client).vetted.add((str(vetted.address), port))
+            self._await_upstream(client, rec, server.address, start_ns)
+            return
         self._reporter.report(rec, start_ns=start_ns)
+
+    # -- the outcome of an allowed stream's upstream connection ----------------------------------
+
+    def _await_upstream(
+        self,
+        client: connection.Client,
+        rec: DecisionRecord,
+        address: tuple[str, int],
+        start_ns: int,
+    ) -> None:
+        """Vet ``address`` for this client and keep the span open until the connect's outcome."""
+        info = self._connections.get(client)
+        info.vetted.add(address)
+        info.awaiting[address] = self._reporter.begin(rec, start_ns=start_ns)
+
+    def server_connected(self, data: ServerConnectionHookData) -> None:
+        if data.server.address is not None:
+            info = self._connections.get(data.client)
+            opened = info.awaiting.pop((data.server.address[0], data.server.address[1]), None)
+            if opened is not None:
+                self._reporter.end(opened)
+
+    def server_connect_error(self, data: ServerConnectionHookData) -> None:
+        if data.server.address is not None:
+            info = self._connections.get(data.client)
+            opened = info.awaiting.pop((data.server.address[0], data.server.address[1]), None)
+            if opened is not None:
+                # Allowed, but the destination could not be reached: the span says so.
+                opened.record.error = data.server.error or "connect failed"
+                self._reporter.end(opened)
 
     def client_disconnected(self, client: connection.Client) -> None:
         info = self._connections.get(client)
+        for opened in info.awaiting.values():  # the client left before the tunnel started
+            self._reporter.end(opened)
         if info.kind is Kind.PENDING and info.original is not None:
             # A transparent connection that never sent a byte (e.g. a server-speaks-first
             # protocol to an address no cidr rule allows) was held, never connected upstream.

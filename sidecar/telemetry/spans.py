@@ -17,6 +17,23 @@ _propagator = TraceContextTextMapPropagator()
 
 DENIED_ERROR_TYPE = "egress_denied"
 
+# error.type must have low cardinality: a category, the message goes in egress.upstream.error.
+_ERROR_TYPES = (
+    (("refused", "errno 111"), "connection_refused"),
+    (("timed out", "timeout"), "timeout"),
+    (("unreachable", "errno 113", "errno 101"), "host_unreachable"),
+    (("reset", "errno 104"), "connection_reset"),
+    (("certificate", "tls", "ssl"), "tls_error"),
+)
+
+
+def error_type(message: str) -> str:
+    text = message.lower()
+    for needles, category in _ERROR_TYPES:
+        if any(n in text for n in needles):
+            return category
+    return "upstream_error"
+
 
 def decision_attributes(rec: DecisionRecord) -> dict[str, AttributeValue]:
     """Attributes known when the decision is made (the sampler sees these)."""
@@ -87,7 +104,8 @@ class DecisionSpans:
         if rec.verdict is Verdict.DENY:
             span.set_status(Status(StatusCode.ERROR, rec.decision.reason.value))
         elif rec.error is not None:
-            span.set_attribute("error.type", rec.error)
+            span.set_attribute("error.type", error_type(rec.error))
+            span.set_attribute("egress.upstream.error", rec.error)
             span.set_status(Status(StatusCode.ERROR, rec.error))
         elif rec.status_code is not None and rec.status_code >= 500:
             # Client span semantics: 5xx is an error, 4xx from upstream is not ours to judge.

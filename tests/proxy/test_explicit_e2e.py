@@ -17,11 +17,12 @@ import pytest
 import requests
 
 from tests.support.otlp import SPAN_KIND_CLIENT, STATUS_ERROR, OtlpHttpReceiver, ReceivedSpan
-from tests.support.sidecar import Sidecar, start_sidecar
+from tests.support.sidecar import Sidecar, free_port, start_sidecar
 from tests.support.tls import TestCA
 from tests.support.upstream import UpstreamServer
 
-API, WEB, BLOCKED = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+API, WEB, BLOCKED, CLOSED = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
+CLOSED_PORT = free_port(CLOSED)  # nothing listens there
 
 
 @dataclass
@@ -57,6 +58,8 @@ allow:
     ports: [{api.port}]
   - host: ghost.test
     ports: [{web.port}]
+  - host: closed.test
+    ports: [{CLOSED_PORT}]
   - host: web.test
     ports: [{web.port}]
     methods: [GET, HEAD]
@@ -67,7 +70,13 @@ deny:
     sidecar = start_sidecar(
         tmp,
         allowlist=allowlist,
-        hosts={"api.test": API, "web.test": WEB, "blocked.test": BLOCKED, "denied.test": BLOCKED},
+        hosts={
+            "api.test": API,
+            "web.test": WEB,
+            "blocked.test": BLOCKED,
+            "denied.test": BLOCKED,
+            "closed.test": CLOSED,
+        },
         args=["--allow-private-range", "127.0.0.0/8"],
         env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_http.endpoint,
@@ -189,6 +198,27 @@ def test_an_allowed_tunnel_is_traced_once_with_passthrough(world: World) -> None
     assert span.resource["k8s.namespace.name"] == "shop"
     assert span.resource["k8s.pod.name"] == "checkout-7d9f-abcde"
     assert span.resource["k8s.deployment.name"] == "checkout"
+
+
+def test_an_allowed_tunnel_to_an_unreachable_destination_is_traced_as_an_error(
+    world: World,
+) -> None:
+    sock, head = _connect_tunnel(world, f"closed.test:{CLOSED_PORT}")
+    sock.settimeout(5)
+    try:
+        sock.sendall(b"\x16\x03\x01\x00\x05hello")  # the client's first bytes open the upstream
+        rest = sock.recv(1)  # the tunnel is closed once the connect fails
+    except OSError:
+        rest = b""
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 200") and rest == b""
+    span = _spans(world, "closed.test")[-1]
+    assert span.attributes["egress.decision"] == "allow"
+    assert span.status_code == STATUS_ERROR
+    assert span.attributes["error.type"] == "connection_refused"
+    assert "111" in span.attributes["egress.upstream.error"]
+    line = world.sidecar.wait_decisions(lambda d: d.get("host") == "closed.test")[-1]
+    assert line["decision"] == "allow" and "111" in line["error"]
 
 
 # -- denials ---------------------------------------------------------------------------------

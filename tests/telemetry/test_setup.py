@@ -173,3 +173,20 @@ def test_trace_console_writes_spans_to_stderr_never_stdout(
     out, err = capsys.readouterr()
     assert out == ""
     assert '"name": "CONNECT"' in err and '"egress.decision": "deny"' in err
+
+
+@pytest.mark.parametrize(
+    ("message", "category"),
+    [
+        ("[Errno 111] Connect call failed ('127.0.0.5', 43949)", "connection_refused"),
+        ("Connection refused", "connection_refused"),
+        ("connect timed out", "timeout"),
+        ("[Errno 113] No route to host", "host_unreachable"),
+        ("peer closed connection: [Errno 104] Connection reset by peer", "connection_reset"),
+        ("something odd", "upstream_error"),
+    ],
+)
+def test_upstream_errors_map_to_low_cardinality_error_types(message: str, category: str) -> None:
+    from sidecar.telemetry.spans import error_type
+
+    assert error_type(message) == category
