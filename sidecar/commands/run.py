@@ -125,6 +125,14 @@ def add_parser(sub: Any) -> None:
         "--resolve-timeout", type=float, default=5.0, help="DNS timeout in seconds (default 5)"
     )
     parser.add_argument(
+        "--dns-cache-ttl",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="keep resolved addresses this long (failures 1 s); 0 resolves for every call "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--first-byte-timeout",
         type=float,
         default=10.0,
@@ -235,6 +243,7 @@ async def _serve(
         transparent=transparent,
         confdir=args.confdir,
         resolve_timeout=args.resolve_timeout,
+        dns_cache_ttl=args.dns_cache_ttl,
         first_byte_timeout=args.first_byte_timeout,
     )
     master, listeners = build_master(config, store, reporter)

@@ -46,6 +46,7 @@ class ProxyConfig:
     transparent: tuple[ListenSpec, ...]
     confdir: str
     resolve_timeout: float = 5.0
+    dns_cache_ttl: float = 5.0
     first_byte_timeout: float = 10.0  # transparent: a silent client is then decided as raw TCP
 
 
@@ -60,7 +61,7 @@ def build_master(
     master.addons.add(
         Proxyserver(),
         layering,
-        Decider(store, reporter, Resolver(config.resolve_timeout), connections),
+        Decider(store, reporter, Resolver(config.resolve_timeout, cache_ttl=config.dns_cache_ttl), connections),
         listeners,
     )
     master.options.update(

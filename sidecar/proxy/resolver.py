@@ -1,11 +1,21 @@
-"""Name resolution for vetting: every address a host resolves to, in the system's order."""
+"""Name resolution for vetting: every address a host resolves to, in the system's order.
+
+Results are kept for a few seconds (``cache_ttl``; failures for ``negative_ttl``) and concurrent
+lookups of one name share a single query: without that, every plain-HTTP request to a named host
+would cost a thread-pool getaddrinfo. The addresses a decision vetted are still the ones the
+proxy connects to; the cache only decides how fresh they are.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
+
+from cachetools import TTLCache
 
 from sidecar.policy.model import IPAddress
 
@@ -16,25 +26,69 @@ class Resolution:
     error: str | None = None
 
 
+# loop.getaddrinfo's shape: (host, port, *, type, proto) -> [(family, type, proto, canon, addr)]
+type GetAddrInfo = Callable[..., Awaitable[list[tuple[Any, ...]]]]
+
+
 class Resolver:
-    def __init__(self, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        timeout: float = 5.0,
+        *,
+        cache_ttl: float = 5.0,
+        negative_ttl: float = 1.0,
+        max_entries: int = 4096,
+        getaddrinfo: GetAddrInfo | None = None,
+    ) -> None:
         self.timeout = timeout
+        self._getaddrinfo = getaddrinfo
+        self._resolved: TTLCache[str, Resolution] | None = (
+            TTLCache(max_entries, cache_ttl) if cache_ttl > 0 else None
+        )
+        self._failed: TTLCache[str, Resolution] | None = (
+            TTLCache(max_entries, negative_ttl) if negative_ttl > 0 and cache_ttl > 0 else None
+        )
+        self._inflight: dict[str, asyncio.Task[Resolution]] = {}
+        self.lookups = 0  # queries actually made (for tests and metrics)
 
     async def resolve(self, host: str, port: int) -> Resolution:
-        resolution = await self._resolve(host, port)
+        key = host.lower()
+        for cache in (self._resolved, self._failed):
+            if cache is not None and (hit := cache.get(key)) is not None:
+                return hit
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._resolve_fqdn(host, port))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._store(key, t))
+        # shield: a caller that goes away (client disconnect) does not cancel the shared query
+        return await asyncio.shield(task)
+
+    def _store(self, key: str, task: asyncio.Task[Resolution]) -> None:
+        self._inflight.pop(key, None)
+        if task.cancelled() or task.exception() is not None:
+            return
+        resolution = task.result()
+        cache = self._resolved if resolution.addresses else self._failed
+        if cache is not None:
+            cache[key] = resolution
+
+    async def _resolve_fqdn(self, host: str, port: int) -> Resolution:
+        resolution = await self._lookup(host, port)
         if not resolution.addresses and host.endswith(".") and len(host) > 1:
             # A fully qualified "name." resolves in DNS but not in a hosts file; the policy
             # already treats both spellings as one host.
-            retry = await self._resolve(host[:-1], port)
+            retry = await self._lookup(host[:-1], port)
             if retry.addresses:
                 return retry
         return resolution
 
-    async def _resolve(self, host: str, port: int) -> Resolution:
-        loop = asyncio.get_running_loop()
+    async def _lookup(self, host: str, port: int) -> Resolution:
+        self.lookups += 1
+        getaddrinfo = self._getaddrinfo or asyncio.get_running_loop().getaddrinfo
         try:
             infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP),
+                getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP),
                 self.timeout,
             )
         except TimeoutError:

@@ -1,0 +1,121 @@
+"""The resolver's cache and query sharing, with a stand-in for getaddrinfo (no DNS traffic)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from sidecar.proxy.resolver import Resolver
+
+
+class FakeDns:
+    def __init__(self, table: dict[str, list[str]], delay: float = 0.0) -> None:
+        self.table = table
+        self.delay = delay
+        self.queries: list[str] = []
+
+    async def __call__(self, host: str, port: int, **_: Any) -> list[tuple[Any, ...]]:
+        self.queries.append(host)
+        await asyncio.sleep(self.delay)
+        addresses = self.table.get(host.lower())  # names are case-insensitive, as in DNS
+        if addresses is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+            for a in addresses
+        ]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_concurrent_lookups_of_one_name_share_one_query() -> None:
+    dns = FakeDns({"api.test": ["198.18.0.1"]}, delay=0.05)
+    resolver = Resolver(getaddrinfo=dns)
+
+    async def many() -> list[Any]:
+        return await asyncio.gather(*(resolver.resolve("api.test", 443) for _ in range(20)))
+
+    results = run(many())
+    assert dns.queries == ["api.test"]
+    assert {str(a) for r in results for a in r.addresses} == {"198.18.0.1"}
+
+
+def test_answers_are_kept_for_the_ttl_then_asked_again() -> None:
+    dns = FakeDns({"api.test": ["198.18.0.1", "fd00::1"]})
+    resolver = Resolver(cache_ttl=0.2, getaddrinfo=dns)
+
+    async def scenario() -> None:
+        first = await resolver.resolve("API.test", 443)
+        assert [str(a) for a in first.addresses] == ["198.18.0.1", "fd00::1"]
+        await resolver.resolve("api.test", 80)
+        assert dns.queries == ["API.test"]
+        await asyncio.sleep(0.3)
+        await resolver.resolve("api.test", 443)
+        assert len(dns.queries) == 2
+
+    run(scenario())
+
+
+def test_failures_are_kept_only_for_the_negative_ttl() -> None:
+    dns = FakeDns({})
+    resolver = Resolver(cache_ttl=5, negative_ttl=0.1, getaddrinfo=dns)
+
+    async def scenario() -> None:
+        miss = await resolver.resolve("ghost.test", 443)
+        assert miss.addresses == () and "ghost.test" in (miss.error or "")
+        await resolver.resolve("ghost.test", 443)
+        assert dns.queries == ["ghost.test"]
+        await asyncio.sleep(0.15)
+        await resolver.resolve("ghost.test", 443)
+        assert dns.queries == ["ghost.test", "ghost.test"]
+
+    run(scenario())
+
+
+def test_a_zero_ttl_disables_the_cache() -> None:
+    dns = FakeDns({"api.test": ["198.18.0.1"]})
+    resolver = Resolver(cache_ttl=0, getaddrinfo=dns)
+
+    async def scenario() -> None:
+        for _ in range(3):
+            await resolver.resolve("api.test", 443)
+
+    run(scenario())
+    assert len(dns.queries) == 3
+
+
+def test_a_fully_qualified_name_falls_back_to_the_hosts_file_spelling() -> None:
+    dns = FakeDns({"api.test": ["198.18.0.1"]})
+    resolution = run(Resolver(getaddrinfo=dns).resolve("api.test.", 443))
+    assert [str(a) for a in resolution.addresses] == ["198.18.0.1"]
+    assert dns.queries == ["api.test.", "api.test"]
+
+
+def test_a_caller_that_goes_away_does_not_cancel_the_shared_query() -> None:
+    dns = FakeDns({"api.test": ["198.18.0.1"]}, delay=0.1)
+    resolver = Resolver(getaddrinfo=dns)
+
+    async def scenario() -> None:
+        impatient = asyncio.ensure_future(resolver.resolve("api.test", 443))
+        patient = asyncio.ensure_future(resolver.resolve("api.test", 443))
+        await asyncio.sleep(0.01)
+        impatient.cancel()
+        result = await patient
+        assert [str(a) for a in result.addresses] == ["198.18.0.1"]
+        with pytest.raises(asyncio.CancelledError):
+            await impatient
+
+    run(scenario())
+    assert dns.queries == ["api.test"]
+
+
+def test_a_slow_resolver_times_out_with_a_reason() -> None:
+    dns = FakeDns({"api.test": ["198.18.0.1"]}, delay=1.0)
+    resolution = run(Resolver(timeout=0.05, getaddrinfo=dns).resolve("api.test", 443))
+    assert resolution.addresses == ()
+    assert "timed out" in (resolution.error or "")
