@@ -61,7 +61,12 @@ def build_master(
     master.addons.add(
         Proxyserver(),
         layering,
-        Decider(store, reporter, Resolver(config.resolve_timeout, cache_ttl=config.dns_cache_ttl), connections),
+        Decider(
+            store,
+            reporter,
+            Resolver(config.resolve_timeout, cache_ttl=config.dns_cache_ttl),
+            connections,
+        ),
         listeners,
     )
     master.options.update(
