@@ -1,4 +1,7 @@
-"""Test certificates: a private CA and server certificates for upstream test servers."""
+"""Test certificates: a private CA and server certificates for upstream test servers.
+
+The CA is the injector's own (``injector.certs.CertificateAuthority``), valid for two days.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+
+from injector.certs import CertificateAuthority
 
 
 @dataclass(frozen=True)
@@ -28,90 +32,46 @@ class Issued:
         return cert, key
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class TestCA:
     __test__ = False  # not a pytest class
 
     def __init__(self, name: str = "egress-sidecar test CA") -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name))
-            .issuer_name(_name(name))
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
-            )
-            .sign(self.key, hashes.SHA256())
-        )
+        self._start, self._end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=2)
+        self._ca = CertificateAuthority(name, self._start, self._end)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self._ca.cert_pem
 
     @property
     def common_name(self) -> str:
-        return str(self.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+        return str(self._ca.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 
     def write_ca(self, path: Path) -> Path:
         path.write_bytes(self.cert_pem)
         return path
 
-    @property
-    def cert_pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
     def issue(self, *names: str) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
-        sans: list[x509.GeneralName] = []
-        for n in names:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-            except ValueError:
-                sans.append(x509.DNSName(n))
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(names[0]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
-            .sign(self.key, hashes.SHA256())
+        """A leaf for host names and IP addresses (the first one is its CN)."""
+        bundle = self._ca.issue(
+            [n for n in names if not _is_ip(n)],
+            [n for n in names if _is_ip(n)],
+            not_before=self._start,
+            not_after=self._end - dt.timedelta(days=1),
         )
+        leaf = x509.load_pem_x509_certificate(bundle.cert_pem)
         return Issued(
-            cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            cert.fingerprint(hashes.SHA256()).hex(),
-            self.cert_pem,
+            bundle.cert_pem,
+            bundle.key_pem,
+            leaf.fingerprint(hashes.SHA256()).hex(),
+            bundle.ca_pem,
         )
