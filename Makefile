@@ -18,8 +18,8 @@ run: venv
 	$(BIN)/egress-sidecar run --allowlist-file examples/allowlist.yaml --health-listen 127.0.0.1:15021 --confdir $(CURDIR)/.venv/mitmproxy-confdir
 
 lint: venv
-	$(BIN)/ruff check sidecar injector tests
-	$(BIN)/ruff format --check sidecar injector tests
+	$(BIN)/ruff check sidecar injector bench tests
+	$(BIN)/ruff format --check sidecar injector bench tests
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

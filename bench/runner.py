@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.configs import BIG_PATH, LOOPBACK, UpstreamPorts
-from bench.loadgen import Generators, LoadResult
+from bench.loadgen import Download, Generators, LoadResult
 from bench.procstat import PeakRss, cpu_seconds, rss_mib, runqueue_wait_seconds
 from bench.report import Direct, ProxyRun, Report, Settings
 from bench.servers import Server, start_nginx, start_sidecar, start_squid
@@ -87,47 +87,81 @@ def _checked(what: str, result: LoadResult, notes: list[str]) -> LoadResult:
     return result
 
 
-def measure_direct(gen: Generators, up: UpstreamPorts, s: Settings, log: Log) -> Direct:
+@dataclass(frozen=True)
+class _Scenarios:
+    http: LoadResult
+    http_cpu_s: float
+    latency: LoadResult
+    new_tls: LoadResult
+    new_tls_cpu_s: float
+    keepalive_tls: LoadResult
+    download: Download
+    download_cpu_s: float
+
+
+def _run_scenarios(
+    gen: Generators,
+    up: UpstreamPorts,
+    s: Settings,
+    *,
+    label: str,
+    proxy_port: int | None,
+    cpu: Callable[[], float],
+    log: Log,
+) -> _Scenarios:
+    """The same loads, direct (``proxy_port`` None) or through a proxy; ``cpu`` is its clock."""
     c = s.connections
-    log("direct: plain HTTP keep-alive")
+    log(f"{label}: plain HTTP keep-alive")
+    cpu0 = cpu()
     http = gen.wrk_http(
         upstream_port=up.http,
-        proxy_port=None,
+        proxy_port=proxy_port,
         connections=c,
         seconds=s.seconds,
         limit=s.max_requests,
     )
-    log("direct: latency at c=1")
+    http_cpu = cpu() - cpu0
+    log(f"{label}: latency at c=1")
     latency = gen.wrk_http(
         upstream_port=up.http,
-        proxy_port=None,
+        proxy_port=proxy_port,
         connections=1,
         seconds=s.latency_seconds,
         limit=s.max_requests,
     )
-    log("direct: new TLS connections")
+    log(f"{label}: new TLS connections (through a proxy: new CONNECT tunnels)")
+    cpu0 = cpu()
     new_tls = gen.hey_https(
         upstream_port=up.https,
-        proxy_port=None,
+        proxy_port=proxy_port,
         connections=c,
         seconds=s.seconds,
         new_connection_each=True,
         max_qps_per_worker=s.max_qps_per_worker,
     )
-    log("direct: HTTPS keep-alive")
-    keepalive = gen.hey_https(
+    new_tls_cpu = cpu() - cpu0
+    log(f"{label}: HTTPS keep-alive (through a proxy: long-lived tunnels)")
+    keepalive_tls = gen.hey_https(
         upstream_port=up.https,
-        proxy_port=None,
+        proxy_port=proxy_port,
         connections=c,
         seconds=s.seconds,
         new_connection_each=False,
         max_qps_per_worker=s.max_qps_per_worker,
     )
-    log("direct: one big download")
+    log(f"{label}: one big download")
+    cpu0 = cpu()
     download = gen.curl_download(
-        url=f"https://{LOOPBACK}:{up.https}{BIG_PATH}", proxy_port=None, max_seconds=60
+        url=f"https://{LOOPBACK}:{up.https}{BIG_PATH}", proxy_port=proxy_port, max_seconds=60
     )
-    return Direct(http, latency, new_tls, keepalive, download)
+    return _Scenarios(
+        http, http_cpu, latency, new_tls, new_tls_cpu, keepalive_tls, download, cpu() - cpu0
+    )
+
+
+def measure_direct(gen: Generators, up: UpstreamPorts, s: Settings, log: Log) -> Direct:
+    sc = _run_scenarios(gen, up, s, label="direct", proxy_port=None, cpu=lambda: 0.0, log=log)
+    return Direct(sc.http, sc.latency, sc.new_tls, sc.keepalive_tls, sc.download)
 
 
 def measure_proxy(
@@ -141,7 +175,7 @@ def measure_proxy(
     notes: list[str],
     log: Log,
 ) -> ProxyRun:
-    c, pid = s.connections, server.pid
+    pid = server.pid
     time.sleep(s.idle_seconds)  # let start-up work (imports, CA generation) settle
     rss_idle = rss_mib(pid)
     wait0, wall0 = runqueue_wait_seconds(pid), time.monotonic()
@@ -150,68 +184,27 @@ def measure_proxy(
             gen.wrk_http(
                 upstream_port=up.http,
                 proxy_port=port,
-                connections=c,
+                connections=s.connections,
                 seconds=s.warmup_seconds,
                 limit=s.max_requests,
             )
-        log(f"{name}: plain HTTP keep-alive")
-        cpu0 = cpu_seconds(pid)
-        http = gen.wrk_http(
-            upstream_port=up.http,
-            proxy_port=port,
-            connections=c,
-            seconds=s.seconds,
-            limit=s.max_requests,
+        sc = _run_scenarios(
+            gen, up, s, label=name, proxy_port=port, cpu=lambda: cpu_seconds(pid), log=log
         )
-        http_cpu = cpu_seconds(pid) - cpu0
-        log(f"{name}: latency at c=1")
-        latency = gen.wrk_http(
-            upstream_port=up.http,
-            proxy_port=port,
-            connections=1,
-            seconds=s.latency_seconds,
-            limit=s.max_requests,
-        )
-        log(f"{name}: new CONNECT tunnels")
-        cpu0 = cpu_seconds(pid)
-        new_tunnels = gen.hey_https(
-            upstream_port=up.https,
-            proxy_port=port,
-            connections=c,
-            seconds=s.seconds,
-            new_connection_each=True,
-            max_qps_per_worker=s.max_qps_per_worker,
-        )
-        tunnels_cpu = cpu_seconds(pid) - cpu0
-        log(f"{name}: long-lived tunnels")
-        long_tunnels = gen.hey_https(
-            upstream_port=up.https,
-            proxy_port=port,
-            connections=c,
-            seconds=s.seconds,
-            new_connection_each=False,
-            max_qps_per_worker=s.max_qps_per_worker,
-        )
-        log(f"{name}: one big download")
-        cpu0 = cpu_seconds(pid)
-        download = gen.curl_download(
-            url=f"https://{LOOPBACK}:{up.https}{BIG_PATH}", proxy_port=port, max_seconds=60
-        )
-        download_cpu = cpu_seconds(pid) - cpu0
     load_seconds = time.monotonic() - wall0
     cpu_wait = runqueue_wait_seconds(pid) - wait0
-    if download.status != 200 or download.size != s.big_bytes:
-        notes.append(f"{name}: big download got {download.status}, {download.size} bytes")
+    if sc.download.status != 200 or sc.download.size != s.big_bytes:
+        notes.append(f"{name}: big download got {sc.download.status}, {sc.download.size} bytes")
     return ProxyRun(
         name=name,
-        http=_checked(f"{name} HTTP keep-alive", http, notes),
-        http_cpu_s=http_cpu,
-        latency=_checked(f"{name} latency c=1", latency, notes),
-        new_tunnels=_checked(f"{name} new tunnels", new_tunnels, notes),
-        new_tunnels_cpu_s=tunnels_cpu,
-        long_tunnels=_checked(f"{name} long-lived tunnels", long_tunnels, notes),
-        download=download,
-        download_cpu_s=download_cpu,
+        http=_checked(f"{name} HTTP keep-alive", sc.http, notes),
+        http_cpu_s=sc.http_cpu_s,
+        latency=_checked(f"{name} latency c=1", sc.latency, notes),
+        new_tunnels=_checked(f"{name} new tunnels", sc.new_tls, notes),
+        new_tunnels_cpu_s=sc.new_tls_cpu_s,
+        long_tunnels=_checked(f"{name} long-lived tunnels", sc.keepalive_tls, notes),
+        download=sc.download,
+        download_cpu_s=sc.download_cpu_s,
         load_seconds=load_seconds,
         cpu_wait_s=cpu_wait,
         rss_idle_mib=rss_idle,
