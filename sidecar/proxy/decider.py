@@ -72,6 +72,30 @@ def _same_host(a: str | None, b: str) -> bool:
         return False
 
 
+# Hop-by-hop fields end at this proxy (RFC 9110 7.6.1); the upstream never sees them. Framing
+# (Transfer-Encoding) and protocol upgrades (Upgrade) are mitmproxy's to relay.
+_HOP_BY_HOP = ("proxy-connection", "keep-alive")
+_KEPT_CONNECTION_OPTIONS = frozenset(
+    {"close", "keep-alive", "upgrade", "transfer-encoding", "host"}
+)
+
+
+def _drop_hop_by_hop(request: http.Request, capture: Capture) -> None:
+    listed = {
+        token.strip().lower()
+        for value in request.headers.get_all("connection")
+        for token in value.split(",")
+    }
+    for name in listed - _KEPT_CONNECTION_OPTIONS:
+        if name:
+            request.headers.pop(name, None)
+    for name in _HOP_BY_HOP:
+        request.headers.pop(name, None)
+    if capture is Capture.EXPLICIT:
+        # Credentials for this proxy, not for the destination.
+        request.headers.pop("proxy-authorization", None)
+
+
 def _align_host_header(request: http.Request, host: str, port: int) -> None:
     """Make the Host header name the host that was decided.
 
@@ -246,6 +270,7 @@ class Decider:
         inject_context(opened.span, carrier)
         for key, value in carrier.items():
             request.headers[key] = value
+        _drop_hop_by_hop(request, capture)
         request.stream = True  # never buffer bodies: nothing in them is decided
         flow.metadata[_METADATA_KEY] = opened
 

@@ -294,6 +294,27 @@ def test_a_host_header_disagreeing_with_the_url_is_replaced_by_the_decided_host(
     assert r.json()["headers"]["host"] == f"web.test:{world.web.port}"
 
 
+def test_hop_by_hop_fields_and_proxy_credentials_stop_at_the_proxy(world: World) -> None:
+    r = requests.get(
+        f"http://web.test:{world.web.port}/get",
+        headers={
+            "Proxy-Authorization": "Basic dXNlcjpzZWNyZXQ=",
+            "Proxy-Connection": "keep-alive",
+            "Keep-Alive": "timeout=5",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "only for the next hop",
+            "X-End-To-End": "kept",
+        },
+        proxies={"http": world.sidecar.proxy_url},
+        timeout=10,
+    )
+    assert r.status_code == 200
+    seen = r.json()["headers"]
+    for name in ("proxy-authorization", "proxy-connection", "keep-alive", "x-hop"):
+        assert name not in seen, (name, seen)
+    assert seen["x-end-to-end"] == "kept"
+
+
 def test_an_agreeing_host_header_is_passed_unchanged(world: World) -> None:
     r = requests.get(
         f"http://web.test:{world.web.port}/get",
