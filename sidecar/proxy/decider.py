@@ -234,7 +234,19 @@ class Decider:
             request.method.upper(),
             path,
         )
-        vetted = await self.vet(snap, dest)
+        if request.scheme == "https":
+            # "GET https://..." to the proxy would make it originate TLS itself: HTTPS goes
+            # through CONNECT, end to end, or not at all.
+            vetted = Vetted(
+                Decision(
+                    Verdict.DENY,
+                    Reason.INVALID_DESTINATION,
+                    detail="an https:// request-target: send HTTPS through CONNECT",
+                ),
+                None,
+            )
+        else:
+            vetted = await self.vet(snap, dest)
         rec = self._record(
             snap,
             vetted,

@@ -294,6 +294,22 @@ def test_a_host_header_disagreeing_with_the_url_is_replaced_by_the_decided_host(
     assert r.json()["headers"]["host"] == f"web.test:{world.web.port}"
 
 
+def test_an_https_request_target_without_connect_is_refused(world: World) -> None:
+    before = world.api.seen.connections
+    sock = socket.create_connection(("127.0.0.1", world.sidecar.explicit_port), timeout=10)
+    target = f"https://api.test:{world.api.port}/plain"
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n".encode())
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    sock.close()
+    text = answer.decode()
+    assert text.startswith("HTTP/1.1 403")
+    assert "x-egress-reason: invalid destination" in text
+    assert "CONNECT" in text.split("\r\n\r\n", 1)[1]
+    assert world.api.seen.connections == before
+
+
 def test_hop_by_hop_fields_and_proxy_credentials_stop_at_the_proxy(world: World) -> None:
     r = requests.get(
         f"http://web.test:{world.web.port}/get",
