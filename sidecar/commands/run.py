@@ -251,16 +251,16 @@ async def _serve(
     def readiness() -> tuple[bool, dict[str, Any]]:
         # Ready = every source had a good version (a deleted ConfigMap is a policy being
         # enforced, not an outage) and every listener accepts connections.
-        snap = store.get()
+        # The source's status names the policy in force and each source's state.
         body: dict[str, Any] = {
-            "policy": {"source": snap.source, "version": snap.version} if snap.policy else None,
-            "policy_state": "loaded" if snap.policy else str(snap.unavailable),
-            "mode": snap.mode.value,
-            "sources": source.status(),
+            **source.status(),
+            "mode": store.get().mode.value,
             "listeners": listeners.addresses,
             "listening": listeners.all_running,
         }
-        return source.ready() and listeners.all_running, body
+        ready = source.ready() and listeners.all_running
+        body["ready"] = ready
+        return ready, body
 
     try:
         health = HealthServer((health_spec.host, health_spec.port), readiness, metrics)
