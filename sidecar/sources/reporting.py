@@ -118,11 +118,13 @@ class ReloadReporter:
             {"line": p.line, "column": p.column, "message": p.message} for p in rejection.problems
         ]
         log.error(
-            "allowlist rejected, keeping the last good version",
+            "allowlist rejected, keeping the last good version"
+            if rejection.keeping is not None
+            else "allowlist rejected; no good version yet, every call is denied",
             extra={
                 "source": source,
                 "version": version,
-                "keeping_version": rejection.keeping,
+                "keeping_version": rejection.keeping or "",
                 "problems": problems,
                 "problem": "; ".join(rejection.problem_lines()),
             },
