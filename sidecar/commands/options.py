@@ -22,14 +22,19 @@ def env_ranges() -> list[IPNetwork]:
     return [cidr(part) for part in raw.split(",") if part.strip()]
 
 
-def add_policy_options(parser: argparse.ArgumentParser, *, file_required: bool) -> None:
-    parser.add_argument(
+def add_policy_options(
+    parser: argparse.ArgumentParser,
+    *,
+    file_required: bool,
+    file_group: argparse._ArgumentGroup | None = None,
+) -> None:
+    (file_group or parser).add_argument(
         "--allowlist-file",
         metavar="PATH",
         required=file_required,
         default=None if file_required else os.environ.get(contract.ENV_ALLOWLIST_FILE),
         help="an allowlist document, or a ConfigMap manifest whose data key allowlist.yaml holds "
-        f"one (env {contract.ENV_ALLOWLIST_FILE})",
+        f"one; hot-reloaded, also as a mounted ConfigMap (env {contract.ENV_ALLOWLIST_FILE})",
     )
     parser.add_argument(
         "--allow-private-range",

@@ -47,7 +47,7 @@ def add_parser(sub: Any) -> None:
         ),
     )
     source = parser.add_argument_group("policy source (one of)")
-    add_policy_options(parser, file_required=False)
+    add_policy_options(parser, file_required=False, file_group=source)
     source.add_argument(
         "--configmap",
         metavar="[NS/]NAME[,...]",
@@ -118,11 +118,16 @@ def add_parser(sub: Any) -> None:
     out.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
         "--confdir",
+        metavar="DIR",
         default=os.environ.get("EGRESS_CONFDIR", "~/.mitmproxy"),
         help="a writable directory for mitmproxy's state (an emptyDir in a pod)",
     )
     parser.add_argument(
-        "--resolve-timeout", type=float, default=5.0, help="DNS timeout in seconds (default 5)"
+        "--resolve-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="DNS timeout (default %(default)s)",
     )
     parser.add_argument(
         "--dns-cache-ttl",
