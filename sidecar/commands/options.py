@@ -34,7 +34,9 @@ def add_policy_options(
         required=file_required,
         default=None if file_required else os.environ.get(contract.ENV_ALLOWLIST_FILE),
         help="an allowlist document, or a ConfigMap manifest whose data key allowlist.yaml holds "
-        f"one; hot-reloaded, also as a mounted ConfigMap (env {contract.ENV_ALLOWLIST_FILE})",
+        "one"
+        + ("" if file_required else "; hot-reloaded, also as a mounted ConfigMap")
+        + f" (env {contract.ENV_ALLOWLIST_FILE})",
     )
     parser.add_argument(
         "--allow-private-range",
