@@ -35,8 +35,11 @@ def add_policy_options(
         default=None if file_required else os.environ.get(contract.ENV_ALLOWLIST_FILE),
         help="an allowlist document, or a ConfigMap manifest whose data key allowlist.yaml holds "
         "one"
-        + ("" if file_required else "; hot-reloaded, also as a mounted ConfigMap")
-        + f" (env {contract.ENV_ALLOWLIST_FILE})",
+        + (
+            ""
+            if file_required
+            else f"; hot-reloaded, also as a mounted ConfigMap (env {contract.ENV_ALLOWLIST_FILE})"
+        ),
     )
     parser.add_argument(
         "--allow-private-range",
