@@ -17,6 +17,7 @@ from sidecar.policy.hosts import split_host_port
 from sidecar.policy.model import Destination, IPAddress, Mode
 from sidecar.policy.parse import parse_allowlist
 from sidecar.policy.store import PolicyStore, apply_mode
+from sidecar.proxy.hostnames import format_hostport
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         decision = apply_mode(raw, snap.mode)
     else:
         decision = snap.decide(Destination(dest.host, dest.port, address, dest.method, dest.path))
-    target = f"{dest.host}:{dest.port}"
+    target = format_hostport(dest.host or "-", dest.port)
     if args.json:
         print(
             json.dumps(

@@ -43,6 +43,3 @@ class Connections:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._by_id.pop(client.id, None)
-
-    def __len__(self) -> int:
-        return len(self._by_id)

@@ -27,7 +27,7 @@ from sidecar.policy.model import Decision, Destination, IPAddress, Reason, Verdi
 from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
 from sidecar.proxy.connections import Connections, Kind
 from sidecar.proxy.denial import denial_response
-from sidecar.proxy.hostnames import address_of, redact_url
+from sidecar.proxy.hostnames import address_of, format_hostport, redact_url
 from sidecar.proxy.resolver import Resolver
 from sidecar.record import Capture, DecisionRecord
 from sidecar.reporter import OpenDecision, Reporter
@@ -109,10 +109,8 @@ def _align_host_header(request: http.Request, host: str, port: int) -> None:
         ascii_host = normalize_host(host)
     except InvalidHost:
         ascii_host = host
-    if ":" in ascii_host:
-        ascii_host = f"[{ascii_host}]"
     default = 443 if request.scheme == "https" else 80
-    request.host_header = ascii_host if port == default else f"{ascii_host}:{port}"
+    request.host_header = format_hostport(ascii_host, port, default)
 
 
 class Decider:

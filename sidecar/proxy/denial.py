@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from sidecar.proxy.hostnames import format_hostport
 from sidecar.record import DecisionRecord
 
 
 def denial_body(rec: DecisionRecord) -> str:
-    target = f"{rec.host or rec.original_address}:{rec.port}"
+    target = format_hostport(rec.host or rec.original_address or "-", rec.port)
     detail = f" ({rec.decision.detail})" if rec.decision.detail else ""
     return (
         f"egress-sidecar denied {rec.protocol} {target}: {rec.decision.reason.value}{detail}; "

@@ -41,5 +41,8 @@ def redact_url(url: str) -> str:
     return urlunsplit(SplitResult(parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def format_hostport(host: str, port: int, default_port: int | None = None) -> str:
+    """``host:port``, an IPv6 address in brackets (``[::1]:443``); the port left out when it
+    is ``default_port`` (as in a Host header)."""
+    bracketed = f"[{host}]" if ":" in host else host
+    return bracketed if port == default_port else f"{bracketed}:{port}"

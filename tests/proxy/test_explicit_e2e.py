@@ -104,18 +104,6 @@ deny:
         server.stop()
 
 
-def _connect_tunnel(world: World, authority: str) -> tuple[socket.socket, bytes]:
-    sock = socket.create_connection(("127.0.0.1", world.sidecar.explicit_port), timeout=10)
-    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    return sock, head
-
-
 def _spans(world: World, host: str, count: int = 1) -> list[ReceivedSpan]:
     return world.otlp.sink.wait_for(lambda s: s.attributes.get("server.address") == host, count)
 
@@ -124,7 +112,7 @@ def _spans(world: World, host: str, count: int = 1) -> list[ReceivedSpan]:
 
 
 def test_https_tunnel_shows_the_upstreams_own_certificate(world: World) -> None:
-    sock, head = _connect_tunnel(world, f"api.test:{world.api.port}")
+    sock, head = world.sidecar.connect_tunnel(f"api.test:{world.api.port}")
     assert head.startswith(b"HTTP/1.1 200"), head
     context = ssl.create_default_context(cafile=str(world.ca_file))
     with context.wrap_socket(sock, server_hostname="api.test") as tls:
@@ -174,7 +162,7 @@ def test_requests_and_httpx_reach_the_allowed_https_host(world: World) -> None:
 
 
 def test_an_allowed_tunnel_is_traced_once_with_passthrough(world: World) -> None:
-    sock, head = _connect_tunnel(world, f"api.test:{world.api.port}")
+    sock, head = world.sidecar.connect_tunnel(f"api.test:{world.api.port}")
     sock.close()
     assert head.startswith(b"HTTP/1.1 200")
     span = _spans(world, "api.test")[-1]
@@ -203,7 +191,7 @@ def test_an_allowed_tunnel_is_traced_once_with_passthrough(world: World) -> None
 def test_an_allowed_tunnel_to_an_unreachable_destination_is_traced_as_an_error(
     world: World,
 ) -> None:
-    sock, head = _connect_tunnel(world, f"closed.test:{CLOSED_PORT}")
+    sock, head = world.sidecar.connect_tunnel(f"closed.test:{CLOSED_PORT}")
     sock.settimeout(5)
     try:
         sock.sendall(b"\x16\x03\x01\x00\x05hello")  # the client's first bytes open the upstream
@@ -226,7 +214,7 @@ def test_an_allowed_tunnel_to_an_unreachable_destination_is_traced_as_an_error(
 
 def test_denied_connect_answers_403_and_never_reaches_the_destination(world: World) -> None:
     before = world.blocked_https.seen.connections
-    sock, head = _connect_tunnel(world, f"blocked.test:{world.blocked_https.port}")
+    sock, head = world.sidecar.connect_tunnel(f"blocked.test:{world.blocked_https.port}")
     sock.close()
     text = head.decode()
     assert text.startswith("HTTP/1.1 403")

@@ -93,3 +93,18 @@ def test_denial_body_is_one_line_naming_host_port_reason_policy() -> None:
     assert body.endswith("\n") and body.count("\n") == 1
     for part in ("x.test:443", "no allow rule matches", "configmap:shop/egress-allowlist", "4711"):
         assert part in body
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "default", "expected"),
+    [
+        ("api.test", 443, None, "api.test:443"),
+        ("api.test", 80, 80, "api.test"),
+        ("::1", 8080, 80, "[::1]:8080"),
+        ("::1", 80, 80, "[::1]"),
+    ],
+)
+def test_format_hostport(host: str, port: int, default: int | None, expected: str) -> None:
+    from sidecar.proxy.hostnames import format_hostport
+
+    assert format_hostport(host, port, default) == expected

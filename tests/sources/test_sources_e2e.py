@@ -5,7 +5,6 @@ while the ConfigMap flips between two versions."""
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import statistics
 import threading
@@ -75,18 +74,6 @@ def stop_world(world: World) -> None:
     assert code == 0, world.sidecar.stderr[-20:]
 
 
-def connect_tunnel(sidecar: Sidecar, authority: str) -> tuple[socket.socket, bytes]:
-    sock = socket.create_connection(("127.0.0.1", sidecar.explicit_port), timeout=10)
-    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        head += chunk
-    return sock, head
-
-
 def https_get(tls: ssl.SSLSocket, host: str, path: str) -> int:
     """One keep-alive request on an open TLS connection; returns the status."""
     tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
@@ -147,7 +134,7 @@ def test_edits_reach_the_proxy_and_open_tunnels_stay_open(world: World) -> None:
     set_version(world, {"allowlist.yaml": BASIC.format(api=api.port, web=world.web.port)})
     assert ready_body(sidecar)["_code"] == 200
     # A tunnel opened under the first version...
-    sock, head = connect_tunnel(sidecar, f"api.test:{api.port}")
+    sock, head = sidecar.connect_tunnel(f"api.test:{api.port}")
     assert head.startswith(b"HTTP/1.1 200"), head
     ctx = ssl.create_default_context(cafile=str(world.ca_file))
     tls = ctx.wrap_socket(sock, server_hostname="api.test")
@@ -164,7 +151,7 @@ def test_edits_reach_the_proxy_and_open_tunnels_stay_open(world: World) -> None:
         )
         assert https_get(tls, "api.test", "/after") == 200
         # while a new tunnel is decided by the new version.
-        sock2, head2 = connect_tunnel(sidecar, f"api.test:{api.port}")
+        sock2, head2 = sidecar.connect_tunnel(f"api.test:{api.port}")
         sock2.close()
         assert head2.startswith(b"HTTP/1.1 403"), head2
         assert f"x-egress-policy-version: {rv}".encode() in head2

@@ -77,6 +77,18 @@ class Sidecar:
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.explicit_port}"
 
+    def connect_tunnel(self, authority: str) -> tuple[socket.socket, bytes]:
+        """Send a CONNECT to the explicit port; the socket and the response head as received."""
+        sock = socket.create_connection(("127.0.0.1", self.explicit_port), timeout=10)
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        return sock, head
+
     def _pump(self, stream: Any, sink: list[str]) -> None:
         for line in stream:
             with self._cond:
