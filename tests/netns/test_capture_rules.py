@@ -257,7 +257,7 @@ def test_apply_and_clean_work_on_a_read_only_root(fresh_world: h.World, backend:
         "set -e; mount -t tmpfs tmpfs /run; mount -o remount,ro /run; "
         "mount -t tmpfs tmpfs /dev/shm; mount -o remount,bind,ro /; "
         '"$@" apply --ipv6 on --dns-servers 198.18.0.2 --backend ' + backend + "; "
-        f"{backend_save(backend)} | grep -c EGRESS_SIDECAR_OUTPUT; "
+        f"{backend_save(backend)} | grep -c EGRESS_SIDECAR_; "
         '"$@" clean --ipv6 on --backend ' + backend
     )
     private = ["unshare", "-m", "--propagation", "private", "--"]
