@@ -16,10 +16,10 @@ nat ``OUTPUT`` (TCP) → ``EGRESS_SIDECAR_OUTPUT``:
 filter ``OUTPUT`` (all UDP, ICMP echo-request) → ``EGRESS_SIDECAR_OUTPUT``:
     RETURN for the proxy, ``-o lo``, replies within a flow begun from outside (conntrack
     ESTABLISHED: a UDP server in the pod answering) and excluded CIDRs (cluster-internal traffic
-    is not egress, whatever its protocol); RETURN for UDP to the opened UDP CIDRs and ports; UDP port 53 goes
-    (``-g``) to ``EGRESS_SIDECAR_DNS``, which lets through only the pod's name servers; every
-    other UDP datagram is REJECTed with port-unreachable (the client fails at once, QUIC falls
-    back to TCP, where it is captured); an ICMP echo-request is REJECTed with
+    is not egress, whatever its protocol); RETURN for UDP to the opened UDP CIDRs and ports;
+    UDP port 53 goes (``-g``) to ``EGRESS_SIDECAR_DNS``, which lets through only the pod's name
+    servers; every other UDP datagram is REJECTed with port-unreachable (the client fails at
+    once, QUIC falls back to TCP, where it is captured); an ICMP echo-request is REJECTed with
     admin-prohibited. Nothing else is jumped to our chain: ICMP errors and ICMPv6 neighbour
     and router discovery never meet a rule of ours.
 

@@ -134,11 +134,19 @@ def test_not_a_pod_is_named(bad: dict[str, Any], message: str) -> None:
             True,
         ),
         ({}, "exclude_udp_ports", (), False),
-        ({c.ANNOTATION_EXCLUDE_UDP_PORTS: "51820, 8125,51820"}, "exclude_udp_ports",
-         (51820, 8125), False),
+        (
+            {c.ANNOTATION_EXCLUDE_UDP_PORTS: "51820, 8125,51820"},
+            "exclude_udp_ports",
+            (51820, 8125),
+            False,
+        ),
         ({c.ANNOTATION_EXCLUDE_UDP_PORTS: "dns,0,53"}, "exclude_udp_ports", (53,), True),
-        ({c.ANNOTATION_EXCLUDE_UDP_CIDRS: "198.18.5.7/24, fd00:5::/64,198.18.5.0/24"},
-         "exclude_udp_cidrs", ("198.18.5.0/24", "fd00:5::/64"), False),
+        (
+            {c.ANNOTATION_EXCLUDE_UDP_CIDRS: "198.18.5.7/24, fd00:5::/64,198.18.5.0/24"},
+            "exclude_udp_cidrs",
+            ("198.18.5.0/24", "fd00:5::/64"),
+            False,
+        ),
         ({c.ANNOTATION_EXCLUDE_UDP_CIDRS: "10.0.0.0/33"}, "exclude_udp_cidrs", (), True),
         (
             {c.ANNOTATION_CAPTURE: "explicit", c.ANNOTATION_EXCLUDE_UDP_PORTS: "51820"},

@@ -1,17 +1,18 @@
 """Small real endpoints for the UDP/ICMP capture tests (standard library only).
 
-    dns-server --log L --ready R ADDR:PORT...   a tiny DNS responder standing in for the pod's
-                                                resolver: A → 198.18.0.9, AAAA → fd00:e5::9,
-                                                every query logged (JSON lines) before answering
-    ping HOST [--payload TEXT]                  one ICMP echo through an unprivileged ping socket
-                                                (what `ping` uses without privileges; needs
-                                                net.ipv4.ping_group_range), prints JSON
+dns-server --log L --ready R ADDR:PORT...   a tiny DNS responder standing in for the pod's
+                                            resolver: A → 198.18.0.9, AAAA → fd00:e5::9,
+                                            every query logged (JSON lines) before answering
+ping HOST [--payload TEXT]                  one ICMP echo through an unprivileged ping socket
+                                            (what `ping` uses without privileges; needs
+                                            net.ipv4.ping_group_range), prints JSON
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import ipaddress
 import json
 import socket
@@ -19,7 +20,7 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 ANSWER_A = ipaddress.IPv4Address("198.18.0.9")
 ANSWER_AAAA = ipaddress.IPv6Address("fd00:e5::9")
@@ -54,7 +55,7 @@ def answer(query: bytes) -> tuple[str, int, bytes]:
 
 
 class Dns(asyncio.DatagramProtocol):
-    def __init__(self, log: Any, local: str) -> None:
+    def __init__(self, log: TextIO, local: str) -> None:
         self.log, self.local = log, local
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -79,7 +80,9 @@ async def dns_server(log_path: Path, ready: Path, specs: list[str]) -> None:
     loop = asyncio.get_running_loop()
     for spec in specs:
         host, port = split_addr(spec)
-        await loop.create_datagram_endpoint(lambda s=spec: Dns(log, s), local_addr=(host, port))
+        await loop.create_datagram_endpoint(
+            functools.partial(Dns, log, spec), local_addr=(host, port)
+        )
     ready.write_text("ready\n")
     await asyncio.Event().wait()
 
