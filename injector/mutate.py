@@ -118,6 +118,8 @@ class Settings:
     exclude_cidrs: tuple[str, ...]
     exclude_ports: tuple[int, ...]
     include_ports: tuple[int, ...]
+    exclude_udp_ports: tuple[int, ...] = ()
+    exclude_udp_cidrs: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
 
 
@@ -256,16 +258,16 @@ def read_settings(annotations: Mapping[str, str], cfg: InjectorConfig) -> Settin
             warnings.append(f"{c.ANNOTATION_ALLOWLIST}: {ref!r} is not a ConfigMap name; ignored")
     if not configmaps:
         configmaps = [c.DEFAULT_ALLOWLIST_CONFIGMAP]
-    cidrs: list[str] = []
-    for raw in _split_list(annotations.get(c.ANNOTATION_EXCLUDE_CIDRS)):
-        try:
-            cidrs.append(str(ipaddress.ip_network(raw, strict=False)))
-        except ValueError:
-            warnings.append(f"{c.ANNOTATION_EXCLUDE_CIDRS}: {raw!r} is not a CIDR; ignored")
+    cidrs = _cidrs(c.ANNOTATION_EXCLUDE_CIDRS, annotations, warnings)
     exclude_ports = _ports(c.ANNOTATION_EXCLUDE_PORTS, annotations, warnings)
     include_ports = _ports(c.ANNOTATION_INCLUDE_PORTS, annotations, warnings)
+    udp_ports = _ports(c.ANNOTATION_EXCLUDE_UDP_PORTS, annotations, warnings)
+    udp_cidrs = _cidrs(c.ANNOTATION_EXCLUDE_UDP_CIDRS, annotations, warnings)
     if capture == "explicit" and (exclude_ports or include_ports):
         warnings.append("outbound port annotations only apply to transparent capture; ignored")
+    if capture == "explicit" and (udp_ports or udp_cidrs):
+        # Explicit capture installs no rules: UDP is not restricted there at all.
+        warnings.append("outbound UDP annotations only apply to transparent capture; ignored")
     return Settings(
         capture=capture,
         configmaps=tuple(configmaps),
@@ -273,6 +275,8 @@ def read_settings(annotations: Mapping[str, str], cfg: InjectorConfig) -> Settin
         exclude_cidrs=tuple(cidrs),
         exclude_ports=tuple(exclude_ports),
         include_ports=tuple(include_ports),
+        exclude_udp_ports=tuple(udp_ports),
+        exclude_udp_cidrs=tuple(udp_cidrs),
         warnings=tuple(warnings),
     )
 
@@ -288,6 +292,19 @@ def _valid_configmap_ref(ref: str) -> bool:
     if namespace and not _DNS_LABEL.match(namespace):
         return False
     return bool(_DNS_SUBDOMAIN.match(name))
+
+
+def _cidrs(key: str, annotations: Mapping[str, str], warnings: list[str]) -> list[str]:
+    cidrs: list[str] = []
+    for raw in _split_list(annotations.get(key)):
+        try:
+            cidr = str(ipaddress.ip_network(raw, strict=False))
+        except ValueError:
+            warnings.append(f"{key}: {raw!r} is not a CIDR; ignored")
+            continue
+        if cidr not in cidrs:
+            cidrs.append(cidr)
+    return cidrs
 
 
 def _ports(key: str, annotations: Mapping[str, str], warnings: list[str]) -> list[int]:
@@ -486,6 +503,10 @@ def init_container(cfg: InjectorConfig, settings: Settings) -> JSON:
         args += ["--exclude-outbound-ports", ",".join(map(str, settings.exclude_ports))]
     if settings.include_ports:
         args += ["--include-outbound-ports", ",".join(map(str, settings.include_ports))]
+    if settings.exclude_udp_ports:
+        args += ["--exclude-outbound-udp-ports", ",".join(map(str, settings.exclude_udp_ports))]
+    if settings.exclude_udp_cidrs:
+        args += ["--exclude-outbound-udp-cidrs", ",".join(settings.exclude_udp_cidrs)]
     return {
         "name": c.INIT_CONTAINER,
         "image": cfg.image,

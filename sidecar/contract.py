@@ -28,6 +28,9 @@ ANNOTATION_CAPTURE: Final = PREFIX + "capture"
 ANNOTATION_EXCLUDE_CIDRS: Final = PREFIX + "exclude-outbound-cidrs"
 ANNOTATION_EXCLUDE_PORTS: Final = PREFIX + "exclude-outbound-ports"
 ANNOTATION_INCLUDE_PORTS: Final = PREFIX + "include-outbound-ports"
+# Transparent capture rejects outbound UDP but DNS to the pod's name servers; these open more.
+ANNOTATION_EXCLUDE_UDP_PORTS: Final = PREFIX + "exclude-outbound-udp-ports"
+ANNOTATION_EXCLUDE_UDP_CIDRS: Final = PREFIX + "exclude-outbound-udp-cidrs"
 ANNOTATION_STATUS: Final = PREFIX + "status"
 
 # Environment the injector sets on the sidecar and the sidecar reads (all optional for local runs).

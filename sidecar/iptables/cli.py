@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Final
 
 from sidecar.contract import PROXY_UID, TRANSPARENT_PORT
 from sidecar.iptables import apply as adapter
@@ -17,6 +19,7 @@ from sidecar.iptables.rules import CaptureOptions, Family, RuleOptionError
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+RESOLV_CONF: Final = "/etc/resolv.conf"
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,7 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="install, show or remove the transparent-capture iptables rules",
         description=(
             "Redirect the pod's outbound TCP (every UID but the proxy's) to the sidecar's "
-            "transparent listener, and reject UDP 443 (QUIC) so clients fall back to TCP. "
+            "transparent listener; reject its outbound UDP (QUIC falls back to TCP) except DNS "
+            "to the pod's name servers and the opened UDP ports and CIDRs, and its ICMP echo "
+            "requests; excluded CIDRs are left alone for every protocol. "
             f"Rules live in chains named {rules.CHAIN_PREFIX}* in the nat and filter tables, "
             "IPv4 and IPv6; other rules are left alone."
         ),
@@ -102,7 +107,37 @@ def _rule_options(p: argparse.ArgumentParser) -> None:
         "--no-quic-reject",
         dest="quic_reject",
         action="store_false",
-        help="do not reject UDP 443 (by default it is rejected when port 443 is captured)",
+        help="let UDP 443 (QUIC) out, as --exclude-outbound-udp-ports 443 does",
+    )
+    p.add_argument(
+        "--exclude-outbound-udp-ports",
+        default="",
+        metavar="PORT,...",
+        help="UDP destination ports let out (all other UDP is rejected); ranges as A-B",
+    )
+    p.add_argument(
+        "--exclude-outbound-udp-cidrs",
+        default="",
+        metavar="CIDR,...",
+        help="destinations to which UDP (any port) is let out, IPv4 and/or IPv6",
+    )
+    p.add_argument(
+        "--dns-servers",
+        default=None,
+        metavar="IP,...",
+        help=(
+            "the only destinations of UDP port 53 let out; empty = none "
+            "(default: the nameserver lines of --resolv-conf)"
+        ),
+    )
+    p.add_argument(
+        "--resolv-conf",
+        default=RESOLV_CONF,
+        metavar="PATH",
+        help=(
+            f"where the name servers are read when --dns-servers is not given (default "
+            f"{RESOLV_CONF}: in egress-init, the pod's own, as the app sees it)"
+        ),
     )
 
 
@@ -125,7 +160,24 @@ def _system_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def options_from_args(args: argparse.Namespace) -> CaptureOptions:
+def dns_servers(args: argparse.Namespace) -> tuple[tuple[rules.Address, ...], str]:
+    """The name servers to let DNS through to, and where they came from (for the output)."""
+    if args.dns_servers is not None:
+        return rules.parse_addresses(args.dns_servers), "--dns-servers"
+    path = Path(args.resolv_conf)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        # The C library then asks 127.0.0.1, which loopback rules already let through.
+        return (), f"{path} (missing)"
+    except OSError as exc:
+        raise RuleOptionError(f"--resolv-conf: cannot read {path}: {exc.strerror}") from None
+    return rules.parse_resolv_conf(text), str(path)
+
+
+def options_from_args(
+    args: argparse.Namespace, servers: tuple[rules.Address, ...] = ()
+) -> CaptureOptions:
     return CaptureOptions(
         proxy_uid=args.proxy_uid,
         proxy_gid=args.proxy_gid,
@@ -136,7 +188,19 @@ def options_from_args(args: argparse.Namespace) -> CaptureOptions:
             args.include_outbound_ports, option="--include-outbound-ports", allow_all=True
         ),
         quic_reject=args.quic_reject,
+        exclude_udp_cidrs=rules.parse_cidrs(
+            args.exclude_outbound_udp_cidrs, option="--exclude-outbound-udp-cidrs"
+        ),
+        exclude_udp_ports=rules.parse_ports(
+            args.exclude_outbound_udp_ports, option="--exclude-outbound-udp-ports"
+        ),
+        dns_servers=servers,
     )
+
+
+def dns_note(servers: tuple[rules.Address, ...], source: str) -> str:
+    shown = ", ".join(map(str, servers)) or "none"
+    return f"# DNS (UDP 53) let out to: {shown} (from {source})\n"
 
 
 def render_print(opts: CaptureOptions, fams: list[Family]) -> str:
@@ -150,17 +214,20 @@ def render_print(opts: CaptureOptions, fams: list[Family]) -> str:
 
 def _cmd_print(args: argparse.Namespace) -> int:
     try:
-        opts = options_from_args(args)
+        servers, source = dns_servers(args)
+        opts = options_from_args(args, servers)
     except RuleOptionError as exc:
         print(f"egress-sidecar iptables print: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    sys.stdout.write(render_print(opts, adapter.families(args.ipv6)))
+    note = dns_note(servers, source)
+    sys.stdout.write(note + render_print(opts, adapter.families(args.ipv6)))
     return EXIT_OK
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     try:
-        opts = options_from_args(args)
+        servers, source = dns_servers(args)
+        opts = options_from_args(args, servers)
     except RuleOptionError as exc:
         print(f"egress-sidecar iptables apply: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -181,6 +248,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if not args.dry_run:
         done = ", ".join(f"{fam.value} ({tools.restore})" for fam, tools, _ in plans)
         print(f"egress-sidecar iptables: capture rules applied for {done}", file=sys.stderr)
+        print(f"egress-sidecar iptables: {dns_note(servers, source)[2:]}", end="", file=sys.stderr)
     return EXIT_OK
 
 

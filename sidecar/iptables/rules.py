@@ -4,27 +4,36 @@ Produces the exact ``iptables-restore --noflush`` / ``ip6tables-restore --noflus
 `egress-sidecar iptables apply` loads, and parses ``iptables-save`` output to find what an
 earlier run left, so that a re-apply replaces our chains and ``clean`` removes only them.
 
-The rules live in chains of our own (``EGRESS_SIDECAR_OUTPUT`` in the ``nat`` and ``filter``
-tables), reached by one jump inserted at the top of the built-in ``OUTPUT`` chain:
+The rules live in chains of our own, reached by jumps inserted at the top of the built-in
+``OUTPUT`` chain. Every rule exempts the proxy's own UID (and GID when given): its traffic is
+what the policy let through.
 
 nat ``OUTPUT`` (TCP) → ``EGRESS_SIDECAR_OUTPUT``:
-    RETURN for the proxy's own UID (and GID when given) — its upstream connections must not loop;
-    RETURN for ``-o lo`` and the loopback range; RETURN for excluded CIDRs and excluded ports;
-    REDIRECT ``--to-ports <proxy port>`` for the remaining TCP (only the included ports when an
-    include list is given).
+    RETURN for the proxy; RETURN for ``-o lo`` and the loopback range; RETURN for excluded CIDRs
+    and excluded ports; REDIRECT ``--to-ports <proxy port>`` for the remaining TCP (only the
+    included ports when an include list is given).
 
-filter ``OUTPUT`` (UDP 443) → ``EGRESS_SIDECAR_OUTPUT``:
-    RETURN for the proxy's UID/GID, loopback and excluded CIDRs; REJECT (port unreachable) for
-    the rest, so QUIC clients fall back to TCP, where they are captured. Emitted only when port
-    443 is captured at all (not excluded, and in the include list if there is one).
+filter ``OUTPUT`` (all UDP, ICMP echo-request) → ``EGRESS_SIDECAR_OUTPUT``:
+    RETURN for the proxy, ``-o lo``, replies within a flow begun from outside (conntrack
+    ESTABLISHED: a UDP server in the pod answering) and excluded CIDRs (cluster-internal traffic
+    is not egress, whatever its protocol); RETURN for UDP to the opened UDP CIDRs and ports;
+    UDP port 53 goes (``-g``) to ``EGRESS_SIDECAR_DNS``, which lets through only the pod's name
+    servers; every other UDP datagram is REJECTed with port-unreachable (the client fails at
+    once, QUIC falls back to TCP, where it is captured); an ICMP echo-request is REJECTed with
+    admin-prohibited. Nothing else is jumped to our chain: ICMP errors and ICMPv6 neighbour
+    and router discovery never meet a rule of ours.
+
+The DNS allowance is its own chain on purpose: redirecting the app's DNS to the sidecar later
+changes that chain (and adds a nat rule), nothing else.
 
 Rules are written in the canonical form ``iptables-save`` prints (``-m tcp`` after ``-p tcp``,
-networks normalised), so that what ``print`` shows is line for line what ``iptables-save``
-lists after ``apply``, with both the nf_tables and the legacy backend.
+networks normalised, our chains in name order), so that what ``print`` shows is line for line
+what ``iptables-save`` lists after ``apply``, with both the nf_tables and the legacy backend.
 
 Defaults: no CIDR is excluded beyond loopback. Cluster-internal ranges (pod and service CIDRs)
 are not knowable from inside the pod, so the injector passes them explicitly with
-``--exclude-outbound-cidrs``.
+``--exclude-outbound-cidrs``. The name servers come from the pod's ``/etc/resolv.conf``, read by
+the adapter (``parse_resolv_conf`` here).
 """
 
 from __future__ import annotations
@@ -39,10 +48,13 @@ from sidecar.contract import PROXY_UID, TRANSPARENT_PORT
 
 CHAIN_PREFIX: Final = "EGRESS_SIDECAR_"
 OUTPUT_CHAIN: Final = CHAIN_PREFIX + "OUTPUT"
+DNS_CHAIN: Final = CHAIN_PREFIX + "DNS"
 QUIC_PORT: Final = 443
+DNS_PORT: Final = 53
 TABLES: Final = ("nat", "filter")
 
 type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+type Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class RuleOptionError(ValueError):
@@ -67,7 +79,21 @@ class Family(Enum):
 
     @property
     def reject_with(self) -> str:
+        """For UDP: the client sees ECONNREFUSED at once, as from a closed port."""
         return "icmp-port-unreachable" if self is Family.IPV4 else "icmp6-port-unreachable"
+
+    @property
+    def reject_echo_with(self) -> str:
+        """For ICMP echo: ``ping`` reports the destination administratively prohibited."""
+        return "icmp-admin-prohibited" if self is Family.IPV4 else "icmp6-adm-prohibited"
+
+    @property
+    def echo_request(self) -> str:
+        """Match of an ICMP echo-request (IPv4 type 8, ICMPv6 type 128), as iptables-save
+        prints it. Only this ICMP type is ours: errors and neighbour discovery pass."""
+        if self is Family.IPV4:
+            return "-p icmp -m icmp --icmp-type 8"
+        return "-p ipv6-icmp -m icmp6 --icmpv6-type 128"
 
     @property
     def restore_command(self) -> str:
@@ -96,7 +122,11 @@ class PortRange:
 
 @dataclass(frozen=True)
 class CaptureOptions:
-    """What to capture. Empty ``include_ports`` means every port."""
+    """What to capture. Empty ``include_ports`` means every port.
+
+    ``exclude_udp_cidrs``/``exclude_udp_ports`` open UDP to those destinations (every other UDP
+    is rejected); ``quic_reject=False`` opens UDP 443 alike. ``dns_servers``: the pod's name
+    servers, the only destinations of UDP port 53 let through (beyond excluded CIDRs)."""
 
     proxy_uid: int = PROXY_UID
     proxy_gid: int | None = None
@@ -105,6 +135,9 @@ class CaptureOptions:
     exclude_ports: tuple[PortRange, ...] = ()
     include_ports: tuple[PortRange, ...] = ()
     quic_reject: bool = True
+    exclude_udp_cidrs: tuple[Network, ...] = ()
+    exclude_udp_ports: tuple[PortRange, ...] = ()
+    dns_servers: tuple[Address, ...] = ()
 
     def __post_init__(self) -> None:
         for name, value in (("proxy uid", self.proxy_uid), ("proxy gid", self.proxy_gid)):
@@ -118,14 +151,23 @@ class CaptureOptions:
             return False
         return not self.include_ports or any(r.contains(port) for r in self.include_ports)
 
+    def udp_open_ports(self) -> tuple[PortRange, ...]:
+        quic = () if self.quic_reject else (PortRange(QUIC_PORT, QUIC_PORT),)
+        return tuple(sorted(set(self.exclude_udp_ports) | set(quic)))
+
 
 @dataclass(frozen=True)
 class TableRules:
-    """Our part of one table: the jump from OUTPUT and the rules of our chain."""
+    """Our part of one table: the jumps from OUTPUT and the rules of each of our chains."""
 
     table: str
-    jump: str  # rule spec appended to "-I OUTPUT 1 "
-    rules: tuple[str, ...]  # rule specs appended to "-A EGRESS_SIDECAR_OUTPUT "
+    jumps: tuple[str, ...]  # rule specs inserted at the top of OUTPUT, in this order
+    chains: tuple[tuple[str, tuple[str, ...]], ...]  # (chain, rule specs), in name order
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The rules of ``EGRESS_SIDECAR_OUTPUT``."""
+        return dict(self.chains).get(OUTPUT_CHAIN, ())
 
 
 @dataclass
@@ -178,6 +220,38 @@ def parse_ports(
     return tuple(sorted(ranges))
 
 
+def parse_addresses(text: str, *, option: str = "--dns-servers") -> tuple[Address, ...]:
+    """``"10.96.0.10, fd00::a"`` → addresses in the given order, duplicates dropped."""
+    out: list[Address] = []
+    for item in _items(text):
+        try:
+            # A zone ("fe80::1%eth0") is not something -d can match: refused like a typo.
+            addr = ipaddress.ip_address(item if "%" not in item else "")
+        except ValueError:
+            raise RuleOptionError(f"{option}: {item!r} is not an IP address") from None
+        if addr not in out:
+            out.append(addr)
+    return tuple(out)
+
+
+def parse_resolv_conf(text: str) -> tuple[Address, ...]:
+    """The ``nameserver`` addresses of a resolv.conf, as the C library reads them: the first
+    word after ``nameserver``; a zone (``fe80::1%eth0``) dropped; a line that is not an address
+    ignored (the resolver ignores it too, so no query goes there)."""
+    out: list[Address] = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] != "nameserver":
+            continue
+        try:
+            addr = ipaddress.ip_address(words[1].partition("%")[0])
+        except ValueError:
+            continue
+        if addr not in out:
+            out.append(addr)
+    return tuple(out)
+
+
 def _items(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -194,12 +268,19 @@ def _owner_returns(opts: CaptureOptions) -> list[str]:
 
 def desired_tables(opts: CaptureOptions, family: Family) -> list[TableRules]:
     """Our chains' content for one address family, nat first."""
-    excluded = [n for n in opts.exclude_cidrs if n.version == family.version]
+    return [_nat_table(opts, family), _filter_table(opts, family)]
+
+
+def _same_family[N: Network | Address](items: tuple[N, ...], family: Family) -> list[N]:
+    return [item for item in items if item.version == family.version]
+
+
+def _nat_table(opts: CaptureOptions, family: Family) -> TableRules:
     nat = [
         *_owner_returns(opts),
         "-o lo -j RETURN",
         f"-d {family.loopback} -j RETURN",
-        *(f"-d {net} -j RETURN" for net in excluded),
+        *(f"-d {net} -j RETURN" for net in _same_family(opts.exclude_cidrs, family)),
         *(f"-p tcp -m tcp --dport {r.spec()} -j RETURN" for r in opts.exclude_ports),
     ]
     redirect = f"-j REDIRECT --to-ports {opts.proxy_port}"
@@ -207,21 +288,38 @@ def desired_tables(opts: CaptureOptions, family: Family) -> list[TableRules]:
         nat += [f"-p tcp -m tcp --dport {r.spec()} {redirect}" for r in opts.include_ports]
     else:
         nat.append(f"-p tcp {redirect}")
-    tables = [TableRules("nat", "-p tcp -j " + OUTPUT_CHAIN, tuple(nat))]
-    if opts.quic_reject and opts.port_captured(QUIC_PORT):
-        filt = [
-            *_owner_returns(opts),
-            "-o lo -j RETURN",
-            *(f"-d {net} -j RETURN" for net in excluded),
-            f"-p udp -j REJECT --reject-with {family.reject_with}",
-        ]
-        jump = f"-p udp -m udp --dport {QUIC_PORT} -j {OUTPUT_CHAIN}"
-        tables.append(TableRules("filter", jump, tuple(filt)))
-    return tables
+    return TableRules("nat", ("-p tcp -j " + OUTPUT_CHAIN,), ((OUTPUT_CHAIN, tuple(nat)),))
+
+
+def _filter_table(opts: CaptureOptions, family: Family) -> TableRules:
+    """UDP and ICMP echo: what TCP capture cannot see, so it may not leave unless opened."""
+    main = [
+        *_owner_returns(opts),
+        "-o lo -j RETURN",
+        # Replies of a flow someone else began (a UDP server in the pod) are not egress.
+        "-m conntrack --ctstate ESTABLISHED -j RETURN",
+        *(f"-d {net} -j RETURN" for net in _same_family(opts.exclude_cidrs, family)),
+        *(f"-d {net} -p udp -j RETURN" for net in _same_family(opts.exclude_udp_cidrs, family)),
+        *(f"-p udp -m udp --dport {r.spec()} -j RETURN" for r in opts.udp_open_ports()),
+        # goto: the DNS chain's verdict is final, its RETURN goes back to OUTPUT.
+        f"-p udp -m udp --dport {DNS_PORT} -g {DNS_CHAIN}",
+        f"-p udp -j REJECT --reject-with {family.reject_with}",
+        f"{family.echo_request} -j REJECT --reject-with {family.reject_echo_with}",
+    ]
+    servers = _same_family(opts.dns_servers, family)
+    dns = [
+        *(f"-d {addr}/{addr.max_prefixlen} -j RETURN" for addr in servers),
+        f"-j REJECT --reject-with {family.reject_with}",
+    ]
+    jumps = (f"-p udp -j {OUTPUT_CHAIN}", f"{family.echo_request} -j {OUTPUT_CHAIN}")
+    return TableRules("filter", jumps, ((DNS_CHAIN, tuple(dns)), (OUTPUT_CHAIN, tuple(main))))
 
 
 def _table_body(t: TableRules) -> list[str]:
-    return [f"-I OUTPUT 1 {t.jump}", *(f"-A {OUTPUT_CHAIN} {r}" for r in t.rules)]
+    return [
+        *(f"-I OUTPUT {n} {spec}" for n, spec in enumerate(t.jumps, start=1)),
+        *(f"-A {chain} {r}" for chain, specs in t.chains for r in specs),
+    ]
 
 
 def render_rules(opts: CaptureOptions, family: Family) -> str:
@@ -243,11 +341,13 @@ def render_apply(opts: CaptureOptions, family: Family, state: SavedState) -> str
         if want is None:
             out += _clean_table(table, current)
             continue
-        out += [f"*{table}", f":{OUTPUT_CHAIN} - [0:0]"]
+        names = [chain for chain, _ in want.chains]
+        # Declaring a chain flushes it (or creates it).
+        out += [f"*{table}", *(f":{chain} - [0:0]" for chain in names)]
         out += [f"-D {chain} {spec}" for chain, spec in current.jumps]
-        for chain in current.chains:
-            if chain != OUTPUT_CHAIN:
-                out += [f"-F {chain}", f"-X {chain}"]
+        gone = [chain for chain in current.chains if chain not in names]
+        # Flush all first: one of the old chains may jump to another.
+        out += [f"-F {chain}" for chain in gone] + [f"-X {chain}" for chain in gone]
         out += [*_table_body(want), "COMMIT"]
     return "".join(line + "\n" for line in out)
 
@@ -323,8 +423,8 @@ def saved_form(restore_text: str) -> dict[str, list[str]]:
     for line in restore_text.splitlines():
         if line.startswith("*"):
             lines = tables.setdefault(line[1:], [])
-        elif line.startswith("-I OUTPUT 1 "):
-            lines.append("-A OUTPUT " + line.removeprefix("-I OUTPUT 1 "))
+        elif line.startswith("-I OUTPUT "):
+            lines.append("-A OUTPUT " + line.split(maxsplit=3)[3])
         elif line.startswith((":", "-A ")):
             lines.append(line)
     return tables

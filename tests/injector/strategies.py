@@ -42,6 +42,8 @@ ANNOTATION_KEYS = st.sampled_from(
         c.ANNOTATION_EXCLUDE_CIDRS,
         c.ANNOTATION_EXCLUDE_PORTS,
         c.ANNOTATION_INCLUDE_PORTS,
+        c.ANNOTATION_EXCLUDE_UDP_PORTS,
+        c.ANNOTATION_EXCLUDE_UDP_CIDRS,
         "resource.opentelemetry.io/service.name",
         "other/x",
     ]

@@ -133,6 +133,27 @@ def test_not_a_pod_is_named(bad: dict[str, Any], message: str) -> None:
             (443,),
             True,
         ),
+        ({}, "exclude_udp_ports", (), False),
+        (
+            {c.ANNOTATION_EXCLUDE_UDP_PORTS: "51820, 8125,51820"},
+            "exclude_udp_ports",
+            (51820, 8125),
+            False,
+        ),
+        ({c.ANNOTATION_EXCLUDE_UDP_PORTS: "dns,0,53"}, "exclude_udp_ports", (53,), True),
+        (
+            {c.ANNOTATION_EXCLUDE_UDP_CIDRS: "198.18.5.7/24, fd00:5::/64,198.18.5.0/24"},
+            "exclude_udp_cidrs",
+            ("198.18.5.0/24", "fd00:5::/64"),
+            False,
+        ),
+        ({c.ANNOTATION_EXCLUDE_UDP_CIDRS: "10.0.0.0/33"}, "exclude_udp_cidrs", (), True),
+        (
+            {c.ANNOTATION_CAPTURE: "explicit", c.ANNOTATION_EXCLUDE_UDP_PORTS: "51820"},
+            "exclude_udp_ports",
+            (51820,),
+            True,  # explicit capture installs no rules: nothing to open
+        ),
     ],
 )
 def test_read_settings(annotations: dict[str, str], field: str, value: object, warns: bool) -> None:
@@ -272,6 +293,45 @@ def test_native_transparent_layout_and_sidecar_contract() -> None:
     assert status["capture"] == "transparent"
     assert {v["name"] for v in spec["volumes"]} == set(status["volumes"])
     assert src["spec"]["containers"] == [{"name": "app", "image": "busybox"}]  # input untouched
+
+
+@pytest.mark.parametrize(
+    ("annotations", "tail"),
+    [
+        ({}, []),
+        (
+            {c.ANNOTATION_EXCLUDE_UDP_PORTS: "51820,8125", c.ANNOTATION_EXCLUDE_UDP_CIDRS:
+             "198.18.5.0/24,fd00:5::/64"},
+            ["--exclude-outbound-udp-ports", "51820,8125",
+             "--exclude-outbound-udp-cidrs", "198.18.5.0/24,fd00:5::/64"],
+        ),
+        # a bad item is dropped (with a warning), the good ones are passed on
+        ({c.ANNOTATION_EXCLUDE_UDP_PORTS: "wireguard,51820"},
+         ["--exclude-outbound-udp-ports", "51820"]),
+        ({c.ANNOTATION_EXCLUDE_UDP_CIDRS: "nope"}, []),
+    ],
+)  # fmt: skip
+def test_udp_annotations_become_init_args(annotations: dict[str, str], tail: list[str]) -> None:
+    result = inject_pod(pod({**INJECT_TRUE, **annotations}), PodContext(), CFG)
+    args = result.pod["spec"]["initContainers"][0]["args"]
+    udp = [a for a in args if "udp" in a]
+    assert args[len(args) - len(tail) :] == tail and len(udp) == len(tail) // 2
+    # Whatever the annotations, no argument names the DNS servers: egress-init reads the
+    # pod's own resolv.conf when it runs.
+    assert "--dns-servers" not in args and "--resolv-conf" not in args
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (c.ANNOTATION_EXCLUDE_UDP_PORTS, "0", "exclude-outbound-udp-ports: '0' is not a port"),
+        (c.ANNOTATION_EXCLUDE_UDP_CIDRS, "198.18.5.0/40",
+         "exclude-outbound-udp-cidrs: '198.18.5.0/40' is not a CIDR"),
+    ],
+)  # fmt: skip
+def test_bad_udp_annotations_warn_naming_the_value(key: str, value: str, message: str) -> None:
+    result = inject_pod(pod({**INJECT_TRUE, key: value}), PodContext(), CFG)
+    assert result.injected and any(message in w for w in result.warnings), result.warnings
 
 
 def test_container_style_explicit_layout() -> None:

@@ -15,6 +15,7 @@ from sidecar.iptables.apply import Backend, IptablesError
 from sidecar.iptables.rules import Family
 
 GOLDEN = Path(__file__).parent / "golden"
+RESOLV_CONF = GOLDEN / "resolv.conf"  # every case reads it, unless --dns-servers overrides
 
 CASES: dict[str, list[str]] = {
     "default": ["--ipv6", "on"],
@@ -41,13 +42,37 @@ CASES: dict[str, list[str]] = {
         "--proxy-port",
         "16000",
     ],
+    "udp_open": [
+        "--ipv6",
+        "on",
+        "--exclude-outbound-cidrs",
+        "10.96.0.0/12,fd00:10:96::/112",
+        "--exclude-outbound-udp-ports",
+        "51820,8125",
+        "--exclude-outbound-udp-cidrs",
+        "198.18.5.0/24,fd00:5::/64",
+    ],
+    "dns_servers_override": ["--ipv6", "on", "--dns-servers", "198.18.0.2,fd00:e5::2"],
+    "dns_servers_none": ["--ipv6", "off", "--dns-servers", ""],
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_print_matches_golden(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["print", *CASES[name]]) == 0
-    assert capsys.readouterr().out == (GOLDEN / f"{name}.rules").read_text()
+    assert cli.main(["print", *CASES[name], "--resolv-conf", str(RESOLV_CONF)]) == 0
+    out = capsys.readouterr().out.replace(str(GOLDEN), "tests/iptables/golden")
+    assert out == (GOLDEN / f"{name}.rules").read_text()
+
+
+def test_print_without_a_resolv_conf_lets_no_dns_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No file: the C library asks 127.0.0.1, which loopback rules cover; nothing else."""
+    assert cli.main(["print", "--ipv6", "off", "--resolv-conf", str(tmp_path / "none")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# DNS (UDP 53) let out to: none (from {tmp_path / 'none'} (missing))")
+    dns = [line for line in out.splitlines() if line.startswith("-A EGRESS_SIDECAR_DNS")]
+    assert dns == ["-A EGRESS_SIDECAR_DNS -j REJECT --reject-with icmp-port-unreachable"]
 
 
 def test_every_golden_file_has_a_case() -> None:
@@ -61,6 +86,11 @@ def test_every_golden_file_has_a_case() -> None:
         (["--exclude-outbound-ports", "*"], "--exclude-outbound-ports"),
         (["--include-outbound-ports", "80,http"], "--include-outbound-ports: 'http'"),
         (["--proxy-port", "0"], "proxy port"),
+        (["--exclude-outbound-udp-ports", "0"], "--exclude-outbound-udp-ports: '0'"),
+        (["--exclude-outbound-udp-ports", "*"], "--exclude-outbound-udp-ports"),
+        (["--exclude-outbound-udp-cidrs", "fd00::/129"], "--exclude-outbound-udp-cidrs: 'fd00"),
+        (["--dns-servers", "10.96.0.0/12"], "--dns-servers: '10.96.0.0/12'"),
+        (["--resolv-conf", "/"], "--resolv-conf: cannot read /"),
     ],
 )
 def test_bad_options_exit_2_naming_the_option(
@@ -177,8 +207,11 @@ def test_apply_loads_exactly_the_planned_text(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(adapter, "resolve_backend", lambda choice: Backend.LEGACY)
     monkeypatch.setattr(adapter, "tools_for", lambda fam, backend: adapter.Tools("s", "r"))
     monkeypatch.setattr(adapter, "_run", fake_run)
-    assert cli.main(["apply", "--ipv6", "off"]) == 0
+    assert cli.main(["apply", "--ipv6", "off", "--resolv-conf", str(RESOLV_CONF)]) == 0
     (save_call, restore_call) = loaded
     assert save_call == (["s"], None)
     assert restore_call[0] == ["r", "--noflush", "--wait", "10"]
-    assert restore_call[1] == rules.render_rules(rules.CaptureOptions(), Family.IPV4)
+    servers = rules.parse_addresses("10.96.0.10,fd00:10:96::a")  # read at run time
+    expected = rules.render_rules(rules.CaptureOptions(dns_servers=servers), Family.IPV4)
+    assert restore_call[1] == expected
+    assert "-A EGRESS_SIDECAR_DNS -d 10.96.0.10/32 -j RETURN\n" in expected

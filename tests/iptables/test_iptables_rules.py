@@ -145,35 +145,172 @@ def test_exclusions_come_before_the_redirect_and_split_by_family() -> None:
         assert "-p tcp -j REDIRECT --to-ports 15002" not in chain
 
 
-@pytest.mark.parametrize(
-    ("opts", "has_filter"),
-    [
-        (CaptureOptions(), True),
-        (CaptureOptions(quic_reject=False), False),
-        (CaptureOptions(exclude_ports=rules.parse_ports("400-500")), False),
-        (CaptureOptions(include_ports=rules.parse_ports("80")), False),
-        (CaptureOptions(include_ports=rules.parse_ports("80,443")), True),
-        (CaptureOptions(exclude_ports=rules.parse_ports("80")), True),
-    ],
-)
-def test_quic_reject_only_where_443_is_captured(opts: CaptureOptions, has_filter: bool) -> None:
-    for fam in Family:
-        tables = [t.table for t in rules.desired_tables(opts, fam)]
-        assert tables == (["nat", "filter"] if has_filter else ["nat"])
+def test_filter_table_is_always_there() -> None:
+    """UDP and ICMP echo are restricted whatever TCP capture covers (the QUIC reject used to
+    vanish with port 443 excluded or not included, and with it all UDP was free)."""
+    for opts in (
+        CaptureOptions(exclude_ports=rules.parse_ports("400-500")),
+        CaptureOptions(include_ports=rules.parse_ports("80")),
+        CaptureOptions(quic_reject=False),
+    ):
+        for fam in Family:
+            assert [t.table for t in rules.desired_tables(opts, fam)] == ["nat", "filter"]
 
 
-def test_filter_rules_reject_udp_443_per_family() -> None:
+def _filter(opts: CaptureOptions, family: Family) -> rules.TableRules:
+    (t,) = [t for t in rules.desired_tables(opts, family) if t.table == "filter"]
+    return t
+
+
+def test_filter_rules_default_ipv4() -> None:
     opts = CaptureOptions(proxy_gid=1337, exclude_cidrs=rules.parse_cidrs("10.0.0.0/8"))
-    assert _chain_rules(opts, Family.IPV4, "filter") == [
+    t = _filter(opts, Family.IPV4)
+    assert t.jumps == (
+        "-p udp -j EGRESS_SIDECAR_OUTPUT",
+        "-p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT",
+    )
+    assert list(t.rules) == [
         "-m owner --uid-owner 1337 -j RETURN",
         "-m owner --gid-owner 1337 -j RETURN",
         "-o lo -j RETURN",
+        "-m conntrack --ctstate ESTABLISHED -j RETURN",
         "-d 10.0.0.0/8 -j RETURN",
+        "-p udp -m udp --dport 53 -g EGRESS_SIDECAR_DNS",
         "-p udp -j REJECT --reject-with icmp-port-unreachable",
+        "-p icmp -m icmp --icmp-type 8 -j REJECT --reject-with icmp-admin-prohibited",
     ]
-    assert _chain_rules(opts, Family.IPV6, "filter")[-1] == (
-        "-p udp -j REJECT --reject-with icmp6-port-unreachable"
+    assert dict(t.chains)["EGRESS_SIDECAR_DNS"] == (
+        "-j REJECT --reject-with icmp-port-unreachable",
     )
+
+
+def test_filter_rules_ipv6_never_touch_neighbour_discovery() -> None:
+    t = _filter(CaptureOptions(), Family.IPV6)
+    # Only echo-request (128) and UDP are sent to our chain: NS/NA/RS/RA and errors pass.
+    assert t.jumps == (
+        "-p udp -j EGRESS_SIDECAR_OUTPUT",
+        "-p ipv6-icmp -m icmp6 --icmpv6-type 128 -j EGRESS_SIDECAR_OUTPUT",
+    )
+    assert t.rules[-2:] == (
+        "-p udp -j REJECT --reject-with icmp6-port-unreachable",
+        "-p ipv6-icmp -m icmp6 --icmpv6-type 128 -j REJECT --reject-with icmp6-adm-prohibited",
+    )
+
+
+@pytest.mark.parametrize(
+    ("opts", "family", "returns"),
+    [
+        # opened UDP ports, any destination; --no-quic-reject opens 443 alike
+        (
+            CaptureOptions(exclude_udp_ports=rules.parse_ports("51820,8125,9000-9010")),
+            Family.IPV4,
+            [
+                "-p udp -m udp --dport 8125 -j RETURN",
+                "-p udp -m udp --dport 9000:9010 -j RETURN",
+                "-p udp -m udp --dport 51820 -j RETURN",
+            ],
+        ),
+        (CaptureOptions(quic_reject=False), Family.IPV6, ["-p udp -m udp --dport 443 -j RETURN"]),
+        (
+            CaptureOptions(quic_reject=False, exclude_udp_ports=rules.parse_ports("443,80")),
+            Family.IPV4,
+            ["-p udp -m udp --dport 80 -j RETURN", "-p udp -m udp --dport 443 -j RETURN"],
+        ),
+        # opened UDP CIDRs, split by family, UDP only
+        (
+            CaptureOptions(exclude_udp_cidrs=rules.parse_cidrs("198.18.5.0/24,fd00:5::/64")),
+            Family.IPV4,
+            ["-d 198.18.5.0/24 -p udp -j RETURN"],
+        ),
+        (
+            CaptureOptions(exclude_udp_cidrs=rules.parse_cidrs("198.18.5.0/24,fd00:5::/64")),
+            Family.IPV6,
+            ["-d fd00:5::/64 -p udp -j RETURN"],
+        ),
+        # TCP port tuning does not open UDP
+        (CaptureOptions(exclude_ports=rules.parse_ports("443")), Family.IPV4, []),
+    ],
+)
+def test_udp_openings(opts: CaptureOptions, family: Family, returns: list[str]) -> None:
+    chain = list(_filter(opts, family).rules)
+    opened = [r for r in chain if "-p udp" in r and r.endswith("-j RETURN")]
+    assert opened == returns
+    # every opening comes before the DNS goto and the reject
+    dns = chain.index("-p udp -m udp --dport 53 -g EGRESS_SIDECAR_DNS")
+    assert all(chain.index(r) < dns for r in returns)
+    assert chain[dns + 1].startswith("-p udp -j REJECT")
+
+
+@pytest.mark.parametrize(
+    ("servers", "family", "dns"),
+    [
+        ("", Family.IPV4, []),
+        ("10.96.0.10", Family.IPV4, ["-d 10.96.0.10/32 -j RETURN"]),
+        ("10.96.0.10", Family.IPV6, []),
+        (
+            "198.18.0.2, fd00::a,198.18.0.3",
+            Family.IPV4,
+            ["-d 198.18.0.2/32 -j RETURN", "-d 198.18.0.3/32 -j RETURN"],
+        ),
+        ("198.18.0.2, fd00::a", Family.IPV6, ["-d fd00::a/128 -j RETURN"]),
+    ],
+)
+def test_dns_chain_lets_only_the_name_servers_through(
+    servers: str, family: Family, dns: list[str]
+) -> None:
+    t = _filter(CaptureOptions(dns_servers=rules.parse_addresses(servers)), family)
+    assert [name for name, _ in t.chains] == ["EGRESS_SIDECAR_DNS", "EGRESS_SIDECAR_OUTPUT"]
+    assert list(dict(t.chains)["EGRESS_SIDECAR_DNS"]) == [
+        *dns,
+        f"-j REJECT --reject-with {family.reject_with}",
+    ]
+
+
+# --- resolv.conf and address lists ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", []),
+        ("nameserver 10.96.0.10\nsearch default.svc.cluster.local\n", ["10.96.0.10"]),
+        (
+            "# comment\nnameserver 10.96.0.10 # trailing\n; nameserver 9.9.9.9\n"
+            "nameserver fd00:10::a\noptions ndots:5\n",
+            ["10.96.0.10", "fd00:10::a"],
+        ),
+        ("nameserver fe80::1%eth0\n", ["fe80::1"]),  # zone dropped: -d takes none
+        ("nameserver\nnameserver not-an-ip\nnameserver 1.2.3.4\n", ["1.2.3.4"]),
+        ("nameserver 1.2.3.4\nnameserver 1.2.3.4\n", ["1.2.3.4"]),
+        ("  nameserver\t198.18.0.2  \r\n", ["198.18.0.2"]),
+        ("nameservers 1.2.3.4\nNAMESERVER 1.2.3.5\n", []),  # the C library's spelling only
+    ],
+)
+def test_parse_resolv_conf(text: str, expected: list[str]) -> None:
+    assert [str(a) for a in rules.parse_resolv_conf(text)] == expected
+
+
+@given(st.lists(st.ip_addresses(), max_size=6), st.lists(st.text(max_size=30), max_size=6))
+def test_parse_resolv_conf_finds_every_nameserver_line(
+    addrs: list[ipaddress.IPv4Address | ipaddress.IPv6Address], noise: list[str]
+) -> None:
+    lines = [f"nameserver {a}" for a in addrs]
+    # Lines that are not nameserver lines never add (or break) anything.
+    lines += [f"#{n}".replace("\n", " ").replace("\r", " ") for n in noise]
+    found = rules.parse_resolv_conf("\n".join(lines))
+    assert list(found) == list(dict.fromkeys(addrs))
+
+
+@given(st.text(max_size=200))
+def test_parse_resolv_conf_never_raises(text: str) -> None:
+    assert all(isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address)
+               for a in rules.parse_resolv_conf(text))  # fmt: skip
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/8", "x", "1.2.3.4.5", "fe80::1%eth0"])
+def test_parse_addresses_rejects_and_names_the_item(text: str) -> None:
+    with pytest.raises(RuleOptionError, match=f"--dns-servers: '{text}'"):
+        rules.parse_addresses(text)
 
 
 def test_render_rules_is_one_commit_per_table() -> None:
@@ -182,6 +319,13 @@ def test_render_rules_is_one_commit_per_table() -> None:
     assert lines[0] == "*nat" and lines.count("COMMIT") == 2 and lines[-1] == "COMMIT"
     assert lines[1] == ":EGRESS_SIDECAR_OUTPUT - [0:0]"
     assert lines[2] == "-I OUTPUT 1 -p tcp -j EGRESS_SIDECAR_OUTPUT"
+    filt = lines[lines.index("*filter") :]
+    assert filt[1:5] == [
+        ":EGRESS_SIDECAR_DNS - [0:0]",
+        ":EGRESS_SIDECAR_OUTPUT - [0:0]",
+        "-I OUTPUT 1 -p udp -j EGRESS_SIDECAR_OUTPUT",
+        "-I OUTPUT 2 -p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT",
+    ]
     assert not any(line.startswith(("-D", "-X", "-F")) for line in lines)
 
 
@@ -245,6 +389,7 @@ def test_parse_save_of_a_clean_namespace_is_empty() -> None:
 
 
 def test_reapply_replaces_ours_and_leaves_others() -> None:
+    """Also the upgrade from the QUIC-only filter chain: its 443 jump goes, the new ones come."""
     state = rules.parse_save(SAVE_WITH_OURS_AND_OTHERS)
     text = rules.render_apply(CaptureOptions(quic_reject=False), Family.IPV4, state)
     assert text == (
@@ -260,11 +405,21 @@ def test_reapply_replaces_ours_and_leaves_others() -> None:
         "-A EGRESS_SIDECAR_OUTPUT -d 127.0.0.0/8 -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -p tcp -j REDIRECT --to-ports 15002\n"
         "COMMIT\n"
-        # QUIC reject no longer wanted: our filter chain goes, OTHER stays
         "*filter\n"
+        ":EGRESS_SIDECAR_DNS - [0:0]\n"
+        ":EGRESS_SIDECAR_OUTPUT - [0:0]\n"
         "-D OUTPUT -p udp -m udp --dport 443 -j EGRESS_SIDECAR_OUTPUT\n"
-        "-F EGRESS_SIDECAR_OUTPUT\n"
-        "-X EGRESS_SIDECAR_OUTPUT\n"
+        "-I OUTPUT 1 -p udp -j EGRESS_SIDECAR_OUTPUT\n"
+        "-I OUTPUT 2 -p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT\n"
+        "-A EGRESS_SIDECAR_DNS -j REJECT --reject-with icmp-port-unreachable\n"
+        "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -o lo -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -m conntrack --ctstate ESTABLISHED -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p udp -m udp --dport 443 -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p udp -m udp --dport 53 -g EGRESS_SIDECAR_DNS\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p icmp -m icmp --icmp-type 8 -j REJECT "
+        "--reject-with icmp-admin-prohibited\n"
         "COMMIT\n"
     )
     assert "OTHER" not in text and "MASQUERADE" not in text
@@ -289,15 +444,24 @@ def test_clean_of_nothing_is_empty() -> None:
 
 
 def test_saved_form_matches_what_save_shows_after_a_fresh_apply() -> None:
-    text = rules.render_rules(CaptureOptions(), Family.IPV4)
+    opts = CaptureOptions(dns_servers=rules.parse_addresses("198.18.0.2"))
+    text = rules.render_rules(opts, Family.IPV4)
     # What iptables-save printed after loading exactly this text (nft and legacy agree).
     save = (
         "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        ":EGRESS_SIDECAR_DNS - [0:0]\n"
         ":EGRESS_SIDECAR_OUTPUT - [0:0]\n"
-        "-A OUTPUT -p udp -m udp --dport 443 -j EGRESS_SIDECAR_OUTPUT\n"
+        "-A OUTPUT -p udp -j EGRESS_SIDECAR_OUTPUT\n"
+        "-A OUTPUT -p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT\n"
+        "-A EGRESS_SIDECAR_DNS -d 198.18.0.2/32 -j RETURN\n"
+        "-A EGRESS_SIDECAR_DNS -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -o lo -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -m conntrack --ctstate ESTABLISHED -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p udp -m udp --dport 53 -g EGRESS_SIDECAR_DNS\n"
         "-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p icmp -m icmp --icmp-type 8 -j REJECT "
+        "--reject-with icmp-admin-prohibited\n"
         "COMMIT\n"
         "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
         ":POSTROUTING ACCEPT [0:0]\n:EGRESS_SIDECAR_OUTPUT - [0:0]\n"
@@ -335,5 +499,6 @@ def test_apply_over_own_rules_deletes_every_old_jump(
     state = rules.parse_save(save)
     again = rules.render_apply(CaptureOptions(), fam, state).splitlines()
     deleted = [line for line in again if line.startswith("-D OUTPUT ")]
-    assert len(deleted) == len(first)  # one old jump per table we had
-    assert sum(line.startswith("-I OUTPUT 1 ") for line in again) == 2
+    old_jumps = [line for lines in first.values() for line in lines if line.startswith("-A OUTPUT")]
+    assert len(deleted) == len(old_jumps) == 3  # nat: TCP; filter: UDP, ICMP echo
+    assert sum(line.startswith("-I OUTPUT ") for line in again) == 3

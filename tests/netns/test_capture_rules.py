@@ -134,8 +134,13 @@ def test_udp_443_is_rejected_for_the_app_only(captured: Captured, addr: str) -> 
     assert captured.world.client("udp", addr, "443", uid=PROXY_UID)["reply"] == "udp-ok"
 
 
-def test_other_udp_is_untouched(captured: Captured) -> None:
-    assert captured.world.client("udp", OUT4[0], "53", uid=APP_UID)["reply"] == "udp-ok"
+def test_udp_is_not_only_rejected_on_443(captured: Captured) -> None:
+    """DNS to a server the pod's resolv.conf does not name is refused like any other UDP
+    (test_udp_icmp_capture.py covers what is let through)."""
+    mark = captured.outside.mark()
+    result = captured.world.client("udp", OUT4[0], "53", uid=APP_UID)
+    assert result["reply"] is None, result
+    assert not [r for r in captured.outside.since(mark) if r["event"] == "datagram"]
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
@@ -198,7 +203,7 @@ def test_apply_is_idempotent_and_clean_restores_the_namespace(
         assert proc.returncode == 0, proc.stderr
     for fam in ("ipv4", "ipv6"):
         now = save(w, fam, backend)
-        assert _jumps(now) == 2  # nat + filter
+        assert _jumps(now) == 3  # nat: TCP; filter: UDP and ICMP echo
         assert set(before[fam]) <= set(_strip(now))  # foreign rules untouched
 
     # Re-apply with other options replaces ours: only port 80, no QUIC reject.
@@ -251,8 +256,8 @@ def test_apply_and_clean_work_on_a_read_only_root(fresh_world: h.World, backend:
     script = (
         "set -e; mount -t tmpfs tmpfs /run; mount -o remount,ro /run; "
         "mount -t tmpfs tmpfs /dev/shm; mount -o remount,bind,ro /; "
-        '"$@" apply --ipv6 on --backend ' + backend + "; "
-        f"{backend_save(backend)} | grep -c EGRESS_SIDECAR_OUTPUT; "
+        '"$@" apply --ipv6 on --dns-servers 198.18.0.2 --backend ' + backend + "; "
+        f"{backend_save(backend)} | grep -c EGRESS_SIDECAR_; "
         '"$@" clean --ipv6 on --backend ' + backend
     )
     private = ["unshare", "-m", "--propagation", "private", "--"]
@@ -260,7 +265,8 @@ def test_apply_and_clean_work_on_a_read_only_root(fresh_world: h.World, backend:
         [*private, "sh", "-c", script, "sh", *SIDECAR, "iptables"], timeout=60
     )
     assert proc.returncode == 0, proc.stderr
-    expected = rules.saved_form(rules.render_rules(rules.CaptureOptions(), rules.Family.IPV4))
+    opts = rules.CaptureOptions(dns_servers=rules.parse_addresses("198.18.0.2"))
+    expected = rules.saved_form(rules.render_rules(opts, rules.Family.IPV4))
     assert int(proc.stdout.split()[0]) == sum(len(lines) for lines in expected.values())
     assert "EGRESS" not in save(fresh_world, "ipv4", backend)
 
