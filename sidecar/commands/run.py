@@ -17,6 +17,9 @@ from sidecar.commands.options import add_policy_options, env_ranges
 
 log = logging.getLogger("sidecar.run")
 
+ENV_DRAIN_TIMEOUT = "EGRESS_DRAIN_TIMEOUT"
+DEFAULT_DRAIN_TIMEOUT = 20.0  # below Kubernetes' default terminationGracePeriodSeconds of 30
+
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -146,7 +149,28 @@ def add_parser(sub: Any) -> None:
         "first protocol to an address no cidr rule allows) is decided as raw TCP on its "
         "original address (default %(default)s)",
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=_non_negative,
+        default=os.environ.get(ENV_DRAIN_TIMEOUT, str(DEFAULT_DRAIN_TIMEOUT)),  # type applies
+        metavar="SECONDS",
+        help="on SIGTERM: stop accepting connections (readiness turns 503, liveness stays 200), "
+        "let in-flight requests and tunnels finish for up to this long, then cut the rest, "
+        "flush the spans and exit 0; a second SIGTERM or SIGINT cuts at once. Keep it below "
+        "the pod's terminationGracePeriodSeconds (30 s by default) "
+        f"(env {ENV_DRAIN_TIMEOUT}; default %(default)s)",
+    )
     parser.set_defaults(func=run)
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def _pod_namespace() -> str | None:
@@ -251,7 +275,8 @@ async def _serve(
         dns_cache_ttl=args.dns_cache_ttl,
         first_byte_timeout=args.first_byte_timeout,
     )
-    master, listeners = build_master(config, store, reporter)
+    proxy = build_master(config, store, reporter)
+    master, listeners, drain = proxy.master, proxy.listeners, proxy.drain
 
     def readiness() -> tuple[bool, dict[str, Any]]:
         # Ready = every source had a good version (a deleted ConfigMap is a policy being
@@ -261,9 +286,10 @@ async def _serve(
             **source.status(),
             "mode": store.get().mode.value,
             "listeners": listeners.addresses,
-            "listening": listeners.all_running,
+            "listening": listeners.all_running and not drain.draining,
+            "draining": drain.draining,
         }
-        ready = source.ready() and listeners.all_running
+        ready = source.ready() and listeners.all_running and not drain.draining
         body["ready"] = ready
         return ready, body
 
@@ -284,8 +310,26 @@ async def _serve(
     )
     source.start()
     loop = asyncio.get_running_loop()
+    cut_short = asyncio.Event()
+    stopping: list[asyncio.Task[None]] = []
+
+    async def drain_then_stop() -> None:
+        try:
+            if listeners.all_running:
+                await drain.drain(args.drain_timeout, cut_short)
+        finally:
+            master.shutdown()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stopping:
+            log.info("second signal: cutting what is in flight", extra={"signal": signum.name})
+            cut_short.set()
+            return
+        log.info("stopping", extra={"signal": signum.name, "drain_timeout_s": args.drain_timeout})
+        stopping.append(loop.create_task(drain_then_stop()))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, master.shutdown)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await master.run()
     finally:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
+import threading
+import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from tests.support.sidecar import BIN, Sidecar, free_port, hosts_file, with_hosts
 
@@ -95,3 +102,54 @@ def listen_backlog(port: int) -> int:
     fields = out.split()
     assert len(fields) >= 4, f"nothing listens on {port}: {out!r}"
     return int(fields[2])
+
+
+class _SlowHandler(BaseHTTPRequestHandler):
+    """GET /anything?chunks=N&delay=S: N chunks of CHUNK bytes, S seconds apart (Content-Length)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_GET(self) -> None:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        chunks = int(query.get("chunks", ["10"])[0])
+        delay = float(query.get("delay", ["0.1"])[0])
+        self.send_response(200)
+        self.send_header("content-type", "application/octet-stream")
+        self.send_header("content-length", str(chunks * CHUNK))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(chunks):
+                self.wfile.write(b"x" * CHUNK)
+                self.wfile.flush()
+                time.sleep(delay)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+CHUNK = 16 * 1024
+
+
+class SlowUpstream(ThreadingHTTPServer):
+    """A plain-HTTP server that streams its answer slowly (a download in progress)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str) -> None:
+        super().__init__((host, 0), _SlowHandler)
+        threading.Thread(target=self.serve_forever, daemon=True, name="slow-upstream").start()
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(self.server_address)  # no reverse DNS lookup (FIELD-NOTES)
+        self.server_address = self.socket.getsockname()[:2]
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
