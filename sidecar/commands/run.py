@@ -10,10 +10,13 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar import contract
 from sidecar.commands.options import add_policy_options, env_ranges
+
+if TYPE_CHECKING:
+    from sidecar.proxy.listeners import AcceptGate, OpenFiles
 
 log = logging.getLogger("sidecar.run")
 
@@ -219,7 +222,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"egress-sidecar run: {err}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(args, explicit, transparent, health))
+    from sidecar.proxy.listeners import (
+        AcceptGate,
+        GatedEventLoop,
+        OpenFiles,
+        connection_limit,
+        open_fds,
+    )
+
+    files = OpenFiles.raise_soft_limit()
+    gate = AcceptGate(connection_limit(files.soft, open_fds()))
+    with asyncio.Runner(loop_factory=lambda: GatedEventLoop(gate)) as runner:
+        return runner.run(_serve(args, explicit, transparent, health, files=files, gate=gate))
 
 
 async def _serve(
@@ -227,6 +241,9 @@ async def _serve(
     explicit: tuple[Any, ...],
     transparent: tuple[Any, ...],
     health_spec: Any,
+    *,
+    files: OpenFiles,
+    gate: AcceptGate,
 ) -> int:
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
@@ -306,6 +323,9 @@ async def _serve(
             "transparent": ",".join(f"{s.host}:{s.port}" for s in transparent),
             "health": f"{health_spec.host}:{health_spec.port}",
             "trace_export": f"{plan.protocol} {plan.endpoint}" if plan.protocol else "none",
+            "open_files_limit": files.soft,
+            **({"open_files_raised_from": files.raised_from} if files.raised_from else {}),
+            "connection_limit": gate.limit,
         },
     )
     source.start()

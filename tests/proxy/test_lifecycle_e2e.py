@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import re
+import resource
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.proxy.lifecycle_support import Ports, launch, listen_backlog, time_wait_ports
 from tests.support.sidecar import Sidecar
+from tests.support.upstream import UpstreamServer
 
 DENY_ALL = "allow: []\n"
 CLOSE = b"Host: nowhere.test\r\nConnection: close\r\n\r\n"
@@ -92,3 +98,101 @@ def test_the_health_port_takes_a_burst_of_500_probes(tmp_path: Path) -> None:
         assert took[int(len(took) * 0.95)] < 1.0, took[-20:]
     finally:
         assert sidecar.stop() == 0
+
+
+def _nofile(soft: int, hard: int) -> Callable[[], None]:
+    def limit() -> None:  # in the child, before exec: as a container runtime would set it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return limit
+
+
+def _start_line(sidecar: Sidecar) -> dict[str, Any]:
+    for line in list(sidecar.stderr):
+        if line.startswith("{") and json.loads(line).get("msg") == "starting":
+            return dict(json.loads(line))
+    raise AssertionError(f"no start line: {sidecar.stderr[-10:]}")
+
+
+def _get(sock: socket.socket, host: str) -> bytes:
+    """One keep-alive GET through the explicit proxy on ``sock``; the response head."""
+    sock.sendall(f"GET http://{host}/ HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
+    sidecar = launch(tmp_path, Ports.free(), allowlist=DENY_ALL, preexec_fn=_nofile(128, 4096))
+    try:
+        start = _start_line(sidecar)
+        assert (start["open_files_limit"], start["open_files_raised_from"]) == (4096, 128)
+        assert start["connection_limit"] > 1000
+        with open(f"/proc/{sidecar.proc.pid}/limits") as limits:
+            line = next(x for x in limits if x.startswith("Max open files"))
+        assert line.split()[3:5] == ["4096", "4096"]
+    finally:
+        assert sidecar.stop() == 0
+
+
+def test_at_the_open_file_limit_open_connections_and_probes_keep_working(tmp_path: Path) -> None:
+    web = UpstreamServer("127.0.0.7", label="web").start()
+    sidecar = launch(
+        tmp_path,
+        Ports.free(),
+        allowlist=f"allow:\n  - host: web.test\n    ports: [{web.port}]\n",
+        hosts={"web.test": "127.0.0.7"},
+        args=["--allow-private-range", "127.0.0.0/8"],
+        preexec_fn=_nofile(160, 160),  # no room to raise it
+    )
+    held: list[socket.socket] = []
+    try:
+        start = _start_line(sidecar)
+        assert "open_files_raised_from" not in start
+        limit = int(start.get("connection_limit", 40))
+        assert 8 <= limit < 80
+        first = socket.create_connection(("127.0.0.1", sidecar.explicit_port), timeout=5)
+        held.append(first)
+        assert _get(first, f"web.test:{web.port}").startswith(b"HTTP/1.1 200")
+
+        # 200 more: more than the process has descriptors for. The first ones are served, the
+        # next wait in the listen queue (100), the rest are not even answered (SYN dropped).
+        def connect(_: int) -> socket.socket | None:
+            try:
+                return socket.create_connection(("127.0.0.1", sidecar.explicit_port), timeout=1.5)
+            except OSError:
+                return None
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+            flood = [s for s in pool.map(connect, range(200)) if s is not None]
+        held += flood
+        assert len(flood) >= limit
+        time.sleep(1.5)
+        # The connection open before the flood still works, and so do the probes.
+        assert _get(first, f"web.test:{web.port}").startswith(b"HTTP/1.1 200")
+        assert sidecar.health("/healthz/live")[0] == 200
+        assert sidecar.health("/healthz/ready")[0] == 200
+        # Closing connections lets the waiting ones in: the last one connected gets served.
+        last = flood[-1]
+        for sock in flood[:-1]:
+            sock.close()
+        last.settimeout(10)
+        assert _get(last, f"web.test:{web.port}").startswith(b"HTTP/1.1 200")
+        lines = list(sidecar.stderr)
+        emfile = [x for x in lines if "Too many open files" in x or "out of system" in x]
+        assert emfile == [], emfile[:3]
+        at_limit = [x for x in lines if "connection limit" in x]
+        assert 1 <= len(at_limit) <= 2, at_limit  # one line per 10 s interval, not per accept
+    finally:
+        for sock in held:
+            sock.close()
+        code = sidecar.stop()
+        web.stop()
+    assert code == 0, sidecar.stderr[-5:]
