@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +20,11 @@ from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics
 log = logging.getLogger(__name__)
 
 type ReadinessProbe = Callable[[], tuple[bool, dict[str, Any]]]
+
+# Listen backlog: kubelet probes time out after 1 s, and a burst of probes and scrapes (or a
+# node-wide restart) must wait in the kernel's queue, not overflow it. The kernel caps it at
+# net.core.somaxconn (4096 on current kernels).
+HEALTH_BACKLOG = 1024
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -51,6 +57,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 class HealthServer(ThreadingHTTPServer):
     daemon_threads = True
+    # A restarted container binds again at once, although the previous run's connections still
+    # sit in TIME_WAIT on this port in the pod's network namespace (SO_REUSEADDR never lets two
+    # live listeners share the port; that would be SO_REUSEPORT).
+    allow_reuse_address = True
+    request_queue_size = HEALTH_BACKLOG
 
     def __init__(
         self, address: tuple[str, int], readiness: ReadinessProbe, metrics: Metrics
@@ -58,13 +69,14 @@ class HealthServer(ThreadingHTTPServer):
         self.readiness = readiness
         self.metrics = metrics
         if ":" in address[0]:
-            import socket
-
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
-        # Skip HTTPServer.server_bind's reverse DNS lookup (10 s without DNS, FIELD-NOTES).
+        # Skip HTTPServer.server_bind's reverse DNS lookup (10 s without DNS, FIELD-NOTES); so
+        # TCPServer.server_bind's SO_REUSEADDR is ours to set.
+        if self.allow_reuse_address:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(self.server_address)
         self.server_address = self.socket.getsockname()[:2]
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]

@@ -10,12 +10,18 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar import contract
 from sidecar.commands.options import add_policy_options, env_ranges
 
+if TYPE_CHECKING:
+    from sidecar.proxy.listeners import AcceptGate, OpenFiles
+
 log = logging.getLogger("sidecar.run")
+
+ENV_DRAIN_TIMEOUT = "EGRESS_DRAIN_TIMEOUT"
+DEFAULT_DRAIN_TIMEOUT = 20.0  # below Kubernetes' default terminationGracePeriodSeconds of 30
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -41,6 +47,10 @@ def add_parser(sub: Any) -> None:
             "stdout and traced as one OpenTelemetry span (export set by the OTEL_* variables:\n"
             "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf, ...).\n"
             "TLS is never decrypted.\n\n"
+            "The open-file soft limit is raised to the hard one at start; the proxy holds at most\n"
+            "as many client connections as that leaves room for (the start line's\n"
+            "connection_limit), further ones wait in the listen queue. SIGTERM drains (see\n"
+            "--drain-timeout).\n\n"
             "examples:\n"
             "  egress-sidecar run --allowlist-file examples/allowlist.yaml\n"
             "  egress-sidecar run --configmap shop/egress-allowlist"
@@ -146,7 +156,28 @@ def add_parser(sub: Any) -> None:
         "first protocol to an address no cidr rule allows) is decided as raw TCP on its "
         "original address (default %(default)s)",
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=_non_negative,
+        default=os.environ.get(ENV_DRAIN_TIMEOUT, str(DEFAULT_DRAIN_TIMEOUT)),  # type applies
+        metavar="SECONDS",
+        help="on SIGTERM: stop accepting connections (readiness turns 503, liveness stays 200), "
+        "let in-flight requests and tunnels finish for up to this long, then cut the rest, "
+        "flush the spans and exit 0; a second SIGTERM or SIGINT cuts at once. Keep it below "
+        "the pod's terminationGracePeriodSeconds (30 s by default) "
+        f"(env {ENV_DRAIN_TIMEOUT}; default %(default)s)",
+    )
     parser.set_defaults(func=run)
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def _pod_namespace() -> str | None:
@@ -195,7 +226,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"egress-sidecar run: {err}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(args, explicit, transparent, health))
+    from sidecar.proxy.listeners import (
+        AcceptGate,
+        GatedEventLoop,
+        OpenFiles,
+        connection_limit,
+        open_fds,
+    )
+
+    files = OpenFiles.raise_soft_limit()
+    gate = AcceptGate(connection_limit(files.soft, open_fds()))
+    with asyncio.Runner(loop_factory=lambda: GatedEventLoop(gate)) as runner:
+        return runner.run(_serve(args, explicit, transparent, health, files=files, gate=gate))
 
 
 async def _serve(
@@ -203,6 +245,9 @@ async def _serve(
     explicit: tuple[Any, ...],
     transparent: tuple[Any, ...],
     health_spec: Any,
+    *,
+    files: OpenFiles,
+    gate: AcceptGate,
 ) -> int:
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
@@ -251,7 +296,8 @@ async def _serve(
         dns_cache_ttl=args.dns_cache_ttl,
         first_byte_timeout=args.first_byte_timeout,
     )
-    master, listeners = build_master(config, store, reporter)
+    proxy = build_master(config, store, reporter)
+    master, listeners, drain = proxy.master, proxy.listeners, proxy.drain
 
     def readiness() -> tuple[bool, dict[str, Any]]:
         # Ready = every source had a good version (a deleted ConfigMap is a policy being
@@ -261,9 +307,10 @@ async def _serve(
             **source.status(),
             "mode": store.get().mode.value,
             "listeners": listeners.addresses,
-            "listening": listeners.all_running,
+            "listening": listeners.all_running and not drain.draining,
+            "draining": drain.draining,
         }
-        ready = source.ready() and listeners.all_running
+        ready = source.ready() and listeners.all_running and not drain.draining
         body["ready"] = ready
         return ready, body
 
@@ -280,12 +327,33 @@ async def _serve(
             "transparent": ",".join(f"{s.host}:{s.port}" for s in transparent),
             "health": f"{health_spec.host}:{health_spec.port}",
             "trace_export": f"{plan.protocol} {plan.endpoint}" if plan.protocol else "none",
+            "open_files_limit": files.soft,
+            **({"open_files_raised_from": files.raised_from} if files.raised_from else {}),
+            "connection_limit": gate.limit,
         },
     )
     source.start()
     loop = asyncio.get_running_loop()
+    cut_short = asyncio.Event()
+    stopping: list[asyncio.Task[None]] = []
+
+    async def drain_then_stop() -> None:
+        try:
+            if listeners.all_running:
+                await drain.drain(args.drain_timeout, cut_short)
+        finally:
+            master.shutdown()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stopping:
+            log.info("second signal: cutting what is in flight", extra={"signal": signum.name})
+            cut_short.set()
+            return
+        log.info("stopping", extra={"signal": signum.name, "drain_timeout_s": args.drain_timeout})
+        stopping.append(loop.create_task(drain_then_stop()))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, master.shutdown)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await master.run()
     finally:

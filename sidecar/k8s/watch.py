@@ -9,9 +9,16 @@ The loop, per ConfigMap (one thread each):
    client-go does, so that many sidecars do not reconnect in step). A watch that ends normally is
    resumed from the last version seen (event or bookmark) without a new LIST;
 3. 410 Gone (an ERROR event or an HTTP 410) means the version was compacted: LIST again;
-4. any other failure (connection refused, reset, timeout, 5xx, 401, 403): wait a capped
+4. a corrupt event (not JSON, truncated, no object): the stream can no longer be trusted to
+   have delivered everything, so LIST again after the backoff;
+5. any other failure (connection refused, reset, timeout, 5xx, 401, 403): wait a capped
    exponential backoff with jitter, then resume from the last version, or LIST if we have none.
    A 401 first re-reads the service account token.
+
+The backoff starts again from its first step as soon as the API server has shown it works: a
+watch that delivered an event (bookmarks included) or stayed open for a second, however that
+watch then ended. A successful LIST alone does not reset it, so that a server that answers lists
+but breaks every watch at once is retried ever more slowly instead of in a tight loop.
 
 The listener is called from the watcher's thread; it must not block for long.
 """
@@ -23,7 +30,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +46,15 @@ Watch: Any = _k8s_watch.Watch  # unannotated in the client
 
 HTTP_GONE = 410
 HTTP_UNAUTHORIZED = 401
+HEALTHY_WATCH_SECONDS = 1.0  # a watch open this long proves the server works
+
+
+class CorruptWatchEventError(ValueError):
+    """A watch stream line that is not a watch event (the official client yields None for a
+    line that is not JSON, and raises KeyError/TypeError/ValueError for other malformed ones)."""
+
+    def __init__(self, ref: ConfigMapRef, detail: str) -> None:
+        super().__init__(f"corrupt watch event for ConfigMap {ref}: {detail}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +168,12 @@ class ConfigMapWatcher:
                 if self.resource_version is None:
                     self._list(api)
                 self._watch_once(api)
+            except CorruptWatchEventError as err:
+                if self._stop.is_set():
+                    break
+                # What the bad line carried is unknown (perhaps an edit of ours): LIST again.
+                self.resource_version = None
+                self._pause(str(err))
             except ApiException as err:
                 if self._stop.is_set():
                     break
@@ -219,12 +241,13 @@ class ConfigMapWatcher:
         if self._stop.is_set():
             return
         self.watches += 1
-        started = time.monotonic()
+        opened: list[float] = []  # when the server accepted the watch
         events = 0
 
         @functools.wraps(api.list_namespaced_config_map)
         def open_watch(*args: Any, **kwargs: Any) -> Any:
             response = api.list_namespaced_config_map(*args, **kwargs)
+            opened.append(time.monotonic())
             # The server accepted the watch (a non-2xx raised above): reachable again, even if
             # no event or bookmark comes for minutes.
             self.listener.on_connection(self.ref, ok=True, error=None)
@@ -244,23 +267,29 @@ class ConfigMapWatcher:
                     timeout + self.tuning.read_grace,
                 ),
             )
-            for event in stream:
+            for event in _checked(stream, self.ref):
                 if self._stop.is_set():
                     break
-                events += 1
                 self._handle(event)
+                events += 1
         finally:
             self._watch = None
-        # A watch that lasted or delivered something proves the server healthy again; one that
-        # ended at once without events should not turn into a tight reconnect loop.
-        if events > 0 or time.monotonic() - started >= 1.0:
-            self._backoff.reset()
-        elif not self._stop.is_set():
+            # However it ended, a watch that delivered something or stayed open proves the
+            # server healthy: the next failure starts the backoff from its first step again.
+            healthy = events > 0 or (
+                bool(opened) and time.monotonic() - opened[0] >= HEALTHY_WATCH_SECONDS
+            )
+            if healthy:
+                self._backoff.reset()
+        # One that ended at once without events must not turn into a tight reconnect loop.
+        if not healthy and not self._stop.is_set():
             self._stop.wait(self._backoff.next_delay())
 
     def _handle(self, event: Mapping[str, Any]) -> None:
         kind = event.get("type")
-        raw = event.get("raw_object") or {}
+        raw = event.get("raw_object")
+        if not isinstance(kind, str) or not isinstance(raw, Mapping):
+            raise CorruptWatchEventError(self.ref, f"type {kind!r}, object {_excerpt(raw)}")
         rv = str((raw.get("metadata") or {}).get("resourceVersion") or "")
         if kind == "BOOKMARK":
             if rv:
@@ -290,6 +319,25 @@ class ConfigMapWatcher:
             return
         self._last_seen = ("", "")
         self.listener.on_absent(self.ref, rv, deleted=deleted)
+
+
+def _checked(stream: Iterator[Any], ref: ConfigMapRef) -> Iterator[Mapping[str, Any]]:
+    """The stream's events; a line the client could not decode becomes CorruptWatchEventError."""
+    while True:
+        try:
+            event = next(stream)
+        except StopIteration:
+            return
+        except (KeyError, TypeError, ValueError) as err:  # raised while decoding a line
+            raise CorruptWatchEventError(ref, f"{type(err).__name__}: {err}") from err
+        if not isinstance(event, Mapping):
+            raise CorruptWatchEventError(ref, "a line that is not a JSON object")
+        yield event
+
+
+def _excerpt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _reason(err: ApiException) -> str:

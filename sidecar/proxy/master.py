@@ -17,6 +17,7 @@ from mitmproxy.master import Master
 from sidecar.policy.store import PolicyStore
 from sidecar.proxy.connections import Connections
 from sidecar.proxy.decider import Decider
+from sidecar.proxy.drain import Drain
 from sidecar.proxy.layering import Layering, install_transparent_start
 from sidecar.proxy.listeners import Listeners
 from sidecar.proxy.resolver import Resolver
@@ -50,12 +51,18 @@ class ProxyConfig:
     first_byte_timeout: float = 10.0  # transparent: a silent client is then decided as raw TCP
 
 
-def build_master(
-    config: ProxyConfig, store: PolicyStore, reporter: Reporter
-) -> tuple[Master, Listeners]:
+@dataclass(frozen=True)
+class Proxy:
+    master: Master
+    listeners: Listeners
+    drain: Drain
+
+
+def build_master(config: ProxyConfig, store: PolicyStore, reporter: Reporter) -> Proxy:
     master = Master(options.Options(), event_loop=asyncio.get_running_loop())
     connections = Connections()
     listeners = Listeners()
+    drain = Drain(connections)
     layering = Layering(store, connections)
     install_transparent_start(config.first_byte_timeout, layering.silent_client)
     master.addons.add(
@@ -68,6 +75,7 @@ def build_master(
             connections,
         ),
         listeners,
+        drain,  # after the decision addon: its hooks see each flow as decided
     )
     master.options.update(
         confdir=config.confdir,
@@ -78,4 +86,4 @@ def build_master(
         # Headers are relayed as the client sent them; we are not a normalising proxy.
         validate_inbound_headers=True,
     )
-    return master, listeners
+    return Proxy(master, listeners, drain)

@@ -129,6 +129,7 @@ class FakeKubeAPI:
         self._rv = 100  # like a real cluster, versions do not start at 1
         self._compacted = 0  # watches from a version older than this get 410
         self._expire_epoch = 0  # bumped by expire_history(): open watches then get ERROR 410
+        self._raw_lines: list[bytes] = []  # send_raw_watch_line(): bytes open watches then get
         self._configmaps: dict[tuple[str, str], JSON] = {}
         self._history: list[HistoryEntry] = []
         self.events: dict[tuple[str, str], JSON] = {}  # (namespace, name) -> core/v1 Event
@@ -273,6 +274,13 @@ class FakeKubeAPI:
                 self._expire_epoch += 1
             self._lock.notify_all()
 
+    def send_raw_watch_line(self, line: bytes) -> None:
+        """Every open watch stream gets ``line`` as it is, in a chunk of its own (a corrupt or
+        truncated event, as a broken proxy or server might send); the watches then go on."""
+        with self._lock:
+            self._raw_lines.append(line)
+            self._lock.notify_all()
+
     def rotate_token(self, new: str, *, keep_old: bool = False) -> None:
         with self._lock:
             self._tokens = ({*self._tokens, new}) if keep_old else {new}
@@ -366,7 +374,7 @@ class FakeKubeAPI:
         since: int | None,
         deadline: float,
         bookmarks: bool,
-    ) -> Iterator[JSON]:
+    ) -> Iterator[JSON | bytes]:
         """Yield watch events until the deadline, a restart, or a compaction (ERROR 410)."""
         with self._lock:
             epoch = self._expire_epoch
@@ -395,8 +403,9 @@ class FakeKubeAPI:
         deadline: float,
         bookmarks: bool,
         epoch: int,
-    ) -> Iterator[JSON]:
+    ) -> Iterator[JSON | bytes]:
         with self._lock:
+            raw_sent = len(self._raw_lines)
             too_old = bool(since is not None and since + 1 < self._compacted)
             if since is None:  # "any version": synthetic ADDED events for the current state
                 position = self._rv
@@ -418,6 +427,10 @@ class FakeKubeAPI:
                 if self._expire_epoch != epoch:
                     yield {"type": "ERROR", "object": _gone(position)}
                     return
+                raw = self._raw_lines[raw_sent:]
+                raw_sent = len(self._raw_lines)
+            yield from raw
+            with self._lock:
                 pending = [
                     e
                     for e in self._history
@@ -827,7 +840,7 @@ class _Handler(BaseHTTPRequestHandler):
             deadline=deadline,
             bookmarks=bookmarks,
         ):
-            line = json.dumps(event).encode() + b"\n"
+            line = event if isinstance(event, bytes) else json.dumps(event).encode() + b"\n"
             self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
             self.wfile.flush()
         if self.generation.stopped.is_set():

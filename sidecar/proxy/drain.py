@@ -1,0 +1,163 @@
+"""Graceful stop: stop accepting, let in-flight requests and tunnels finish, then cut the rest.
+
+Kubernetes sends SIGTERM and, ``terminationGracePeriodSeconds`` (30 s by default) later, SIGKILL.
+On SIGTERM the proxy listeners close at once (new connections are refused; readiness reports
+503 while liveness stays 200), connections with nothing in flight are closed, and the others —
+a plain-HTTP exchange under way, a CONNECT tunnel, a transparent TLS or TCP stream — get up to
+the drain timeout to finish. What is still open then is cut: an HTTP exchange's span ends with an
+error saying the sidecar shut down (a tunnel's span ended when it connected), so that every span
+is ended before the tracer provider is flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from mitmproxy import connection, ctx, http
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.flow import Error
+from mitmproxy.proxy.layers.http._hooks import HttpErrorHook
+from mitmproxy.proxy.mode_servers import ProxyConnectionHandler
+
+from sidecar.proxy.connections import Connections, Kind
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+CUT_WAIT_SECONDS = 2.0  # for cut connections to run their disconnect hooks
+# Connections of these kinds relay a stream for as long as it lasts: in flight while open.
+_STREAMS = frozenset({Kind.TUNNEL, Kind.TLS, Kind.TCP})
+
+
+@dataclass(frozen=True, slots=True)
+class DrainOutcome:
+    in_flight: int  # connections with something in flight when the drain began
+    drained: int  # of those, finished within the drain timeout
+    cut: int  # still in flight at the end, closed by the sidecar
+    seconds: float
+
+
+class Drain:
+    """A mitmproxy addon that knows which client connections have something in flight."""
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+        self._clients: dict[str, connection.Client] = {}
+        self._flows: dict[str, set[http.HTTPFlow]] = {}  # open HTTP exchanges by client id
+        self._tunnels: set[str] = set()  # clients whose CONNECT was allowed: a tunnel is open
+        self.draining = False
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def client_connected(self, client: connection.Client) -> None:
+        if self.draining:
+            # Accepted just before the listeners closed: nothing was sent on it yet.
+            client.error = "egress-sidecar is shutting down"
+            return
+        self._clients[client.id] = client
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._clients.pop(client.id, None)
+        self._flows.pop(client.id, None)
+        self._tunnels.discard(client.id)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None:  # not answered (403) by the decision addon: tunnel opens
+            self._tunnels.add(flow.client_conn.id)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._flows.setdefault(flow.client_conn.id, set()).add(flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if self.draining and flow.response is not None:
+            # The client is told not to send another request on this connection.
+            flow.response.headers["connection"] = "close"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)
+
+    def _done(self, flow: http.HTTPFlow) -> None:
+        flows = self._flows.get(flow.client_conn.id)
+        if flows is not None:
+            flows.discard(flow)
+
+    # -- the drain ------------------------------------------------------------------------------
+
+    def _busy(self, client_id: str) -> bool:
+        if self._flows.get(client_id) or client_id in self._tunnels:
+            return True
+        client = self._clients.get(client_id)
+        return client is not None and self._connections.get(client).kind in _STREAMS
+
+    async def drain(self, timeout: float, cut_short: asyncio.Event) -> DrainOutcome:
+        """Stop accepting, wait up to ``timeout`` s for in-flight work, cut what is left."""
+        started = time.monotonic()
+        self.draining = True
+        proxyserver = ctx.master.addons.get("proxyserver")
+        assert isinstance(proxyserver, Proxyserver)
+        await proxyserver.servers.update([])  # closes the listening sockets, nothing else
+        in_flight = {cid for cid in list(self._clients) if self._busy(cid)}
+        log.info(
+            "draining: new connections are refused",
+            extra={"in_flight": len(in_flight), "timeout_s": timeout},
+        )
+        deadline = started + timeout
+        while True:
+            for cid, handler in list(proxyserver.connections.items()):
+                if isinstance(cid, str) and not self._busy(cid):
+                    _cut(handler)  # idle keep-alive (or not yet decided): nothing is lost
+            if not any(self._busy(cid) for cid in self._clients):
+                break
+            left = deadline - time.monotonic()
+            if left <= 0 or cut_short.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cut_short.wait(), min(left, POLL_SECONDS))
+        remaining = {cid for cid in self._clients if self._busy(cid)}
+        await self._cut_all(proxyserver)
+        outcome = DrainOutcome(
+            in_flight=len(in_flight),
+            drained=len(in_flight - remaining),
+            cut=len(remaining),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        log.info(
+            "drained" if not outcome.cut else "drain timeout: cut what was still in flight",
+            extra={
+                "in_flight": outcome.in_flight,
+                "drained": outcome.drained,
+                "cut": outcome.cut,
+                "seconds": outcome.seconds,
+                "cut_short": cut_short.is_set(),
+            },
+        )
+        return outcome
+
+    async def _cut_all(self, proxyserver: Proxyserver) -> None:
+        for flows in list(self._flows.values()):
+            for flow in list(flows):
+                # The decision addon ends the span on this hook, with this message.
+                flow.error = Error("egress-sidecar shut down before the transfer completed")
+                await ctx.master.addons.handle_lifecycle(HttpErrorHook(flow))
+        for handler in list(proxyserver.connections.values()):
+            _cut(handler)
+        deadline = time.monotonic() + CUT_WAIT_SECONDS
+        while proxyserver.connections and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_SECONDS / 5)
+
+
+def _cut(handler: ProxyConnectionHandler) -> None:
+    io = handler.transports.get(handler.client)
+    if io is None:
+        return
+    if io.handler is not None:
+        io.handler.cancel("egress-sidecar shutting down")
+    elif io.writer is not None:
+        io.writer.close()

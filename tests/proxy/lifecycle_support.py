@@ -1,0 +1,155 @@
+"""Starting the real sidecar on ports the test chooses, so that a test can restart it in place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from tests.support.sidecar import BIN, Sidecar, free_port, hosts_file, with_hosts
+
+
+@dataclass(frozen=True)
+class Ports:
+    explicit: int
+    transparent: int
+    health: int
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(free_port(), free_port(), free_port())
+
+
+def launch(
+    workdir: Path,
+    ports: Ports,
+    *,
+    allowlist: str,
+    hosts: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+    wait: bool = True,
+) -> Sidecar:
+    """`egress-sidecar run` on ``ports`` (all on 127.0.0.1), as tests/support/sidecar.py runs it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    policy = workdir / "allowlist.yaml"
+    policy.write_text(allowlist)
+    argv = [
+        str(BIN / "egress-sidecar"),
+        "run",
+        "--allowlist-file",
+        str(policy),
+        "--explicit-listen",
+        f"127.0.0.1:{ports.explicit}",
+        "--transparent-listen",
+        f"127.0.0.1:{ports.transparent}",
+        "--transparent-listen6",
+        "off",
+        "--health-listen",
+        f"127.0.0.1:{ports.health}",
+        "--confdir",
+        str(workdir / "confdir"),
+        *args,
+    ]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        full_env.pop(key, None)
+    full_env.update(env or {})
+    command = with_hosts(hosts_file(workdir / "hosts", hosts or {}), argv)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        preexec_fn=preexec_fn,  # noqa: PLW1509 (only setrlimit, before exec)
+    )
+    sidecar = Sidecar(proc, ports.explicit, ports.transparent, ports.health)
+    sidecar.start_pumps()
+    if wait:
+        sidecar.wait_ready()
+    return sidecar
+
+
+def time_wait_ports() -> set[int]:
+    """Local ports of the machine's TCP sockets in TIME_WAIT (ss, as an operator would look)."""
+    out = subprocess.run(
+        ["ss", "-Htan", "state", "time-wait"], capture_output=True, text=True, check=True
+    ).stdout
+    ports: set[int] = set()
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            ports.add(int(fields[2].rpartition(":")[2]))
+    return ports
+
+
+def listen_backlog(port: int) -> int:
+    """The listen backlog of the socket listening on ``port`` (ss -ltn: Send-Q)."""
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    fields = out.split()
+    assert len(fields) >= 4, f"nothing listens on {port}: {out!r}"
+    return int(fields[2])
+
+
+class _SlowHandler(BaseHTTPRequestHandler):
+    """GET /anything?chunks=N&delay=S: N chunks of CHUNK bytes, S seconds apart (Content-Length)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_GET(self) -> None:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        chunks = int(query.get("chunks", ["10"])[0])
+        delay = float(query.get("delay", ["0.1"])[0])
+        self.send_response(200)
+        self.send_header("content-type", "application/octet-stream")
+        self.send_header("content-length", str(chunks * CHUNK))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(chunks):
+                self.wfile.write(b"x" * CHUNK)
+                self.wfile.flush()
+                time.sleep(delay)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+CHUNK = 16 * 1024
+
+
+class SlowUpstream(ThreadingHTTPServer):
+    """A plain-HTTP server that streams its answer slowly (a download in progress)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str) -> None:
+        super().__init__((host, 0), _SlowHandler)
+        threading.Thread(target=self.serve_forever, daemon=True, name="slow-upstream").start()
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(self.server_address)  # no reverse DNS lookup (FIELD-NOTES)
+        self.server_address = self.socket.getsockname()[:2]
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
