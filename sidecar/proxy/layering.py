@@ -64,7 +64,8 @@ class _TransparentFirstFlight(modes.TransparentProxy):
             yield commands.CloseConnection(self.context.client)
             return
         self._handle_event = self._relay
-        if self.control is not None and self.control.hold(self.context):
+        self._held = self.control is not None and self.control.hold(self.context)
+        if self._held:
             err = yield commands.OpenConnection(self.context.server)
             if err:
                 yield commands.CloseConnection(self.context.client)
@@ -95,6 +96,12 @@ class _TransparentFirstFlight(modes.TransparentProxy):
         if held_server and isinstance(event, events.ConnectionClosed) and self.control:
             yield from self._decide_now()  # the server hung up before the client spoke
         yield from self._next.handle_event(event)
+        if self._held and isinstance(self._next.layer, layers.HttpLayer):
+            self._held = False
+            if self.context.server.connected:
+                # Each request opens its own upstream, to the vetted address of its Host: the
+                # early connection would only sit idle.
+                yield commands.CloseConnection(self.context.server)
 
 
 def install_transparent_start(first_flight_timeout: float, control: FirstFlightControl) -> None:

@@ -200,3 +200,9 @@ def test_a_server_that_speaks_first_on_a_cidr_allowed_address_is_heard_first(pod
     echoed = pod.world.client("tcp", DB4, "5432", "--send", "SELECT 1\n", uid=APP_UID)
     assert echoed["received"] == "SELECT 1\n", echoed
     assert pod.events(mark, DB4, 5432, "data")
+
+
+def test_no_connection_handler_crashed(pod: Pod) -> None:
+    """Last in this module: none of the above left a traceback in the sidecar's output."""
+    text = "\n".join(h.iter_lines(pod.sidecar_out))
+    assert "Traceback" not in text and "has crashed" not in text, text[-3000:]

@@ -384,3 +384,9 @@ def test_openssl_with_another_servername_through_the_proxy_is_refused(world: Wor
     assert "BEGIN CERTIFICATE" not in fronted.stdout
     span = connect_spans(world, "api.test", reason="sni mismatch")[-1]
     assert span.attributes["egress.decision"] == "deny"
+
+
+def test_no_connection_handler_crashed(world: World) -> None:
+    """Last in this module: none of the above left a traceback in the sidecar's output."""
+    text = "\n".join(world.sidecar.stdout + world.sidecar.stderr)
+    assert "Traceback" not in text and "has crashed" not in text, text[-3000:]
