@@ -163,6 +163,20 @@ def test_a_clienthello_that_stops_past_the_bound_is_refused(pod: Pod) -> None:
     assert decision["decision"] == "deny" and decision["port"] == 5432
 
 
+def test_a_partial_http_request_line_past_the_bound_is_refused(pod: Pod) -> None:
+    """ "GE" and then nothing: not relayed by address to the cidr-allowed HTTP server (the Host
+    that would follow was never decided); closed at the bound, before the client gives up."""
+    mark = pod.upstream.mark()
+    started = time.monotonic()
+    result = pod.world.client("tcp", DB4, "80", "--send", "GE", uid=APP_UID)
+    elapsed = time.monotonic() - started
+    assert result["connected"] and result["received"] == "", result
+    assert elapsed < 4.8, elapsed  # closed by the sidecar at ~3 s, not by the client's 5 s
+    assert not pod.events(mark, DB4, 80, "request")
+    decision = pod.last_decision(protocol="TCP", reason="unreadable first flight")
+    assert decision["decision"] == "deny" and decision["port"] == 80
+
+
 # --- item 5: deny beats allow across rule kinds -----------------------------------------------
 
 
