@@ -152,9 +152,18 @@ def add_parser(sub: Any) -> None:
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="transparent capture: a client that sends nothing for this long (a server-speaks-"
-        "first protocol to an address no cidr rule allows) is decided as raw TCP on its "
-        "original address (default %(default)s)",
+        help="transparent capture: the client's first flight (a whole TLS ClientHello, an HTTP "
+        "method) must arrive within this long; a client that sends nothing (a server-speaks-"
+        "first protocol to an address no cidr rule allows) is then decided as raw TCP on its "
+        "original address, one that stopped part-way is refused (default %(default)s)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="an upstream connection not established within this long fails; a CONNECT is "
+        "then answered 504 (default %(default)s)",
     )
     parser.add_argument(
         "--drain-timeout",
@@ -295,6 +304,7 @@ async def _serve(
         resolve_timeout=args.resolve_timeout,
         dns_cache_ttl=args.dns_cache_ttl,
         first_byte_timeout=args.first_byte_timeout,
+        connect_timeout=args.connect_timeout,
     )
     proxy = build_master(config, store, reporter)
     master, listeners, drain = proxy.master, proxy.listeners, proxy.drain

@@ -30,6 +30,8 @@ class Reason(StrEnum):
     POLICY_DELETED = "policy deleted"
     INVALID_DESTINATION = "invalid destination"
     UNRESOLVABLE = "host does not resolve"
+    SNI_MISMATCH = "sni mismatch"  # a tunnel's ClientHello names another host than its CONNECT
+    UNREADABLE_FIRST_FLIGHT = "unreadable first flight"  # looks like TLS; no ClientHello read
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from mitmproxy import connection
 
-from sidecar.reporter import OpenDecision
+from sidecar.record import DecisionRecord
 
 
 class Kind(StrEnum):
@@ -19,14 +19,29 @@ class Kind(StrEnum):
 
 
 @dataclass(slots=True)
+class Pending:
+    """A decision reported once its outcome is known (upstream connect, a tunnel's first flight):
+    one span, started when the decision was made, carrying the final attributes."""
+
+    record: DecisionRecord
+    start_ns: int
+
+
+@dataclass(slots=True)
 class ConnectionInfo:
     kind: Kind = Kind.PENDING
     sni: str | None = None
     original: tuple[str, int] | None = None  # transparent: where the app was connecting
     # (address, port) pairs a decision vetted for this client: server_connect lets only these out.
     vetted: set[tuple[str, int]] = field(default_factory=set)
-    # Allowed streams whose span ends with the upstream connect's outcome, by vetted address.
-    awaiting: dict[tuple[str, int], OpenDecision] = field(default_factory=dict)
+    # Allowed streams and tunnels whose decision waits for the upstream connect, by address.
+    awaiting: dict[tuple[str, int], Pending] = field(default_factory=dict)
+    # Transparent, to an address a cidr rule allows: the upstream is opened before the client's
+    # first flight (a server may speak first); the client's bytes are held until it is decided.
+    held: bool = False
+    held_error: str | None = None  # that early connect failed
+    # An allowed CONNECT whose upstream is up: decided for good on the tunnel's first flight.
+    tunnel: Pending | None = None
 
 
 class Connections:

@@ -2,16 +2,21 @@
 
 - explicit plain HTTP: ``requestheaders`` (each request; answered 403 when denied)
 - explicit CONNECT: ``http_connect`` (answered 403 when denied; else the tunnel is pinned to
-  the vetted address and passes through untouched)
+  the vetted address, answered only once that upstream is up, 502/504 when it cannot be reached)
+  and, for good, on the tunnel's first flight: a ClientHello naming another host is refused
+  (``settle_tunnel``); the bytes pass through untouched, never decrypted
 - transparent HTTP: ``requestheaders`` on the Host header, sent to a vetted address of that host
 - transparent TLS / TCP: ``server_connect`` on the SNI or the original destination; a denied
-  connection gets ``server.error`` set, so nothing is ever sent upstream
+  connection gets ``server.error`` set, so nothing is ever sent upstream. To an address a cidr
+  rule allows, the upstream is opened at once (a server may speak first) but the client's bytes
+  are held until its first flight is decided (``decide_held``): a denied SNI is refused there
 - anything else that tries to connect upstream without a vetted address is refused
   (fail closed), which is why upstream connections must be lazy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -23,15 +28,17 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
-from sidecar.policy.model import Decision, Destination, IPAddress, Reason, Verdict
+from sidecar.policy.model import Decision, Destination, IPAddress, Mode, Reason, Verdict
 from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
-from sidecar.proxy.connections import Connections, Kind
+from sidecar.proxy.connections import ConnectionInfo, Connections, Kind, Pending
 from sidecar.proxy.denial import denial_response
 from sidecar.proxy.hostnames import address_of, format_hostport, redact_url
 from sidecar.proxy.resolver import Resolver
+from sidecar.proxy.tunnels import CONNECT_RECORD, upstream_failure
 from sidecar.record import Capture, DecisionRecord
 from sidecar.reporter import OpenDecision, Reporter
 from sidecar.telemetry.spans import extract_parent, inject_context
+from sidecar.wire.first_flight import FirstFlight, Flight
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +127,16 @@ class Decider:
         reporter: Reporter,
         resolver: Resolver,
         connections: Connections,
+        connect_timeout: float = 10.0,
     ) -> None:
         self._store = store
         self._reporter = reporter
         self._resolver = resolver
         self._connections = connections
+        self._connect_timeout = connect_timeout
+        # Upstream connects in progress, by server connection id: mitmproxy has no connect
+        # timeout of its own (the kernel would retry SYNs for ~2 minutes).
+        self._connect_timers: dict[str, asyncio.TimerHandle] = {}
 
     # -- deciding -------------------------------------------------------------------------------
 
@@ -196,14 +208,44 @@ class Decider:
         if not vetted.decision.permits or vetted.address is None:
             rec.status_code = 403
             flow.response = denial_response(rec)
-        else:
-            rec.status_code = 200
-            rec.tls_passthrough = True
-            # Pins the tunnel to the vetted address: mitmproxy connects to request.host.
-            flow.request.data.host = str(vetted.address)
-            self._await_upstream(flow.client_conn, rec, (str(vetted.address), port), start_ns)
+            self._reporter.report(rec, start_ns=start_ns)
             return
-        self._reporter.report(rec, start_ns=start_ns)
+        rec.tls_passthrough = True
+        # Pins the tunnel to the vetted address: mitmproxy connects to request.host, before it
+        # answers (sidecar.proxy.tunnels); the outcome and the first flight complete the record.
+        flow.request.data.host = str(vetted.address)
+        flow.metadata[CONNECT_RECORD] = rec
+        self._await_upstream(flow.client_conn, rec, (str(vetted.address), port), start_ns)
+
+    def settle_tunnel(self, client: connection.Client, flight: FirstFlight | None) -> bool:
+        """Decide an allowed tunnel for good on its first flight (None: the server spoke first).
+
+        A ClientHello whose SNI names another host than the CONNECT is domain fronting (a CDN
+        routes by SNI, not by the address it was reached on): refused, ``sni mismatch``. So is
+        an unreadable one. No SNI, or not TLS: the CONNECT host decided. A CONNECT to an IP
+        literal with an SNI naming a host is refused too: the name was never decided.
+        """
+        pending = self._connections.get(client).tunnel
+        if pending is None:
+            return True
+        self._connections.get(client).tunnel = None
+        rec = pending.record
+        denial: Decision | None = None
+        if flight is not None and flight.kind is Flight.UNREADABLE:
+            denial = Decision(
+                Verdict.DENY, Reason.UNREADABLE_FIRST_FLIGHT, rec.decision.rule, flight.problem
+            )
+        elif flight is not None and flight.sni is not None and not _same_host(rec.host, flight.sni):
+            denial = Decision(
+                Verdict.DENY,
+                Reason.SNI_MISMATCH,
+                rec.decision.rule,
+                f"ClientHello for {flight.sni} in a tunnel to {rec.host}",
+            )
+        if denial is not None:
+            rec.decision = apply_mode(denial, Mode(rec.mode))
+        self._reporter.report(rec, start_ns=pending.start_ns)
+        return rec.decision.permits
 
     # -- plain HTTP (explicit and transparent) --------------------------------------------------
 
@@ -311,9 +353,12 @@ class Decider:
             return
         info = self._connections.get(client)
         if (server.address[0], server.address[1]) in info.vetted:
+            self._arm_connect_timer(data)
             return
         if _capture(client) is Capture.TRANSPARENT and info.kind in (Kind.TLS, Kind.TCP):
             await self._decide_transparent_stream(data, info.kind, info.sni)
+            if server.error is None:
+                self._arm_connect_timer(data)
             return
         log.warning(
             "refused an upstream connection that no decision vetted",
@@ -329,22 +374,17 @@ class Decider:
         assert server.address is not None
         original_ip, port = server.address[0], server.address[1]
         snap = self._store.get()
-        by_sni = kind is Kind.TLS and sni
-        dest = (
-            Destination(sni, port) if by_sni else Destination(None, port, address_of(original_ip))
+        by_sni = kind is Kind.TLS and sni is not None
+        original = address_of(original_ip)
+        if by_sni and self._address_allows(snap, original, port):
+            vetted = Vetted(_stream_decision(snap, sni, original, port), original)
+        elif by_sni:
+            vetted = await self.vet(snap, Destination(sni, port))
+        else:
+            vetted = await self.vet(snap, Destination(None, port, original))
+        rec = self._stream_record(
+            snap, vetted, client, kind=kind, sni=sni, original_ip=original_ip, port=port
         )
-        vetted = await self.vet(snap, dest)
-        rec = self._record(
-            snap,
-            vetted,
-            capture=Capture.TRANSPARENT,
-            protocol="TLS" if kind is Kind.TLS else "TCP",
-            host=sni if by_sni else None,
-            port=port,
-            client=client,
-        )
-        rec.original_address = original_ip
-        rec.tls_passthrough = kind is Kind.TLS
         if not vetted.decision.permits or vetted.address is None:
             server.error = (
                 f"egress-sidecar denied {rec.protocol} to {sni or original_ip}:{port}: "
@@ -358,6 +398,98 @@ class Decider:
             return
         self._reporter.report(rec, start_ns=start_ns)
 
+    def _stream_record(
+        self,
+        snap: Snapshot,
+        vetted: Vetted,
+        client: connection.Client,
+        *,
+        kind: Kind,
+        sni: str | None,
+        original_ip: str,
+        port: int,
+    ) -> DecisionRecord:
+        rec = self._record(
+            snap,
+            vetted,
+            capture=Capture.TRANSPARENT,
+            protocol="TLS" if kind is Kind.TLS else "TCP",
+            host=sni if kind is Kind.TLS else None,
+            port=port,
+            client=client,
+        )
+        rec.original_address = original_ip
+        rec.tls_passthrough = kind is Kind.TLS
+        return rec
+
+    @staticmethod
+    def _address_allows(snap: Snapshot, address: IPAddress | None, port: int) -> bool:
+        """A cidr rule allows ``address`` itself (the raw decision: audit mode lets everything
+        through, yet names should still be seen and decided)."""
+        if address is None:
+            return False
+        return snap.decide_raw(Destination(None, port, address)).permits
+
+    # -- transparent: held upstreams (cidr-allowed addresses) and unreadable first flights -----
+
+    def hold_upstream(self, client: connection.Client, original: tuple[str, int]) -> bool:
+        """Whether to open the upstream before the client's first flight: only to an address a
+        cidr rule allows (a server-speaks-first protocol then works); the client's bytes are
+        held until ``decide_held`` decides them."""
+        info = self._connections.get(client)
+        info.original = original
+        if not self._address_allows(self._store.get(), address_of(original[0]), original[1]):
+            return False
+        info.held = True
+        info.vetted.add(original)
+        return True
+
+    def decide_held(self, client: connection.Client, kind: Kind, sni: str | None) -> bool:
+        """Decide a held connection on what its first flight revealed (or on its address, when
+        it revealed nothing); report it; True when the held upstream may now be relayed."""
+        info = self._connections.get(client)
+        assert info.original is not None
+        original_ip, port = info.original
+        snap = self._store.get()
+        original = address_of(original_ip)
+        by_sni = sni if kind is Kind.TLS else None
+        decision = _stream_decision(snap, by_sni, original, port)
+        rec = self._stream_record(
+            snap,
+            Vetted(decision, original),
+            client,
+            kind=kind,
+            sni=by_sni,
+            original_ip=original_ip,
+            port=port,
+        )
+        rec.error = info.held_error
+        self._reporter.report(rec)
+        return decision.permits
+
+    def refuse_unreadable(self, client: connection.Client, kind: Kind, problem: str | None) -> None:
+        """A first flight that looks like TLS but yields no readable ClientHello within the
+        bounds (time, size): refused, whatever the address (a server might read a name from it
+        that was never decided)."""
+        info = self._connections.get(client)
+        assert info.original is not None
+        original_ip, port = info.original
+        snap = self._store.get()
+        decision = apply_mode(
+            Decision(Verdict.DENY, Reason.UNREADABLE_FIRST_FLIGHT, detail=problem), snap.mode
+        )
+        rec = self._stream_record(
+            snap,
+            Vetted(decision, None),
+            client,
+            kind=kind,
+            sni=None,
+            original_ip=original_ip,
+            port=port,
+        )
+        rec.peer_address = original_ip
+        self._reporter.report(rec)
+
     # -- the outcome of an allowed stream's upstream connection ----------------------------------
 
     def _await_upstream(
@@ -367,39 +499,72 @@ class Decider:
         address: tuple[str, int],
         start_ns: int,
     ) -> None:
-        """Vet ``address`` for this client and keep the span open until the connect's outcome."""
+        """Vet ``address`` for this client; the decision is reported with the connect's outcome."""
         info = self._connections.get(client)
         info.vetted.add(address)
-        info.awaiting[address] = self._reporter.begin(rec, start_ns=start_ns)
+        info.awaiting[address] = Pending(rec, start_ns)
+
+    def _arm_connect_timer(self, data: ServerConnectionHookData) -> None:
+        # server_connect runs inside the task that connects: cancelling it with a message makes
+        # mitmproxy fail the connect with that message (server.error, server_connect_error).
+        task = asyncio.current_task()
+        if task is None or self._connect_timeout <= 0:
+            return
+        message = f"connect timed out after {self._connect_timeout:g} s"
+        self._connect_timers[data.server.id] = asyncio.get_running_loop().call_later(
+            self._connect_timeout, task.cancel, message
+        )
+
+    def _disarm_connect_timer(self, data: ServerConnectionHookData) -> None:
+        timer = self._connect_timers.pop(data.server.id, None)
+        if timer is not None:
+            timer.cancel()
 
     def server_connected(self, data: ServerConnectionHookData) -> None:
-        if data.server.address is not None:
-            info = self._connections.get(data.client)
-            opened = info.awaiting.pop((data.server.address[0], data.server.address[1]), None)
-            if opened is not None:
-                self._reporter.end(opened)
+        self._disarm_connect_timer(data)
+        if data.server.address is None:
+            return
+        info = self._connections.get(data.client)
+        pending = info.awaiting.pop((data.server.address[0], data.server.address[1]), None)
+        if pending is None:
+            return
+        if pending.record.protocol == "CONNECT":
+            pending.record.status_code = 200
+            info.tunnel = pending  # decided for good on the tunnel's first flight
+        else:
+            self._reporter.report(pending.record, start_ns=pending.start_ns)
 
     def server_connect_error(self, data: ServerConnectionHookData) -> None:
-        if data.server.address is not None:
-            info = self._connections.get(data.client)
-            opened = info.awaiting.pop((data.server.address[0], data.server.address[1]), None)
-            if opened is not None:
-                # Allowed, but the destination could not be reached: the span says so.
-                opened.record.error = data.server.error or "connect failed"
-                self._reporter.end(opened)
+        self._disarm_connect_timer(data)
+        if data.server.address is None:
+            return
+        info = self._connections.get(data.client)
+        error = data.server.error or "connect failed"
+        if info.held and info.kind is Kind.PENDING:
+            info.held_error = error  # reported with the connection's decision
+        pending = info.awaiting.pop((data.server.address[0], data.server.address[1]), None)
+        if pending is not None:
+            # Allowed, but the destination could not be reached: the span says so.
+            pending.record.error = error
+            if pending.record.protocol == "CONNECT":
+                pending.record.status_code = upstream_failure(error)[0]
+            self._reporter.report(pending.record, start_ns=pending.start_ns)
 
     def client_disconnected(self, client: connection.Client) -> None:
         info = self._connections.get(client)
-        for opened in info.awaiting.values():  # the client left before the tunnel started
-            self._reporter.end(opened)
+        for pending in [*info.awaiting.values(), *([info.tunnel] if info.tunnel else [])]:
+            # The client left before the stream or tunnel started: decided as it stood.
+            self._reporter.report(pending.record, start_ns=pending.start_ns)
         if info.kind is Kind.PENDING and info.original is not None:
             # A transparent connection that never sent a byte (e.g. a server-speaks-first
             # protocol to an address no cidr rule allows) was held, never connected upstream.
             # It still gets its decision: by the original address, as raw TCP.
-            self._report_unsent(client, info.original)
+            self._report_unsent(client, info, info.original)
         self._connections.client_disconnected(client)
 
-    def _report_unsent(self, client: connection.Client, original: tuple[str, int]) -> None:
+    def _report_unsent(
+        self, client: connection.Client, info: ConnectionInfo, original: tuple[str, int]
+    ) -> None:
         snap = self._store.get()
         raw = snap.decide_raw(Destination(None, original[1], address_of(original[0])))
         decision = apply_mode(raw, snap.mode)
@@ -413,5 +578,15 @@ class Decider:
             client=client,
         )
         rec.original_address = rec.peer_address = original[0]
-        rec.error = None if not decision.permits else "client sent no data"
+        if decision.permits:
+            rec.error = info.held_error or (None if info.held else "client sent no data")
         self._reporter.report(rec)
+
+
+def _stream_decision(
+    snap: Snapshot, sni: str | None, address: IPAddress | None, port: int
+) -> Decision:
+    """A transparent stream to an address a cidr rule allows, decided without a lookup: by that
+    address, with the SNI (when there is one) against every rule, so a name deny rule wins over
+    the cidr allow while any other name may go to the address the client dialled."""
+    return apply_mode(snap.decide_raw(Destination(sni, port, address)), snap.mode)

@@ -1,104 +1,123 @@
 """Chooses mitmproxy's protocol layers. Nothing is ever decrypted.
 
-Explicit port: HTTP proxy; the bytes of an allowed CONNECT tunnel pass through untouched.
-Transparent port: peeks at the client's first bytes: TLS (decided later on its SNI), HTTP (each
-request decided on its Host) or anything else (decided on the original destination address).
+Explicit port: HTTP proxy; the bytes of an allowed CONNECT tunnel pass through untouched once
+the tunnel's first flight is decided (a ClientHello must name the CONNECT host).
+Transparent port: reads the client's whole first flight (``sidecar.wire.first_flight``, bounded
+in time and size): TLS (decided on its SNI), HTTP (each request decided on its Host) or anything
+else (decided on the original destination address).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
-from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import HTTPMode
-from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.proxy.utils import expect
 
-from sidecar.policy.model import Destination
-from sidecar.policy.store import PolicyStore
 from sidecar.proxy.connections import Connections, Kind
-from sidecar.proxy.hostnames import address_of
-
-_HTTP_METHODS = (
-    b"GET ",
-    b"HEAD ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"TRACE ",
-)
-# CONNECT is not among them: on the transparent port it is a conversation with some other proxy
-# at the dialled address, so it is raw TCP, decided on that address by cidr rules.
+from sidecar.proxy.decider import Decider
+from sidecar.wire.first_flight import FirstFlight, Flight, classify
 
 
-def _http_prefix(data: bytes) -> bool | None:
-    """True: HTTP/1 request line; False: not HTTP; None: too short to tell."""
-    for method in _HTTP_METHODS:
-        if data.startswith(method):
-            return True
-        if method.startswith(data):
-            return None
-    return False
+class FirstFlightControl(Protocol):
+    def hold(self, context: Context) -> bool:
+        """Open the upstream before the client's first flight?"""
+
+    def undecided(self, context: Context, data: bytes) -> layer.Layer:
+        """The first-flight time bound passed (or the held upstream closed) with ``data`` in."""
 
 
-type SilenceHandler = Callable[[Context], layer.Layer]
+class Refuse(layer.Layer):
+    """Closes the client and any upstream: nothing the client sent is relayed."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            if self.context.server.connected:
+                yield commands.CloseConnection(self.context.server)
+            yield commands.CloseConnection(self.context.client)
 
 
-class _TransparentProxyAskingOnStart(modes.TransparentProxy):
-    """mitmproxy's transparent top layer, but it does not wait forever for a client byte.
+class _TransparentFirstFlight(modes.TransparentProxy):
+    """mitmproxy's transparent top layer, reading the client's first flight within a bound.
 
-    With lazy upstream connections a server-speaks-first protocol (MySQL, SMTP) would otherwise
-    wait for a client byte that never comes. Asking for the next layer on start lets an address
-    the policy already allows pass through at once; for any other address, a client that stays
-    silent for ``first_byte_timeout`` seconds is handed to ``on_silence`` (decided as raw TCP on
-    its original address, so it is closed promptly and traced).
+    With lazy upstream connections a server-speaks-first protocol (MySQL, SMTP) would wait for a
+    client byte that never comes: to an address ``control.hold`` allows, the upstream is opened
+    at once and its bytes reach the client, while the client's bytes are held until the next
+    layer is chosen. A first flight still undecided after ``first_flight_timeout`` seconds (a
+    silent client, or one that stopped mid-ClientHello) is handed to ``control.undecided``.
     """
 
-    first_byte_timeout: float = 10.0
-    on_silence: SilenceHandler | None = None
+    first_flight_timeout: float = 10.0
+    control: FirstFlightControl | None = None
 
     @expect(events.Start)  # type: ignore[untyped-decorator]
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         assert self.context.server.address, "No server address set."
-        self._next = layer.NextLayer(self.context, ask_on_start=True)
+        self._next = layer.NextLayer(self.context)
         self.child_layer = self._next
-        self._wakeup = commands.RequestWakeup(self.first_byte_timeout)
+        self._wakeup = commands.RequestWakeup(self.first_flight_timeout)
         err = yield from self.finish_start()
         if err:
             yield commands.CloseConnection(self.context.client)
             return
-        if self._next.layer is None and self.on_silence is not None:
-            yield self._wakeup
         self._handle_event = self._relay
+        self._held = self.control is not None and self.control.hold(self.context)
+        if self._held:
+            err = yield commands.OpenConnection(self.context.server)
+            if err:
+                yield commands.CloseConnection(self.context.client)
+                self._handle_event = self.done
+                return
+        if self._next.layer is None and self.control is not None:
+            yield self._wakeup
+
+    def _decide_now(self) -> layer.CommandGenerator[None]:
+        assert self.control is not None
+        self._next.layer = self.control.undecided(self.context, self._next.data_client())
+        yield from self._next._ask()  # replays the buffered events into that layer
 
     def _relay(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.Wakeup) and event.command is self._wakeup:
-            if self._next.layer is None and self.on_silence is not None:
-                self._next.layer = self.on_silence(self.context)
-                yield from self._next._ask()  # replays the buffered Start into that layer
+            if self._next.layer is None and self.control is not None:
+                yield from self._decide_now()
             return  # our timer: never passed down (a decided layer would not expect it)
+        held_server = (
+            self._next.layer is None
+            and isinstance(event, events.ConnectionEvent)
+            and event.connection == self.context.server
+        )
+        if held_server and isinstance(event, events.DataReceived):
+            # The server speaks first: its bytes reach the client; the client's stay held.
+            yield commands.SendData(self.context.client, event.data)
+            return
+        if held_server and isinstance(event, events.ConnectionClosed) and self.control:
+            yield from self._decide_now()  # the server hung up before the client spoke
         yield from self._next.handle_event(event)
+        if self._held and isinstance(self._next.layer, layers.HttpLayer):
+            self._held = False
+            if self.context.server.connected:
+                # Each request opens its own upstream, to the vetted address of its Host: the
+                # early connection would only sit idle.
+                yield commands.CloseConnection(self.context.server)
 
 
-def install_transparent_start(first_byte_timeout: float, on_silence: SilenceHandler | None) -> None:
+def install_transparent_start(first_flight_timeout: float, control: FirstFlightControl) -> None:
     """Make mitmproxy's transparent mode servers build the layer above."""
-    _TransparentProxyAskingOnStart.first_byte_timeout = first_byte_timeout
-    _TransparentProxyAskingOnStart.on_silence = on_silence
-    modes.TransparentProxy = _TransparentProxyAskingOnStart  # type: ignore[misc]
+    _TransparentFirstFlight.first_flight_timeout = first_flight_timeout
+    _TransparentFirstFlight.control = control
+    modes.TransparentProxy = _TransparentFirstFlight  # type: ignore[misc]
 
 
 class Layering:
     # Registered under the name of mitmproxy's own NextLayer addon, which this one replaces.
     name = "nextlayer"
 
-    def __init__(self, store: PolicyStore, connections: Connections) -> None:
-        self._store = store
+    def __init__(self, connections: Connections, decider: Decider) -> None:
         self._connections = connections
+        self._decider = decider
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if nextlayer.layer is not None:
@@ -109,54 +128,60 @@ class Layering:
             if len(context.layers) == 1:
                 nextlayer.layer = layers.HttpLayer(context, HTTPMode.regular)
             else:
-                self._connections.get(context.client).kind = Kind.TUNNEL
-                nextlayer.layer = layers.TCPLayer(context, ignore=True)
+                nextlayer.layer = self._tunnel(nextlayer)
             return
         if isinstance(top, modes.TransparentProxy):
             nextlayer.layer = self._transparent(nextlayer)
 
+    def _tunnel(self, nextlayer: layer.NextLayer) -> layer.Layer | None:
+        """Inside an allowed CONNECT: peek at (never decrypt) the client's first flight."""
+        context = nextlayer.context
+        self._connections.get(context.client).kind = Kind.TUNNEL
+        data = nextlayer.data_client()
+        flight = classify(data)
+        if flight is None and (data or not nextlayer.data_server()):
+            return None  # wait for the rest (bounded by the classifier's size limit)
+        # flight None here: the server spoke first, no ClientHello is coming (CONNECT decided).
+        if self._decider.settle_tunnel(context.client, flight):
+            return layers.TCPLayer(context, ignore=True)
+        return Refuse(context)
+
     def _transparent(self, nextlayer: layer.NextLayer) -> layer.Layer | None:
         context = nextlayer.context
+        flight = classify(nextlayer.data_client())
+        if flight is None:
+            return None  # wait for more (bounded in size by the classifier, in time above)
+        return self._decided(context, flight)
+
+    def _decided(self, context: Context, flight: FirstFlight) -> layer.Layer:
         info = self._connections.get(context.client)
-        if info.original is None and context.server.address is not None:
-            info.original = (context.server.address[0], context.server.address[1])
-        data = nextlayer.data_client()
-        if not data:
-            if self._address_allowed(context.server.address):
-                info.kind = Kind.TCP
-                return layers.TCPLayer(context, ignore=True)
-            return None  # wait for the client's first bytes
-        if starts_like_tls_record(data):
-            try:
-                hello = parse_client_hello(data)
-            except ValueError:
-                info.kind = Kind.TCP  # not really TLS: decided by address
-                return layers.TCPLayer(context, ignore=True)
-            if hello is None:
-                return None  # ClientHello spans more segments
-            info.kind = Kind.TLS
-            info.sni = hello.sni
-            context.client.sni = hello.sni
-            return layers.TCPLayer(context, ignore=True)
-        is_http = _http_prefix(data)
-        if is_http is None:
-            return None
-        if is_http:
+        if flight.kind is Flight.UNREADABLE:
+            info.kind = Kind.TLS if flight.tls else Kind.TCP
+            self._decider.refuse_unreadable(context.client, info.kind, flight.problem)
+            return Refuse(context)
+        if flight.kind is Flight.HTTP:
             info.kind = Kind.HTTP
             return layers.HttpLayer(context, HTTPMode.transparent)
-        info.kind = Kind.TCP
+        info.kind = Kind.TLS if flight.kind is Flight.TLS else Kind.TCP
+        info.sni = context.client.sni = flight.sni
+        if info.held and not self._decider.decide_held(context.client, info.kind, info.sni):
+            return Refuse(context)
         return layers.TCPLayer(context, ignore=True)
 
-    def silent_client(self, context: Context) -> layer.Layer:
-        """No byte within the first-byte timeout: decided as raw TCP on the original address."""
-        self._connections.get(context.client).kind = Kind.TCP
-        return layers.TCPLayer(context, ignore=True)
+    # -- FirstFlightControl ------------------------------------------------------------------
 
-    def _address_allowed(self, address: tuple[str, int] | None) -> bool:
-        if address is None:
-            return False
-        ip = address_of(address[0])
-        if ip is None:
-            return False
-        # The raw decision: in audit mode everything "permits", yet names should still be seen.
-        return self._store.get().decide_raw(Destination(None, address[1], ip)).permits
+    def hold(self, context: Context) -> bool:
+        address = context.server.address
+        assert address is not None
+        return self._decider.hold_upstream(context.client, (address[0], address[1]))
+
+    def undecided(self, context: Context, data: bytes) -> layer.Layer:
+        """Nothing decidable within the bound. Silence: raw TCP on the original address (a
+        server-speaks-first protocol). A partial first flight: refused, since what it would
+        reveal (an SNI, a Host) was never decided; relaying it by address would let a client
+        that dribbles its ClientHello past the bound skip the name deny rules."""
+        if data:
+            problem = f"the first flight stopped after {len(data)} bytes"
+            tls = data.startswith(b"\x16")
+            return self._decided(context, FirstFlight(Flight.UNREADABLE, problem=problem, tls=tls))
+        return self._decided(context, FirstFlight(Flight.OTHER))

@@ -21,6 +21,7 @@ from sidecar.proxy.drain import Drain
 from sidecar.proxy.layering import Layering, install_transparent_start
 from sidecar.proxy.listeners import Listeners
 from sidecar.proxy.resolver import Resolver
+from sidecar.proxy.tunnels import install_connect_after_upstream
 from sidecar.reporter import Reporter
 
 
@@ -48,7 +49,10 @@ class ProxyConfig:
     confdir: str
     resolve_timeout: float = 5.0
     dns_cache_ttl: float = 5.0
-    first_byte_timeout: float = 10.0  # transparent: a silent client is then decided as raw TCP
+    # Transparent: the client's first flight must be in by then; a silent client is then
+    # decided as raw TCP, a partial first flight refused.
+    first_byte_timeout: float = 10.0
+    connect_timeout: float = 10.0  # an upstream connect that takes longer fails (CONNECT: 504)
 
 
 @dataclass(frozen=True)
@@ -63,20 +67,18 @@ def build_master(config: ProxyConfig, store: PolicyStore, reporter: Reporter) ->
     connections = Connections()
     listeners = Listeners()
     drain = Drain(connections)
-    layering = Layering(store, connections)
-    install_transparent_start(config.first_byte_timeout, layering.silent_client)
-    master.addons.add(
-        Proxyserver(),
-        layering,
-        Decider(
-            store,
-            reporter,
-            Resolver(config.resolve_timeout, cache_ttl=config.dns_cache_ttl),
-            connections,
-        ),
-        listeners,
-        drain,  # after the decision addon: its hooks see each flow as decided
+    decider = Decider(
+        store,
+        reporter,
+        Resolver(config.resolve_timeout, cache_ttl=config.dns_cache_ttl),
+        connections,
+        config.connect_timeout,
     )
+    layering = Layering(connections, decider)
+    install_transparent_start(config.first_byte_timeout, layering)
+    install_connect_after_upstream()
+    # The drain after the decision addon: its hooks see each flow as decided.
+    master.addons.add(Proxyserver(), layering, decider, listeners, drain)
     master.options.update(
         confdir=config.confdir,
         # Lazy: nothing is connected upstream before the decision (FIELD-NOTES).

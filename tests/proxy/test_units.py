@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from sidecar.policy.model import Decision, Reason, Verdict
 from sidecar.proxy.denial import denial_body
 from sidecar.proxy.hostnames import address_of, redact_url
-from sidecar.proxy.layering import _http_prefix
 from sidecar.proxy.master import ListenSpec
 from sidecar.record import Capture, DecisionRecord
+from sidecar.wire.first_flight import http_prefix
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_listen_spec_rejects(text: str) -> None:
     ],
 )
 def test_http_sniffing(data: bytes, expected: bool | None) -> None:
-    assert _http_prefix(data) is expected
+    assert http_prefix(data) is expected
 
 
 def test_address_of() -> None:

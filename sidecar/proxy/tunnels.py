@@ -1,0 +1,73 @@
+"""CONNECT is answered only once the upstream connection is up.
+
+mitmproxy answers ``200 Connection established`` before connecting when upstream connections are
+lazy (which transparent capture needs: nothing may be connected before the decision). A client
+would then see a tunnel open and close. Here an allowed CONNECT connects first; a refused or
+unreachable destination gets ``502``/``504`` with the decision headers instead, as Squid answers.
+"""
+
+from __future__ import annotations
+
+from mitmproxy import http
+from mitmproxy.proxy import commands, layer
+from mitmproxy.proxy.layers.http import HttpStream
+
+from sidecar.proxy.hostnames import format_hostport
+from sidecar.record import DecisionRecord
+from sidecar.telemetry.spans import error_type
+
+# flow.metadata key: the CONNECT's decision record, for the failure response.
+CONNECT_RECORD = "egress.connect"
+
+# By error.type: the status a client gets and the x-egress-reason it reads.
+_FAILURES = {
+    "connection_refused": (502, "upstream connection refused"),
+    "connection_reset": (502, "upstream connection reset"),
+    "timeout": (504, "upstream timeout"),
+    "host_unreachable": (504, "upstream unreachable"),
+}
+_OTHER_FAILURE = (502, "upstream error")
+
+
+def upstream_failure(error: str) -> tuple[int, str]:
+    """The status code and reason phrase for an upstream connect that failed with ``error``."""
+    return _FAILURES.get(error_type(error), _OTHER_FAILURE)
+
+
+def upstream_failure_response(rec: DecisionRecord | None, error: str) -> http.Response:
+    status, reason = upstream_failure(error)
+    if rec is None:  # not decided by us (cannot happen: every CONNECT is): say only what failed
+        return http.Response.make(status, f"egress-sidecar: {reason}: {error}\n".encode())
+    target = format_hostport(rec.host or rec.peer_address or "-", rec.port)
+    via = f" ({rec.peer_address})" if rec.peer_address and rec.peer_address != rec.host else ""
+    body = (
+        f"egress-sidecar could not reach {target}{via} for {rec.protocol}: {reason} ({error}); "
+        f"policy {rec.policy_source or '-'} version {rec.policy_version or '-'}\n"
+    )
+    return http.Response.make(
+        status,
+        body.encode(),
+        {
+            "content-type": "text/plain; charset=utf-8",
+            "x-egress-decision": rec.verdict.value,
+            "x-egress-reason": reason,
+            "x-egress-policy-version": rec.policy_version or "-",
+            "connection": "close",
+        },
+    )
+
+
+def _handle_connect_regular(self: HttpStream) -> layer.CommandGenerator[None]:
+    # mitmproxy's own, but connecting whatever the connection strategy (the decision is made by
+    # then: http_connect ran) and answering a failed connect with our response.
+    if not self.flow.response:
+        err = yield commands.OpenConnection(self.context.server)
+        if err:
+            rec = self.flow.metadata.get(CONNECT_RECORD)
+            self.flow.response = upstream_failure_response(rec, err)
+    self.child_layer = layer.NextLayer(self.context)
+    yield from self.handle_connect_finish()
+
+
+def install_connect_after_upstream() -> None:
+    HttpStream.handle_connect_regular = _handle_connect_regular  # type: ignore[method-assign]

@@ -1,0 +1,156 @@
+"""What a client's first bytes reveal: a TLS ClientHello (and its SNI), an HTTP/1 request, or
+something else. Pure: bytes in, a classification out; the caller bounds how long it waits.
+
+A first flight that looks like TLS is read to the end of its ClientHello, across as many TLS
+records and TCP segments as it takes, up to ``MAX_CLIENT_HELLO`` bytes. Whatever looks like TLS
+but cannot be read (malformed, too large, an SNI extension that is not one valid host name) is
+``UNREADABLE``: a server or CDN might still read a name from it that the policy never saw, so the
+caller refuses it rather than deciding it as nameless TLS.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import StrEnum
+
+# mitmproxy's Kaitai Struct description of a ClientHello (kaitaistruct only, no proxy code).
+from mitmproxy.contrib.kaitaistruct.tls_client_hello import TlsClientHello
+
+from sidecar.policy.errors import InvalidHost
+from sidecar.policy.hosts import normalize_host, parse_ip
+
+# TLS 1.3 (RFC 8446 5.1): a record fragment is at most 2^14 bytes. A ClientHello with a
+# post-quantum key share is ~1.8 KB; 16 KiB leaves ample room and bounds what is buffered.
+MAX_RECORD = 2**14
+MAX_CLIENT_HELLO = 2**14
+# Record headers on top: a ClientHello split into many tiny records must not grow unbounded.
+MAX_FIRST_FLIGHT = MAX_CLIENT_HELLO + 1024
+
+_HANDSHAKE = 0x16
+_CLIENT_HELLO = 0x01
+_SNI_EXTENSION = 0x0000
+_HOST_NAME = 0x00
+
+HTTP_METHODS = (
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+)
+# CONNECT is not among them: on the transparent port it is a conversation with some other proxy
+# at the dialled address, so it is raw TCP, decided on that address by cidr rules.
+
+
+class Flight(StrEnum):
+    TLS = "tls"
+    HTTP = "http"
+    OTHER = "other"  # neither: raw TCP
+    UNREADABLE = "unreadable"  # looks like TLS, but no ClientHello can be read from it
+
+
+@dataclass(frozen=True, slots=True)
+class FirstFlight:
+    kind: Flight
+    sni: str | None = None  # TLS: the server name as sent (ASCII), None when there is none
+    problem: str | None = None  # UNREADABLE: why
+    tls: bool = True  # UNREADABLE: it looked like TLS (False: a partial HTTP request line)
+
+
+def http_prefix(data: bytes) -> bool | None:
+    """True: HTTP/1 request line; False: not HTTP; None: too short to tell."""
+    for method in HTTP_METHODS:
+        if data.startswith(method):
+            return True
+        if method.startswith(data):
+            return None
+    return False
+
+
+def _unreadable(problem: str) -> FirstFlight:
+    return FirstFlight(Flight.UNREADABLE, problem=problem)
+
+
+def classify(data: bytes) -> FirstFlight | None:
+    """Classify a client's first bytes; None when more bytes are needed to tell."""
+    if not data:
+        return None
+    if data[0] == _HANDSHAKE:
+        return _classify_tls(data)
+    is_http = http_prefix(data)
+    if is_http is None:
+        return None
+    return FirstFlight(Flight.HTTP if is_http else Flight.OTHER)
+
+
+def _looks_like_record(header: bytes) -> bool | None:
+    """A TLS handshake record header (SSL 3.0 to TLS 1.3 legacy versions)? None: too short."""
+    if len(header) >= 2 and header[1] != 0x03:
+        return False
+    if len(header) >= 3 and header[2] > 0x03:
+        return False
+    return True if len(header) >= 3 else None
+
+
+def _classify_tls(data: bytes) -> FirstFlight | None:
+    looks = _looks_like_record(data[:3])
+    if looks is None:
+        return None  # b"\x16" or b"\x16\x03": maybe TLS, keep reading
+    if not looks:
+        return FirstFlight(Flight.OTHER)
+    handshake = bytearray()
+    offset = 0
+    while len(header := data[offset : offset + 5]) == 5:
+        if header[0] != _HANDSHAKE or not _looks_like_record(header):
+            return _unreadable("a non-handshake record before the ClientHello ended")
+        (length,) = struct.unpack("!H", header[3:5])
+        if not 0 < length <= MAX_RECORD:
+            return _unreadable(f"a TLS record of {length} bytes")
+        fragment = data[offset + 5 : offset + 5 + length]
+        handshake += fragment
+        if len(handshake) >= 4:
+            if handshake[0] != _CLIENT_HELLO:
+                return _unreadable(f"handshake message type {handshake[0]} is not a ClientHello")
+            size = 4 + int.from_bytes(handshake[1:4], "big")
+            if size > MAX_CLIENT_HELLO:
+                return _unreadable(f"a ClientHello of {size} bytes (limit {MAX_CLIENT_HELLO})")
+            if len(handshake) >= size:
+                return _parse_hello(bytes(handshake[4:size]))
+        if len(fragment) < length:
+            break  # the record is still arriving
+        offset += 5 + length
+    if len(data) > MAX_FIRST_FLIGHT:
+        return _unreadable(f"no complete ClientHello in {len(data)} bytes")
+    return None
+
+
+def _parse_hello(body: bytes) -> FirstFlight:
+    try:
+        hello = TlsClientHello.from_bytes(body)
+    except (EOFError, ValueError) as exc:  # kaitaistruct's stream errors subclass these
+        return _unreadable(f"malformed ClientHello ({type(exc).__name__})")
+    extensions = getattr(hello, "extensions", None)
+    names = [
+        ext for ext in (extensions.extensions if extensions else []) if ext.type == _SNI_EXTENSION
+    ]
+    if not names:
+        return FirstFlight(Flight.TLS)
+    if len(names) > 1:
+        return _unreadable("more than one server_name extension")
+    server_names = getattr(names[0].body, "server_names", None) or []
+    if len(server_names) != 1 or server_names[0].name_type != _HOST_NAME:
+        return _unreadable("a server_name extension that is not exactly one host name")
+    raw = server_names[0].host_name
+    try:
+        sni = raw.decode("ascii")
+        normalize_host(sni)
+    except (UnicodeDecodeError, InvalidHost):
+        return _unreadable(f"SNI {raw[:80]!r} is not a valid host name")
+    if parse_ip(sni) is not None:
+        # RFC 6066 3: literal addresses are not permitted in SNI.
+        return _unreadable(f"SNI {sni!r} is an IP address")
+    return FirstFlight(Flight.TLS, sni=sni)
