@@ -155,7 +155,7 @@ class FileSource:
             self._rejected(version, (problem,), None)
             return False
         try:
-            text = Path(ident.realpath).read_text(encoding="utf-8")
+            text = _read_bounded(Path(ident.realpath), DEFAULT_LIMITS.max_bytes)
         except (OSError, UnicodeDecodeError) as err:
             message = f"{self.path}: {err}"
             if message != self._read_error:
@@ -193,6 +193,13 @@ class FileSource:
         rejection = Rejection(self.source, version, problems, previous, document=str(self.path))
         self.assembler.reject(self.source, version, rejection.summary())
         self.reporter.rejected(rejection, error)
+
+
+def _read_bounded(path: Path, limit: int) -> str:
+    """The file's text, at most ``limit`` bytes and one more: a file that grew after its stat is
+    still not read whole (the parser then refuses it for its size)."""
+    with path.open("rb") as f:
+        return f.read(limit + 1).decode("utf-8")
 
 
 def _log_warnings(source: str, version: str, parsed: Parsed) -> None:
