@@ -87,6 +87,14 @@ def test_document_size_is_bounded_naming_the_line_where_it_passes() -> None:
     assert "larger than" in rejected(wide)[0].message
 
 
+def test_a_valid_document_just_under_the_size_limit_is_accepted() -> None:
+    text = "allow:\n" + "".join(f"  - h{i}.example.com\n" for i in range(44_000))
+    assert 1_000_000 < len(text) < 1024 * 1024
+    started = time.monotonic()
+    assert parse_allowlist(text, source="t").rule_count == 44_000
+    assert time.monotonic() - started < 15  # ~2 s here; far from the 30 s backstop
+
+
 def test_the_time_backstop_names_the_rule_where_it_stopped() -> None:
     text = "allow:\n  - a.test\n  - b.test\n"
     found = rejected(text, Limits(seconds=-1.0))
