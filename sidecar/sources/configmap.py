@@ -23,7 +23,7 @@ from sidecar.k8s.events import EventRecorder, InvolvedObject
 from sidecar.k8s.refs import ConfigMapRef
 from sidecar.k8s.watch import ConfigMapObject, ConfigMapWatcher, WatchTuning
 from sidecar.metrics import Metrics
-from sidecar.policy.errors import AllowlistError, Problem
+from sidecar.policy.errors import AllowlistError, Problem, clip
 from sidecar.policy.model import IPNetwork
 from sidecar.policy.parse import load_allowlist
 from sidecar.policy.store import PolicyStore
@@ -177,7 +177,7 @@ class ConfigMapSource:
         previous = self.assembler.entry(source).version
         text = obj.data.get(ALLOWLIST_KEY)
         if text is None:
-            keys = ", ".join(sorted(obj.data)) or "none"
+            keys = clip(", ".join(sorted(obj.data)) or "none", 200)
             problem = Problem(None, None, f"no data key {ALLOWLIST_KEY!r} (keys: {keys})")
             self._reject(obj, (problem,), previous, None)
             return
