@@ -9,17 +9,14 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from sidecar.commands.options import add_policy_options, env_ranges
-from sidecar.policy.errors import AllowlistError, InvalidHost
-from sidecar.policy.hosts import split_host_port
+from sidecar.policy.errors import AllowlistError, clip
 from sidecar.policy.model import Destination, IPAddress, Mode
 from sidecar.policy.parse import parse_allowlist
 from sidecar.policy.store import PolicyStore, apply_mode
+from sidecar.policy.target import InvalidTarget, parse_authority, parse_request_target
 from sidecar.proxy.hostnames import format_hostport
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class TargetError(ValueError):
@@ -27,29 +24,25 @@ class TargetError(ValueError):
 
 
 def parse_target(target: str, method: str | None) -> Destination:
-    """A URL (http: decided like a plain-HTTP request, https: like a CONNECT) or HOST[:PORT]."""
-    if "://" in target:
-        parts = urlsplit(target)
-        scheme = parts.scheme.lower()
-        if scheme not in _DEFAULT_PORTS:
-            raise TargetError(f"{target!r}: only http:// and https:// URLs (or HOST[:PORT])")
-        if not parts.hostname:
-            raise TargetError(f"{target!r} names no host")
-        try:
-            explicit_port = parts.port
-        except ValueError as err:
-            raise TargetError(f"{target!r}: {err}") from None
-        port = explicit_port or _DEFAULT_PORTS[scheme]
-        if scheme == "http":
-            return Destination(
-                parts.hostname, port, None, (method or "GET").upper(), parts.path or "/"
-            )
-        return Destination(parts.hostname, port)
+    """A URL (http: decided like a plain-HTTP request, https: like a CONNECT) or HOST[:PORT].
+
+    Read by the same parser as the proxy's (sidecar.policy.target): what the proxy answers
+    400 is refused here (exit 2), never decided for some other reading of the same text.
+    """
     try:
-        host, maybe_port = split_host_port(target)
-    except InvalidHost as err:
+        if "://" in target:
+            parsed = parse_request_target(target)
+            host, port = parsed.authority.host, parsed.port
+            if parsed.scheme == "http":
+                path = parsed.path.split("?", 1)[0] or "/"  # as the decider compares it
+                return Destination(host, port, None, (method or "GET").upper(), path)
+            return Destination(host, port)
+        authority = parse_authority(target)
+    except InvalidTarget as err:
         raise TargetError(str(err)) from None
-    return Destination(host, maybe_port or 443, None, method.upper() if method else None)
+    return Destination(
+        authority.host, authority.port or 443, None, method.upper() if method else None
+    )
 
 
 def add_parser(sub: Any) -> None:
@@ -92,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"egress-sidecar check: invalid allowlist:\n{err}", file=sys.stderr)
         return 2
     except (TargetError, ValueError) as err:
-        print(f"egress-sidecar check: {err}", file=sys.stderr)
+        print(f"egress-sidecar check: {clip(err, 300)}", file=sys.stderr)
         return 2
     ranges = list(args.allow_private_range) + env_ranges()
     store = PolicyStore(Mode(args.mode) if args.mode else None)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.policy.errors import AllowlistError
-from sidecar.policy.parse import parse_allowlist
+from sidecar.policy.parse import load_allowlist
 
 
 def add_parser(sub: Any) -> None:
@@ -16,8 +16,9 @@ def add_parser(sub: Any) -> None:
         "validate",
         help="check allowlist files without running anything",
         description="Validate allowlist documents or ConfigMap manifests (key allowlist.yaml). "
-        "Prints every problem with its line; exits 0 when all files are valid, 1 when any is "
-        "invalid, 2 when a file cannot be read.",
+        "Prints every problem with its line, and warnings (e.g. a very wide CIDR) marked "
+        "'warning:'; exits 0 when all files are valid (warnings or not), 1 when any is invalid, "
+        "2 when a file cannot be read.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="a file, or - for stdin")
     parser.set_defaults(func=run)
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
             worst = 2
             continue
         try:
-            policy = parse_allowlist(text, source=f"file:{name}")
+            parsed = load_allowlist(text, source=f"file:{name}")
         except AllowlistError as err:
             for problem in err.problems:
                 where = f"{name}:{problem.line}" if problem.line is not None else name
@@ -41,5 +42,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: invalid ({len(err.problems)} problem(s))", file=sys.stderr)
             worst = max(worst, 1)
             continue
+        for warning in parsed.warnings:
+            where = f"{name}:{warning.line}" if warning.line is not None else name
+            print(f"{where}: warning: {warning.message}")
+        policy = parsed.policy
         print(f"{name}: valid ({policy.rule_count} rules, version {policy.meta.version})")
     return worst

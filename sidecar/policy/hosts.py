@@ -15,7 +15,7 @@ import re
 
 import idna
 
-from sidecar.policy.errors import InvalidHost
+from sidecar.policy.errors import InvalidHost, clip
 from sidecar.policy.model import IPAddress
 
 MAX_NAME = 253
@@ -70,6 +70,9 @@ def _normalize(name: str) -> str:
     text = name.strip()
     if not text:
         raise InvalidHost(name, "empty host")
+    if len(text) > 4 * MAX_NAME:
+        # Before any per-character work (UTS #46 mapping can drop characters, not 3 in 4).
+        raise InvalidHost(name, f"longer than {MAX_NAME} characters")
     if text.startswith("[") or text.endswith("]"):
         address = parse_ip(text)
         if address is None or address.version != 6:
@@ -110,7 +113,7 @@ def _map_unicode(original: str, text: str) -> str:
     try:
         mapped = idna.uts46_remap(text, std3_rules=False, transitional=False)
     except (idna.IDNAError, UnicodeError, ValueError) as exc:
-        raise InvalidHost(original, f"not a valid international name ({exc})") from None
+        raise InvalidHost(original, f"not a valid international name ({clip(exc)})") from None
     labels = mapped.split(".")
     out = []
     for label in labels:
@@ -121,7 +124,7 @@ def _map_unicode(original: str, text: str) -> str:
             out.append(idna.alabel(label).decode("ascii"))
         except (idna.IDNAError, UnicodeError, ValueError) as exc:
             raise InvalidHost(
-                original, f"label {label!r} is not a valid IDN label ({exc})"
+                original, f"label {clip(label)!r} is not a valid IDN label ({clip(exc)})"
             ) from None
     return ".".join(out)
 
@@ -168,7 +171,9 @@ def _parse_ipv4_number_form(labels: list[str]) -> ipaddress.IPv4Address | None:
 def parse_port(text: str, *, original: str | None = None) -> int:
     """A TCP port from its decimal text (1..65535); raises InvalidHost naming the input."""
     if not _DIGITS_RE.fullmatch(text) or len(text) > 5:
-        raise InvalidHost(original or text, f"port {text!r} is not a number from 1 to 65535")
+        raise InvalidHost(
+            original or text, f"port {clip(text, 20)!r} is not a number from 1 to 65535"
+        )
     port = int(text)
     if not 1 <= port <= 65535:
         raise InvalidHost(original or text, f"port {port} is out of range 1..65535")
@@ -191,7 +196,7 @@ def split_host_port(text: str) -> tuple[str, int | None]:
         if not rest:
             return host, None
         if not rest.startswith(":"):
-            raise InvalidHost(text, f"unexpected {rest!r} after ']'")
+            raise InvalidHost(text, f"unexpected {clip(rest, 20)!r} after ']'")
         return host, parse_port(rest[1:], original=text)
     colons = stripped.count(":")
     if colons == 0:

@@ -9,29 +9,34 @@ A ConfigMap manifest is accepted too: its ``data["allowlist.yaml"]`` is parsed, 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import ipaddress
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import yaml
+from publicsuffixlist import PublicSuffixList
+from yaml.composer import ComposerError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from sidecar.contract import ALLOWLIST_KEY
 from sidecar.policy.engine import PathPattern, Policy, Rule
-from sidecar.policy.errors import AllowlistError, InvalidHost, Problem
+from sidecar.policy.errors import AllowlistError, InvalidHost, Problem, Severity, clip, quote
 from sidecar.policy.hosts import normalize_host, parse_ip, split_host_port
 from sidecar.policy.model import IPNetwork, Mode, PolicyMeta
 
 TOP_KEYS = ("mode", "allow", "deny", "privateRanges")
-RULE_KEYS = ("host", "cidr", "ports", "methods", "paths")
+RULE_KEYS = ("host", "cidr", "ports", "methods", "paths", "broad")
 MANIFEST_KEYS = ("apiVersion", "kind", "metadata", "data")
 
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _NULL = "tag:yaml.org,2002:null"
 _MERGE = "tag:yaml.org,2002:merge"
+_BOOL = "tag:yaml.org,2002:bool"
 _TYPE_NAMES = {
     "tag:yaml.org,2002:int": "number",
     "tag:yaml.org,2002:float": "number",
@@ -48,16 +53,82 @@ _PATH_BAD_RE = re.compile(r"[\x00-\x20\x7f?#]")
 _FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _compose_all(text: str) -> list[Node]:
+# The pure-Python loader takes ~3.5 s per MiB here: past this size a bad document keeps
+# libyaml's message rather than paying that again.
+_RECOMPOSE_MAX = 64 * 1024
+
+
+def _bounded_loader(max_depth: int) -> type[yaml.SafeLoader]:
+    """The pure-Python SafeLoader, refusing to nest deeper than ``max_depth`` (with the mark)
+    instead of recursing until Python's own limit (~1 s, and no line)."""
+
+    class Bounded(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Node | None, index: int) -> Node | None:
+            self.depth += 1
+            try:
+                if self.depth > max_depth:
+                    raise ComposerError(
+                        None,
+                        None,
+                        f"the document nests deeper than {max_depth} levels",
+                        self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                    )
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return Bounded
+
+
+def _compose_all(text: str, max_depth: int) -> list[Node]:
     """The document nodes; a bad document is composed again by the pure-Python loader, so
-    error messages do not depend on whether libyaml is installed."""
+    error messages do not depend on whether libyaml is installed (up to _RECOMPOSE_MAX)."""
     try:
         return list(yaml.compose_all(text, Loader=_FAST_LOADER))
     except yaml.YAMLError:
-        return list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        if len(text) > _RECOMPOSE_MAX and _FAST_LOADER is not yaml.SafeLoader:
+            raise
+        return list(yaml.compose_all(text, Loader=_bounded_loader(max_depth)))
 
 
 _WILDCARD_MESSAGE = 'only a leading "*." wildcard is allowed'
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one document may cost to parse; past any of them it is rejected with a problem.
+
+    Aliases (``*name``) make the composed node graph a DAG: walking it visits a shared node
+    once per path to it, so a few KiB of nested aliases ("billion laughs") would cost billions
+    of visits. ``alias_visits`` bounds the visits aliases add beyond the document's own nodes.
+    """
+
+    max_bytes: int = 1024 * 1024  # what the API server accepts in one ConfigMap
+    max_depth: int = 32  # an allowlist nests 5 levels deep, a manifest 2 more
+    alias_visits: int = 10_000  # sharing a ports list across rules stays far below
+    # A backstop only: the bounds above are what keep the cost down (the largest documents
+    # take 2-5 s here on a shared core); a hard limit near that would refuse valid ones.
+    seconds: float = 30.0
+
+
+DEFAULT_LIMITS = Limits()
+
+# IPv4 rules shorter than /8 and IPv6 shorter than /32 cover whole registries' worth of
+# addresses: allowed, with a warning. /0 (a default route) is refused unless `broad: true`.
+_WIDE_PREFIX = {4: 8, 6: 32}
+
+
+@functools.cache
+def _public_suffixes(*, icann_only: bool) -> PublicSuffixList:
+    # The package's bundled snapshot, read once (like an import); never fetched at run time.
+    # Unknown TLDs (.test, .internal, .local) are not taken as public suffixes.
+    return PublicSuffixList(only_icann=icann_only, accept_unknown=False)
+
+
+class _TooCostlyError(Exception):
+    """The document passed a limit; the problem is already recorded."""
 
 
 def digest(text: str) -> str:
@@ -134,11 +205,13 @@ def _describe(node: Node) -> str:
         return "nothing (null)"
     kind = _TYPE_NAMES.get(node.tag)
     if kind is None:
-        return f"a value tagged {node.tag}" if node.tag != _STR else f'"{node.value}"'
-    return f"{kind} {node.value}"
+        return f"a value tagged {clip(node.tag)}" if node.tag != _STR else quote(node.value)
+    return f"{kind} {clip(node.value)}"
 
 
 def _suggest(word: str, choices: tuple[str, ...]) -> str:
+    if len(word) > 64:
+        return ""  # no key is that long; difflib's cost grows with the word
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""
 
@@ -162,29 +235,116 @@ def _flow(node: Node, depth: int = 0) -> str:
 
 
 class _Parser:
-    def __init__(self, locate: Locate) -> None:
+    def __init__(self, locate: Locate, limits: Limits, deadline: float) -> None:
         self.locate = locate
+        self.limits = limits
+        self.deadline = deadline
         self._found: list[tuple[tuple[int, int], Problem]] = []
 
     @property
     def problems(self) -> list[Problem]:
-        """Problems in document order (a rule's conditions are checked before its target)."""
-        return [problem for _, problem in sorted(self._found, key=lambda item: item[0])]
+        """Errors in document order (a rule's conditions are checked before its target)."""
+        return self._sorted(Severity.ERROR)
 
-    def problem(self, at: Node | tuple[int, int] | None, message: str) -> None:
+    @property
+    def warnings(self) -> list[Problem]:
+        return self._sorted(Severity.WARNING)
+
+    def _sorted(self, severity: Severity) -> list[Problem]:
+        found = sorted(self._found, key=lambda item: item[0])
+        return [problem for _, problem in found if problem.severity is severity]
+
+    def problem(
+        self,
+        at: Node | tuple[int, int] | None,
+        message: str,
+        severity: Severity = Severity.ERROR,
+    ) -> None:
         if at is None:
-            self._found.append(((-1, -1), Problem(None, None, message)))
+            self._found.append(((-1, -1), Problem(None, None, message, severity)))
             return
         line, column = (at.start_mark.line, at.start_mark.column) if isinstance(at, Node) else at
         where_line, where_column, prefix = self.locate(line, column)
-        self._found.append(((line, column), Problem(where_line, where_column, prefix + message)))
+        self._found.append(
+            ((line, column), Problem(where_line, where_column, prefix + message, severity))
+        )
+
+    def warn(self, at: Node, message: str) -> None:
+        self.problem(at, message, Severity.WARNING)
+
+    def in_time(self, at: Node) -> None:
+        """Stop (_TooCostlyError) once the time is up: a backstop for the other bounds."""
+        if time.monotonic() > self.deadline:
+            self.problem(
+                at,
+                f"parsing took longer than {self.limits.seconds:g} s (stopped here): "
+                "split the allowlist or simplify it",
+            )
+            raise _TooCostlyError
+
+    # -- limits --------------------------------------------------------------------------------
+
+    def within_size(self, text: str) -> bool:
+        limit = self.limits.max_bytes
+        # Characters never outnumber UTF-8 bytes: only a text short enough needs encoding.
+        if len(text) <= limit and len(text.encode("utf-8", "surrogatepass")) <= limit:
+            return True
+        cut = text[:limit]
+        line = cut.count("\n")
+        self.problem(
+            (line, 0),
+            f"the document is larger than {limit} bytes (the limit reached on this line): "
+            "split it into several ConfigMaps",
+        )
+        return False
+
+    def within_shape(self, root: Node) -> bool:
+        """Walk the node graph as the parser will, aliases expanded, within the limits.
+
+        An iterative walk: depth and alias expansion are checked before anything recurses.
+        """
+        limits = self.limits
+        seen: set[int] = set()
+        extra = 0
+        # (node, depth, the outermost node reached again through an alias on the way here)
+        stack: list[tuple[Node, int, Node | None]] = [(root, 1, None)]
+        while stack:
+            node, depth, via = stack.pop()
+            if depth > limits.max_depth:
+                self.problem(
+                    via or node,
+                    f"the document nests deeper than {limits.max_depth} levels"
+                    + (" through aliases (a recursive anchor?)" if via is not None else ""),
+                )
+                return False
+            if id(node) in seen:
+                extra += 1
+                via = via or node
+                if extra > limits.alias_visits:
+                    self.problem(
+                        via,
+                        "aliases (*name) of the anchor on this line expand the document past "
+                        f"{limits.alias_visits} extra nodes: write the rules out",
+                    )
+                    return False
+            else:
+                seen.add(id(node))
+            if isinstance(node, SequenceNode):
+                stack.extend((child, depth + 1, via) for child in reversed(node.value))
+            elif isinstance(node, MappingNode):
+                for key, value in reversed(node.value):
+                    stack.append((value, depth + 1, via))
+                    stack.append((key, depth + 1, via))
+        return True
 
     # -- YAML ----------------------------------------------------------------------------------
 
     def compose(self, text: str) -> Node | None:
         """The single document's root node, or None (problem recorded, or empty text)."""
+        if not self.within_size(text):
+            return None
         try:
-            nodes = _compose_all(text)
+            nodes = _compose_all(text, self.limits.max_depth)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             what = exc.problem or "invalid YAML"
@@ -199,7 +359,7 @@ class _Parser:
                 column = position - max(text.rfind("\n", 0, position) + 1, 0)
                 self.problem((line, column), f"YAML error: {_reader_message(exc)}")
             else:
-                self.problem(None, f"YAML error: {exc}")
+                self.problem(None, f"YAML error: {clip(exc, 200)}")
             return None
         except RecursionError:
             self.problem(None, "YAML error: the document nests too deeply")
@@ -216,7 +376,7 @@ class _Parser:
                 (0, 0), "the document is empty: expected a mapping with allow: and deny: lists"
             )
             return None
-        return nodes[0]
+        return nodes[0] if self.within_shape(nodes[0]) else None
 
     def mapping_items(self, node: MappingNode, what: str) -> list[tuple[str, Node, Node]]:
         """(key, key node, value node) for string keys; duplicates and non-strings reported."""
@@ -234,7 +394,7 @@ class _Parser:
                 first = seen[key].start_mark.line
                 where, _, _ = self.locate(first, 0)
                 also = f" (first on line {where})" if where is not None else ""
-                self.problem(key_node, f'"{key}" appears twice in {what}{also}')
+                self.problem(key_node, f"{quote(key)} appears twice in {what}{also}")
                 continue
             seen[key] = key_node
             items.append((key, key_node, value_node))
@@ -279,7 +439,8 @@ class _Parser:
                 allowed = ", ".join(TOP_KEYS)
                 self.problem(
                     key_node,
-                    f'unknown key "{key}"{_suggest(key, TOP_KEYS)}: the allowlist takes {allowed}',
+                    f"unknown key {quote(key)}{_suggest(key, TOP_KEYS)}: "
+                    f"the allowlist takes {allowed}",
                 )
         return doc
 
@@ -304,10 +465,12 @@ class _Parser:
             if network is None:
                 continue
             if network in seen:
-                self.problem(item, f'duplicate privateRanges entry "{text}"')
+                self.problem(item, f"duplicate privateRanges entry {quote(text)}")
                 continue
             seen[network] = item
             ranges.append(network)
+            if network.prefixlen < _WIDE_PREFIX[network.version]:
+                self.warn(item, _wide_message(network, "exempts from the private-address guard"))
         return ranges
 
     def rules(self, node: Node, list_name: str) -> list[Rule]:
@@ -317,21 +480,69 @@ class _Parser:
         rules: list[Rule] = []
         seen: dict[tuple[object, ...], Rule] = {}
         for item in nodes or []:
-            rule = self.rule(item, list_name)
-            if rule is None:
+            self.in_time(item)
+            parsed = self.rule(item, list_name)
+            if parsed is None:
+                continue
+            rule, broad = parsed
+            if list_name == "allow" and not self.breadth(rule, item, broad=broad):
                 continue
             first = seen.get(rule.key)
             if first is not None:
                 also = f" on line {first.line}" if first.line is not None else ""
                 self.problem(
-                    item, f'duplicate {list_name} rule "{rule.text}": same as "{first.text}"{also}'
+                    item,
+                    f"duplicate {list_name} rule {quote(rule.text)}: "
+                    f"same as {quote(first.text)}{also}",
                 )
                 continue
             seen[rule.key] = rule
             rules.append(rule)
         return rules
 
-    def rule(self, node: Node, list_name: str) -> Rule | None:
+    def breadth(self, rule: Rule, node: Node, *, broad: bool) -> bool:
+        """False (problem recorded) for an allow rule too broad to be meant without saying so.
+
+        A wildcard on an ICANN public suffix (``*.com``, ``*.co.uk``) admits every name anyone
+        can register there; a default route (0.0.0.0/0, ::/0) every address, and a ``cidr``
+        rule lifts the private-address guard where it matches. ``broad: true`` says it is meant.
+        A wildcard on a private-section suffix (``*.github.io``, ``*.s3.amazonaws.com``) is
+        one company's namespace, often used on purpose (``*.googleapis.com``): a warning only.
+        """
+        hint = "name the hosts, or write the rule as a mapping with broad: true"
+        if rule.wildcard and rule.host is not None:
+            written = quote(f"*.{rule.host}")
+            if _public_suffixes(icann_only=False).is_public(rule.host):
+                if _public_suffixes(icann_only=True).is_public(rule.host):
+                    if not broad:
+                        self.problem(
+                            node,
+                            f"{written} matches every name under the public suffix "
+                            f"{quote(rule.host)}, which anyone can register: {hint}",
+                        )
+                        return False
+                elif not broad:
+                    self.warn(
+                        node,
+                        f"{written}: {quote(rule.host)} is a public suffix whose names belong "
+                        "to different customers of one provider (Public Suffix List, private "
+                        "section): every one of them matches",
+                    )
+        network = rule.network
+        if network is not None and not broad:
+            if network.prefixlen == 0:
+                self.problem(
+                    node,
+                    f"{network} matches every address and lifts the private-address guard "
+                    f"for all of them: {hint}",
+                )
+                return False
+            if network.prefixlen < _WIDE_PREFIX[network.version]:
+                self.warn(node, _wide_message(network, "allows"))
+        return True
+
+    def rule(self, node: Node, list_name: str) -> tuple[Rule, bool] | None:
+        """The rule and whether it says ``broad: true``."""
         line, _, _ = self.locate(node.start_mark.line, node.start_mark.column)
         if isinstance(node, MappingNode):
             return self.mapping_rule(node, line)
@@ -340,11 +551,12 @@ class _Parser:
                 self.problem(node, f"empty {list_name} rule")
                 return None
             text = self.string(node, f"an {list_name} rule")
-            return None if text is None else self.string_rule(text, node, line)
+            rule = None if text is None else self.string_rule(text, node, line)
+            return None if rule is None else (rule, False)
         self.problem(
             node,
             f"an {list_name} rule must be a host, host:port, CIDR or a mapping "
-            f"(host:/cidr:, ports:, methods:, paths:), not {_describe(node)}",
+            f"(host:/cidr:, ports:, methods:, paths:, broad:), not {_describe(node)}",
         )
         return None
 
@@ -355,14 +567,14 @@ class _Parser:
             return None
         if "://" in stripped:
             self.problem(
-                node, f'"{stripped}" looks like a URL: write the host (and :port), not the URL'
+                node, f"{quote(stripped)} looks like a URL: write the host (and :port), not the URL"
             )
             return None
         if "/" in stripped:
             if parse_ip(stripped.split("/")[0]) is not None and ":" in stripped.split("/")[-1]:
                 self.problem(
                     node,
-                    f'"{stripped}": a CIDR rule with a port needs the mapping form '
+                    f"{quote(stripped)}: a CIDR rule with a port needs the mapping form "
                     "{cidr: ..., ports: [...]}",
                 )
                 return None
@@ -371,7 +583,7 @@ class _Parser:
         try:
             host_text, port = split_host_port(stripped)
         except InvalidHost as exc:
-            self.problem(node, f'"{stripped}" is not a valid rule: {exc.reason}')
+            self.problem(node, f"{quote(stripped)} is not a valid rule: {exc.reason}")
             return None
         ports = None if port is None else frozenset({port})
         target = self.host_pattern(host_text, node)
@@ -391,27 +603,27 @@ class _Parser:
         wildcard = written.startswith("*.")
         rest = written[2:] if wildcard else written
         if "*" in rest or not rest:
-            self.problem(node, f'"{written}" is not a valid host pattern: {_WILDCARD_MESSAGE}')
+            self.problem(node, f"{quote(written)} is not a valid host pattern: {_WILDCARD_MESSAGE}")
             return None
         try:
             host = normalize_host(rest)
         except InvalidHost as exc:
-            self.problem(node, f'"{written}" is not a valid host: {exc.reason}')
+            self.problem(node, f"{quote(written)} is not a valid host: {exc.reason}")
             return None
         address = parse_ip(host)
         if address is not None:
             if "%" in host:
-                self.problem(node, f'"{written}": zone ids (%...) are not supported in rules')
+                self.problem(node, f"{quote(written)}: zone ids (%...) are not supported in rules")
                 return None
             if wildcard:
-                self.problem(node, f'"{written}": a wildcard cannot apply to an IP address')
+                self.problem(node, f"{quote(written)}: a wildcard cannot apply to an IP address")
                 return None
             return ipaddress.ip_network(address)
         return host, wildcard
 
     def network(self, text: str, node: Node) -> IPNetwork | None:
         if "%" in text:
-            self.problem(node, f'"{text}": zone ids (%...) are not supported in rules')
+            self.problem(node, f"{quote(text)}: zone ids (%...) are not supported in rules")
             return None
         try:
             return ipaddress.ip_network(text, strict=True)
@@ -420,12 +632,12 @@ class _Parser:
         try:
             loose = ipaddress.ip_network(text, strict=False)
         except ValueError:
-            self.problem(node, f'"{text}" is not a valid CIDR (e.g. 10.20.0.0/16 or fd00::/8)')
+            self.problem(node, f"{quote(text)} is not a valid CIDR (e.g. 10.20.0.0/16 or fd00::/8)")
             return None
-        self.problem(node, f'"{text}" has host bits set: did you mean {loose}?')
+        self.problem(node, f"{quote(text)} has host bits set: did you mean {loose}?")
         return None
 
-    def mapping_rule(self, node: MappingNode, line: int | None) -> Rule | None:
+    def mapping_rule(self, node: MappingNode, line: int | None) -> tuple[Rule, bool] | None:
         text = _flow(node)
         values: dict[str, Node] = {}
         ok = True
@@ -433,7 +645,7 @@ class _Parser:
             if key not in RULE_KEYS:
                 self.problem(
                     key_node,
-                    f'unknown rule key "{key}"{_suggest(key, RULE_KEYS)}: a rule takes '
+                    f"unknown rule key {quote(key)}{_suggest(key, RULE_KEYS)}: a rule takes "
                     + ", ".join(RULE_KEYS),
                 )
                 ok = False
@@ -443,9 +655,14 @@ class _Parser:
         ports = self.ports(values["ports"]) if "ports" in values else None
         methods = self.methods(values["methods"]) if "methods" in values else None
         paths = self.paths(values["paths"]) if "paths" in values else None
-        ok = ok and all(
-            values.get(k) is None or parsed is not None
-            for k, parsed in (("ports", ports), ("methods", methods), ("paths", paths))
+        broad = self.flag(values["broad"], "broad") if "broad" in values else False
+        ok = (
+            ok
+            and broad is not None
+            and all(
+                values.get(k) is None or parsed is not None
+                for k, parsed in (("ports", ports), ("methods", methods), ("paths", paths))
+            )
         )
 
         host: str | None = None
@@ -469,9 +686,9 @@ class _Parser:
             network = None if written is None else self.network(written.strip(), values["cidr"])
             ok = ok and network is not None
 
-        if not ok:
+        if not ok or broad is None:
             return None
-        return Rule(
+        rule = Rule(
             text,
             host=host,
             wildcard=wildcard,
@@ -481,16 +698,23 @@ class _Parser:
             paths=paths,
             line=line,
         )
+        return rule, broad
+
+    def flag(self, node: Node, what: str) -> bool | None:
+        if isinstance(node, ScalarNode) and node.tag == _BOOL:
+            return str(node.value).lower() in ("true", "yes", "on")
+        self.problem(node, f"{what} must be true or false, not {_describe(node)}")
+        return None
 
     def host_in_mapping(self, written: str, node: Node) -> tuple[str, bool] | IPNetwork | None:
         stripped = written.strip()
         try:
             bare, port = split_host_port(stripped)
         except InvalidHost as exc:
-            self.problem(node, f'"{stripped}" is not a valid host: {exc.reason}')
+            self.problem(node, f"{quote(stripped)} is not a valid host: {exc.reason}")
             return None
         if port is not None:
-            self.problem(node, f'host "{stripped}" carries a port: put it in ports: [{port}]')
+            self.problem(node, f"host {quote(stripped)} carries a port: put it in ports: [{port}]")
             return None
         return self.host_pattern(bare, node)
 
@@ -520,11 +744,11 @@ class _Parser:
             return None
         value = str(node.value)
         if not _DECIMAL_RE.fullmatch(value):
-            self.problem(node, f"port {value} must be a decimal number from 1 to 65535")
+            self.problem(node, f"port {clip(value)} must be a decimal number from 1 to 65535")
             return None
         port = int(value)
         if port > 65535:
-            self.problem(node, f"port {port} is out of range 1..65535")
+            self.problem(node, f"port {clip(port)} is out of range 1..65535")
             return None
         return port
 
@@ -543,12 +767,12 @@ class _Parser:
                 ok = False
                 continue
             if not _TOKEN_RE.fullmatch(text):
-                self.problem(item, f'"{text}" is not an HTTP method (e.g. GET, POST)')
+                self.problem(item, f"{quote(text)} is not an HTTP method (e.g. GET, POST)")
                 ok = False
                 continue
             method = text.upper()
             if method in methods:
-                self.problem(item, f"method {method} is listed twice")
+                self.problem(item, f"method {clip(method)} is listed twice")
                 ok = False
                 continue
             methods.add(method)
@@ -570,7 +794,7 @@ class _Parser:
                 ok = False
                 continue
             if not text.startswith("/"):
-                self.problem(item, f'path "{text}" must start with "/"')
+                self.problem(item, f'path {quote(text)} must start with "/"')
                 ok = False
                 continue
             bad = _PATH_BAD_RE.search(text)
@@ -580,17 +804,25 @@ class _Parser:
                     if bad.group() in "?#"
                     else "spaces and control characters are not allowed"
                 )
-                self.problem(item, f'path "{text}" contains {bad.group()!r}: {why}')
+                self.problem(item, f"path {quote(text)} contains {bad.group()!r}: {why}")
                 ok = False
                 continue
             pattern = PathPattern.compile(text)
             if pattern.parts in seen:
-                self.problem(item, f'path "{text}" is listed twice')
+                self.problem(item, f"path {quote(text)} is listed twice")
                 ok = False
                 continue
             seen.add(pattern.parts)
             patterns.append(pattern)
         return tuple(patterns) if ok else None
+
+
+def _wide_message(network: IPNetwork, does: str) -> str:
+    count = network.num_addresses
+    return (
+        f"{network} is very wide: it {does} 2^{count.bit_length() - 1} addresses; "
+        "is a narrower range meant?"
+    )
 
 
 def _reader_message(exc: yaml.YAMLError) -> str:
@@ -616,7 +848,7 @@ def _manifest_document(parser: _Parser, root: MappingNode, text: str) -> tuple[s
         parser.problem(
             at,
             f"a manifest must be kind: ConfigMap with data.{ALLOWLIST_KEY}, "
-            f"not kind: {kind if kind is not None else '(missing)'}",
+            f"not kind: {clip(kind) if kind is not None else '(missing)'}",
         )
         return None
     data_entry = items.get("data")
@@ -627,7 +859,7 @@ def _manifest_document(parser: _Parser, root: MappingNode, text: str) -> tuple[s
     data = {key: value for key, _, value in parser.mapping_items(data_entry[1], "data")}
     value = data.get(ALLOWLIST_KEY)
     if value is None:
-        has = ", ".join(sorted(data)) or "none"
+        has = clip(", ".join(sorted(data)) or "none", 200)
         parser.problem(
             data_entry[0], f'the ConfigMap has no "{ALLOWLIST_KEY}" key in data (it has: {has})'
         )
@@ -648,33 +880,52 @@ def _is_manifest(root: Node) -> bool:
     return bool(keys & {"apiVersion", "kind"}) or ({"data", "metadata"} <= keys)
 
 
-def _parse(text: str, source: str) -> tuple[_Document, str, list[Problem]]:
-    outer = _Parser(_locate_plain)
-    root = outer.compose(text)
-    if root is None:
-        return _Document(), text, outer.problems
-    if not _is_manifest(root):
-        doc = outer.document(root)
-        return doc, text, outer.problems
-    assert isinstance(root, MappingNode)
-    found = _manifest_document(outer, root, text)
-    if found is None:
-        return _Document(), text, outer.problems
-    embedded, locate = found
-    inner = _Parser(locate)
-    inner_root = inner.compose(embedded)
-    doc = inner.document(inner_root) if inner_root is not None else _Document()
-    return doc, embedded, outer.problems + inner.problems
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """An accepted document: the policy, and warnings worth showing (validate prints them,
+    the sidecar logs them on load)."""
+
+    policy: Policy
+    warnings: tuple[Problem, ...] = ()
 
 
-def parse_allowlist(text: str, *, source: str, version: str | None = None) -> Policy:
-    """Parse a bare allowlist document or a ConfigMap manifest holding one.
+def _parse(text: str, limits: Limits) -> tuple[_Document, str, list[Problem], list[Problem]]:
+    """(document, allowlist text, errors, warnings)."""
+    deadline = time.monotonic() + limits.seconds
+    outer = _Parser(_locate_plain, limits, deadline)
+    inner: _Parser | None = None
+    doc, document_text = _Document(), text
+    try:
+        root = outer.compose(text)
+        if root is not None and not _is_manifest(root):
+            doc = outer.document(root)
+        elif isinstance(root, MappingNode):
+            found = _manifest_document(outer, root, text)
+            if found is not None:
+                document_text, locate = found
+                inner = _Parser(locate, limits, deadline)
+                inner_root = inner.compose(document_text)
+                if inner_root is not None:
+                    doc = inner.document(inner_root)
+    except _TooCostlyError:
+        pass  # the problem is recorded; nothing more is parsed
+    parsers = [outer] if inner is None else [outer, inner]
+    errors = [p for parser in parsers for p in parser.problems]
+    warnings = [p for parser in parsers for p in parser.warnings]
+    return doc, document_text, errors, warnings
+
+
+def load_allowlist(
+    text: str, *, source: str, version: str | None = None, limits: Limits = DEFAULT_LIMITS
+) -> Parsed:
+    """Parse a bare allowlist document or a ConfigMap manifest holding one, with its warnings.
 
     ``version`` defaults to the digest of the allowlist document itself (for a manifest: of its
     ``allowlist.yaml`` value), so re-wrapping the same rules does not change the version.
-    Raises AllowlistError listing every problem.
+    Raises AllowlistError listing every problem. The cost is bounded by ``limits`` (size, depth,
+    alias expansion, time): a document past one is rejected with a problem naming the limit.
     """
-    doc, document_text, problems = _parse(text, source)
+    doc, document_text, problems, warnings = _parse(text, limits)
     if problems:
         raise AllowlistError(problems, source=source)
     meta = PolicyMeta(
@@ -682,7 +933,12 @@ def parse_allowlist(text: str, *, source: str, version: str | None = None) -> Po
         version=version if version is not None else digest(document_text),
         mode=doc.mode,
     )
-    return Policy(meta, doc.allow, doc.deny, doc.private_ranges)
+    return Parsed(Policy(meta, doc.allow, doc.deny, doc.private_ranges), tuple(warnings))
+
+
+def parse_allowlist(text: str, *, source: str, version: str | None = None) -> Policy:
+    """``load_allowlist`` without the warnings."""
+    return load_allowlist(text, source=source, version=version).policy
 
 
 def validate_text(text: str, *, source: str) -> list[Problem]:

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 from mitmproxy import connection, http
-from mitmproxy.net.http.url import parse_authority
 from mitmproxy.proxy.mode_specs import TransparentMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
@@ -30,6 +29,7 @@ from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
 from sidecar.policy.model import Decision, Destination, IPAddress, Mode, Reason, Verdict
 from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
+from sidecar.policy.target import InvalidTarget, parse_authority
 from sidecar.proxy.connections import ConnectionInfo, Connections, Kind, Pending
 from sidecar.proxy.denial import denial_response
 from sidecar.proxy.hostnames import address_of, format_hostport, redact_url
@@ -64,9 +64,9 @@ def _peer(client: connection.Client) -> str | None:
 
 
 def _authority_host(authority: str | None) -> str | None:
-    try:
-        return parse_authority(authority or "", check=True)[0] or None
-    except ValueError:
+    try:  # the parser `check` uses too: one reading of an authority
+        return parse_authority(authority or "").host
+    except InvalidTarget:
         return None
 
 

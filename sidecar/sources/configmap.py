@@ -23,9 +23,9 @@ from sidecar.k8s.events import EventRecorder, InvolvedObject
 from sidecar.k8s.refs import ConfigMapRef
 from sidecar.k8s.watch import ConfigMapObject, ConfigMapWatcher, WatchTuning
 from sidecar.metrics import Metrics
-from sidecar.policy.errors import AllowlistError, Problem
+from sidecar.policy.errors import AllowlistError, Problem, clip
 from sidecar.policy.model import IPNetwork
-from sidecar.policy.parse import parse_allowlist
+from sidecar.policy.parse import load_allowlist
 from sidecar.policy.store import PolicyStore
 from sidecar.sources.assemble import PolicyAssembler, SourceState
 from sidecar.sources.reporting import Rejection, ReloadReporter
@@ -177,15 +177,22 @@ class ConfigMapSource:
         previous = self.assembler.entry(source).version
         text = obj.data.get(ALLOWLIST_KEY)
         if text is None:
-            keys = ", ".join(sorted(obj.data)) or "none"
+            keys = clip(", ".join(sorted(obj.data)) or "none", 200)
             problem = Problem(None, None, f"no data key {ALLOWLIST_KEY!r} (keys: {keys})")
             self._reject(obj, (problem,), previous, None)
             return
         try:
-            policy = parse_allowlist(text, source=source, version=obj.resource_version)
+            parsed = load_allowlist(text, source=source, version=obj.resource_version)
         except AllowlistError as err:
             self._reject(obj, err.problems, previous, err)
             return
+        policy = parsed.policy
+        for warning in parsed.warnings:  # accepted all the same: logged for the operator
+            log.warning(
+                "allowlist warning: %s",
+                str(warning),
+                extra={"source": source, "version": obj.resource_version, "line": warning.line},
+            )
         self.assembler.apply(policy)
         self.reporter.applied(
             source, obj.resource_version, previous=previous, rules=policy.rule_count

@@ -29,9 +29,9 @@ from typing import Any
 from opentelemetry.trace import TracerProvider
 
 from sidecar.metrics import Metrics
-from sidecar.policy.errors import AllowlistError
+from sidecar.policy.errors import AllowlistError, Problem
 from sidecar.policy.model import IPNetwork
-from sidecar.policy.parse import digest, parse_allowlist
+from sidecar.policy.parse import DEFAULT_LIMITS, Parsed, digest, load_allowlist
 from sidecar.policy.store import PolicyStore
 from sidecar.sources.assemble import PolicyAssembler
 from sidecar.sources.reporting import Rejection, ReloadReporter
@@ -141,8 +141,21 @@ class FileSource:
             return False
         if ident == self._seen:
             return False
+        if ident.size > DEFAULT_LIMITS.max_bytes:
+            # Not even read: the parser would refuse it, and reading costs its whole size.
+            self._seen = ident
+            self._text_digest = None
+            version = f"size:{ident.size}"
+            problem = Problem(
+                None,
+                None,
+                f"the file is {ident.size} bytes, larger than the {DEFAULT_LIMITS.max_bytes} "
+                "bytes an allowlist may have",
+            )
+            self._rejected(version, (problem,), None)
+            return False
         try:
-            text = Path(ident.realpath).read_text(encoding="utf-8")
+            text = _read_bounded(Path(ident.realpath), DEFAULT_LIMITS.max_bytes)
         except (OSError, UnicodeDecodeError) as err:
             message = f"{self.path}: {err}"
             if message != self._read_error:
@@ -159,15 +172,12 @@ class FileSource:
         self._text_digest = text_digest
         previous = self.assembler.entry(self.source).version
         try:
-            policy = parse_allowlist(text, source=self.source)
+            parsed = load_allowlist(text, source=self.source)
         except AllowlistError as err:
-            version = text_digest
-            rejection = Rejection(
-                self.source, version, err.problems, previous, document=str(self.path)
-            )
-            self.assembler.reject(self.source, version, rejection.summary())
-            self.reporter.rejected(rejection, err)
+            self._rejected(text_digest, err.problems, err)
             return False
+        policy = parsed.policy
+        _log_warnings(self.source, policy.meta.version, parsed)
         if policy.meta.version == previous:
             return False  # the same rules re-wrapped (e.g. bare <-> manifest): nothing to swap
         self.assembler.apply(policy)
@@ -175,3 +185,28 @@ class FileSource:
             self.source, policy.meta.version, previous=previous, rules=policy.rule_count
         )
         return True
+
+    def _rejected(
+        self, version: str, problems: tuple[Problem, ...], error: AllowlistError | None
+    ) -> None:
+        previous = self.assembler.entry(self.source).version
+        rejection = Rejection(self.source, version, problems, previous, document=str(self.path))
+        self.assembler.reject(self.source, version, rejection.summary())
+        self.reporter.rejected(rejection, error)
+
+
+def _read_bounded(path: Path, limit: int) -> str:
+    """The file's text, at most ``limit`` bytes and one more: a file that grew after its stat is
+    still not read whole (the parser then refuses it for its size)."""
+    with path.open("rb") as f:
+        return f.read(limit + 1).decode("utf-8")
+
+
+def _log_warnings(source: str, version: str, parsed: Parsed) -> None:
+    """Warnings of an accepted version (e.g. a very wide CIDR): logged, the version applies."""
+    for warning in parsed.warnings:
+        log.warning(
+            "allowlist warning: %s",
+            str(warning),
+            extra={"source": source, "version": version, "line": warning.line},
+        )
