@@ -30,6 +30,13 @@ class Reason(StrEnum):
     POLICY_DELETED = "policy deleted"
     INVALID_DESTINATION = "invalid destination"
     UNRESOLVABLE = "host does not resolve"
+    # An allow rule with methods/paths cannot grant a channel where they are not visible.
+    L7_NOT_VISIBLE = "l7 conditions not visible"
+    # Request heads beyond the proxy's limits (sidecar.proxy.headlimits).
+    REQUEST_LINE_TOO_LONG = "request line too long"
+    HEAD_TOO_LARGE = "request head too large"
+    HEAD_TIMEOUT = "request head timeout"
+    INVALID_REQUEST = "invalid request"  # a head HTTP/1 forbids (smuggling shapes, bad framing)
 
 
 @dataclass(frozen=True, slots=True)
