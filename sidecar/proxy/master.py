@@ -8,7 +8,7 @@ decision addon, nothing else.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mitmproxy import options
 from mitmproxy.addons.proxyserver import Proxyserver
@@ -17,6 +17,8 @@ from mitmproxy.master import Master
 from sidecar.policy.store import PolicyStore
 from sidecar.proxy.connections import Connections
 from sidecar.proxy.decider import Decider
+from sidecar.proxy.headlimits import HeadLimits
+from sidecar.proxy.http1 import install_http1_server
 from sidecar.proxy.layering import Layering, install_transparent_start
 from sidecar.proxy.listeners import Listeners
 from sidecar.proxy.resolver import Resolver
@@ -48,6 +50,7 @@ class ProxyConfig:
     resolve_timeout: float = 5.0
     dns_cache_ttl: float = 5.0
     first_byte_timeout: float = 10.0  # transparent: a silent client is then decided as raw TCP
+    head_limits: HeadLimits = field(default_factory=HeadLimits)  # plain-HTTP request heads
 
 
 def build_master(
@@ -58,17 +61,15 @@ def build_master(
     listeners = Listeners()
     layering = Layering(store, connections)
     install_transparent_start(config.first_byte_timeout, layering.silent_client)
-    master.addons.add(
-        Proxyserver(),
-        layering,
-        Decider(
-            store,
-            reporter,
-            Resolver(config.resolve_timeout, cache_ttl=config.dns_cache_ttl),
-            connections,
-        ),
-        listeners,
+    decider = Decider(
+        store,
+        reporter,
+        Resolver(config.resolve_timeout, cache_ttl=config.dns_cache_ttl),
+        connections,
     )
+    # Both listeners' HTTP/1 client side: bounded request heads, our own error answers.
+    install_http1_server(config.head_limits, decider)
+    master.addons.add(Proxyserver(), layering, decider, listeners)
     master.options.update(
         confdir=config.confdir,
         # Lazy: nothing is connected upstream before the decision (FIELD-NOTES).

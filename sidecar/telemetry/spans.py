@@ -104,7 +104,7 @@ class DecisionSpans:
         if rec.verdict is Verdict.DENY:
             span.set_status(Status(StatusCode.ERROR, rec.decision.reason.value))
         elif rec.error is not None:
-            span.set_attribute("error.type", error_type(rec.error))
+            span.set_attribute("error.type", rec.error_type or error_type(rec.error))
             span.set_attribute("egress.upstream.error", rec.error)
             span.set_status(Status(StatusCode.ERROR, rec.error))
         elif rec.status_code is not None and rec.status_code >= 500:
