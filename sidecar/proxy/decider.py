@@ -21,7 +21,7 @@ from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.net.http.url import parse_authority
 from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers.http._events import ResponseProtocolError
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 from mitmproxy.proxy.mode_specs import TransparentMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
@@ -348,8 +348,15 @@ class Decider:
     # -- what the client's HTTP/1 connection answers itself (sidecar.proxy.http1) -----------
 
     def error_answer(self, context: Context, event: ResponseProtocolError) -> bytes | None:
-        """The answer ``error`` prepared for this client's failed request, if any."""
-        return self._answers.pop(context.client.id, None)
+        """Our answer where mitmproxy would send its error page: the one ``error`` prepared for
+        this client's failed request, or for a request mitmproxy cannot route (origin-form
+        without a usable Host on the explicit port, refused before any hook) a denial."""
+        prepared = self._answers.pop(context.client.id, None)
+        if prepared is not None or event.code is not ErrorCode.DESTINATION_UNKNOWN:
+            return prepared
+        return self.head_rejected(
+            context, HeadRejection(400, Reason.INVALID_DESTINATION, event.message), b""
+        )
 
     def head_rejected(self, context: Context, rejection: HeadRejection, head: bytes) -> bytes:
         """A request head refused before parsing (limits, timeout, invalid framing): its decision
