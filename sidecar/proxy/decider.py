@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 from mitmproxy import connection, http
@@ -154,8 +155,11 @@ class Decider:
         self._reporter = reporter
         self._resolver = resolver
         self._connections = connections
-        # Prepared failure answers (502/504) by client connection id, taken by error_answer.
-        self._answers: dict[str, bytes] = {}
+        # Prepared failure answers (502/504) by client connection, taken by error_answer; weak,
+        # so an answer mitmproxy never asks for goes with its connection.
+        self._answers: weakref.WeakKeyDictionary[connection.Client, bytes] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- deciding -------------------------------------------------------------------------------
 
@@ -340,7 +344,7 @@ class Decider:
         ):
             # Nothing was answered yet: the client gets our 502/504, and the span says which.
             rec.status_code = 504 if rec.error_type == "timeout" else 502
-            self._answers[flow.client_conn.id] = bytes(
+            self._answers[flow.client_conn] = bytes(
                 http1.assemble_response(failure_response(rec, rec.status_code))
             )
         self._reporter.end(opened)
@@ -351,7 +355,7 @@ class Decider:
         """Our answer where mitmproxy would send its error page: the one ``error`` prepared for
         this client's failed request, or for a request mitmproxy cannot route (origin-form
         without a usable Host on the explicit port, refused before any hook) a denial."""
-        prepared = self._answers.pop(context.client.id, None)
+        prepared = self._answers.pop(context.client, None)
         if prepared is not None or event.code is not ErrorCode.DESTINATION_UNKNOWN:
             return prepared
         return self.head_rejected(
