@@ -4,7 +4,9 @@ and an allow rule with methods/paths that grants no transparent TLS. iptables fr
 
 from __future__ import annotations
 
+import base64
 import json
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.netns.conftest import APP_UID, SIDECAR, iptables
 from tests.support import netns as h
+from tests.support.http_heads import request_heads
 from tests.support.netns import OUT4
 
 PROXY_UID = 1337
@@ -174,3 +179,62 @@ def test_transparent_tls_to_a_host_allowed_only_for_some_requests_is_refused(pod
     assert not pod.accepted(mark, 443)
     line = [d for d in pod.decisions() if d.get("protocol") == "TLS"][-1]
     assert (line["decision"], line["reason"]) == ("deny", "l7 conditions not visible")
+
+
+# Sends each head (base64 lines in argv[1]) to the web host's port 80 from inside the pod, as the
+# app: the iptables redirect takes it to the transparent listener. Prints the answers' starts.
+_SEND_ALL = """
+import base64, json, socket, sys
+out = []
+for line in open(sys.argv[1]).read().split():
+    sock = socket.create_connection((sys.argv[2], 80), timeout=1)  # a promised body never comes
+    try:
+        sock.sendall(base64.b64decode(line))
+        answer = b""
+        while len(answer) < 4096:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    out.append(answer[:600].decode("latin-1"))
+print(json.dumps(out))
+"""
+
+
+@settings(
+    max_examples=2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(heads=st.lists(request_heads(ports=[80, 8080]), min_size=30, max_size=30))
+def test_fuzzed_heads_on_the_transparent_listener_never_crash_and_never_pass_the_policy(
+    pod: Pod, heads: list[bytes]
+) -> None:
+    mark = pod.upstream.mark()
+    batch = pod.world.workdir / "heads.b64"
+    batch.write_text("\n".join(base64.b64encode(head).decode() for head in heads))
+    batch.chmod(0o644)
+    proc = pod.world.pod.run(
+        [sys.executable, "-c", _SEND_ALL, str(batch), WEB4], uid=APP_UID, timeout=50
+    )
+    assert proc.returncode == 0, proc.stderr
+    for answer in json.loads(proc.stdout):
+        if not answer:
+            continue
+        head = answer.split("\r\n\r\n", 1)[0].lower()
+        # the upstream's own answer, or ours; never mitmproxy's error page
+        assert "x-egress-decision:" in head or '"server": "upstream"' in answer, answer
+        if head.startswith("http/1.1 5"):
+            assert "x-egress-error:" in head, answer
+    for request in pod.upstream.since(mark):
+        if request["event"] == "request":  # only what the rule allows ever arrives
+            assert request["method"] == "GET" and request["target"].startswith("/ok/"), request
+            assert request["headers"]["host"].lower().rstrip(".") == "web.test", request
+    crashes = [
+        line for line in h.iter_lines(pod.sidecar_out) if "Traceback" in line or "crash" in line
+    ]
+    assert not crashes

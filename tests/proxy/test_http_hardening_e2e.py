@@ -18,6 +18,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.http_heads import request_heads
 from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver, ReceivedSpan
 from tests.support.sidecar import Sidecar, free_port, start_sidecar
 from tests.support.upstream import UpstreamServer
@@ -508,61 +509,6 @@ def test_a_client_that_leaves_mid_response_is_client_disconnected(world: World) 
 
 # -- fuzzing the request head --------------------------------------------------------------------
 
-_TOKENS = st.sampled_from(["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "get", "G\x00T", ""])
-_VERSIONS = st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.1 extra", "HTTP/x", ""])
-_HOSTS = st.sampled_from(["web.test", "denied.test", "WEB.test.", "l7.test", "", "[::1]", "a b"])
-_SMUGGLING = st.sampled_from(
-    [
-        "Content-Length: 5\r\nTransfer-Encoding: chunked",
-        "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity",
-        "Transfer-Encoding: xchunked",
-        "Content-Length: 5\r\nContent-Length: 6",
-        "Content-Length: -1",
-        "Content-Length: 1e3",
-        "X-Folded: a\r\n b",
-        "Host: denied.test",
-        "Host: web.test\r\nHost: denied.test",
-        "Bad Header: x",
-        ": empty-name",
-        "X-Nul: a\x00b",
-        "Connection: upgrade\r\nUpgrade: websocket",
-        "Expect: 100-continue",
-        "",
-    ]
-)
-
-
-@st.composite
-def request_heads(draw: st.DrawFn, web_port: int) -> bytes:
-    method = draw(_TOKENS)
-    host = draw(_HOSTS)
-    port = draw(st.sampled_from([web_port, 80, 0]))
-    path = draw(st.sampled_from(["/", "/ok/1", "/admin", "/a/../admin", "/%2e%2e/x", "*", ""]))
-    form = draw(st.sampled_from(["absolute", "origin", "https", "garbage"]))
-    target = {
-        "absolute": f"http://{host}:{port}{path}",
-        "origin": path,
-        "https": f"https://{host}{path}",
-        "garbage": draw(st.text(max_size=20)),
-    }[form]
-    headers = draw(st.lists(_SMUGGLING, max_size=3))
-    extra = draw(
-        st.lists(
-            st.tuples(
-                st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=8),
-                st.text(max_size=20),
-            ),
-            max_size=3,
-        )
-    )
-    newline = draw(st.sampled_from(["\r\n", "\n"]))
-    lines = [f"{method} {target} {draw(_VERSIONS)}", f"Host: {host}", *headers]
-    lines += [f"{name}: {value}" for name, value in extra]
-    lines.append("Connection: close")
-    body = draw(st.sampled_from(["", "0\r\n\r\n", "zz\r\nnot chunked\r\n", "hello"]))
-    raw = newline.join(lines) + newline + newline + body
-    return raw.encode("utf-8", "surrogateescape")
-
 
 @settings(
     max_examples=150,
@@ -573,7 +519,7 @@ def request_heads(draw: st.DrawFn, web_port: int) -> bytes:
 def test_fuzzed_request_heads_never_crash_and_never_pass_the_policy(
     world: World, data: st.DataObject
 ) -> None:
-    raw = data.draw(request_heads(world.web.port))
+    raw = data.draw(request_heads(ports=[world.web.port, 80, 0]))
     denied_before = world.denied.seen.connections
     answer = _exchange(world.sidecar.explicit_port, raw, timeout=HEAD_TIMEOUT + 5)
     if answer:
