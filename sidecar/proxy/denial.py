@@ -9,7 +9,8 @@ from sidecar.record import DecisionRecord
 
 
 def denial_body(rec: DecisionRecord) -> str:
-    target = format_hostport(rec.host or rec.original_address or "-", rec.port)
+    # Port 0: not known (a request head refused before its target could be read).
+    target = format_hostport(rec.host or rec.original_address or "-", rec.port, 0)
     detail = f" ({rec.decision.detail})" if rec.decision.detail else ""
     return (
         f"egress-sidecar denied {rec.protocol} {target}: {rec.decision.reason.value}{detail}; "

@@ -46,8 +46,9 @@ def decision_attributes(rec: DecisionRecord) -> dict[str, AttributeValue]:
         "egress.capture": rec.capture.value,
         "egress.tls.passthrough": rec.tls_passthrough,
         "egress.mode": rec.mode,
-        "server.port": rec.port,
     }
+    if rec.port:  # 0: not known (a request head refused before its target could be read)
+        attrs["server.port"] = rec.port
     if d.rule is not None:
         attrs["egress.rule"] = d.rule
     if d.detail is not None:
