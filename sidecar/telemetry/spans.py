@@ -20,7 +20,8 @@ DENIED_ERROR_TYPE = "egress_denied"
 # error.type must have low cardinality: a category, the message goes in egress.upstream.error.
 _ERROR_TYPES = (
     (("refused", "errno 111"), "connection_refused"),
-    (("timed out", "timeout"), "timeout"),
+    # asyncio reports a connect that the OS gave up on as "[Errno 110] Connect call failed".
+    (("timed out", "timeout", "errno 110"), "timeout"),
     (("unreachable", "errno 113", "errno 101"), "host_unreachable"),
     (("reset", "errno 104"), "connection_reset"),
     (("certificate", "tls", "ssl"), "tls_error"),

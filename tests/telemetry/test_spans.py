@@ -40,6 +40,11 @@ def _record(**fields: object) -> DecisionRecord:
             "connection_refused",
         ),
         ({"status_code": 504, "error": "connect timed out"}, 504, "timeout"),
+        (
+            {"status_code": 504, "error": "[Errno 110] Connect call failed ('198.18.0.9', 80)"},
+            504,
+            "timeout",
+        ),
         # the adapter knows which side ended it; mitmproxy's message does not say
         (
             {"error": "Client disconnected.", "error_type": "client_disconnected"},
