@@ -34,7 +34,10 @@ class DecisionRecord:
     url: str | None = None  # plain HTTP only, credentials redacted
     status_code: int | None = None
     tls_passthrough: bool = False
-    error: str | None = None  # upstream failure after an allow, e.g. "connection refused"
+    error: str | None = None  # failure after an allow, e.g. "connection refused"
+    # Its low-cardinality category (span error.type), where the adapter knows it better than the
+    # message says, e.g. which side ended the exchange; None: derived from ``error``.
+    error_type: str | None = None
 
     @property
     def verdict(self) -> Verdict:

@@ -176,6 +176,44 @@ def add_parser(sub: Any) -> None:
         "the pod's terminationGracePeriodSeconds (30 s by default) "
         f"(env {ENV_DRAIN_TIMEOUT}; default %(default)s)",
     )
+    heads = parser.add_argument_group(
+        "plain-HTTP request heads (refused with 414, 431 or 408 and closed; never passed on)"
+    )
+    heads.add_argument(
+        "--max-request-line",
+        type=int,
+        default=8192,
+        metavar="BYTES",
+        help="longest request line; longer: 414 (default %(default)s)",
+    )
+    heads.add_argument(
+        "--max-header-line",
+        type=int,
+        default=16384,
+        metavar="BYTES",
+        help="longest header field line; longer: 431 (default %(default)s)",
+    )
+    heads.add_argument(
+        "--max-request-head",
+        type=int,
+        default=65536,
+        metavar="BYTES",
+        help="largest request head, all lines; larger: 431 (default %(default)s)",
+    )
+    heads.add_argument(
+        "--max-header-fields",
+        type=int,
+        default=100,
+        metavar="N",
+        help="most header fields in one request; more: 431 (default %(default)s)",
+    )
+    heads.add_argument(
+        "--request-head-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="time from a request head's first byte to its end; longer: 408 (default %(default)s)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -266,12 +304,24 @@ async def _serve(
     from sidecar.metrics import Metrics
     from sidecar.policy.model import Mode
     from sidecar.policy.store import PolicyStore
+    from sidecar.proxy.headlimits import HeadLimits
     from sidecar.proxy.master import ProxyConfig, build_master
     from sidecar.reporter import Reporter
     from sidecar.sources import SourceConfigError, SourceSpec, open_source
     from sidecar.telemetry.setup import TelemetryConfigError, build_tracer_provider
     from sidecar.telemetry.spans import DecisionSpans
 
+    try:
+        head_limits = HeadLimits(
+            request_line=args.max_request_line,
+            field_line=args.max_header_line,
+            head=args.max_request_head,
+            fields=args.max_header_fields,
+            timeout=args.request_head_timeout,
+        )
+    except ValueError as err:
+        print(f"egress-sidecar run: {err}", file=sys.stderr)
+        return 2
     try:
         provider, plan = build_tracer_provider(console=args.trace_console, file=args.trace_file)
     except TelemetryConfigError as err:
@@ -305,6 +355,7 @@ async def _serve(
         dns_cache_ttl=args.dns_cache_ttl,
         first_byte_timeout=args.first_byte_timeout,
         connect_timeout=args.connect_timeout,
+        head_limits=head_limits,
     )
     proxy = build_master(config, store, reporter)
     master, listeners, drain = proxy.master, proxy.listeners, proxy.drain

@@ -109,6 +109,19 @@ class PathPattern:
 
 
 @dataclass(frozen=True, slots=True)
+class Miss:
+    """Why one allow rule did not permit a call."""
+
+    detail: str
+    took_port: bool  # the rule allows the port; its L7 conditions failed or were not visible
+    reason: Reason = Reason.NO_MATCH
+
+    def closer_than(self, other: Miss | None) -> bool:
+        """Report the closest miss: a rule that took the port over one that did not."""
+        return other is None or (self.took_port and not other.took_port)
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     """One allow or deny rule, normalized. ``text`` is the rule as written in the document."""
 
@@ -136,20 +149,39 @@ class Rule:
     def allow_ports(self) -> frozenset[int]:
         return DEFAULT_PORTS if self.ports is None else self.ports
 
-    def allow_failure(self, port: int, method: str | None, path: str | None) -> str | None:
-        """Why this allow rule does not permit the call (None: it does). L7 conditions only
-        restrict where the request is visible."""
+    def allow_failure(self, port: int, method: str | None, path: str | None) -> Miss | None:
+        """Why this allow rule does not permit the call (None: it does).
+
+        A condition the call does not show cannot be met: a rule with ``methods`` or ``paths``
+        never grants a channel where they are not visible (a CONNECT tunnel, transparent TLS or
+        TCP), or it would grant whatever goes through that channel.
+        """
         if port not in self.allow_ports():
             allowed = ", ".join(str(p) for p in sorted(self.allow_ports()))
-            return f'port {port} not allowed by "{self.text}" (ports {allowed})'
+            return Miss(f'port {port} not allowed by "{self.text}" (ports {allowed})', False)
+        hidden = [
+            name
+            for name, wanted, seen in (
+                ("methods", self.methods, method),
+                ("paths", self.paths, path),
+            )
+            if wanted is not None and seen is None
+        ]
+        if hidden:
+            return Miss(
+                f'"{self.text}" allows only some {" and ".join(hidden)}, which this connection '
+                "does not show (a CONNECT tunnel or TLS/TCP stream)",
+                True,
+                Reason.L7_NOT_VISIBLE,
+            )
         if self.methods is not None and method is not None and method not in self.methods:
-            return f'method {method} not allowed by "{self.text}"'
+            return Miss(f'method {method} not allowed by "{self.text}"', True)
         if (
             self.paths is not None
             and path is not None
             and not any(p.matches(path) for p in self.paths)
         ):
-            return f'path {path} not allowed by "{self.text}"'
+            return Miss(f'path {path} not allowed by "{self.text}"', True)
         return None
 
     def deny_applies(self, port: int, method: str | None, path: str | None) -> bool:
@@ -239,6 +271,12 @@ class _HostIndex:
 
 def _deny(reason: Reason, rule: Rule | None = None, detail: str | None = None) -> Decision:
     return Decision(Verdict.DENY, reason, rule.text if rule is not None else None, detail)
+
+
+def _missed(failure: Miss | None, otherwise: str) -> Decision:
+    if failure is None:
+        return _deny(Reason.NO_MATCH, detail=otherwise)
+    return _deny(failure.reason, detail=failure.detail)
 
 
 def _allow(rule: Rule) -> Decision:
@@ -372,15 +410,15 @@ class Policy:
 
     def _allow_cidr_rule(
         self, address: IPAddress, port: int, method: str | None, path: str | None
-    ) -> tuple[Rule | None, str | None]:
-        failure = None
+    ) -> tuple[Rule | None, Miss | None]:
+        failure: Miss | None = None
         for rule in self._allow_cidr.lookup(address):
             if rule is None:
                 continue
             why = rule.allow_failure(port, method, path)
             if why is None:
                 return rule, None
-            if failure is None or (port in rule.allow_ports() and failure.startswith("port ")):
+            if why.closer_than(failure):
                 failure = why
         return None, failure
 
@@ -401,19 +439,18 @@ class Policy:
                 return _deny(Reason.MATCHED_DENY, denied)
 
         allowed: Rule | None = None
-        failure: str | None = None
+        failure: Miss | None = None
         for rule in self._allow_hosts.lookup(host):
             why = rule.allow_failure(port, method, path)
             if why is None:
                 allowed = rule
                 break
-            # Report the closest miss: a rule that took the port but not the method or path.
-            if failure is None or (port in rule.allow_ports() and failure.startswith("port ")):
+            if why.closer_than(failure):
                 failure = why
         by_name = (
             _allow(allowed)
             if allowed is not None
-            else _deny(Reason.NO_MATCH, detail=failure or f"no allow rule names {host}")
+            else _missed(failure, f"no allow rule names {host}")
         )
         if address is None:
             return by_name
@@ -432,7 +469,7 @@ class Policy:
         if cidr_rule is not None:
             return _allow(cidr_rule)
         if failure is None and cidr_failure is not None:
-            return _deny(Reason.NO_MATCH, detail=cidr_failure)
+            return _missed(cidr_failure, "")
         return by_name
 
     def _decide_address(
@@ -447,7 +484,7 @@ class Policy:
         cls = classify(address)
         if cls is not AddressClass.PUBLIC and not self._private.contains(address):
             return _deny(Reason.PRIVATE_ADDRESS, detail=describe(address, cls))
-        return _deny(Reason.NO_MATCH, detail=failure or f"no allow rule matches {address}")
+        return _missed(failure, f"no allow rule matches {address}")
 
     def needs_address(self, dest: Destination, by_name: Decision) -> bool:
         """Whether resolving ``dest.host`` could change or confirm ``by_name``.
@@ -474,7 +511,12 @@ class Policy:
             return by_name.permits
         if by_name.permits:
             return True
-        return by_name.reason is Reason.NO_MATCH and dest.port in self._cidr_allow_ports
+        # A cidr rule may still allow the address, also where a host rule's L7 conditions
+        # could not be seen.
+        return (
+            by_name.reason in (Reason.NO_MATCH, Reason.L7_NOT_VISIBLE)
+            and dest.port in self._cidr_allow_ports
+        )
 
 
 def combine(policies: Sequence[Policy], *, source: str | None = None) -> Policy:

@@ -32,6 +32,13 @@ class Reason(StrEnum):
     UNRESOLVABLE = "host does not resolve"
     SNI_MISMATCH = "sni mismatch"  # a tunnel's ClientHello names another host than its CONNECT
     UNREADABLE_FIRST_FLIGHT = "unreadable first flight"  # looks like TLS; no ClientHello read
+    # An allow rule with methods/paths cannot grant a channel where they are not visible.
+    L7_NOT_VISIBLE = "l7 conditions not visible"
+    # Request heads beyond the proxy's limits (sidecar.proxy.headlimits).
+    REQUEST_LINE_TOO_LONG = "request line too long"
+    HEAD_TOO_LARGE = "request head too large"
+    HEAD_TIMEOUT = "request head timeout"
+    INVALID_REQUEST = "invalid request"  # a head HTTP/1 forbids (smuggling shapes, bad framing)
 
 
 @dataclass(frozen=True, slots=True)

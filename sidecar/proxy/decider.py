@@ -19,9 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 from mitmproxy import connection, http
+from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 from mitmproxy.proxy.mode_specs import TransparentMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
@@ -29,15 +34,16 @@ from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
 from sidecar.policy.model import Decision, Destination, IPAddress, Mode, Reason, Verdict
 from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
-from sidecar.policy.target import InvalidTarget, parse_authority
+from sidecar.policy.target import InvalidTarget, parse_authority, parse_request_target
 from sidecar.proxy.connections import ConnectionInfo, Connections, Kind, Pending
-from sidecar.proxy.denial import denial_response
+from sidecar.proxy.denial import denial_response, failure_response
+from sidecar.proxy.headlimits import HeadRejection, request_line_start
 from sidecar.proxy.hostnames import address_of, format_hostport, redact_url
 from sidecar.proxy.resolver import Resolver
 from sidecar.proxy.tunnels import CONNECT_RECORD, upstream_failure
 from sidecar.record import Capture, DecisionRecord
 from sidecar.reporter import OpenDecision, Reporter
-from sidecar.telemetry.spans import extract_parent, inject_context
+from sidecar.telemetry.spans import error_type, extract_parent, inject_context
 from sidecar.wire.first_flight import FirstFlight, Flight
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,30 @@ def _authority_host(authority: str | None) -> str | None:
         return parse_authority(authority or "").host
     except InvalidTarget:
         return None
+
+
+CLIENT_DISCONNECTED = "client_disconnected"
+UPSTREAM_DISCONNECTED = "upstream_disconnected"
+
+
+def _failure_type(flow: http.HTTPFlow, message: str) -> str:
+    """Which side ended an allowed plain-HTTP exchange, as a span's error.type.
+
+    mitmproxy's messages do not say it ("Client disconnected." is also what its upstream side
+    reports); the connections' states do: a peer whose read side closed ended it.
+    """
+    if flow.server_conn.timestamp_tcp_setup is None:
+        # Never connected upstream: the connect's own failure (refused, timeout, ...), unless the
+        # client left first.
+        category = error_type(message)
+        if category != "upstream_error" or flow.client_conn.state & ConnectionState.CAN_READ:
+            return category
+        return CLIENT_DISCONNECTED
+    if not flow.client_conn.state & ConnectionState.CAN_READ:
+        return CLIENT_DISCONNECTED
+    if not flow.server_conn.state & ConnectionState.CAN_READ:
+        return UPSTREAM_DISCONNECTED
+    return error_type(message)
 
 
 def _same_host(a: str | None, b: str) -> bool:
@@ -137,6 +167,11 @@ class Decider:
         # Upstream connects in progress, by server connection id: mitmproxy has no connect
         # timeout of its own (the kernel would retry SYNs for ~2 minutes).
         self._connect_timers: dict[str, asyncio.TimerHandle] = {}
+        # Prepared failure answers (502/504) by client connection, taken by error_answer; weak,
+        # so an answer mitmproxy never asks for goes with its connection.
+        self._answers: weakref.WeakKeyDictionary[connection.Client, bytes] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- deciding -------------------------------------------------------------------------------
 
@@ -338,11 +373,73 @@ class Decider:
 
     def error(self, flow: http.HTTPFlow) -> None:
         opened: OpenDecision | None = flow.metadata.pop(_METADATA_KEY, None)
-        if opened is not None:
-            opened.record.error = flow.error.msg if flow.error else "upstream error"
-            if flow.response is not None:
-                opened.record.status_code = flow.response.status_code
-            self._reporter.end(opened)
+        if opened is None:
+            return
+        rec = opened.record
+        rec.error = flow.error.msg if flow.error else "upstream error"
+        rec.error_type = _failure_type(flow, rec.error)
+        if flow.response is not None:
+            rec.status_code = flow.response.status_code  # its head already went to the client
+        elif (
+            rec.error_type != CLIENT_DISCONNECTED
+            and flow.client_conn.state & ConnectionState.CAN_WRITE
+        ):
+            # Nothing was answered yet: the client gets our 502/504, and the span says which.
+            rec.status_code = 504 if rec.error_type == "timeout" else 502
+            self._answers[flow.client_conn] = bytes(
+                http1.assemble_response(failure_response(rec, rec.status_code))
+            )
+        self._reporter.end(opened)
+
+    # -- what the client's HTTP/1 connection answers itself (sidecar.proxy.http1) -----------
+
+    def error_answer(self, context: Context, event: ResponseProtocolError) -> bytes | None:
+        """Our answer where mitmproxy would send its error page: the one ``error`` prepared for
+        this client's failed request, or for a request mitmproxy cannot route (origin-form
+        without a usable Host on the explicit port, refused before any hook) a denial."""
+        prepared = self._answers.pop(context.client, None)
+        if prepared is not None or event.code is not ErrorCode.DESTINATION_UNKNOWN:
+            return prepared
+        return self.head_rejected(
+            context, HeadRejection(400, Reason.INVALID_DESTINATION, event.message), b""
+        )
+
+    def head_rejected(self, context: Context, rejection: HeadRejection, head: bytes) -> bytes:
+        """A request head refused before parsing (limits, timeout, invalid framing): its decision
+        (deny, whatever the mode: such a head is never passed on) and the answer to send."""
+        snap = self._store.get()
+        client = context.client
+        capture = _capture(client)
+        method, target = request_line_start(head)
+        host: str | None = None
+        port = 0
+        original: str | None = None
+        if capture is Capture.TRANSPARENT and context.server.address is not None:
+            original, port = context.server.address[0], context.server.address[1]
+        if target is not None and "://" in target:
+            try:
+                parsed = parse_request_target(target)
+            except InvalidTarget:
+                pass
+            else:
+                host = parsed.authority.host or None
+                port = parsed.port
+        rec = DecisionRecord(
+            decision=Decision(Verdict.DENY, rejection.reason, detail=rejection.detail),
+            capture=capture,
+            protocol=method or "HTTP",
+            host=host,
+            port=port,
+            policy_source=snap.source,
+            policy_version=snap.version,
+            mode=snap.mode.value,
+            original_address=original,
+            client_address=_peer(client),
+            method=method,
+            status_code=rejection.status,
+        )
+        self._reporter.report(rec)
+        return bytes(http1.assemble_response(denial_response(rec, rejection.status)))
 
     # -- transparent TLS and TCP, and the fail-closed check for every upstream connection -------
 

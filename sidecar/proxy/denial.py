@@ -9,7 +9,8 @@ from sidecar.record import DecisionRecord
 
 
 def denial_body(rec: DecisionRecord) -> str:
-    target = format_hostport(rec.host or rec.original_address or "-", rec.port)
+    # Port 0: not known (a request head refused before its target could be read).
+    target = format_hostport(rec.host or rec.original_address or "-", rec.port, 0)
     detail = f" ({rec.decision.detail})" if rec.decision.detail else ""
     return (
         f"egress-sidecar denied {rec.protocol} {target}: {rec.decision.reason.value}{detail}; "
@@ -17,14 +18,43 @@ def denial_body(rec: DecisionRecord) -> str:
     )
 
 
-def denial_response(rec: DecisionRecord) -> http.Response:
+def denial_response(rec: DecisionRecord, status: int = 403) -> http.Response:
     return http.Response.make(
-        403,
+        status,
         denial_body(rec).encode(),
         {
             "content-type": "text/plain; charset=utf-8",
             "x-egress-decision": rec.verdict.value,
             "x-egress-reason": rec.decision.reason.value,
+            "x-egress-policy-version": rec.policy_version or "-",
+            "connection": "close",
+        },
+    )
+
+
+def failure_body(rec: DecisionRecord) -> str:
+    target = format_hostport(rec.host or rec.original_address or "-", rec.port)
+    return (
+        f"egress-sidecar let {rec.protocol} {target} through ({rec.decision.reason.value}), "
+        f"but the upstream failed: "
+        f"{rec.error_type or 'upstream_error'} ({rec.error or '-'})\n"
+    )
+
+
+def failure_response(rec: DecisionRecord, status: int) -> http.Response:
+    """Our answer when an allowed request's upstream fails before responding (502/504).
+
+    ``x-egress-reason`` stays the decision's reason; ``x-egress-error`` names the failure with
+    the span's ``error.type``.
+    """
+    return http.Response.make(
+        status,
+        failure_body(rec).encode(),
+        {
+            "content-type": "text/plain; charset=utf-8",
+            "x-egress-decision": rec.verdict.value,
+            "x-egress-reason": rec.decision.reason.value,
+            "x-egress-error": rec.error_type or "upstream_error",
             "x-egress-policy-version": rec.policy_version or "-",
             "connection": "close",
         },

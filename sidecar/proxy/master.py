@@ -8,7 +8,7 @@ decision addon, nothing else.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mitmproxy import options
 from mitmproxy.addons.proxyserver import Proxyserver
@@ -18,6 +18,8 @@ from sidecar.policy.store import PolicyStore
 from sidecar.proxy.connections import Connections
 from sidecar.proxy.decider import Decider
 from sidecar.proxy.drain import Drain
+from sidecar.proxy.headlimits import HeadLimits
+from sidecar.proxy.http1 import install_http1_server
 from sidecar.proxy.layering import Layering, install_transparent_start
 from sidecar.proxy.listeners import Listeners
 from sidecar.proxy.resolver import Resolver
@@ -53,6 +55,7 @@ class ProxyConfig:
     # decided as raw TCP, a partial first flight refused.
     first_byte_timeout: float = 10.0
     connect_timeout: float = 10.0  # an upstream connect that takes longer fails (CONNECT: 504)
+    head_limits: HeadLimits = field(default_factory=HeadLimits)  # plain-HTTP request heads
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ def build_master(config: ProxyConfig, store: PolicyStore, reporter: Reporter) ->
     layering = Layering(connections, decider)
     install_transparent_start(config.first_byte_timeout, layering)
     install_connect_after_upstream()
+    # Both listeners' HTTP/1 client side: bounded request heads, our own error answers.
+    install_http1_server(config.head_limits, decider)
     # The drain after the decision addon: its hooks see each flow as decided.
     master.addons.add(Proxyserver(), layering, decider, listeners, drain)
     master.options.update(

@@ -20,7 +20,8 @@ DENIED_ERROR_TYPE = "egress_denied"
 # error.type must have low cardinality: a category, the message goes in egress.upstream.error.
 _ERROR_TYPES = (
     (("refused", "errno 111"), "connection_refused"),
-    (("timed out", "timeout"), "timeout"),
+    # asyncio reports a connect that the OS gave up on as "[Errno 110] Connect call failed".
+    (("timed out", "timeout", "errno 110"), "timeout"),
     (("unreachable", "errno 113", "errno 101"), "host_unreachable"),
     (("reset", "errno 104"), "connection_reset"),
     (("certificate", "tls", "ssl"), "tls_error"),
@@ -46,8 +47,9 @@ def decision_attributes(rec: DecisionRecord) -> dict[str, AttributeValue]:
         "egress.capture": rec.capture.value,
         "egress.tls.passthrough": rec.tls_passthrough,
         "egress.mode": rec.mode,
-        "server.port": rec.port,
     }
+    if rec.port:  # 0: not known (a request head refused before its target could be read)
+        attrs["server.port"] = rec.port
     if d.rule is not None:
         attrs["egress.rule"] = d.rule
     if d.detail is not None:
@@ -104,7 +106,7 @@ class DecisionSpans:
         if rec.verdict is Verdict.DENY:
             span.set_status(Status(StatusCode.ERROR, rec.decision.reason.value))
         elif rec.error is not None:
-            span.set_attribute("error.type", error_type(rec.error))
+            span.set_attribute("error.type", rec.error_type or error_type(rec.error))
             span.set_attribute("egress.upstream.error", rec.error)
             span.set_status(Status(StatusCode.ERROR, rec.error))
         elif rec.status_code is not None and rec.status_code >= 500:

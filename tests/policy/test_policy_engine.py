@@ -127,7 +127,8 @@ DESIGN_CASES = [
     Case(D("httpbin.org", 80, method="GET", path="/post"), DENY, NO_MATCH, None, "path /post"),
     Case(D("httpbin.org", 80, method="GET", path="/get/../post"), DENY, NO_MATCH),
     Case(D("httpbin.org", 80, method="GET", path="/%67et"), ALLOW, MATCHED, HTTPBIN),
-    Case(D("httpbin.org", 443), ALLOW, MATCHED, HTTPBIN),  # CONNECT: L7 not visible
+    # CONNECT or TLS: the rule's methods and paths cannot be seen, so it grants nothing there
+    Case(D("httpbin.org", 443), DENY, Reason.L7_NOT_VISIBLE, None, "methods and paths"),
     Case(D("httpbin.org", 8080), DENY, NO_MATCH, None, "port 8080"),
     # cidr rule by address
     Case(D(None, 5432, "203.0.113.5"), ALLOW, MATCHED, PG),
@@ -381,7 +382,8 @@ deny:
             DENIED,
             "{host: files.example.com, methods: [DELETE]}",
         ),
-        Case(D("files.example.com", 443), ALLOW, MATCHED, FILES),
+        # CONNECT: the methods rule cannot grant it; the wildcard without L7 conditions does
+        Case(D("files.example.com", 443), ALLOW, MATCHED, "*.example.com"),
         Case(D("files.example.com", 80, method="GET", path="/a"), ALLOW, MATCHED, FILES),
         # the exact rule does not take POST, the wildcard rule does: any match allows
         Case(D("files.example.com", 80, method="POST"), ALLOW, MATCHED, "*.example.com"),
@@ -420,6 +422,65 @@ deny:
 )
 def test_deny_over_allow(case: Case) -> None:
     case.check(load(DENY_DOC).decide(case.dest))
+
+
+L7_DOC = """\
+allow:
+  - {host: web.example.com, ports: [80], methods: [GET], paths: ["/ok/*"]}
+  - {host: get.example.com, methods: [GET]}
+  - {host: path.example.com, paths: [/v1/*]}
+  - {host: both.example.com, ports: [80], methods: [GET]}
+  - {host: both.example.com, ports: [80, 443]}
+  - {host: cidr.example.com, methods: [GET]}
+  - {cidr: 198.51.100.0/24, ports: [443]}
+  - {cidr: 192.0.2.0/24, ports: [443], methods: [GET]}
+privateRanges: [198.51.100.0/24, 192.0.2.0/24]
+"""
+L7_NOT_VISIBLE = Reason.L7_NOT_VISIBLE
+WEB_RULE = "{host: web.example.com, ports: [80], methods: [GET], paths: [/ok/*]}"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # opaque (method and path None): CONNECT tunnels, transparent TLS and TCP
+        Case(D("web.example.com", 80), DENY, L7_NOT_VISIBLE, None, "methods and paths"),
+        Case(D("get.example.com", 443), DENY, L7_NOT_VISIBLE, None, "only some methods,"),
+        Case(D("path.example.com", 443), DENY, L7_NOT_VISIBLE, None, "only some paths,"),
+        # the same rules where the request is visible
+        Case(D("web.example.com", 80, method="GET", path="/ok/1"), ALLOW, MATCHED, WEB_RULE),
+        Case(D("web.example.com", 80, method="POST", path="/admin"), DENY, NO_MATCH),
+        # a path rule with only a method visible still cannot see the path
+        Case(D("path.example.com", 80, method="GET"), DENY, L7_NOT_VISIBLE),
+        # another rule without L7 conditions still allows the tunnel
+        Case(
+            D("both.example.com", 80), ALLOW, MATCHED, "{host: both.example.com, ports: [80, 443]}"
+        ),
+        # a port the L7 rule does not take is still reported as the port
+        Case(D("web.example.com", 8080), DENY, NO_MATCH, None, "port 8080"),
+        # cidr rules: the same, by address
+        Case(D("cidr.example.com", 443, "198.51.100.7"), ALLOW, MATCHED),
+        Case(D("cidr.example.com", 443, "203.0.113.9"), DENY, Reason.PRIVATE_ADDRESS),
+        Case(D(None, 443, "192.0.2.5"), DENY, L7_NOT_VISIBLE, None, "only some methods"),
+        Case(D(None, 443, "192.0.2.5", method="GET", path="/"), ALLOW, MATCHED),
+    ],
+    ids=lambda c: f"{c.dest.host or c.dest.address}:{c.dest.port}:{c.dest.method}",
+)
+def test_l7_rules_grant_no_opaque_channel(case: Case) -> None:
+    decision = load(L7_DOC).decide(case.dest)
+    if case.rule is None and case.verdict is ALLOW:
+        assert (decision.verdict, decision.reason) == (ALLOW, MATCHED), decision
+    else:
+        case.check(decision)
+
+
+def test_an_l7_rules_host_may_still_be_allowed_by_a_cidr_rule() -> None:
+    """Resolving is still worth it: a cidr rule without L7 conditions may allow the address."""
+    policy = load(L7_DOC)
+    dest = D("cidr.example.com", 443)
+    by_name = policy.decide(dest)
+    assert by_name.reason is L7_NOT_VISIBLE
+    assert policy.needs_address(dest, by_name)
 
 
 def test_several_rules_for_one_host_any_match_allows() -> None:

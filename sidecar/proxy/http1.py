@@ -1,0 +1,174 @@
+"""mitmproxy's HTTP/1 server side (the client's connection), with bounded request heads and the
+sidecar's own answers where mitmproxy would write its HTML error page.
+
+Both listeners (explicit and transparent) build their client connection's HTTP/1 layer from
+``mitmproxy.proxy.layers.http.Http1Server``; ``install_http1_server`` puts this subclass there.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+from h11._receivebuffer import ReceiveBuffer
+from mitmproxy.connection import ConnectionState
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events, layer
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import HTTPMode, validate_request
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import HttpEvent, RequestHeaders, ResponseProtocolError
+from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
+
+from sidecar.policy.model import Reason
+from sidecar.proxy.headlimits import HeadLimits, HeadRejection, HeadScanner, timeout_rejection
+
+# After refusing a head the proxy stops writing but keeps reading (and discarding) this long, so
+# that the client reads the answer instead of a reset caused by its unread bytes (RFC 9112 9.6).
+LINGER_SECONDS = 2.0
+_HEAD_SAMPLE = 8 * 1024 + 64  # enough of a refused head to read its method and target
+
+
+class Http1Hooks(Protocol):
+    def head_rejected(self, context: Context, rejection: HeadRejection, head: bytes) -> bytes:
+        """Record a refused request head; the bytes of the response to send."""
+        ...
+
+    def error_answer(self, context: Context, event: ResponseProtocolError) -> bytes | None:
+        """The response to send instead of mitmproxy's error page (None: mitmproxy's)."""
+        ...
+
+
+class GuardedHttp1Server(Http1Server):
+    limits: ClassVar[HeadLimits] = HeadLimits()
+    hooks: ClassVar[Http1Hooks | None] = None
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self._scanner = HeadScanner(self.limits)
+        self._rejection: HeadRejection | None = None
+        self._head_timer: commands.RequestWakeup | None = None
+        self._linger_timer: commands.RequestWakeup | None = None
+
+    def _new_head(self) -> None:
+        self._scanner = HeadScanner(self.limits)
+        self._head_timer = None
+
+    @property
+    def _buffered(self) -> bytearray:
+        # The unparsed bytes, scanned in place: copying them on every arrival would make a head
+        # sent one byte at a time cost quadratic time.
+        return self.buf._data
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Wakeup):
+            if event.command is self._linger_timer:
+                yield commands.CloseConnection(self.conn)
+            elif (
+                event.command is self._head_timer
+                and self.state == self.read_headers
+                and not self._scanner.complete
+                and self.conn.state & ConnectionState.CAN_READ
+            ):
+                yield from self._refuse(
+                    timeout_rejection(self.limits), bytes(self._buffered[:_HEAD_SAMPLE])
+                )
+            return  # our timers only: nothing below asked for a wakeup
+        if isinstance(event, events.DataReceived) and (
+            self._rejection is not None or self.state == self.lingering
+        ):
+            return  # refused: what follows is not buffered
+        yield from super()._handle_event(event)
+
+    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        # mitmproxy's read_headers, with limits: it buffered a head without bound.
+        if isinstance(event, events.ConnectionClosed):
+            yield commands.CloseConnection(self.conn)
+            return
+        if not isinstance(event, events.DataReceived):
+            raise AssertionError(f"Unexpected event: {event}")
+        if not self._scanner.started:
+            # Empty lines before a request line are ignored (RFC 9112 2.2), not a head.
+            data = self._buffered
+            skip = len(data) - len(data.lstrip(b"\r\n"))
+            if skip:
+                self.buf.maybe_extract_at_most(skip)
+                self._new_head()
+        rejection = self._rejection or self._scanner.scan(self._buffered)
+        if rejection is not None:
+            yield from self._refuse(rejection, bytes(self._buffered[:_HEAD_SAMPLE]))
+            return
+        if not self._scanner.complete:
+            if self._scanner.started and self._head_timer is None:
+                self._head_timer = commands.RequestWakeup(self.limits.timeout)
+                yield self._head_timer
+            return
+        lines = self.buf.maybe_extract_lines()
+        if not lines:  # pragma: no cover - the scanner and h11 agree on where a head ends
+            return
+        self._new_head()
+        raw = [bytes(x) for x in lines]
+        try:
+            self.request = http1.read_request_head(raw)
+            expected_body_size = http1.expected_http_body_size(self.request)
+            problem = validate_request(
+                self._mode(), self.request, self.context.options.validate_inbound_headers
+            )
+            if problem:
+                raise ValueError(problem)
+        except ValueError as err:
+            yield from self._refuse(
+                HeadRejection(400, Reason.INVALID_REQUEST, str(err)), b"\r\n".join(raw[:1])
+            )
+            return
+        yield ReceiveHttp(RequestHeaders(self.stream_id, self.request, expected_body_size == 0))
+        self.body_reader = make_body_reader(expected_body_size)
+        self.state = self.read_body
+        yield from self.state(event)
+
+    def _mode(self) -> HTTPMode:
+        for above in reversed(self.context.layers):
+            if isinstance(above, http_layers.HttpLayer):
+                return above.mode
+        return HTTPMode.regular
+
+    def wait(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # A pipelined next head arrives while a response is in flight: bounded the same way,
+        # refused once the current response is done (read_headers sees the rejection).
+        if isinstance(event, events.DataReceived) and self._rejection is None:
+            self._rejection = self._scanner.scan(self._buffered)
+        yield from super().wait(event)
+
+    def _refuse(self, rejection: HeadRejection, head: bytes) -> layer.CommandGenerator[None]:
+        self._rejection = rejection
+        self.buf = ReceiveBuffer()
+        hooks = self.hooks
+        answer = hooks.head_rejected(self.context, rejection, head) if hooks else b""
+        if answer:
+            yield commands.SendData(self.conn, answer)
+        yield commands.CloseTcpConnection(self.conn, half_close=True)
+        self.state = self.lingering
+        self._linger_timer = commands.RequestWakeup(LINGER_SECONDS)
+        yield self._linger_timer
+
+    def lingering(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.ConnectionClosed):
+            yield commands.CloseConnection(self.conn)
+
+    def send(self, event: HttpEvent) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseProtocolError) and self.response is None and self.hooks:
+            answer = self.hooks.error_answer(self.context, event)
+            if answer is not None:
+                if self.conn.state & ConnectionState.CAN_WRITE:
+                    yield commands.SendData(self.conn, answer)
+                yield commands.CloseConnection(self.conn)
+                return
+        yield from super().send(event)
+
+
+def install_http1_server(limits: HeadLimits, hooks: Http1Hooks) -> None:
+    """Make mitmproxy's HTTP layers serve clients with ``GuardedHttp1Server``."""
+    GuardedHttp1Server.limits = limits
+    GuardedHttp1Server.hooks = hooks
+    # HttpLayer looks the class up in its module on each new client connection.
+    setattr(http_layers, "Http1Server", GuardedHttp1Server)  # noqa: B010
