@@ -36,7 +36,7 @@ from sidecar.policy.model import Decision, Destination, IPAddress, Mode, Reason,
 from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
 from sidecar.policy.target import InvalidTarget, parse_authority, parse_request_target
 from sidecar.proxy.connections import ConnectionInfo, Connections, Kind, Pending
-from sidecar.proxy.denial import denial_response, failure_response
+from sidecar.proxy.denial import denial_response, failure_response, failure_status
 from sidecar.proxy.headlimits import HeadRejection, request_line_start
 from sidecar.proxy.hostnames import address_of, format_hostport, redact_url
 from sidecar.proxy.resolver import Resolver
@@ -385,7 +385,7 @@ class Decider:
             and flow.client_conn.state & ConnectionState.CAN_WRITE
         ):
             # Nothing was answered yet: the client gets our 502/504, and the span says which.
-            rec.status_code = 504 if rec.error_type == "timeout" else 502
+            rec.status_code = failure_status(rec.error_type)
             self._answers[flow.client_conn] = bytes(
                 http1.assemble_response(failure_response(rec, rec.status_code))
             )

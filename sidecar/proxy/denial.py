@@ -32,6 +32,26 @@ def denial_response(rec: DecisionRecord, status: int = 403) -> http.Response:
     )
 
 
+# By the span's error.type: the phrase a client reads in x-egress-reason when an allowed call's
+# upstream failed (the decision stays in x-egress-decision: allow; the type in x-egress-error).
+_FAILURE_PHRASES = {
+    "connection_refused": "upstream connection refused",
+    "connection_reset": "upstream connection reset",
+    "timeout": "upstream timeout",
+    "host_unreachable": "upstream unreachable",
+    "upstream_disconnected": "upstream disconnected",
+}
+
+
+def failure_phrase(error_type: str | None) -> str:
+    return _FAILURE_PHRASES.get(error_type or "", "upstream error")
+
+
+def failure_status(error_type: str | None) -> int:
+    """Gateway Timeout where the destination never answered; Bad Gateway for the rest."""
+    return 504 if error_type in ("timeout", "host_unreachable") else 502
+
+
 def failure_body(rec: DecisionRecord) -> str:
     target = format_hostport(rec.host or rec.original_address or "-", rec.port)
     return (
@@ -44,8 +64,8 @@ def failure_body(rec: DecisionRecord) -> str:
 def failure_response(rec: DecisionRecord, status: int) -> http.Response:
     """Our answer when an allowed request's upstream fails before responding (502/504).
 
-    ``x-egress-reason`` stays the decision's reason; ``x-egress-error`` names the failure with
-    the span's ``error.type``.
+    ``x-egress-decision`` stays the decision (allow, or audit); ``x-egress-reason`` says what
+    failed, as a CONNECT's 502/504 does; ``x-egress-error`` is the span's ``error.type``.
     """
     return http.Response.make(
         status,
@@ -53,7 +73,7 @@ def failure_response(rec: DecisionRecord, status: int) -> http.Response:
         {
             "content-type": "text/plain; charset=utf-8",
             "x-egress-decision": rec.verdict.value,
-            "x-egress-reason": rec.decision.reason.value,
+            "x-egress-reason": failure_phrase(rec.error_type),
             "x-egress-error": rec.error_type or "upstream_error",
             "x-egress-policy-version": rec.policy_version or "-",
             "connection": "close",

@@ -21,6 +21,7 @@ from mitmproxy.proxy.layers.http._events import HttpEvent, RequestHeaders, Respo
 from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
 
 from sidecar.policy.model import Reason
+from sidecar.policy.target import InvalidTarget, parse_authority
 from sidecar.proxy.headlimits import HeadLimits, HeadRejection, HeadScanner, timeout_rejection
 
 # After refusing a head the proxy stops writing but keeps reading (and discarding) this long, so
@@ -116,6 +117,15 @@ class GuardedHttp1Server(Http1Server):
             )
             if problem:
                 raise ValueError(problem)
+            if self.request.authority:
+                # Read again as `check` reads it: what check refuses never gets another reading
+                # here (mitmproxy reads "host:0" as port 80, for one).
+                parse_authority(self.request.authority)
+        except InvalidTarget as err:
+            yield from self._refuse(
+                HeadRejection(400, Reason.INVALID_DESTINATION, err.reason), b"\r\n".join(raw[:1])
+            )
+            return
         except ValueError as err:
             yield from self._refuse(
                 HeadRejection(400, Reason.INVALID_REQUEST, str(err)), b"\r\n".join(raw[:1])

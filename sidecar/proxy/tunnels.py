@@ -12,6 +12,7 @@ from mitmproxy import http
 from mitmproxy.proxy import commands, layer
 from mitmproxy.proxy.layers.http import HttpStream
 
+from sidecar.proxy.denial import failure_phrase, failure_status
 from sidecar.proxy.hostnames import format_hostport
 from sidecar.record import DecisionRecord
 from sidecar.telemetry.spans import error_type
@@ -19,19 +20,11 @@ from sidecar.telemetry.spans import error_type
 # flow.metadata key: the CONNECT's decision record, for the failure response.
 CONNECT_RECORD = "egress.connect"
 
-# By error.type: the status a client gets and the x-egress-reason it reads.
-_FAILURES = {
-    "connection_refused": (502, "upstream connection refused"),
-    "connection_reset": (502, "upstream connection reset"),
-    "timeout": (504, "upstream timeout"),
-    "host_unreachable": (504, "upstream unreachable"),
-}
-_OTHER_FAILURE = (502, "upstream error")
-
 
 def upstream_failure(error: str) -> tuple[int, str]:
     """The status code and reason phrase for an upstream connect that failed with ``error``."""
-    return _FAILURES.get(error_type(error), _OTHER_FAILURE)
+    kind = error_type(error)
+    return failure_status(kind), failure_phrase(kind)
 
 
 def upstream_failure_response(rec: DecisionRecord | None, error: str) -> http.Response:
@@ -51,6 +44,7 @@ def upstream_failure_response(rec: DecisionRecord | None, error: str) -> http.Re
             "content-type": "text/plain; charset=utf-8",
             "x-egress-decision": rec.verdict.value,
             "x-egress-reason": reason,
+            "x-egress-error": error_type(error),
             "x-egress-policy-version": rec.policy_version or "-",
             "connection": "close",
         },

@@ -102,6 +102,8 @@ CASES = {
     "http://allowed.test:99999/": 400,
     "http://allowed.test:abc/": 400,
     "http://allowed.test:-1/": 400,
+    "http://allowed.test:0/": 400,  # mitmproxy alone read port 0 as 80
+    "http://allowed.test:00/": 400,
     "http://[::1/": 400,
     "http://[allowed.test]:{p}/": 400,
     "http://::1:{p}/": 400,

@@ -452,7 +452,7 @@ def test_a_refused_upstream_gets_our_502_and_its_span_says_so(world: World) -> N
     )
     assert r.status_code == 502
     assert r.headers["x-egress-decision"] == "allow"
-    assert r.headers["x-egress-reason"] == "matched allow rule"
+    assert r.headers["x-egress-reason"] == "upstream connection refused"
     assert r.headers["x-egress-error"] == "connection_refused"
     assert r.text.count("\n") == 1 and f"closed.test:{CLOSED_PORT}" in r.text
     assert "<html" not in r.text.lower()
