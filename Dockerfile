@@ -10,8 +10,10 @@
 
 FROM debian:trixie-slim AS build
 ARG DEBIAN_FRONTEND=noninteractive
+# python3-setuptools: the build backend pyproject.toml names, from Debian rather than fetched
+# unpinned by pip's build isolation.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-setuptools \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv --without-pip /opt/venv
 # The CA bundle pip trusts: scripts/build-image passes the machine's (mounted into the build);
@@ -20,15 +22,16 @@ ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 # Dependencies first (hash-checked, wheels only, from the lock), so source edits reuse this layer.
 COPY requirements.lock /tmp/requirements.lock
-RUN python3 -m venv /tmp/pip \
+RUN python3 -m venv --system-site-packages /tmp/pip \
     && /tmp/pip/bin/pip --python /opt/venv/bin/python install --require-hashes --no-deps \
        --only-binary=:all: -r /tmp/requirements.lock
 COPY pyproject.toml README.md /src/
 COPY sidecar /src/sidecar
 COPY injector /src/injector
-# (the build backend, setuptools, is fetched into an isolated build env, as pyproject.toml
-# declares; it does not stay in the image)
-RUN /tmp/pip/bin/pip --python /opt/venv/bin/python install --no-deps /src \
+# The project's wheel, built offline with Debian's setuptools (the build stage only), installed
+# without dependencies: everything else came from the lock.
+RUN /tmp/pip/bin/pip wheel --no-deps --no-build-isolation --no-index -w /tmp/dist /src \
+    && /tmp/pip/bin/pip --python /opt/venv/bin/python install --no-deps --no-index /tmp/dist/*.whl \
     && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv/lib
 # Byte-compiled here because the runtime sets PYTHONDONTWRITEBYTECODE and its root filesystem is
 # read-only: without .pyc files the kubernetes client alone takes ~4 s before the first policy load.
