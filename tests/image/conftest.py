@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.image.runtime import reap_stale_roots
 from tests.support import netns as h
 
 
@@ -18,5 +19,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def reaped() -> list[str]:
-    """Namespaces of earlier, crashed runs are removed once per session."""
-    return h.reap_stale()
+    """Namespaces and image root filesystems of earlier, crashed runs are removed once."""
+    return h.reap_stale() + reap_stale_roots()

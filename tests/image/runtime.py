@@ -54,6 +54,19 @@ def image_config(image: str) -> dict[str, Any]:
     return config
 
 
+def reap_stale_roots() -> list[str]:
+    """Remove working containers that runs which died left behind (named after their pod
+    namespace, ``egsc-<pid>-...``, like the namespaces tests/support/netns.py reaps)."""
+    names = _buildah("containers", "--noheading", "--format", "{{.ContainerName}}").split()
+    reaped = []
+    for name in names:
+        owner = name.removeprefix(h.PREFIX).split("-")[0]
+        if name.startswith(h.PREFIX) and owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            subprocess.run(["buildah", "rm", name], capture_output=True, timeout=60, check=False)
+            reaped.append(name)
+    return reaped
+
+
 @contextmanager
 def mounted_rootfs(image: str, name: str) -> Iterator[Path]:
     """A writable copy-on-write root filesystem of ``image`` (a buildah working container)."""
