@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import netns as h
-from tests.support.netns_pod import SA_DIR, PodRunner
+from tests.support.netns_pod import SA_DIR, PodRunner, PodSpecError
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 
@@ -108,6 +108,47 @@ class ImagePodRunner(PodRunner):
 
     image_env: Mapping[str, str] = field(default_factory=dict)
     roots: Mapping[str, Path] = field(default_factory=dict)
+    image_user: str = ""  # the image's USER ("1337:1337"): used where the spec names no user
+    # secret and configMap volumes: name → a directory holding what the kubelet would project
+    provided: Mapping[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        volumes = self.spec.get("volumes", [])
+        self.spec = {**self.spec, "volumes": [v for v in volumes if v["name"] not in self.provided]}
+        super().__post_init__()
+        self.spec = {**self.spec, "volumes": volumes}
+        self.volumes.update(self.provided)
+
+    def ids(self, c: Mapping[str, Any]) -> tuple[int, int]:
+        """The spec's user, else the image's (as the kubelet does; runAsNonRoot is checked
+        against the image's user then)."""
+        pod_sc = self.spec.get("securityContext", {})
+        sc = c.get("securityContext", {})
+        if "runAsUser" in sc or "runAsUser" in pod_sc or not self.image_user:
+            return super().ids(c)
+        user, _, group = self.image_user.partition(":")
+        if not user.isdigit() or not (group or user).isdigit():
+            raise PodSpecError(f"image user {self.image_user!r} is not numeric")
+        uid = int(user)
+        gid = int(sc.get("runAsGroup", pod_sc.get("runAsGroup", group or user)))
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) and uid == 0:
+            raise PodSpecError(f"container {c['name']}: runAsNonRoot and the image runs as root")
+        return uid, gid
+
+    def probe(self, name: str, kind: str) -> bool:
+        """An httpGet probe as the kubelet sends it: to the pod IP, a named port looked up in the
+        container's ports, HTTPS without verifying the certificate."""
+        c = self.container(name)
+        get = c[kind]["httpGet"]
+        port = get["port"]
+        if isinstance(port, str):
+            (port,) = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == port]
+        url = f"{get.get('scheme', 'HTTP').lower()}://{self.pod_ip}:{port}{get['path']}"
+        proc = self.world.pod.run(
+            ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "1", url],
+            timeout=5,
+        )
+        return proc.stdout.startswith("2")
 
     def env(self, c: Mapping[str, Any]) -> dict[str, str]:
         env = super().env(c)
@@ -146,9 +187,12 @@ class ImagePodRunner(PodRunner):
             target, parent = q(str(path)), q(str(path.parent))
             script.append(f"mkdir -p {parent} && {{ [ -e {target} ] || touch {target}; }}")
             script.append(f"mount --bind {q(str(src))} {target}")
+        read_only = {m["mountPath"] for m in c.get("volumeMounts", []) if m.get("readOnly")}
         for dst, src in mounts:
             target = q(str(in_root(root, dst)))
             script.append(f"mkdir -p {target} && mount --bind {q(str(src))} {target}")
+            if dst in read_only:
+                script.append(f"mount -o remount,bind,ro {target}")
         if sc.get("readOnlyRootFilesystem"):
             script.append(f"mount -o remount,bind,ro {r}")
         setpriv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
@@ -166,12 +210,12 @@ class ImagePodRunner(PodRunner):
 
 
 def started_ready(
-    pod: ImagePodRunner, name: str, output: Path, timeout: float
+    pod: ImagePodRunner, name: str, output: Path, timeout: float, probe: str = "startupProbe"
 ) -> tuple[subprocess.Popen[bytes], float]:
     """Start container ``name`` and poll its startupProbe as the kubelet does (HTTP GET to the pod
     IP), every 50 ms rather than every ``periodSeconds`` so that the time is measured closely.
     Returns the process and the seconds from start to the first 2xx."""
     began = time.monotonic()
     proc = pod.start(name, output)
-    h.wait_for(lambda: pod.probe(name, "startupProbe"), timeout, name, proc, output)
+    h.wait_for(lambda: pod.probe(name, probe), timeout, name, proc, output)
     return proc, time.monotonic() - began

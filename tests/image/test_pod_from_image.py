@@ -138,12 +138,12 @@ def pod(reaped: list[str]) -> Iterator[Pod]:
     image_env = dict(e.split("=", 1) for e in config.get("Env", []))
     w = h.create_world()
     try:
-        yield from _pod(w, image_env)
+        yield from _pod(w, image_env, config.get("User", ""))
     finally:
         w.close()
 
 
-def _pod(w: h.World, image_env: dict[str, str]) -> Iterator[Pod]:
+def _pod(w: h.World, image_env: dict[str, str], image_user: str) -> Iterator[Pod]:
     certs = h.make_certs(w.workdir, ["web.test", "denied.test"], [WEB4, OTHER4])
     upstream = w.start_servers(
         w.outside,
@@ -219,6 +219,7 @@ def _pod(w: h.World, image_env: dict[str, str]) -> Iterator[Pod]:
                     "KUBERNETES_SERVICE_PORT": str(api.port),
                 },
                 image_env=image_env,
+                image_user=image_user,
                 roots={"egress-init": init_root, "egress-sidecar": sidecar_root, "app": app_root},
             )
             # The kubelet's order: egress-init to completion, the native sidecar until its
