@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
+from injector.config import DEFAULT_IMAGE
 from tests.image.runtime import ImagePodRunner, image_config, mounted_rootfs, started_ready
 from tests.support import netns as h
 from tests.support.netns import POD4
 
-IMAGE = os.environ.get("EGRESS_IMAGE", "ghcr.io/egress-sidecar/egress-sidecar:0.1.0")
+IMAGE = os.environ.get("EGRESS_IMAGE", DEFAULT_IMAGE)
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_DNS = "egress-injector.egress-system.svc"
 
