@@ -1,27 +1,47 @@
 # One image, both commands: `egress-sidecar` (the proxy; `egress-sidecar iptables apply` in the
 # egress-init container) and `egress-injector` (the admission webhook).
+#   make image        (docker build when a Docker engine is there, else buildah: scripts/build-image)
 #   docker build -t ghcr.io/egress-sidecar/egress-sidecar:0.1.0 .
+#
+# Debian 13's own python3 (3.13) and iptables, so that a base made from Debian's packages with
+# debootstrap (scripts/build-image, where no registry is reachable) is the same image as the
+# registry's debian:trixie-slim. Every dependency has a wheel for CPython 3.13 in the lock:
+# no compiler in either stage.
 
-FROM python:3.12-slim AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-# Dependencies first (hash-checked, from the lock), so source edits reuse this layer.
+FROM debian:trixie-slim AS build
+ARG DEBIAN_FRONTEND=noninteractive
+# python3-setuptools: the build backend pyproject.toml names, from Debian rather than fetched
+# unpinned by pip's build isolation.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-setuptools \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv --without-pip /opt/venv
+# The CA bundle pip trusts: scripts/build-image passes the machine's (mounted into the build);
+# unset, pip uses its own.
+ARG PIP_CERT
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+# Dependencies first (hash-checked, wheels only, from the lock), so source edits reuse this layer.
 COPY requirements.lock /tmp/requirements.lock
-RUN /opt/venv/bin/pip install --require-hashes --no-deps -r /tmp/requirements.lock
+RUN python3 -m venv --system-site-packages /tmp/pip \
+    && /tmp/pip/bin/pip --python /opt/venv/bin/python install --require-hashes --no-deps \
+       --only-binary=:all: -r /tmp/requirements.lock
 COPY pyproject.toml README.md /src/
 COPY sidecar /src/sidecar
 COPY injector /src/injector
-# (the build backend, setuptools, is fetched for this step only, as pyproject.toml declares)
-RUN /opt/venv/bin/pip install --no-deps /src \
-    && /opt/venv/bin/python -m compileall -q /opt/venv/lib
+# The project's wheel, built offline with Debian's setuptools (the build stage only), installed
+# without dependencies: everything else came from the lock.
+RUN /tmp/pip/bin/pip wheel --no-deps --no-build-isolation --no-index -w /tmp/dist /src \
+    && /tmp/pip/bin/pip --python /opt/venv/bin/python install --no-deps --no-index /tmp/dist/*.whl \
+    && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv/lib
 # Byte-compiled here because the runtime sets PYTHONDONTWRITEBYTECODE and its root filesystem is
 # read-only: without .pyc files the kubernetes client alone takes ~4 s before the first policy load.
 
-FROM python:3.12-slim
-# iptables (nft backend) for egress-init; nothing else beyond the slim base.
+FROM debian:trixie-slim
+ARG DEBIAN_FRONTEND=noninteractive
+# python3 (the venv's interpreter) and iptables (nft backend) for egress-init; nothing else.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iptables \
-    && rm -rf /var/lib/apt/lists/* \
+    && apt-get install -y --no-install-recommends python3 iptables \
+    && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/* \
     && groupadd --gid 1337 egress \
     && useradd --uid 1337 --gid 1337 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin egress

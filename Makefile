@@ -3,13 +3,16 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test pytest lint bench venv clean help
+.PHONY: run test pytest lint bench venv clean help image image-test e2e-kind
 
 help:
 	@echo "make run    - run the sidecar locally on examples/allowlist.yaml (explicit proxy 127.0.0.1:15001)"
 	@echo "make test   - lint (ruff, mypy --strict, import contracts) and the whole test suite"
 	@echo "make lint   - only the linters"
 	@echo "make bench  - throughput/latency/memory benchmark against Squid"
+	@echo "make image  - build the container image (docker build, or buildah without a Docker engine)"
+	@echo "make image-test - build the image, run a pod from it (root, buildah; CI)"
+	@echo "make e2e-kind - build, load into kind, install, watch a denial (needs Docker and kind)"
 
 venv:
 	@scripts/bootstrap-venv
@@ -23,13 +26,28 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# tests/image runs a pod from the built image: it needs the image (and buildah), so `make
+# image-test` runs it, not this target; .ci/run calls both.
 pytest: venv
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --ignore=tests/image $(PYTEST_ARGS)
 
 test: lint pytest
 
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+IMAGE ?= ghcr.io/egress-sidecar/egress-sidecar:0.1.0
+
+image:
+	IMAGE=$(IMAGE) scripts/build-image
+
+# Always through `image` (layer cache: seconds when nothing changed), so the pod runs from the
+# image of these sources, never a stale one.
+image-test: venv image
+	EGRESS_IMAGE=$(IMAGE) $(BIN)/pytest tests/image $(PYTEST_ARGS)
+
+e2e-kind:
+	scripts/e2e-kind
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -13,7 +13,8 @@ from injector.config import InjectorConfig
 HERE: Final = Path(__file__).resolve().parent
 REPO: Final = HERE.parents[1]
 GOLDEN: Final = HERE / "golden"
-REAL_WORLD: Final = REPO.parent / "shared" / "testdata" / "real-world-manifests"
+# Kept in the repository (sources and licences in its README): a clone alone runs every test.
+REAL_WORLD: Final = REPO / "tests" / "testdata" / "real-world-manifests"
 # A current Kubernetes release (native sidecars GA since 1.33), and the last release before native
 # sidecars were on by default, for the container style.
 K8S_VERSION: Final = "1.34"
