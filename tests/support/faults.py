@@ -214,3 +214,101 @@ class RssSampler:
         with contextlib.suppress(OSError, ValueError):
             self.peak = max(self.peak, rss_bytes(self.pid))
         return self.peak
+
+
+class FlakyFront:
+    """A TCP relay in front of a server (the test API server), which can be told to answer
+    every new request itself with an error status instead, as an overloaded or broken API
+    server does (500, 429 with Retry-After). Switching modes cuts the relayed connections, so
+    that an open watch has to come back and meet the new behaviour.
+    """
+
+    def __init__(self, target: tuple[str, int], host: str = "127.0.0.1") -> None:
+        self.target = target
+        self.failing: int | None = None
+        self.answered = 0  # error answers given
+        self._lock = threading.Lock()
+        self._relayed: list[socket.socket] = []
+        self._sock = socket.create_server((host, 0), backlog=64)
+        self.host, self.port = host, int(self._sock.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True, name="flaky-front").start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def fail_with(self, status: int | None) -> None:
+        """Answer new requests with ``status`` (None: relay again); cut what is relayed now."""
+        with self._lock:
+            self.failing = status
+            relayed, self._relayed = self._relayed, []
+        for sock in relayed:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            status = self.failing
+        if status is None:
+            self._relay(conn)
+            return
+        with contextlib.closing(conn):
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            reason = {429: "Too Many Requests", 500: "Internal Server Error"}.get(status, "Error")
+            body = (
+                '{"kind":"Status","apiVersion":"v1","status":"Failure",'
+                f'"message":"{reason.lower()}","reason":"{reason.replace(" ", "")}",'
+                f'"code":{status}}}'
+            ).encode()
+            with self._lock:
+                self.answered += 1
+            with contextlib.suppress(OSError):
+                answer = (
+                    f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+                    f"retry-after: 1\r\ncontent-length: {len(body)}\r\n"
+                    "connection: close\r\n\r\n"
+                )
+                conn.sendall(answer.encode() + body)
+
+    def _relay(self, conn: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            conn.close()
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._relayed += [conn, upstream]
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while chunk := src.recv(65536):
+                    dst.sendall(chunk)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+        pump(conn, upstream)
+        conn.close()
+        upstream.close()
+
+    def stop(self) -> None:
+        self._sock.close()
+        self.fail_with(None)
