@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import socket
 import ssl
@@ -30,7 +31,13 @@ from tests.support.sidecar import Sidecar, free_port, start_sidecar
 from tests.support.tls import TestCA
 from tests.support.upstream import UpstreamServer
 
-PLAIN, SECURE, CLOSED, WEB = "127.0.0.6", "127.0.0.7", "127.0.0.5", "127.0.0.3"
+PLAIN, SECURE, CLOSED, WEB, BLOCKED = (
+    "127.0.0.6",
+    "127.0.0.7",
+    "127.0.0.5",
+    "127.0.0.3",
+    "127.0.0.4",
+)
 CLOSED_PORT = free_port(CLOSED)  # nothing listens there
 STREAM_BYTES = 1 << 30  # 1 GiB each way: plain HTTP and through a TLS tunnel
 IDLE = 2000
@@ -42,6 +49,7 @@ class World:
     plain: FaultyUpstream  # plain HTTP
     secure: FaultyUpstream  # HTTPS, certificate for secure.test
     web: UpstreamServer
+    blocked: UpstreamServer  # reachable, but no rule allows it
     ca_file: Path
 
 
@@ -62,6 +70,7 @@ def world(
     plain = FaultyUpstream(PLAIN)
     secure = FaultyUpstream(SECURE, tls=test_ca.issue("secure.test").write(tmp, "secure"))
     web = UpstreamServer(WEB, label="web").start()
+    blocked = UpstreamServer(BLOCKED, label="blocked").start()
     allowlist = f"""
 allow:
   - host: plain.test
@@ -81,10 +90,11 @@ allow:
             "secure.test": SECURE,
             "refused.test": CLOSED,
             "web.test": WEB,
+            "blocked.test": BLOCKED,
         },
         args=["--allow-private-range", "127.0.0.0/8"],
     )
-    yield World(sidecar, plain, secure, web, ca_file)
+    yield World(sidecar, plain, secure, web, blocked, ca_file)
     # No fault above may surface as an unhandled exception (checked before the shutdown, whose
     # handling of open connections is another matter).
     tracebacks = [line for line in sidecar.stderr if "Traceback" in line]
@@ -92,6 +102,7 @@ allow:
     for server in (plain, secure):
         server.stop()
     web.stop()
+    blocked.stop()
     assert code == 0, sidecar.stderr[-20:]
     assert tracebacks == [], tracebacks
 
@@ -450,3 +461,49 @@ def test_file_flips_under_load_give_no_wrong_decision(
     assert wrong == [], wrong[:10]
     assert flips[0] >= 20 and len(results) > 200
     assert versions == set(kind_of)  # both versions were in force during the run
+
+
+# -- hostile request heads: userinfo tricks and smuggling ------------------------------------------
+
+# {w}: web.test:PORT (allowed), {b}: blocked.test:PORT (no rule allows it). Each head tries to
+# get a request to blocked.test, or one the proxy never decided ("smuggled"), past the proxy.
+HOSTILE = {
+    "userinfo-names-allowed": "GET http://{w}@{b}/smuggled HTTP/1.1\r\nHost: {b}\r\n\r\n",
+    "userinfo-backslash": "GET http://{w}\\@{b}/smuggled HTTP/1.1\r\nHost: {w}\r\n\r\n",
+    "fragment-before-at": "GET http://{b}#@{w}/smuggled HTTP/1.1\r\nHost: {w}\r\n\r\n",
+    "te-cl": (
+        "POST http://{w}/ HTTP/1.1\r\nHost: {w}\r\nContent-Length: {n}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}"
+    ),
+    "cl-te-obfuscated": (
+        "POST http://{w}/ HTTP/1.1\r\nHost: {w}\r\nContent-Length: {n}\r\n"
+        "Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{hidden}"
+    ),
+    "cl-cl": (
+        "POST http://{w}/ HTTP/1.1\r\nHost: {w}\r\nContent-Length: 5\r\n"
+        "Content-Length: {n}\r\n\r\n0\r\n\r\n{hidden}"
+    ),
+    "pipelined-denied": "GET http://{w}/ok HTTP/1.1\r\nHost: {w}\r\n\r\n{hidden}",
+    "origin-form-host-blocked": "GET /smuggled HTTP/1.1\r\nHost: {b}\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_heads_never_reach_an_undecided_destination(world: World, case: str) -> None:
+    w, b = f"web.test:{world.web.port}", f"blocked.test:{world.blocked.port}"
+    hidden = f"GET http://{b}/smuggled HTTP/1.1\r\nHost: {b}\r\nConnection: close\r\n\r\n"
+    text = HOSTILE[case].format(w=w, b=b, hidden=hidden, n=len("0\r\n\r\n") + len(hidden))
+    blocked_before = world.blocked.seen.connections
+    sock = socket.create_connection(("127.0.0.1", world.sidecar.explicit_port), timeout=3)
+    sock.sendall(text.encode())
+    answer = b""
+    with contextlib.suppress(OSError):  # a reset or the 3 s timeout ends the conversation
+        while chunk := sock.recv(65536):
+            answer += chunk
+    sock.close()
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+    print(f"\n{case}: {[s.decode() for s in statuses]}")
+    assert statuses, answer[:200]  # answered (refused, denied or served), never left hanging
+    assert world.blocked.seen.connections == blocked_before
+    assert not [r for r in world.web.seen.requests if "smuggled" in r["path"]]
+    _still_serves(world)
