@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,12 +17,18 @@ from sidecar import contract
 from sidecar.commands.options import add_policy_options, env_ranges
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
     from sidecar.proxy.listeners import AcceptGate, OpenFiles
 
 log = logging.getLogger("sidecar.run")
 
 ENV_DRAIN_TIMEOUT = "EGRESS_DRAIN_TIMEOUT"
 DEFAULT_DRAIN_TIMEOUT = 20.0  # below Kubernetes' default terminationGracePeriodSeconds of 30
+ENV_FLUSH_TIMEOUT = "EGRESS_FLUSH_TIMEOUT"
+# Drain plus flush stay below the 30 s grace period even when the collector is a blackhole (the
+# SDK would otherwise wait up to 30 s for the batch processor, plus the exporter's own timeout).
+DEFAULT_FLUSH_TIMEOUT = 5.0
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -175,6 +182,15 @@ def add_parser(sub: Any) -> None:
         "flush the spans and exit 0; a second SIGTERM or SIGINT cuts at once. Keep it below "
         "the pod's terminationGracePeriodSeconds (30 s by default) "
         f"(env {ENV_DRAIN_TIMEOUT}; default %(default)s)",
+    )
+    parser.add_argument(
+        "--flush-timeout",
+        type=_non_negative,
+        default=os.environ.get(ENV_FLUSH_TIMEOUT, str(DEFAULT_FLUSH_TIMEOUT)),  # type applies
+        metavar="SECONDS",
+        help="on exit: wait at most this long for the spans still queued to be exported; what "
+        "an absent or hung collector has not taken by then is dropped (logged) "
+        f"(env {ENV_FLUSH_TIMEOUT}; default %(default)s)",
     )
     heads = parser.add_argument_group(
         "plain-HTTP request heads (refused with 414, 431 or 408 and closed; never passed on)"
@@ -422,6 +438,23 @@ async def _serve(
         health.shutdown()
         health.server_close()
         if isinstance(provider, TracerProvider):
-            provider.shutdown()  # flushes the batch processors
+            _flush_spans(provider, args.flush_timeout)
         log.info("stopped")
     return 0 if not listeners.failed else 1
+
+
+def _flush_spans(provider: TracerProvider, timeout: float) -> None:
+    """Shut the tracer provider down (flushing the batch processors), bounded by ``timeout``.
+
+    The SDK's own shutdown waits up to 30 s for the batch processor, then the exporter's timeout:
+    a hung collector would hold the pod past its grace period and lose everything else. Its
+    export thread is a daemon, so whatever is still pending goes with the process.
+    """
+    flushing = threading.Thread(target=provider.shutdown, name="span-flush", daemon=True)
+    flushing.start()
+    flushing.join(timeout)
+    if flushing.is_alive():
+        log.warning(
+            "span export did not finish before --flush-timeout; the spans still queued are dropped",
+            extra={"flush_timeout_s": timeout},
+        )

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests.proxy.lifecycle_support import CHUNK, Ports, SlowUpstream, launch
+from tests.support.faults import Blackhole
 from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver
 from tests.support.sidecar import Sidecar
 
@@ -179,3 +180,38 @@ def test_a_second_sigterm_cuts_at_once(
     assert download.received < download.size
     [cut] = _log_lines(sidecar, "drain timeout: cut what was still in flight")
     assert cut["cut"] == 1 and cut["cut_short"] is True
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_a_hung_collector_holds_the_exit_no_longer_than_the_flush_timeout(
+    tmp_path: Path, slow: SlowUpstream, protocol: str
+) -> None:
+    # The SDK alone waited ~30 s on a blackhole collector: past the pod's grace period.
+    hole = Blackhole()
+    try:
+        sidecar = launch(
+            tmp_path,
+            Ports.free(),
+            allowlist=f"allow:\n  - host: slow.test\n    ports: [{slow.port}]\n",
+            hosts={"slow.test": SLOW},
+            args=["--allow-private-range", "127.0.0.0/8", "--flush-timeout", "2"],
+            env={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": hole.endpoint,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            },
+        )
+        proxies = {"http": sidecar.proxy_url}
+        for n in range(3):  # spans queued for export when the signal comes
+            url = f"http://slow.test:{slow.port}/{n}?chunks=1&delay=0"
+            assert requests.get(url, proxies=proxies, timeout=10).status_code == 200
+        began = time.monotonic()
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert sidecar.proc.wait(20) == 0, sidecar.stderr[-10:]
+        took = time.monotonic() - began
+        assert took < 2 + 4, f"exit took {took:.1f} s with --flush-timeout 2"
+        warning = (
+            "span export did not finish before --flush-timeout; the spans still queued are dropped"
+        )
+        assert _log_lines(sidecar, warning), sidecar.stderr[-10:]
+    finally:
+        hole.stop()
