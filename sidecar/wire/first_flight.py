@@ -3,7 +3,8 @@ something else. Pure: bytes in, a classification out; the caller bounds how long
 
 A first flight that looks like TLS is read to the end of its ClientHello, across as many TLS
 records and TCP segments as it takes, up to ``MAX_CLIENT_HELLO`` bytes. Whatever looks like TLS
-but cannot be read (malformed, too large, an SNI extension that is not one valid host name) is
+but cannot be read (malformed, too large, an SNI extension that is not one valid host name or
+address, optionally with a port) is
 ``UNREADABLE``: a server or CDN might still read a name from it that the policy never saw, so the
 caller refuses it rather than deciding it as nameless TLS.
 """
@@ -146,11 +147,28 @@ def _parse_hello(body: bytes) -> FirstFlight:
         return _unreadable("a server_name extension that is not exactly one host name")
     raw = server_names[0].host_name
     try:
-        sni = raw.decode("ascii")
-        normalize_host(sni)
+        sni = _without_port(raw.decode("ascii"))
+        if parse_ip(sni) is None:
+            normalize_host(sni)
     except (UnicodeDecodeError, InvalidHost):
         return _unreadable(f"SNI {raw[:80]!r} is not a valid host name")
-    if parse_ip(sni) is not None:
-        # RFC 6066 3: literal addresses are not permitted in SNI.
-        return _unreadable(f"SNI {sni!r} is an IP address")
     return FirstFlight(Flight.TLS, sni=sni)
+
+
+def _without_port(sent: str) -> str:
+    """The host of an SNI sent as ``host:port`` or ``[v6]:port``.
+
+    RFC 6066 names a bare host (never an address), but real clients send more: Go programs that
+    set ServerName from a URL's host (hey, for one) send ``127.0.0.1:8443`` or ``api.test:8443``;
+    some JVMs send a literal address. The host part is what a server routes by, so that is what
+    is decided (an address is decided as an address, and only a vetted one is ever dialled).
+    """
+    if sent.startswith("[") and "]" in sent:
+        inside, _, rest = sent[1:].partition("]")
+        if not rest or (rest.startswith(":") and rest[1:].isdigit()):
+            return inside
+        return sent
+    host, colon, port = sent.rpartition(":")
+    if colon and host.count(":") == 0 and port.isdigit() and 0 < int(port) < 65536:
+        return host
+    return sent

@@ -120,6 +120,29 @@ def test_classify_table(data: bytes, expected: FirstFlight | None) -> None:
 
 
 @pytest.mark.parametrize(
+    ("sent", "sni"),
+    [
+        # As real clients send them: Go programs (hey) put the URL's host:port in ServerName,
+        # some JVMs a literal address. The host part is what is decided.
+        (b"198.51.100.7", "198.51.100.7"),
+        (b"127.0.0.1:24555", "127.0.0.1"),
+        (b"api.test:8443", "api.test"),
+        (b"[2001:db8::1]:443", "2001:db8::1"),
+        (b"[2001:db8::1]", "2001:db8::1"),
+        (b"2001:db8::1", "2001:db8::1"),
+    ],
+)
+def test_an_sni_with_a_port_or_an_address_is_read_as_its_host(sent: bytes, sni: str) -> None:
+    assert classify(sni_flight((0, sent))) == FirstFlight(Flight.TLS, sni=sni)
+
+
+def test_heys_clienthello_is_read() -> None:
+    """A ClientHello captured from hey 0.1.4 (Go) for https://127.0.0.1:24555/."""
+    hello = bytes.fromhex(GO_HEY_HELLO)
+    assert classify(hello) == FirstFlight(Flight.TLS, sni="127.0.0.1")
+
+
+@pytest.mark.parametrize(
     ("data", "problem"),
     [
         (b"\x16\x03\x01\x00\x05hello", "not a ClientHello"),
@@ -131,7 +154,9 @@ def test_classify_table(data: bytes, expected: FirstFlight | None) -> None:
         (sni_flight((0, b"a.test"), (0, b"b.test")), "not exactly one host name"),
         (sni_flight((1, b"a.test")), "not exactly one host name"),
         (sni_flight((0, b"a b.test")), "not a valid host name"),
-        (sni_flight((0, b"198.51.100.7")), "is an IP address"),
+        (sni_flight((0, b"a.test:99999")), "not a valid host name"),
+        (sni_flight((0, b"a.test:443:443")), "not a valid host name"),
+        (sni_flight((0, b"[::1]x")), "not a valid host name"),
     ],
 )  # fmt: skip
 def test_what_looks_like_tls_but_cannot_be_read_is_unreadable(data: bytes, problem: str) -> None:
@@ -195,3 +220,14 @@ def test_a_flight_past_the_size_bound_without_a_complete_hello_is_unreadable() -
     message = b"\x01" + (MAX_CLIENT_HELLO - 4).to_bytes(3, "big") + b"\x00" * 4000
     result = classify(records(message, [1] * 4004))
     assert result is not None and result.kind is Flight.UNREADABLE
+
+
+# hey 0.1.4 (Go crypto/tls) for https://127.0.0.1:24555/: SNI "127.0.0.1:24555".
+GO_HEY_HELLO = (
+    "1603010102010000fe0303292d5ab81dd23d3d478e14a24a2e57be60f1279e7501e1d66f9ded5a97b00c3820"
+    "25061d465c6bf5871679d0f3471832a590c2db4d3b83342cbe52fccd4b681cce0026c02bc02fc02cc030cca9"
+    "cca8c009c013c00ac014009c009d002f0035c012000a1301130213030100008f00000014001200000f313237"
+    "2e302e302e313a3234353535000500050100000000000a000a0008001d001700180019000b00020100000d00"
+    "1a0018080404030807080508060401050106010503060302010203ff0100010000120000002b000504030403"
+    "03003300260024001d0020dd2fc6b0dd7b9ce30517d391793b357e7a5cdde4dbd79c780978294d88c6e231"
+)
