@@ -159,6 +159,9 @@ class AcceptGate:
         log.warning(message, extra={**extra, "times": times, "interval_s": self._log_interval})
 
 
+PROXY_LISTEN_BACKLOG = 1024  # the kernel caps it at net.core.somaxconn (4096 by default)
+
+
 class GatedEventLoop(asyncio.SelectorEventLoop):
     """asyncio's selector loop whose TCP accept loop honours an AcceptGate.
 
@@ -169,6 +172,12 @@ class GatedEventLoop(asyncio.SelectorEventLoop):
     def __init__(self, gate: AcceptGate) -> None:
         super().__init__()
         self.gate = gate
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:  # type: ignore[override]
+        # mitmproxy leaves asyncio's backlog of 100: a burst of connects (an app filling its
+        # connection pool) past it waits 1 s and more in SYN retransmits.
+        kwargs.setdefault("backlog", PROXY_LISTEN_BACKLOG)
+        return await super().create_server(*args, **kwargs)
 
     def _accept_connection(
         self,

@@ -80,6 +80,9 @@ def test_the_health_port_takes_a_burst_of_500_probes(tmp_path: Path) -> None:
         # A real listen backlog (not socketserver's 5): a burst waits in the queue, not in SYN
         # retransmits (1 s, then 3 s: longer than kubelet's probe timeout).
         assert listen_backlog(sidecar.health_port) >= 1024
+        # And the proxy's listeners (asyncio's default was 100).
+        assert listen_backlog(sidecar.explicit_port) >= 1024
+        assert listen_backlog(sidecar.transparent_port) >= 1024
 
         def probe(_: int) -> float:
             started = time.monotonic()
