@@ -173,7 +173,7 @@ class GatedEventLoop(asyncio.SelectorEventLoop):
         super().__init__()
         self.gate = gate
 
-    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:  # type: ignore[override]
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
         # mitmproxy leaves asyncio's backlog of 100: a burst of connects (an app filling its
         # connection pool) past it waits 1 s and more in SYN retransmits.
         kwargs.setdefault("backlog", PROXY_LISTEN_BACKLOG)
