@@ -3,13 +3,15 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test pytest lint bench venv clean help
+.PHONY: run test pytest lint bench soak venv clean help
 
 help:
 	@echo "make run    - run the sidecar locally on examples/allowlist.yaml (explicit proxy 127.0.0.1:15001)"
 	@echo "make test   - lint (ruff, mypy --strict, import contracts) and the whole test suite"
 	@echo "make lint   - only the linters"
 	@echo "make bench  - throughput/latency/memory benchmark against Squid"
+	@echo "make soak   - 500 clients for 5 min while the allowlist flips; exit 1 on a wrong decision or a leak"
+	@echo "              (SOAK_ARGS=\"--duration 30\" for a quick run; python -m bench.soak --help)"
 
 venv:
 	@scripts/bootstrap-venv
@@ -30,6 +32,10 @@ test: lint pytest
 
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Not part of `make test`: minutes of load. Loopback only; bounded in time and requests.
+soak: venv
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
