@@ -6,6 +6,8 @@ report back, so that every rule that turns a run into pass or fail has a fast un
 
 from __future__ import annotations
 
+import bisect
+import datetime as dt
 import ipaddress
 import json
 import math
@@ -129,6 +131,7 @@ class DecisionLine:
     decision: str  # allow | deny | audit
     reason: str
     policy_version: str | None
+    ts: float | None = None  # when the sidecar logged it (epoch seconds, ms resolution)
 
     @property
     def allows(self) -> bool:
@@ -152,8 +155,27 @@ def parse_decision_line(line: str) -> DecisionLine | None:
         return value if isinstance(value, str) else None
 
     return DecisionLine(
-        text("client"), text("host"), text("method"), decision, reason, text("policy_version")
+        text("client"),
+        text("host"),
+        text("method"),
+        decision,
+        reason,
+        text("policy_version"),
+        _epoch(text("ts")),
     )
+
+
+def _epoch(iso: str | None) -> float | None:
+    """``2026-12-02T05:48:51.102Z`` (the decision log's format) as epoch seconds."""
+    if iso is None:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None  # the log always says Z; a naive time is not one of its lines
+    return when.timestamp()
 
 
 # -- what a client saw -------------------------------------------------------------------------
@@ -280,6 +302,7 @@ class Resources:
     fds_limit: int
     rss_back: bool
     fds_back: bool
+    samples: list[Sample] = field(default_factory=list)  # every second during the load
 
     @property
     def back_to_baseline(self) -> bool:
@@ -302,7 +325,69 @@ def summarize_resources(
         fds_limit=fds_limit,
         rss_back=end.rss_mib <= rss_limit,
         fds_back=end.fds <= fds_limit,
+        samples=list(samples),
     )
+
+
+# -- reload lag --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flip:
+    at: float  # epoch seconds, when the new file was in place
+    label: str  # the version written
+
+
+@dataclass(frozen=True)
+class Reloads:
+    lags_ms: list[float]  # per flip: until the first decision by the version it wrote
+    unobserved: int  # flips with no decision by their version before the next flip
+    stale: int  # decisions by a version that had been replaced more than STALE_AFTER before
+
+
+STALE_AFTER: Final = 1.0  # seconds; the file source polls every 0.2 s
+
+
+def reload_lags(
+    initial: str, flips: Sequence[Flip], decided: Iterable[tuple[float, str]]
+) -> Reloads:
+    """How fast flips took effect, from the decisions' own timestamps and versions.
+
+    ``initial`` is the version in force before the first flip; ``decided`` holds (time, version
+    label) of each decision. Informational: a correct sidecar may lag (it polls the file); what
+    must never happen is a decision its version would not make, which ``judge`` checks.
+    """
+    ordered = sorted(decided)
+    times = [t for t, _ in ordered]
+    flips = sorted(flips, key=lambda f: f.at)
+    flip_times = [f.at for f in flips]
+    lags: list[float] = []
+    unobserved = 0
+    for i, flip in enumerate(flips):
+        until = flips[i + 1].at if i + 1 < len(flips) else math.inf
+        first = next(
+            (
+                t
+                for t, label in ordered[bisect.bisect_left(times, flip.at) :]
+                if label == flip.label
+            ),
+            None,
+        )
+        if first is None or first >= until:
+            unobserved += 1
+        else:
+            lags.append(round((first - flip.at) * 1e3, 1))
+
+    def in_force(since: float, until: float) -> set[str]:
+        """The versions in force at some moment of [since, until]."""
+        before = bisect.bisect_right(flip_times, since) - 1
+        labels = {flips[before].label if before >= 0 else initial}
+        upto = bisect.bisect_right(flip_times, until)
+        labels.update(f.label for f in flips[before + 1 : upto])
+        return labels
+
+    stale = sum(1 for t, label in ordered if label not in in_force(t - STALE_AFTER, t))
+    return Reloads(lags, unobserved, stale)
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -333,6 +418,7 @@ class Report:
     errors: int
     p50_ms: float
     p99_ms: float
+    reloads: Reloads
     resources: Resources
     sidecar_cpu_s: float
     client_cpu_s: float  # of the soak's own process: is the load generator the bottleneck?
@@ -364,7 +450,7 @@ def build_report(
     versions_: Sequence[PolicyVersion],
     seconds: float,
     clients: int,
-    flips: int,
+    flips: Sequence[Flip],
     resources: Resources,
     sidecar_cpu_s: float,
     client_cpu_s: float = 0.0,
@@ -397,9 +483,12 @@ def build_report(
         if not verdict.attributed:
             unattributed += 1
     undecided = 0
+    decided_at: list[tuple[float, str]] = []
     for line in [*lines_by_source.values(), *orphans]:
         version = by_digest.get(line.policy_version or "")
         by_version[version.label if version else str(line.policy_version)] += 1
+        if version is not None and line.ts is not None:
+            decided_at.append((line.ts, version.label))
     for line in orphans:
         undecided += 1
         verdict = judge(None, line, by_digest)
@@ -436,7 +525,7 @@ def build_report(
     return Report(
         seconds=seconds,
         clients=clients,
-        flips=flips,
+        flips=len(flips),
         requests=len(results),
         by_outcome={o.value: by_outcome[o.value] for o in Outcome if by_outcome[o.value]},
         by_target={k: dict(sorted(v.items())) for k, v in sorted(by_target.items())},
@@ -448,6 +537,7 @@ def build_report(
         errors=errors,
         p50_ms=percentile(latencies, 50),
         p99_ms=percentile(latencies, 99),
+        reloads=reload_lags(versions_[0].label, flips, decided_at),
         resources=resources,
         sidecar_cpu_s=sidecar_cpu_s,
         client_cpu_s=client_cpu_s,
@@ -457,7 +547,7 @@ def build_report(
 
 def render(report: Report) -> str:
     """The report as a Markdown table (what `make soak` prints)."""
-    res = report.resources
+    res, lags = report.resources, report.reloads.lags_ms
     rows: list[tuple[str, str]] = [
         ("load", f"{report.clients} clients, {report.seconds:.0f} s, {report.flips} flips"),
         ("requests", f"{report.requests:,} ({report.rate:,.1f}/s)"),
@@ -473,6 +563,15 @@ def render(report: Report) -> str:
         ("unattributed client decisions", f"{report.unattributed:,}"),
         ("decision lines without a client result", f"{report.undecided_lines:,}"),
         ("latency of decided requests p50 / p99", f"{report.p50_ms:.1f} / {report.p99_ms:.1f} ms"),
+        (
+            "flip to first decision by the new version p50 / max",
+            f"{percentile(lags, 50):.0f} / {max(lags, default=0.0):.0f} ms "
+            f"({report.reloads.unobserved} flips unobserved)",
+        ),
+        (
+            f"decisions by a version replaced over {STALE_AFTER:g} s before",
+            f"{report.reloads.stale:,}",
+        ),
         (
             "sidecar RSS start / peak / end",
             f"{res.start.rss_mib:.1f} / {res.peak_rss_mib:.1f} / {res.end.rss_mib:.1f} MiB "

@@ -27,6 +27,7 @@ from bench.soak.model import (
     HOSTS,
     MAX_SOURCES,
     DecisionLine,
+    Flip,
     PolicyVersion,
     Report,
     RequestResult,
@@ -209,7 +210,7 @@ class Flipper:
 
     def __init__(self, path: Path, versions_: Sequence[PolicyVersion], interval: float) -> None:
         self.path, self.versions, self.interval = path, versions_, interval
-        self.flips = 0
+        self.flips: list[Flip] = []
         self._current = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak-flipper", daemon=True)
@@ -222,8 +223,9 @@ class Flipper:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.write((self._current + 1) % len(self.versions))
-            self.flips += 1
+            index = (self._current + 1) % len(self.versions)
+            self.write(index)
+            self.flips.append(Flip(time.time(), self.versions[index].label))
 
     def __enter__(self) -> Flipper:
         self._thread.start()

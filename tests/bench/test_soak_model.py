@@ -16,6 +16,7 @@ from bench.soak.model import (
     SCHEMES,
     SOURCE_NETWORK,
     DecisionLine,
+    Flip,
     Outcome,
     PolicyVersion,
     RequestResult,
@@ -28,6 +29,7 @@ from bench.soak.model import (
     parse_decision_line,
     percentile,
     plan,
+    reload_lags,
     render,
     source_address,
     summarize_resources,
@@ -108,8 +110,9 @@ def test_every_eight_requests_cover_every_host_and_scheme(start: int) -> None:
 
 # -- decision lines ----------------------------------------------------------------------------
 
+TS = 1796187600.25  # 2026-12-02T05:00:00.250Z
 LINE = {
-    "ts": "2026-12-02T05:00:00.000Z",
+    "ts": "2026-12-02T05:00:00.250Z",
     "msg": "egress decision",
     "decision": "deny",
     "reason": "matched deny rule",
@@ -130,13 +133,27 @@ LINE = {
     [
         (
             json.dumps(LINE),
-            DecisionLine("127.64.0.9", NEITHER, "CONNECT", "deny", "matched deny rule", A.digest),
+            DecisionLine(
+                "127.64.0.9", NEITHER, "CONNECT", "deny", "matched deny rule", A.digest, TS
+            ),
         ),
         (
             json.dumps({"msg": "egress decision", "decision": "allow", "reason": "x"}),
             DecisionLine(None, None, None, "allow", "x", None),
         ),
         (json.dumps({**LINE, "msg": "policy reloaded"}), None),
+        (  # a time that is not the log's own format is dropped, the line kept
+            json.dumps({**LINE, "ts": "yesterday"}),
+            DecisionLine(
+                "127.64.0.9", NEITHER, "CONNECT", "deny", "matched deny rule", A.digest, None
+            ),
+        ),
+        (
+            json.dumps({**LINE, "ts": "2026-12-02T05:00:00"}),  # no zone: not ours either
+            DecisionLine(
+                "127.64.0.9", NEITHER, "CONNECT", "deny", "matched deny rule", A.digest, None
+            ),
+        ),
         (json.dumps({**LINE, "decision": None}), None),
         (json.dumps([LINE]), None),
         ('{"msg": "egress decision", "decis', None),  # torn
@@ -331,7 +348,7 @@ def report_of(
         versions_=[A, B],
         seconds=2.0,
         clients=4,
-        flips=1,
+        flips=[Flip(1000.0, "B")],
         resources=resources,
         sidecar_cpu_s=0.5,
     )
@@ -426,3 +443,51 @@ def test_wrong_decisions_are_listed_with_the_request() -> None:
 def test_client_decisions_without_a_line_are_counted_as_unattributed() -> None:
     report = report_of(GOOD_RESULTS, GOOD_LINES[:4])
     assert report.unattributed == 1 and report.wrong == 0
+
+
+# -- reload lag --------------------------------------------------------------------------------
+
+FLIPS = [Flip(10.0, "B"), Flip(12.0, "A"), Flip(14.0, "B")]
+
+
+@pytest.mark.parametrize(
+    ("decided", "lags", "unobserved", "stale"),
+    [
+        # each flip seen 50 ms, 200 ms, 1 ms later; nothing stale
+        (
+            [(9.0, "A"), (10.05, "B"), (11.0, "B"), (12.2, "A"), (14.001, "B"), (20.0, "B")],
+            [50.0, 200.0, 1.0],
+            0,
+            0,
+        ),
+        # the old version right after a flip is not stale (within 1 s); 1.5 s after, it is
+        ([(10.5, "A"), (10.6, "B"), (11.5, "A")], [600.0], 2, 1),
+        # B at 12.5 is the version replaced at 12.0: fine until 13.0
+        ([(12.5, "B"), (13.2, "B")], [], 3, 1),
+        # before the first flip the initial version (A) is in force
+        ([(5.0, "A"), (5.0, "B")], [], 3, 1),
+        # a flip whose version first decides only after the next flip counts as unobserved
+        ([(12.5, "B")], [], 3, 0),
+        ([], [], 3, 0),
+    ],
+)
+def test_reload_lags(
+    decided: list[tuple[float, str]], lags: list[float], unobserved: int, stale: int
+) -> None:
+    reloads = reload_lags("A", FLIPS, decided)
+    assert (reloads.lags_ms, reloads.unobserved, reloads.stale) == (lags, unobserved, stale)
+
+
+def test_the_report_carries_reload_lags_from_the_decision_times() -> None:
+    lines = [
+        DecisionLine(source_address(0), BOTH, "GET", "allow", "r", A.digest, 999.0),
+        DecisionLine(source_address(1), BOTH, "GET", "allow", "r", B.digest, 1000.25),
+    ]
+    results = [
+        req(0, Role.BOTH, "http", Outcome.ALLOWED),
+        req(1, Role.BOTH, "http", Outcome.ALLOWED),
+    ]
+    report = report_of(results, lines)
+    assert report.passed, report.problems
+    assert report.reloads.lags_ms == [250.0] and report.reloads.stale == 0
+    assert "| flip to first decision by the new version p50 / max | 250 / 250 ms" in render(report)
