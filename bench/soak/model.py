@@ -340,9 +340,9 @@ class Flip:
 
 @dataclass(frozen=True)
 class Reloads:
-    lags_ms: list[float]  # per flip: until the first decision by the version it wrote
-    unobserved: int  # flips with no decision by their version before the next flip
-    stale: int  # decisions by a version that had been replaced more than STALE_AFTER before
+    lags_ms: list[float]  # per flip: until the first denial by the version it wrote
+    unobserved: int  # flips with no denial by their version before the next flip
+    stale: int  # denials by a version that had been replaced more than STALE_AFTER before
 
 
 STALE_AFTER: Final = 1.0  # seconds; the file source polls every 0.2 s
@@ -487,7 +487,9 @@ def build_report(
     for line in [*lines_by_source.values(), *orphans]:
         version = by_digest.get(line.policy_version or "")
         by_version[version.label if version else str(line.policy_version)] += 1
-        if version is not None and line.ts is not None:
+        # Only denials time a reload: their line is written as they are decided, while an
+        # allowed call's line waits for its outcome (the response, the tunnel's end).
+        if version is not None and line.ts is not None and not line.allows:
             decided_at.append((line.ts, version.label))
     for line in orphans:
         undecided += 1
@@ -564,12 +566,12 @@ def render(report: Report) -> str:
         ("decision lines without a client result", f"{report.undecided_lines:,}"),
         ("latency of decided requests p50 / p99", f"{report.p50_ms:.1f} / {report.p99_ms:.1f} ms"),
         (
-            "flip to first decision by the new version p50 / max",
+            "flip to first denial by the new version p50 / max",
             f"{percentile(lags, 50):.0f} / {max(lags, default=0.0):.0f} ms "
             f"({report.reloads.unobserved} flips unobserved)",
         ),
         (
-            f"decisions by a version replaced over {STALE_AFTER:g} s before",
+            f"denials by a version replaced over {STALE_AFTER:g} s before",
             f"{report.reloads.stale:,}",
         ),
         (

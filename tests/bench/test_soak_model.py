@@ -478,16 +478,19 @@ def test_reload_lags(
     assert (reloads.lags_ms, reloads.unobserved, reloads.stale) == (lags, unobserved, stale)
 
 
-def test_the_report_carries_reload_lags_from_the_decision_times() -> None:
+def test_the_report_times_reloads_by_denials_only() -> None:
+    """An allowed call's line is written when the call ends, seconds after its decision."""
     lines = [
-        DecisionLine(source_address(0), BOTH, "GET", "allow", "r", A.digest, 999.0),
-        DecisionLine(source_address(1), BOTH, "GET", "allow", "r", B.digest, 1000.25),
+        DecisionLine(source_address(0), NEITHER, "GET", "deny", "r", A.digest, 999.0),
+        DecisionLine(source_address(1), NEITHER, "GET", "deny", "r", B.digest, 1000.25),
+        DecisionLine(source_address(2), BOTH, "GET", "allow", "r", A.digest, 1004.0),
     ]
     results = [
-        req(0, Role.BOTH, "http", Outcome.ALLOWED),
-        req(1, Role.BOTH, "http", Outcome.ALLOWED),
+        req(0, Role.NEITHER, "http", Outcome.DENIED, A.digest),
+        req(1, Role.NEITHER, "http", Outcome.DENIED, B.digest),
+        req(2, Role.BOTH, "http", Outcome.ALLOWED),
     ]
     report = report_of(results, lines)
     assert report.passed, report.problems
     assert report.reloads.lags_ms == [250.0] and report.reloads.stale == 0
-    assert "| flip to first decision by the new version p50 / max | 250 / 250 ms" in render(report)
+    assert "| flip to first denial by the new version p50 / max | 250 / 250 ms" in render(report)
