@@ -329,65 +329,83 @@ def summarize_resources(
     )
 
 
-# -- reload lag --------------------------------------------------------------------------------
+# -- reloads ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Flip:
-    at: float  # epoch seconds, when the new file was in place
-    label: str  # the version written
+    at: float  # epoch seconds: the harness's new file was in place (or the sidecar applied it)
+    label: str  # the version written (applied)
+
+
+def parse_applied_line(line: str) -> tuple[float, str] | None:
+    """(time, version) of the sidecar's ``allowlist applied`` log line (stderr), else None."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict) or entry.get("msg") != "allowlist applied":
+        return None
+    ts, version = entry.get("ts"), entry.get("version")
+    when = _epoch(ts) if isinstance(ts, str) else None
+    if when is None or not isinstance(version, str):
+        return None
+    return when, version
 
 
 @dataclass(frozen=True)
 class Reloads:
-    lags_ms: list[float]  # per flip: until the first denial by the version it wrote
-    unobserved: int  # flips with no denial by their version before the next flip
-    stale: int  # denials by a version that had been replaced more than STALE_AFTER before
+    lags_ms: list[float]  # per flip: file replaced -> the sidecar logged "allowlist applied"
+    unobserved: int  # flips the sidecar did not apply before the next one
+    stale: int  # denials by a version the sidecar had replaced over STALE_AFTER before
+    stale_max_ms: float  # how long after the swap the latest of those was logged
 
 
-STALE_AFTER: Final = 1.0  # seconds; the file source polls every 0.2 s
+# A denial's line is written as it is decided; the swap is logged right after it is made. A
+# denial by the old version logged this long after the swap took its policy before the swap
+# and was held up (or the snapshot is not taken once per decision).
+STALE_AFTER: Final = 0.1
 
 
-def reload_lags(
-    initial: str, flips: Sequence[Flip], decided: Iterable[tuple[float, str]]
+def reload_figures(
+    initial: str,
+    flips: Sequence[Flip],
+    applied: Sequence[Flip],
+    decided: Iterable[tuple[float, str]],
 ) -> Reloads:
-    """How fast flips took effect, from the decisions' own timestamps and versions.
+    """How fast the sidecar applied each flip, and whether denials followed the swap.
 
-    ``initial`` is the version in force before the first flip; ``decided`` holds (time, version
-    label) of each decision. Informational: a correct sidecar may lag (it polls the file); what
+    ``initial`` is the version in force before the first ``applied`` event; ``decided`` holds
+    (time, version label) of denials. Informational: a file source polls, so a reload lags; what
     must never happen is a decision its version would not make, which ``judge`` checks.
     """
-    ordered = sorted(decided)
-    times = [t for t, _ in ordered]
     flips = sorted(flips, key=lambda f: f.at)
-    flip_times = [f.at for f in flips]
+    applied = sorted(applied, key=lambda a: a.at)
     lags: list[float] = []
     unobserved = 0
     for i, flip in enumerate(flips):
+        since = flips[i - 1].at if i > 0 else -math.inf
         until = flips[i + 1].at if i + 1 < len(flips) else math.inf
         first = next(
-            (
-                t
-                for t, label in ordered[bisect.bisect_left(times, flip.at) :]
-                if label == flip.label
-            ),
-            None,
+            (a.at for a in applied if a.label == flip.label and since < a.at < until), None
         )
-        if first is None or first >= until:
+        if first is None:
             unobserved += 1
         else:
-            lags.append(round((first - flip.at) * 1e3, 1))
+            lags.append(round(max(first - flip.at, 0.0) * 1e3, 1))
 
-    def in_force(since: float, until: float) -> set[str]:
-        """The versions in force at some moment of [since, until]."""
-        before = bisect.bisect_right(flip_times, since) - 1
-        labels = {flips[before].label if before >= 0 else initial}
-        upto = bisect.bisect_right(flip_times, until)
-        labels.update(f.label for f in flips[before + 1 : upto])
-        return labels
-
-    stale = sum(1 for t, label in ordered if label not in in_force(t - STALE_AFTER, t))
-    return Reloads(lags, unobserved, stale)
+    swaps = [a.at for a in applied]
+    stale, stale_max = 0, 0.0
+    for t, label in decided:
+        # the versions the sidecar had in force at some moment of [t - STALE_AFTER, t]
+        before = bisect.bisect_right(swaps, t - STALE_AFTER) - 1
+        labels = {applied[before].label if before >= 0 else initial}
+        labels.update(a.label for a in applied[before + 1 : bisect.bisect_right(swaps, t)])
+        if label not in labels:
+            stale += 1
+            last = bisect.bisect_right(swaps, t) - 1
+            stale_max = max(stale_max, t - applied[last].at if last >= 0 else 0.0)
+    return Reloads(lags, unobserved, stale, round(stale_max * 1e3, 1))
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -451,6 +469,7 @@ def build_report(
     seconds: float,
     clients: int,
     flips: Sequence[Flip],
+    applied: Sequence[tuple[float, str]] = (),
     resources: Resources,
     sidecar_cpu_s: float,
     client_cpu_s: float = 0.0,
@@ -539,7 +558,12 @@ def build_report(
         errors=errors,
         p50_ms=percentile(latencies, 50),
         p99_ms=percentile(latencies, 99),
-        reloads=reload_lags(versions_[0].label, flips, decided_at),
+        reloads=reload_figures(
+            versions_[0].label,
+            flips,
+            [Flip(t, by_digest[v].label) for t, v in applied if v in by_digest],
+            decided_at,
+        ),
         resources=resources,
         sidecar_cpu_s=sidecar_cpu_s,
         client_cpu_s=client_cpu_s,
@@ -566,13 +590,13 @@ def render(report: Report) -> str:
         ("decision lines without a client result", f"{report.undecided_lines:,}"),
         ("latency of decided requests p50 / p99", f"{report.p50_ms:.1f} / {report.p99_ms:.1f} ms"),
         (
-            "flip to first denial by the new version p50 / max",
+            "file replaced -> applied by the sidecar p50 / max",
             f"{percentile(lags, 50):.0f} / {max(lags, default=0.0):.0f} ms "
-            f"({report.reloads.unobserved} flips unobserved)",
+            f"({report.reloads.unobserved} flips not applied)",
         ),
         (
-            f"denials by a version replaced over {STALE_AFTER:g} s before",
-            f"{report.reloads.stale:,}",
+            f"denials by a version replaced over {STALE_AFTER * 1e3:.0f} ms before",
+            f"{report.reloads.stale:,} (latest {report.reloads.stale_max_ms:.0f} ms after)",
         ),
         (
             "sidecar RSS start / peak / end",

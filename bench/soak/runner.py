@@ -34,6 +34,7 @@ from bench.soak.model import (
     Sample,
     Tolerance,
     build_report,
+    parse_applied_line,
     parse_decision_line,
     summarize_resources,
     versions,
@@ -347,6 +348,11 @@ def _measure(
         _settle(settings.settle_seconds, sidecar)
         end = sample(pid, time.monotonic() - origin)
     lines = read_decisions(sidecar.decisions, offset)
+    applied = [
+        a
+        for a in map(parse_applied_line, sidecar.stderr.read_text(errors="replace").splitlines())
+        if a is not None
+    ]
     resources = summarize_resources(start, sampler.samples, end, settings.tolerance)
     return build_report(
         results=results,
@@ -355,6 +361,7 @@ def _measure(
         seconds=load_seconds,
         clients=settings.clients,
         flips=flipper.flips,
+        applied=applied,
         resources=resources,
         sidecar_cpu_s=end.cpu_s - start.cpu_s,
         client_cpu_s=client_cpu,

@@ -26,10 +26,11 @@ from bench.soak.model import (
     Tolerance,
     build_report,
     judge,
+    parse_applied_line,
     parse_decision_line,
     percentile,
     plan,
-    reload_lags,
+    reload_figures,
     render,
     source_address,
     summarize_resources,
@@ -445,52 +446,89 @@ def test_client_decisions_without_a_line_are_counted_as_unattributed() -> None:
     assert report.unattributed == 1 and report.wrong == 0
 
 
-# -- reload lag --------------------------------------------------------------------------------
+# -- reloads ---------------------------------------------------------------------------------
 
 FLIPS = [Flip(10.0, "B"), Flip(12.0, "A"), Flip(14.0, "B")]
+APPLIED = [Flip(1.0, "A"), Flip(10.2, "B"), Flip(12.05, "A"), Flip(15.0, "B")]
 
 
 @pytest.mark.parametrize(
-    ("decided", "lags", "unobserved", "stale"),
+    ("decided", "stale", "stale_max_ms"),
     [
-        # each flip seen 50 ms, 200 ms, 1 ms later; nothing stale
-        (
-            [(9.0, "A"), (10.05, "B"), (11.0, "B"), (12.2, "A"), (14.001, "B"), (20.0, "B")],
-            [50.0, 200.0, 1.0],
-            0,
-            0,
-        ),
-        # the old version right after a flip is not stale (within 1 s); 1.5 s after, it is
-        ([(10.5, "A"), (10.6, "B"), (11.5, "A")], [600.0], 2, 1),
-        # B at 12.5 is the version replaced at 12.0: fine until 13.0
-        ([(12.5, "B"), (13.2, "B")], [], 3, 1),
-        # before the first flip the initial version (A) is in force
-        ([(5.0, "A"), (5.0, "B")], [], 3, 1),
-        # a flip whose version first decides only after the next flip counts as unobserved
-        ([(12.5, "B")], [], 3, 0),
-        ([], [], 3, 0),
+        ([], 0, 0.0),
+        # each denial by the version the sidecar had in force
+        ([(5.0, "A"), (10.1, "A"), (11.0, "B"), (12.5, "A"), (14.9, "A"), (15.5, "B")], 0, 0.0),
+        # within 100 ms of the swap the old version may still be logged
+        ([(10.29, "A"), (12.14, "B")], 0, 0.0),
+        # later than that, it is stale: 10.5 is 300 ms after B was applied at 10.2
+        ([(10.5, "A"), (13.0, "B"), (11.0, "B")], 2, 950.0),
+        # a version the sidecar never had before that time
+        ([(5.0, "B")], 1, 4000.0),
     ],
 )
-def test_reload_lags(
-    decided: list[tuple[float, str]], lags: list[float], unobserved: int, stale: int
+def test_reload_figures_stale_denials(
+    decided: list[tuple[float, str]], stale: int, stale_max_ms: float
 ) -> None:
-    reloads = reload_lags("A", FLIPS, decided)
-    assert (reloads.lags_ms, reloads.unobserved, reloads.stale) == (lags, unobserved, stale)
+    reloads = reload_figures("A", FLIPS, APPLIED, decided)
+    assert (reloads.stale, reloads.stale_max_ms) == (stale, stale_max_ms)
 
 
-def test_the_report_times_reloads_by_denials_only() -> None:
-    """An allowed call's line is written when the call ends, seconds after its decision."""
+def test_reload_figures_lags_per_flip() -> None:
+    reloads = reload_figures("A", FLIPS, APPLIED, [])
+    assert reloads.lags_ms == [200.0, 50.0, 1000.0]
+    assert reloads.unobserved == 0
+    # a flip the sidecar never applied before the next flip
+    missed = reload_figures("A", FLIPS, [Flip(1.0, "A"), Flip(12.05, "A")], [])
+    assert (missed.lags_ms, missed.unobserved) == ([50.0], 2)
+    # logged a moment before the harness took its own time: no negative lag
+    early = reload_figures("A", [Flip(10.0, "B")], [Flip(9.99, "B")], [])
+    assert early.lags_ms == [0.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '{"ts":"2026-12-02T05:00:00.250Z","level":"info","msg":"allowlist applied",'
+            '"version":"sha256:abc","previous_version":null}',
+            (TS, "sha256:abc"),
+        ),
+        ('{"ts":"2026-12-02T05:00:00.250Z","msg":"allowlist rejected","version":"x"}', None),
+        ('{"ts":"bad","msg":"allowlist applied","version":"x"}', None),
+        ('{"ts":"2026-12-02T05:00:00.250Z","msg":"allowlist applied"}', None),
+        ("not json", None),
+    ],
+)
+def test_parse_applied_line(text: str, expected: tuple[float, str] | None) -> None:
+    assert parse_applied_line(text) == expected
+
+
+def test_the_report_times_reloads_from_the_sidecars_own_log() -> None:
     lines = [
         DecisionLine(source_address(0), NEITHER, "GET", "deny", "r", A.digest, 999.0),
-        DecisionLine(source_address(1), NEITHER, "GET", "deny", "r", B.digest, 1000.25),
+        DecisionLine(source_address(1), ONLY_B, "GET", "deny", "r", A.digest, 1000.5),
+        # allowed lines are written when the call ends: not used for timing
         DecisionLine(source_address(2), BOTH, "GET", "allow", "r", A.digest, 1004.0),
     ]
     results = [
         req(0, Role.NEITHER, "http", Outcome.DENIED, A.digest),
-        req(1, Role.NEITHER, "http", Outcome.DENIED, B.digest),
+        req(1, Role.ONLY_B, "http", Outcome.DENIED, A.digest),
         req(2, Role.BOTH, "http", Outcome.ALLOWED),
     ]
-    report = report_of(results, lines)
-    assert report.passed, report.problems
-    assert report.reloads.lags_ms == [250.0] and report.reloads.stale == 0
-    assert "| flip to first denial by the new version p50 / max | 250 / 250 ms" in render(report)
+    applied = [(990.0, A.digest), (1000.25, B.digest), (1000.3, "sha256:other")]
+    report = build_report(
+        results=results,
+        lines=lines,
+        versions_=[A, B],
+        seconds=2.0,
+        clients=4,
+        flips=[Flip(1000.0, "B")],
+        applied=applied,
+        resources=OK_RESOURCES,
+        sidecar_cpu_s=0.5,
+    )
+    assert report.reloads.lags_ms == [250.0]
+    assert (report.reloads.stale, report.reloads.stale_max_ms) == (1, 250.0)
+    table = render(report)
+    assert "| file replaced -> applied by the sidecar p50 / max | 250 / 250 ms" in table
+    assert "| denials by a version replaced over 100 ms before | 1 (latest 250 ms after) |" in table
