@@ -11,6 +11,7 @@ import datetime as dt
 import ipaddress
 import json
 import math
+import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -302,6 +303,9 @@ class Resources:
     fds_limit: int
     rss_back: bool
     fds_back: bool
+    # least-squares RSS slope over the second half of the load: a leak keeps growing under
+    # steady load while allocator warm-up flattens out (None: too few samples)
+    rss_slope_mib_per_min: float | None = None
     samples: list[Sample] = field(default_factory=list)  # every second during the load
 
     @property
@@ -325,8 +329,21 @@ def summarize_resources(
         fds_limit=fds_limit,
         rss_back=end.rss_mib <= rss_limit,
         fds_back=end.fds <= fds_limit,
+        rss_slope_mib_per_min=rss_slope(samples),
         samples=list(samples),
     )
+
+
+def rss_slope(samples: Sequence[Sample]) -> float | None:
+    """MiB per minute, fitted over the second half of ``samples`` (at least 4 of them)."""
+    if not samples:
+        return None
+    half = samples[0].t + (samples[-1].t - samples[0].t) / 2
+    late = [s for s in samples if s.t >= half]
+    if len(late) < 4:
+        return None
+    slope = statistics.linear_regression([s.t for s in late], [s.rss_mib for s in late]).slope
+    return round(slope * 60, 3)
 
 
 # -- reloads ---------------------------------------------------------------------------------
@@ -602,6 +619,12 @@ def render(report: Report) -> str:
             "sidecar RSS start / peak / end",
             f"{res.start.rss_mib:.1f} / {res.peak_rss_mib:.1f} / {res.end.rss_mib:.1f} MiB "
             f"(limit {res.rss_limit_mib:.1f}: {'ok' if res.rss_back else 'NOT back'})",
+        ),
+        (
+            "sidecar RSS slope over the second half of the load",
+            "-"
+            if res.rss_slope_mib_per_min is None
+            else f"{res.rss_slope_mib_per_min:+.2f} MiB/min",
         ),
         (
             "sidecar open fds start / peak / end",

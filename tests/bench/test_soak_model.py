@@ -32,6 +32,7 @@ from bench.soak.model import (
     plan,
     reload_figures,
     render,
+    rss_slope,
     source_address,
     summarize_resources,
     versions,
@@ -306,6 +307,21 @@ def test_back_to_baseline(end: Sample, rss_back: bool, fds_back: bool) -> None:
     assert (res.rss_back, res.fds_back) == (rss_back, fds_back)
     assert res.back_to_baseline is (rss_back and fds_back)
     assert (res.peak_rss_mib, res.peak_fds) == (300.0, 1020)
+
+
+@pytest.mark.parametrize(
+    ("rss", "slope"),
+    [
+        ([], None),
+        ([100.0] * 8, 0.0),
+        # warm-up growth in the first half does not count; 0.5 MiB/s later = 30 MiB/min
+        ([100.0, 150.0, 190.0, 200.0, 200.5, 201.0, 201.5, 202.0], 30.0),
+        ([100.0, 101.0, 102.0], None),  # too few samples in the second half
+    ],
+)
+def test_rss_slope_over_the_second_half(rss: list[float], slope: float | None) -> None:
+    samples = [s(v, 10, t=float(i)) for i, v in enumerate(rss)]
+    assert rss_slope(samples) == slope
 
 
 @pytest.mark.parametrize(("baseline", "limit"), [(100.0, 124.0), (400.0, 460.0)])
