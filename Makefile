@@ -3,13 +3,15 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test pytest lint bench venv clean help image image-test e2e-kind
+.PHONY: run test pytest lint bench soak venv clean help image image-test e2e-kind
 
 help:
 	@echo "make run    - run the sidecar locally on examples/allowlist.yaml (explicit proxy 127.0.0.1:15001)"
 	@echo "make test   - lint (ruff, mypy --strict, import contracts) and the whole test suite"
 	@echo "make lint   - only the linters"
 	@echo "make bench  - throughput/latency/memory benchmark against Squid"
+	@echo "make soak   - 500 clients for 5 min while the allowlist flips; exit 1 on a wrong decision or a leak"
+	@echo "              (SOAK_ARGS=\"--duration 30\" for a quick run; python -m bench.soak --help)"
 	@echo "make image  - build the container image (docker build, or buildah without a Docker engine)"
 	@echo "make image-test - build the image, run a pod from it (root, buildah; CI)"
 	@echo "make e2e-kind - build, load into kind, install, watch a denial (needs Docker and kind)"
@@ -35,6 +37,10 @@ test: lint pytest
 
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Not part of `make test`: minutes of load. Loopback only; bounded in time and requests.
+soak: venv
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 IMAGE ?= ghcr.io/egress-sidecar/egress-sidecar:0.1.0
 
