@@ -42,7 +42,8 @@ ROUTES: Final[Mapping[str, Route]] = {
     "/mutate/workloads": "workloads",
 }
 MAX_WARNING_CHARS: Final = 250
-Outcome = Literal["injected", "skipped", "patched", "unchanged", "not-understood"]
+MAX_REFUSAL_CHARS: Final = 1000
+Outcome = Literal["injected", "skipped", "patched", "unchanged", "not-understood", "refused"]
 
 
 class BadReviewError(ValueError):
@@ -59,10 +60,16 @@ class ReviewResult:
 
 
 def _response(
-    api_version: str, uid: str, patch: list[dict[str, Any]] | None, warnings: list[str]
+    api_version: str,
+    uid: str,
+    patch: list[dict[str, Any]] | None,
+    warnings: list[str],
+    refusal: str | None = None,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"uid": uid, "allowed": True}
-    if patch:
+    body: dict[str, Any] = {"uid": uid, "allowed": refusal is None}
+    if refusal is not None:
+        body["status"] = {"code": 403, "reason": "Forbidden", "message": refusal}
+    elif patch:
         body["patchType"] = "JSONPatch"
         body["patch"] = base64.b64encode(json.dumps(patch).encode()).decode("ascii")
     if warnings:
@@ -70,8 +77,8 @@ def _response(
     return {"apiVersion": api_version, "kind": "AdmissionReview", "response": body}
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= MAX_WARNING_CHARS else text[: MAX_WARNING_CHARS - 1] + "…"
+def _short(text: str, limit: int = MAX_WARNING_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_review(body: bytes) -> tuple[str, dict[str, Any]]:
@@ -124,7 +131,11 @@ def review(body: bytes, route: Route, cfg: InjectorConfig) -> ReviewResult:
         warnings=warnings,
         duration_ms=round((time.monotonic() - started) * 1000, 3),
     )
-    return ReviewResult(_response(api_version, uid, patch, warnings), outcome, fields)
+    refusal = None
+    if outcome == "refused":
+        # The refusal names every reason; the warnings repeat them one per line for kubectl.
+        refusal = _short(f"egress-injector: {reason}", MAX_REFUSAL_CHARS)
+    return ReviewResult(_response(api_version, uid, patch, warnings, refusal), outcome, fields)
 
 
 def _decide(
@@ -152,6 +163,9 @@ def _decide(
             result = inject_pod(obj, ctx, cfg)
         except NotAPodError as exc:
             return None, "not-understood", str(exc), [f"pod spec not understood ({exc})"]
+        if cfg.refuse_capture_bypass and result.risks:
+            reason = "refused (refuseCaptureBypass): " + "; ".join(result.risks)
+            return None, "refused", reason, list(result.warnings)
         if not result.injected:
             return None, "skipped", result.reason, list(result.warnings)
         return make_patch(obj, result.pod), "injected", result.reason, list(result.warnings)
@@ -174,18 +188,30 @@ def _decide(
     if not changed:
         return None, "unchanged", "template annotations already in sync", []
     reason = "copied workload annotations into the pod template: " + ", ".join(changed)
-    return make_patch(obj, updated), "patched", reason, _template_warnings(updated, cfg)
+    warnings = _template_warnings(updated, cfg, namespace)
+    return make_patch(obj, updated), "patched", reason, warnings
 
 
-def _template_warnings(workload: Mapping[str, Any], cfg: InjectorConfig) -> list[str]:
-    """Problems with the template's annotations, told to whoever annotated the workload (the
-    pods' own warnings only reach the controller that creates them)."""
+def _template_warnings(
+    workload: Mapping[str, Any], cfg: InjectorConfig, namespace: str | None
+) -> list[str]:
+    """Problems with the template, told to whoever annotated the workload (the pods' own
+    warnings only reach the controller that creates them): its annotations, and, when it opts
+    in, every way its pods could bypass capture. Warnings only: refusing an UPDATE could block
+    a workload's deletion (finalizers); ``refuseCaptureBypass`` refuses the pods."""
     template = pod_template(workload) or {}
     meta = template.get("metadata")
     raw = meta.get("annotations") if isinstance(meta, Mapping) else None
     annotations = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, Mapping) else {}
-    warnings = list(read_settings(annotations, cfg).warnings)
     inject = annotations.get(c.ANNOTATION_INJECT)
+    if inject == "true":
+        try:
+            # The namespace label is unknown on this path: judge the template as opted in by
+            # its annotation, which it is.
+            return list(inject_pod(template, PodContext(namespace=namespace), cfg).warnings)
+        except NotAPodError:
+            pass  # no pod shape yet: only the annotations can be judged
+    warnings = list(read_settings(annotations, cfg).warnings)
     if inject not in (None, "true", "false"):
         warnings.append(f'{c.ANNOTATION_INJECT}={inject!r} is neither "true" nor "false"')
     return warnings

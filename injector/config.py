@@ -65,6 +65,11 @@ class InjectorConfig:
     injector_namespace: str = DEFAULT_INJECTOR_NAMESPACE
     # Seconds the container-style postStart hook waits for the sidecar to become ready.
     ready_timeout_seconds: int = 120
+    # Refuse, rather than warn about, pods whose app containers can bypass capture (privileged,
+    # NET_ADMIN, NET_RAW, a way to UID 1337) or that opted in on the host network. Off by
+    # default: most images run as root with the runtime's capabilities, and a warning never
+    # breaks a workload.
+    refuse_capture_bypass: bool = False
 
     def __post_init__(self) -> None:
         if self.sidecar_style not in ("native", "container"):
@@ -127,6 +132,7 @@ _KEYS: Final = {
     "otelEnv": "otel_env",
     "injectorNamespace": "injector_namespace",
     "readyTimeoutSeconds": "ready_timeout_seconds",
+    "refuseCaptureBypass": "refuse_capture_bypass",
 }
 
 
@@ -158,6 +164,10 @@ def _convert(key: str, value: Any) -> Any:
         if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
             raise ConfigError(f"{key}: must be a mapping with requests/limits mappings")
         return {str(s): {str(r): str(q) for r, q in v.items()} for s, v in value.items()}
+    if key == "refuseCaptureBypass":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false")
+        return value
     if key == "readyTimeoutSeconds":
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{key}: must be an integer")

@@ -29,6 +29,7 @@ import jsonpatch
 
 from injector import __version__
 from injector.config import Capture, InjectorConfig
+from injector.risks import EXPLICIT_CAPTURE, HOST_NETWORK, transparent_risks
 from sidecar import contract as c
 
 JSON = dict[str, Any]
@@ -106,6 +107,9 @@ class PodResult:
     injected: bool
     reason: str
     warnings: tuple[str, ...] = ()
+    # The warnings that say how the app can bypass capture (injector/risks.py); also in
+    # ``warnings``. ``refuseCaptureBypass`` refuses a pod that has any.
+    risks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,11 @@ def decide(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> tupl
     os_name = (spec.get("os") or {}).get("name")
     if os_name == "windows":
         return False, "Windows pod: the sidecar and iptables capture need Linux"
+    return _opted_in(annotations, ctx)
+
+
+def _opted_in(annotations: Mapping[str, str], ctx: PodContext) -> tuple[bool, str]:
+    """The pod's and the namespace's own choice, once nothing rules the pod out."""
     if ctx.namespace_injection == "disabled":
         return False, f"namespace opted out ({c.LABEL_INJECTION}=disabled)"
     value = annotations.get(c.ANNOTATION_INJECT)
@@ -575,7 +584,14 @@ def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> 
     """
     inject, reason = decide(pod, ctx, cfg)
     if not inject:
-        return PodResult(pod=copy.deepcopy(dict(pod)), injected=False, reason=reason)
+        unprotected = _unprotected(pod, ctx, cfg)
+        return PodResult(
+            pod=copy.deepcopy(dict(pod)),
+            injected=False,
+            reason=reason,
+            warnings=unprotected,
+            risks=unprotected,
+        )
     out: JSON = copy.deepcopy(dict(pod))
     meta: JSON = out.setdefault("metadata", {})
     if not isinstance(meta, dict):  # checked by decide(); keeps mypy and readers sure
@@ -618,8 +634,12 @@ def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> 
                     f"container {container.get('name')}: proxy variables from envFrom are "
                     "overridden by the injected ones"
                 )
+        # Said once: no privilege setting of a container can make explicit capture a boundary.
+        warnings.append(EXPLICIT_CAPTURE)
+        risks: list[str] = []
     else:
-        warnings.extend(_uid_warnings(spec, user_init + user_containers))
+        risks = transparent_risks(spec, user_init + user_containers)
+        warnings.extend(risks)
 
     sidecar = sidecar_container(meta, ctx, cfg, settings)
     injected_init: list[JSON] = []
@@ -670,7 +690,25 @@ def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> 
     new_annotations = dict(meta.get("annotations") or {})
     new_annotations[c.ANNOTATION_STATUS] = json.dumps(status, separators=(",", ":"))
     meta["annotations"] = new_annotations
-    return PodResult(pod=out, injected=True, reason=reason, warnings=tuple(warnings))
+    return PodResult(
+        pod=out, injected=True, reason=reason, warnings=tuple(warnings), risks=tuple(risks)
+    )
+
+
+def _unprotected(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> tuple[str, ...]:
+    """The warning for a pod that asked for the sidecar but cannot have it (host network), so
+    that it does not start without egress control silently. Only called after decide()."""
+    meta, spec = _split_pod(pod)
+    annotations = _annotations(meta)
+    namespace = ctx.namespace or _str_or_none(meta.get("namespace"))
+    if (
+        spec.get("hostNetwork") is True
+        and c.ANNOTATION_STATUS not in annotations
+        and namespace not in cfg.excluded_namespaces
+        and _opted_in(annotations, ctx)[0]
+    ):
+        return (HOST_NETWORK,)
+    return ()
 
 
 def _token_volume() -> JSON:
@@ -699,21 +737,6 @@ def _token_volume() -> JSON:
             ],
         },
     }
-
-
-def _uid_warnings(spec: Mapping[str, Any], containers: list[JSON]) -> list[str]:
-    pod_sc = spec.get("securityContext")
-    pod_uid = pod_sc.get("runAsUser") if isinstance(pod_sc, Mapping) else None
-    warnings = []
-    for container in containers:
-        sc = container.get("securityContext")
-        uid = sc.get("runAsUser", pod_uid) if isinstance(sc, Mapping) else pod_uid
-        if uid == c.PROXY_UID:
-            warnings.append(
-                f"container {container.get('name')} runs as UID {c.PROXY_UID}, the proxy's: "
-                "its traffic is not captured"
-            )
-    return warnings
 
 
 # --------------------------------------------------------------------------- workloads
@@ -820,10 +843,22 @@ def inject_workload(
     template = _template_for_update(synced, kind)
     result = inject_pod(template, ctx, cfg)
     if not result.injected:
-        return PodResult(pod=synced, injected=False, reason=result.reason)
+        return PodResult(
+            pod=synced,
+            injected=False,
+            reason=result.reason,
+            warnings=result.warnings,
+            risks=result.risks,
+        )
     template.clear()
     template.update(result.pod)
-    return PodResult(pod=synced, injected=True, reason=result.reason, warnings=result.warnings)
+    return PodResult(
+        pod=synced,
+        injected=True,
+        reason=result.reason,
+        warnings=result.warnings,
+        risks=result.risks,
+    )
 
 
 # --------------------------------------------------------------------------- patch

@@ -74,6 +74,8 @@ def test_pod_conditions_never_skip_an_injectable_pod(pod: dict[str, Any]) -> Non
         if decide(pod, ctx, CFG)[0]:
             assert called, webhook
         result = inject_pod(pod, ctx, CFG)
+        if result.risks:  # a warning the API server never asks for is never shown
+            assert called, (webhook, result.risks)
         if result.injected:
             assert not matches(webhook, result.pod), "an injected pod must not be sent again"
 
@@ -84,7 +86,10 @@ def test_pod_conditions_never_skip_an_injectable_pod(pod: dict[str, Any]) -> Non
         ({}, {}, True, False),
         ({c.ANNOTATION_INJECT: "true"}, {}, True, True),
         ({c.ANNOTATION_INJECT: "false"}, {}, False, False),
-        ({c.ANNOTATION_INJECT: "true"}, {"hostNetwork": True}, False, False),
+        # host-network pods that opt in are sent, to be warned that they are not injected
+        ({c.ANNOTATION_INJECT: "true"}, {"hostNetwork": True}, True, True),
+        ({}, {"hostNetwork": True}, True, False),
+        ({c.ANNOTATION_INJECT: "false"}, {"hostNetwork": True}, False, False),
         ({c.ANNOTATION_INJECT: "true"}, {"os": {"name": "windows"}}, False, False),
         ({c.ANNOTATION_INJECT: "true", c.ANNOTATION_STATUS: "{}"}, {}, False, False),
         (None, {}, True, False),

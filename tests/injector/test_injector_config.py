@@ -32,6 +32,8 @@ def test_the_shipped_configuration_loads() -> None:
     cfg = config_from_dict(doc)
     assert dict(cfg.otel_env)["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
     assert cfg.injector_namespace == "egress-system"
+    assert cfg.refuse_capture_bypass is False  # warnings by default: never breaks a workload
+    assert config_from_dict({"refuseCaptureBypass": True}).refuse_capture_bypass is True
 
 
 @pytest.mark.parametrize(
@@ -52,6 +54,8 @@ def test_the_shipped_configuration_loads() -> None:
         ({"injectorNamespace": "Egress"}, "injectorNamespace"),
         ({"readyTimeoutSeconds": 0}, "readyTimeoutSeconds"),
         ({"readyTimeoutSeconds": "10"}, "must be an integer"),
+        ({"refuseCaptureBypass": "yes"}, "refuseCaptureBypass: must be true or false"),
+        ({"refuseCaptureBypass": 1}, "refuseCaptureBypass: must be true or false"),
     ],
 )
 def test_errors_name_the_key(doc: Any, message: str) -> None:

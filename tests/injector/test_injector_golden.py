@@ -36,10 +36,15 @@ def test_golden(source: Path, style: str) -> None:
     output, report = inject_text(source.read_text(), config(style), namespace_injection=None)
     assert len(report.injected) == 1, report
     target = GOLDEN / "output" / f"{source.stem}.{style}.yaml"
+    # what `inject` prints as warning: lines, reviewed like the manifests
+    warnings = GOLDEN / "output" / f"{source.stem}.{style}.warnings.txt"
+    warned = "".join(f"{w}\n" for w in report.warnings)
     if UPDATE_GOLDEN:
         target.write_text(output)
-    assert target.exists(), f"missing {target}; run with UPDATE_GOLDEN=1"
-    assert output == target.read_text(), f"{target} differs; review, then UPDATE_GOLDEN=1"
+        warnings.write_text(warned)
+    for path, got in ((target, output), (warnings, warned)):
+        assert path.exists(), f"missing {path}; run with UPDATE_GOLDEN=1"
+        assert got == path.read_text(), f"{path} differs; review, then UPDATE_GOLDEN=1"
     for doc in yaml.safe_load_all(output):
         validate(doc, K8S_VERSION)
         if style == "container":

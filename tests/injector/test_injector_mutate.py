@@ -371,7 +371,15 @@ def test_explicit_keeps_user_proxy_variables() -> None:
     ],
 )
 def test_warnings(spec_extra: dict[str, Any], warning: str | None) -> None:
-    result = inject_pod(pod(INJECT_TRUE, **spec_extra), PodContext(), CFG)
+    obj = pod(INJECT_TRUE, **spec_extra)
+    # hardened as Pod Security "restricted" asks: no capture-bypass warning (tests/injector/
+    # test_injector_risks.py has those)
+    obj["spec"]["containers"][0]["securityContext"] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+    }
+    result = inject_pod(obj, PodContext(), CFG)
     assert result.injected
     if warning:
         assert any(warning in w for w in result.warnings)

@@ -36,6 +36,7 @@ from injector.mutate import (
     pod_template,
     sync_workload_annotations,
 )
+from injector.risks import EXPLICIT_CAPTURE, HOST_NETWORK
 from sidecar import contract as c
 from tests.injector.strategies import valid_pods, weird_pods
 from tests.injector.support import GOLDEN, OTEL_ENV, REAL_WORLD
@@ -97,10 +98,10 @@ def _certs(tmp: Path) -> Path:
     return out
 
 
-def start_server(tmp: Path, *extra: str) -> Server:
+def start_server(tmp: Path, *extra: str, config: dict[str, Any] | None = None) -> Server:
     certs = tmp / "certs" if (tmp / "certs" / "tls.crt").exists() else _certs(tmp)
     config_path = tmp / "injector-config.yaml"
-    config_path.write_text(yaml.safe_dump(SERVER_CONFIG))
+    config_path.write_text(yaml.safe_dump(config or SERVER_CONFIG))
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -383,6 +384,122 @@ def test_inputs_it_cannot_understand_are_allowed_with_a_warning(
         assert any(warning in w for w in response["warnings"]), response
     else:
         assert "warnings" not in response
+
+
+HARDENED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+PRIVILEGED = (
+    "container web: privileged: it can remove the egress capture rules; run it unprivileged"
+)
+SETUID_1337 = (
+    "container web: runs as root with CAP_SETUID: it can switch to UID 1337, whose traffic is "
+    "not captured; set runAsNonRoot: true, or drop SETUID (or ALL)"
+)
+
+
+def _web_pod(
+    sc: dict[str, Any], annotations: dict[str, str] | None = None, **spec: Any
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "annotations": annotations or {c.ANNOTATION_INJECT: "true"}},
+        "spec": {"containers": [{"name": "web", "image": "x", "securityContext": sc}], **spec},
+    }
+
+
+BYPASS_CASES = [
+    # (path, pod, patched, the warnings kubectl shows)
+    ("/mutate/pods", _web_pod(HARDENED), True, []),
+    ("/mutate/pods", _web_pod({**HARDENED, "privileged": True}), True, [PRIVILEGED]),
+    (
+        "/mutate/pods",
+        _web_pod({"runAsUser": 0, "capabilities": {"drop": ["NET_RAW"]}}),
+        True,
+        [SETUID_1337],
+    ),
+    ("/mutate/pods", _web_pod(HARDENED, hostNetwork=True), False, [HOST_NETWORK]),
+    (
+        "/mutate/pods/namespace-enabled",
+        _web_pod(HARDENED, {}, hostNetwork=True),
+        False,
+        [HOST_NETWORK],
+    ),
+    (
+        "/mutate/pods",
+        _web_pod(
+            {"privileged": True}, {c.ANNOTATION_INJECT: "true", c.ANNOTATION_CAPTURE: "explicit"}
+        ),
+        True,
+        [EXPLICIT_CAPTURE],
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "pod", "patched", "warnings"), BYPASS_CASES)
+def test_capture_bypass_warnings_arrive(
+    server: Server,
+    conn: http.client.HTTPSConnection,
+    *,
+    path: str,
+    pod: dict[str, Any],
+    patched: bool,
+    warnings: list[str],
+) -> None:
+    review = admission_review(pod)
+    status, answer = post(conn, path, review)
+    assert status == 200
+    response = answer["response"]
+    assert response["allowed"] is True and ("patch" in response) is patched
+    assert response.get("warnings", []) == ["egress-injector: " + w for w in warnings]
+    (log,) = server.review_logs(review["request"]["uid"])
+    assert log["warnings"] == warnings
+
+
+def test_workload_path_warns_about_the_template(conn: http.client.HTTPSConnection) -> None:
+    deploy = _deployment({c.ANNOTATION_INJECT: "true"})
+    deploy["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    review = admission_review(deploy, "Deployment", group="apps", operation="UPDATE")
+    status, answer = post(conn, "/mutate/workloads", review)
+    assert status == 200 and "patch" in answer["response"]
+    assert answer["response"]["warnings"] == ["egress-injector: " + PRIVILEGED]
+    deploy["spec"]["template"]["spec"]["hostNetwork"] = True
+    review = admission_review(deploy, "Deployment", group="apps", operation="CREATE")
+    status, answer = post(conn, "/mutate/workloads", review)
+    assert answer["response"]["allowed"] is True  # the workload path warns, never refuses
+    assert answer["response"]["warnings"] == ["egress-injector: " + HOST_NETWORK]
+
+
+def test_refuse_capture_bypass_refuses_those_pods_only(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, config={**SERVER_CONFIG, "refuseCaptureBypass": True})
+    try:
+        with closing(srv.connect()) as connection:
+            for path, pod, patched, warnings in BYPASS_CASES:
+                review = admission_review(pod)
+                status, answer = post(connection, path, review)
+                assert status == 200
+                response = answer["response"]
+                refused = bool(warnings) and warnings != [EXPLICIT_CAPTURE]
+                assert response["allowed"] is not refused, (pod, response)
+                assert response.get("warnings", []) == ["egress-injector: " + w for w in warnings]
+                if refused:
+                    assert "patch" not in response
+                    assert response["status"]["code"] == 403
+                    assert response["status"]["message"] == (
+                        "egress-injector: refused (refuseCaptureBypass): " + "; ".join(warnings)
+                    )
+                    (log,) = srv.review_logs(review["request"]["uid"])
+                    assert log["outcome"] == "refused"
+                else:
+                    assert ("patch" in response) is patched and "status" not in response
+            connection.request("GET", "/metrics")
+            text = connection.getresponse().read().decode()
+        assert 'egress_injector_reviews_total{outcome="refused",route="pods"} 3.0' in text
+    finally:
+        stop_server(srv)
 
 
 @pytest.mark.parametrize(
