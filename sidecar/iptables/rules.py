@@ -13,15 +13,17 @@ nat ``OUTPUT`` (TCP) → ``EGRESS_SIDECAR_OUTPUT``:
     and excluded ports; REDIRECT ``--to-ports <proxy port>`` for the remaining TCP (only the
     included ports when an include list is given).
 
-filter ``OUTPUT`` (all UDP, ICMP echo-request) → ``EGRESS_SIDECAR_OUTPUT``:
+filter ``OUTPUT`` (everything but TCP) → ``EGRESS_SIDECAR_OUTPUT``:
     RETURN for the proxy, ``-o lo``, replies within a flow begun from outside (conntrack
     ESTABLISHED: a UDP server in the pod answering) and excluded CIDRs (cluster-internal traffic
     is not egress, whatever its protocol); RETURN for UDP to the opened UDP CIDRs and ports;
     UDP port 53 goes (``-g``) to ``EGRESS_SIDECAR_DNS``, which lets through only the pod's name
     servers; every other UDP datagram is REJECTed with port-unreachable (the client fails at
     once, QUIC falls back to TCP, where it is captured); an ICMP echo-request is REJECTed with
-    admin-prohibited. Nothing else is jumped to our chain: ICMP errors and ICMPv6 neighbour
-    and router discovery never meet a rule of ours.
+    admin-prohibited. Other ICMP (errors, ICMPv6 neighbour and router discovery, MLD) and IGMP
+    to multicast groups RETURN; every other protocol is REJECTed with admin-prohibited: an
+    unprivileged app opens UDP-Lite (136) sockets, which ``-p udp`` does not match, and a root
+    app with CAP_NET_RAW sends any IP protocol.
 
 The DNS allowance is its own chain on purpose: redirecting the app's DNS to the sidecar later
 changes that chain (and adds a nat rule), nothing else.
@@ -51,6 +53,7 @@ OUTPUT_CHAIN: Final = CHAIN_PREFIX + "OUTPUT"
 DNS_CHAIN: Final = CHAIN_PREFIX + "DNS"
 QUIC_PORT: Final = 443
 DNS_PORT: Final = 53
+MULTICAST_V4: Final = "224.0.0.0/4"
 TABLES: Final = ("nat", "filter")
 
 type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -84,7 +87,8 @@ class Family(Enum):
 
     @property
     def reject_echo_with(self) -> str:
-        """For ICMP echo: ``ping`` reports the destination administratively prohibited."""
+        """For ICMP echo and protocols other than TCP, UDP and ICMP: ``ping`` reports the
+        destination administratively prohibited."""
         return "icmp-admin-prohibited" if self is Family.IPV4 else "icmp6-adm-prohibited"
 
     @property
@@ -94,6 +98,11 @@ class Family(Enum):
         if self is Family.IPV4:
             return "-p icmp -m icmp --icmp-type 8"
         return "-p ipv6-icmp -m icmp6 --icmpv6-type 128"
+
+    @property
+    def icmp(self) -> str:
+        """Match of every ICMP message of this family, as iptables-save prints it."""
+        return "-p icmp" if self is Family.IPV4 else "-p ipv6-icmp"
 
     @property
     def restore_command(self) -> str:
@@ -305,13 +314,18 @@ def _filter_table(opts: CaptureOptions, family: Family) -> TableRules:
         f"-p udp -m udp --dport {DNS_PORT} -g {DNS_CHAIN}",
         f"-p udp -j REJECT --reject-with {family.reject_with}",
         f"{family.echo_request} -j REJECT --reject-with {family.reject_echo_with}",
+        # The kernel's own ICMP (errors, neighbour discovery, MLD) and IGMP group reports.
+        f"{family.icmp} -j RETURN",
+        *([f"-d {MULTICAST_V4} -p igmp -j RETURN"] if family is Family.IPV4 else []),
+        # UDP-Lite, SCTP, raw IP protocols: nothing the proxy could see either.
+        f"-j REJECT --reject-with {family.reject_echo_with}",
     ]
     servers = _same_family(opts.dns_servers, family)
     dns = [
         *(f"-d {addr}/{addr.max_prefixlen} -j RETURN" for addr in servers),
         f"-j REJECT --reject-with {family.reject_with}",
     ]
-    jumps = (f"-p udp -j {OUTPUT_CHAIN}", f"{family.echo_request} -j {OUTPUT_CHAIN}")
+    jumps = (f"! -p tcp -j {OUTPUT_CHAIN}",)
     return TableRules("filter", jumps, ((DNS_CHAIN, tuple(dns)), (OUTPUT_CHAIN, tuple(main))))
 
 

@@ -165,10 +165,7 @@ def _filter(opts: CaptureOptions, family: Family) -> rules.TableRules:
 def test_filter_rules_default_ipv4() -> None:
     opts = CaptureOptions(proxy_gid=1337, exclude_cidrs=rules.parse_cidrs("10.0.0.0/8"))
     t = _filter(opts, Family.IPV4)
-    assert t.jumps == (
-        "-p udp -j EGRESS_SIDECAR_OUTPUT",
-        "-p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT",
-    )
+    assert t.jumps == ("! -p tcp -j EGRESS_SIDECAR_OUTPUT",)
     assert list(t.rules) == [
         "-m owner --uid-owner 1337 -j RETURN",
         "-m owner --gid-owner 1337 -j RETURN",
@@ -178,6 +175,9 @@ def test_filter_rules_default_ipv4() -> None:
         "-p udp -m udp --dport 53 -g EGRESS_SIDECAR_DNS",
         "-p udp -j REJECT --reject-with icmp-port-unreachable",
         "-p icmp -m icmp --icmp-type 8 -j REJECT --reject-with icmp-admin-prohibited",
+        "-p icmp -j RETURN",
+        "-d 224.0.0.0/4 -p igmp -j RETURN",
+        "-j REJECT --reject-with icmp-admin-prohibited",
     ]
     assert dict(t.chains)["EGRESS_SIDECAR_DNS"] == (
         "-j REJECT --reject-with icmp-port-unreachable",
@@ -186,14 +186,13 @@ def test_filter_rules_default_ipv4() -> None:
 
 def test_filter_rules_ipv6_never_touch_neighbour_discovery() -> None:
     t = _filter(CaptureOptions(), Family.IPV6)
-    # Only echo-request (128) and UDP are sent to our chain: NS/NA/RS/RA and errors pass.
-    assert t.jumps == (
-        "-p udp -j EGRESS_SIDECAR_OUTPUT",
-        "-p ipv6-icmp -m icmp6 --icmpv6-type 128 -j EGRESS_SIDECAR_OUTPUT",
-    )
-    assert t.rules[-2:] == (
+    # Of ICMPv6 only echo-request (128) is refused: NS/NA/RS/RA, MLD and errors return.
+    assert t.jumps == ("! -p tcp -j EGRESS_SIDECAR_OUTPUT",)
+    assert t.rules[-4:] == (
         "-p udp -j REJECT --reject-with icmp6-port-unreachable",
         "-p ipv6-icmp -m icmp6 --icmpv6-type 128 -j REJECT --reject-with icmp6-adm-prohibited",
+        "-p ipv6-icmp -j RETURN",
+        "-j REJECT --reject-with icmp6-adm-prohibited",
     )
 
 
@@ -323,8 +322,8 @@ def test_render_rules_is_one_commit_per_table() -> None:
     assert filt[1:5] == [
         ":EGRESS_SIDECAR_DNS - [0:0]",
         ":EGRESS_SIDECAR_OUTPUT - [0:0]",
-        "-I OUTPUT 1 -p udp -j EGRESS_SIDECAR_OUTPUT",
-        "-I OUTPUT 2 -p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT",
+        "-I OUTPUT 1 ! -p tcp -j EGRESS_SIDECAR_OUTPUT",
+        "-A EGRESS_SIDECAR_DNS -j REJECT --reject-with icmp-port-unreachable",
     ]
     assert not any(line.startswith(("-D", "-X", "-F")) for line in lines)
 
@@ -409,8 +408,7 @@ def test_reapply_replaces_ours_and_leaves_others() -> None:
         ":EGRESS_SIDECAR_DNS - [0:0]\n"
         ":EGRESS_SIDECAR_OUTPUT - [0:0]\n"
         "-D OUTPUT -p udp -m udp --dport 443 -j EGRESS_SIDECAR_OUTPUT\n"
-        "-I OUTPUT 1 -p udp -j EGRESS_SIDECAR_OUTPUT\n"
-        "-I OUTPUT 2 -p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT\n"
+        "-I OUTPUT 1 ! -p tcp -j EGRESS_SIDECAR_OUTPUT\n"
         "-A EGRESS_SIDECAR_DNS -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -o lo -j RETURN\n"
@@ -420,6 +418,9 @@ def test_reapply_replaces_ours_and_leaves_others() -> None:
         "-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -p icmp -m icmp --icmp-type 8 -j REJECT "
         "--reject-with icmp-admin-prohibited\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p icmp -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -d 224.0.0.0/4 -p igmp -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -j REJECT --reject-with icmp-admin-prohibited\n"
         "COMMIT\n"
     )
     assert "OTHER" not in text and "MASQUERADE" not in text
@@ -451,8 +452,7 @@ def test_saved_form_matches_what_save_shows_after_a_fresh_apply() -> None:
         "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
         ":EGRESS_SIDECAR_DNS - [0:0]\n"
         ":EGRESS_SIDECAR_OUTPUT - [0:0]\n"
-        "-A OUTPUT -p udp -j EGRESS_SIDECAR_OUTPUT\n"
-        "-A OUTPUT -p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT\n"
+        "-A OUTPUT ! -p tcp -j EGRESS_SIDECAR_OUTPUT\n"
         "-A EGRESS_SIDECAR_DNS -d 198.18.0.2/32 -j RETURN\n"
         "-A EGRESS_SIDECAR_DNS -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
@@ -462,6 +462,9 @@ def test_saved_form_matches_what_save_shows_after_a_fresh_apply() -> None:
         "-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -p icmp -m icmp --icmp-type 8 -j REJECT "
         "--reject-with icmp-admin-prohibited\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p icmp -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -d 224.0.0.0/4 -p igmp -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -j REJECT --reject-with icmp-admin-prohibited\n"
         "COMMIT\n"
         "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
         ":POSTROUTING ACCEPT [0:0]\n:EGRESS_SIDECAR_OUTPUT - [0:0]\n"
@@ -500,5 +503,5 @@ def test_apply_over_own_rules_deletes_every_old_jump(
     again = rules.render_apply(CaptureOptions(), fam, state).splitlines()
     deleted = [line for line in again if line.startswith("-D OUTPUT ")]
     old_jumps = [line for lines in first.values() for line in lines if line.startswith("-A OUTPUT")]
-    assert len(deleted) == len(old_jumps) == 3  # nat: TCP; filter: UDP, ICMP echo
-    assert sum(line.startswith("-I OUTPUT ") for line in again) == 3
+    assert len(deleted) == len(old_jumps) == 2  # nat: TCP; filter: everything but TCP
+    assert sum(line.startswith("-I OUTPUT ") for line in again) == 2
