@@ -54,6 +54,7 @@ DNS_CHAIN: Final = CHAIN_PREFIX + "DNS"
 QUIC_PORT: Final = 443
 DNS_PORT: Final = 53
 MULTICAST_V4: Final = "224.0.0.0/4"
+RESOLV_MAXNS: Final = 3  # MAXNS of <resolv.h>: name servers a resolver uses
 TABLES: Final = ("nat", "filter")
 
 type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -246,19 +247,20 @@ def parse_addresses(text: str, *, option: str = "--dns-servers") -> tuple[Addres
 def parse_resolv_conf(text: str) -> tuple[Address, ...]:
     """The ``nameserver`` addresses of a resolv.conf, as the C library reads them: the first
     word after ``nameserver``; a zone (``fe80::1%eth0``) dropped; a line that is not an address
-    ignored (the resolver ignores it too, so no query goes there)."""
-    out: list[Address] = []
+    ignored (the resolver ignores it too, so no query goes there); only the first
+    ``RESOLV_MAXNS`` addresses, repeats included (glibc, musl and Go never ask a later one)."""
+    used: list[Address] = []
     for line in text.splitlines():
         words = line.split()
         if len(words) < 2 or words[0] != "nameserver":
             continue
         try:
-            addr = ipaddress.ip_address(words[1].partition("%")[0])
+            used.append(ipaddress.ip_address(words[1].partition("%")[0]))
         except ValueError:
             continue
-        if addr not in out:
-            out.append(addr)
-    return tuple(out)
+        if len(used) == RESOLV_MAXNS:
+            break
+    return tuple(dict.fromkeys(used))
 
 
 def _items(text: str) -> list[str]:

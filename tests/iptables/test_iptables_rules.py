@@ -283,6 +283,20 @@ def test_dns_chain_lets_only_the_name_servers_through(
         ("nameserver 1.2.3.4\nnameserver 1.2.3.4\n", ["1.2.3.4"]),
         ("  nameserver\t198.18.0.2  \r\n", ["198.18.0.2"]),
         ("nameservers 1.2.3.4\nNAMESERVER 1.2.3.5\n", []),  # the C library's spelling only
+        # MAXNS: a fourth server is never asked, so DNS to it is not let out.
+        (
+            "".join(f"nameserver 198.18.0.{n}\n" for n in range(1, 6)),
+            ["198.18.0.1", "198.18.0.2", "198.18.0.3"],
+        ),
+        (
+            "nameserver 1.2.3.4\nnameserver 1.2.3.4\nnameserver 1.2.3.4\nnameserver 5.6.7.8\n",
+            ["1.2.3.4"],
+        ),
+        (
+            "nameserver x\nnameserver 1.1.1.1\nnameserver y\nnameserver 2.2.2.2\n"
+            "nameserver fe80::1%eth0\nnameserver 3.3.3.3\n",
+            ["1.1.1.1", "2.2.2.2", "fe80::1"],
+        ),
     ],
 )
 def test_parse_resolv_conf(text: str, expected: list[str]) -> None:
@@ -297,7 +311,8 @@ def test_parse_resolv_conf_finds_every_nameserver_line(
     # Lines that are not nameserver lines never add (or break) anything.
     lines += [f"#{n}".replace("\n", " ").replace("\r", " ") for n in noise]
     found = rules.parse_resolv_conf("\n".join(lines))
-    assert list(found) == list(dict.fromkeys(addrs))
+    # The C library asks the first three lines' servers only (MAXNS), repeats included.
+    assert list(found) == list(dict.fromkeys(addrs[:3]))
 
 
 @given(st.text(max_size=200))
