@@ -9,6 +9,7 @@ exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import struct
@@ -37,7 +38,8 @@ class SlowDns:
         self.sock.settimeout(0.2)
         self.queries = 0
         self._stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -59,10 +61,12 @@ class SlowDns:
         if answers:
             reply += struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(UPSTREAM)
         if not self._stop.is_set():
-            self.sock.sendto(reply, peer)
+            with contextlib.suppress(OSError):  # closed by stop() meanwhile
+                self.sock.sendto(reply, peer)
 
     def stop(self) -> None:
         self._stop.set()
+        self._thread.join(5)  # recvfrom wakes within its 0.2 s timeout, then the loop ends
         self.sock.close()
 
 
