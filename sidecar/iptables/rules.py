@@ -20,10 +20,11 @@ filter ``OUTPUT`` (everything but TCP) → ``EGRESS_SIDECAR_OUTPUT``:
     UDP port 53 goes (``-g``) to ``EGRESS_SIDECAR_DNS``, which lets through only the pod's name
     servers; every other UDP datagram is REJECTed with port-unreachable (the client fails at
     once, QUIC falls back to TCP, where it is captured); an ICMP echo-request is REJECTed with
-    admin-prohibited. Other ICMP (errors, ICMPv6 neighbour and router discovery, MLD) and IGMP
-    to multicast groups RETURN; every other protocol is REJECTed with admin-prohibited: an
-    unprivileged app opens UDP-Lite (136) sockets, which ``-p udp`` does not match, and a root
-    app with CAP_NET_RAW sends any IP protocol.
+    admin-prohibited. ICMP errors about a flow conntrack knows (``RELATED``), ICMPv6 neighbour
+    and router discovery and MLD, and IGMP to multicast groups RETURN; every other protocol and
+    ICMP message is REJECTed with admin-prohibited: an unprivileged app opens UDP-Lite (136)
+    sockets, which ``-p udp`` does not match, and a root app with CAP_NET_RAW sends any IP
+    protocol or ICMP message (an echo reply or a forged error carries a payload as well).
 
 The DNS allowance is its own chain on purpose: redirecting the app's DNS to the sidecar later
 changes that chain (and adds a nat rule), nothing else.
@@ -99,6 +100,12 @@ class Family(Enum):
         if self is Family.IPV4:
             return "-p icmp -m icmp --icmp-type 8"
         return "-p ipv6-icmp -m icmp6 --icmpv6-type 128"
+
+    @property
+    def untracked_icmp(self) -> tuple[int, ...]:
+        """ICMPv6 types the kernel sends outside any flow: MLD (130-132, 143), router and
+        neighbour solicitation and advertisement, redirect (133-137). IPv4 has ARP instead."""
+        return () if self is Family.IPV4 else (130, 131, 132, 133, 134, 135, 136, 137, 143)
 
     @property
     def icmp(self) -> str:
@@ -316,8 +323,11 @@ def _filter_table(opts: CaptureOptions, family: Family) -> TableRules:
         f"-p udp -m udp --dport {DNS_PORT} -g {DNS_CHAIN}",
         f"-p udp -j REJECT --reject-with {family.reject_with}",
         f"{family.echo_request} -j REJECT --reject-with {family.reject_echo_with}",
-        # The kernel's own ICMP (errors, neighbour discovery, MLD) and IGMP group reports.
-        f"{family.icmp} -j RETURN",
+        # The kernel's own ICMP: errors about a flow conntrack knows (a crafted "error" or an
+        # unsolicited echo reply from a raw socket is not RELATED), and for IPv6 neighbour
+        # discovery and MLD, which conntrack does not track. IGMP group reports.
+        f"{family.icmp} -m conntrack --ctstate RELATED -j RETURN",
+        *(f"{family.icmp} -m icmp6 --icmpv6-type {t} -j RETURN" for t in family.untracked_icmp),
         *([f"-d {MULTICAST_V4} -p igmp -j RETURN"] if family is Family.IPV4 else []),
         # UDP-Lite, SCTP, raw IP protocols: nothing the proxy could see either.
         f"-j REJECT --reject-with {family.reject_echo_with}",

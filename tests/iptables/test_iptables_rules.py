@@ -175,7 +175,7 @@ def test_filter_rules_default_ipv4() -> None:
         "-p udp -m udp --dport 53 -g EGRESS_SIDECAR_DNS",
         "-p udp -j REJECT --reject-with icmp-port-unreachable",
         "-p icmp -m icmp --icmp-type 8 -j REJECT --reject-with icmp-admin-prohibited",
-        "-p icmp -j RETURN",
+        "-p icmp -m conntrack --ctstate RELATED -j RETURN",
         "-d 224.0.0.0/4 -p igmp -j RETURN",
         "-j REJECT --reject-with icmp-admin-prohibited",
     ]
@@ -186,12 +186,15 @@ def test_filter_rules_default_ipv4() -> None:
 
 def test_filter_rules_ipv6_never_touch_neighbour_discovery() -> None:
     t = _filter(CaptureOptions(), Family.IPV6)
-    # Of ICMPv6 only echo-request (128) is refused: NS/NA/RS/RA, MLD and errors return.
+    # NS/NA/RS/RA/redirect and MLD return (conntrack does not track them), errors about a
+    # tracked flow too; every other ICMPv6 message is refused.
     assert t.jumps == ("! -p tcp -j EGRESS_SIDECAR_OUTPUT",)
-    assert t.rules[-4:] == (
+    untracked = (130, 131, 132, 133, 134, 135, 136, 137, 143)
+    assert t.rules[-13:] == (
         "-p udp -j REJECT --reject-with icmp6-port-unreachable",
         "-p ipv6-icmp -m icmp6 --icmpv6-type 128 -j REJECT --reject-with icmp6-adm-prohibited",
-        "-p ipv6-icmp -j RETURN",
+        "-p ipv6-icmp -m conntrack --ctstate RELATED -j RETURN",
+        *(f"-p ipv6-icmp -m icmp6 --icmpv6-type {n} -j RETURN" for n in untracked),
         "-j REJECT --reject-with icmp6-adm-prohibited",
     )
 
@@ -433,7 +436,7 @@ def test_reapply_replaces_ours_and_leaves_others() -> None:
         "-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -p icmp -m icmp --icmp-type 8 -j REJECT "
         "--reject-with icmp-admin-prohibited\n"
-        "-A EGRESS_SIDECAR_OUTPUT -p icmp -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p icmp -m conntrack --ctstate RELATED -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -d 224.0.0.0/4 -p igmp -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -j REJECT --reject-with icmp-admin-prohibited\n"
         "COMMIT\n"
@@ -477,7 +480,7 @@ def test_saved_form_matches_what_save_shows_after_a_fresh_apply() -> None:
         "-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -p icmp -m icmp --icmp-type 8 -j REJECT "
         "--reject-with icmp-admin-prohibited\n"
-        "-A EGRESS_SIDECAR_OUTPUT -p icmp -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p icmp -m conntrack --ctstate RELATED -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -d 224.0.0.0/4 -p igmp -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -j REJECT --reject-with icmp-admin-prohibited\n"
         "COMMIT\n"

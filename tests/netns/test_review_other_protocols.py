@@ -33,18 +33,36 @@ COUNTED = "EGSC_OTHER_IN"
 SENDERS = {
     "udplite": ("SOCK_DGRAM", 136, False),
     "raw-proto-253": ("SOCK_RAW", 253, True),
+    # ICMP from a raw socket: echo reply, a forged "unreachable", a timestamp request (IPv6:
+    # echo reply twice and an unreachable), each with a payload and about no flow of the pod.
+    "forged-icmp": ("SOCK_RAW", 1, True),
 }
+ICMP_COUNTED = {"icmp": ("0", "3", "13"), "ipv6-icmp": ("129", "1")}
 
 _SEND = """
-import json, socket, sys
+import json, socket, struct, sys
+def checksum(data):
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
 family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
 out = {"sent": False, "error": None}
 try:
-    with socket.socket(family, getattr(socket, sys.argv[2]), int(sys.argv[3])) as s:
+    proto = int(sys.argv[3])
+    if proto == 1 and family == socket.AF_INET6:
+        proto = socket.IPPROTO_ICMPV6  # the kernel fills in an ICMPv6 checksum
+    with socket.socket(family, getattr(socket, sys.argv[2]), proto) as s:
         s.settimeout(1.0)
         port = 0 if sys.argv[2] == "SOCK_RAW" else 9999
-        for _ in range(3):
-            s.sendto(b"exfiltrated-bytes" * 4, (sys.argv[1], port))
+        for n in range(3):
+            data = b"exfiltrated-bytes" * 4
+            if proto == 1:
+                kind = (0, 3, 13)[n]
+                head = struct.pack("!BBHHH", kind, 0, 0, 7, n)
+                data = head[:2] + struct.pack("!H", checksum(head + data)) + head[4:] + data
+            elif proto == socket.IPPROTO_ICMPV6:
+                data = struct.pack("!BBHHH", (129, 1, 129)[n], 0, 0, 7, n) + data
+            s.sendto(data, (sys.argv[1], port))
         out["sent"] = True
 except OSError as exc:
     out["error"] = type(exc).__name__
@@ -56,10 +74,15 @@ print(json.dumps(out))
 def world_other(reaped: list[str]) -> Iterator[h.World]:
     w = h.create_world()
     try:
+        comment = ["-m", "comment", "--comment", COUNTED]
         for tool in ("iptables-nft", "ip6tables-nft"):
-            for _, proto, _ in SENDERS.values():
-                w.outside.ok([tool, "-A", "INPUT", "-p", str(proto), "-m", "comment",
-                              "--comment", COUNTED])  # fmt: skip
+            for proto in ("136", "253"):
+                w.outside.ok([tool, "-A", "INPUT", "-p", proto, *comment])
+        for icmp, types in ICMP_COUNTED.items():
+            tool = "iptables-nft" if icmp == "icmp" else "ip6tables-nft"
+            option = "--icmp-type" if icmp == "icmp" else "--icmpv6-type"
+            for t in types:
+                w.outside.ok([tool, "-A", "INPUT", "-p", icmp, option, t, *comment])
         # Learn the neighbours first (ARP, NDP take up to a second): an allowed packet then
         # arrives at once, so "nothing arrived" below is not just "not arrived yet".
         before = arrived(w)
