@@ -13,15 +13,18 @@ nat ``OUTPUT`` (TCP) → ``EGRESS_SIDECAR_OUTPUT``:
     and excluded ports; REDIRECT ``--to-ports <proxy port>`` for the remaining TCP (only the
     included ports when an include list is given).
 
-filter ``OUTPUT`` (all UDP, ICMP echo-request) → ``EGRESS_SIDECAR_OUTPUT``:
+filter ``OUTPUT`` (everything but TCP) → ``EGRESS_SIDECAR_OUTPUT``:
     RETURN for the proxy, ``-o lo``, replies within a flow begun from outside (conntrack
     ESTABLISHED: a UDP server in the pod answering) and excluded CIDRs (cluster-internal traffic
     is not egress, whatever its protocol); RETURN for UDP to the opened UDP CIDRs and ports;
     UDP port 53 goes (``-g``) to ``EGRESS_SIDECAR_DNS``, which lets through only the pod's name
     servers; every other UDP datagram is REJECTed with port-unreachable (the client fails at
     once, QUIC falls back to TCP, where it is captured); an ICMP echo-request is REJECTed with
-    admin-prohibited. Nothing else is jumped to our chain: ICMP errors and ICMPv6 neighbour
-    and router discovery never meet a rule of ours.
+    admin-prohibited. ICMP errors about a flow conntrack knows (``RELATED``), ICMPv6 neighbour
+    and router discovery and MLD, and IGMP to multicast groups RETURN; every other protocol and
+    ICMP message is REJECTed with admin-prohibited: an unprivileged app opens UDP-Lite (136)
+    sockets, which ``-p udp`` does not match, and a root app with CAP_NET_RAW sends any IP
+    protocol or ICMP message (an echo reply or a forged error carries a payload as well).
 
 The DNS allowance is its own chain on purpose: redirecting the app's DNS to the sidecar later
 changes that chain (and adds a nat rule), nothing else.
@@ -51,6 +54,8 @@ OUTPUT_CHAIN: Final = CHAIN_PREFIX + "OUTPUT"
 DNS_CHAIN: Final = CHAIN_PREFIX + "DNS"
 QUIC_PORT: Final = 443
 DNS_PORT: Final = 53
+MULTICAST_V4: Final = "224.0.0.0/4"
+RESOLV_MAXNS: Final = 3  # MAXNS of <resolv.h>: name servers a resolver uses
 TABLES: Final = ("nat", "filter")
 
 type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -84,7 +89,8 @@ class Family(Enum):
 
     @property
     def reject_echo_with(self) -> str:
-        """For ICMP echo: ``ping`` reports the destination administratively prohibited."""
+        """For ICMP echo and protocols other than TCP, UDP and ICMP: ``ping`` reports the
+        destination administratively prohibited."""
         return "icmp-admin-prohibited" if self is Family.IPV4 else "icmp6-adm-prohibited"
 
     @property
@@ -94,6 +100,17 @@ class Family(Enum):
         if self is Family.IPV4:
             return "-p icmp -m icmp --icmp-type 8"
         return "-p ipv6-icmp -m icmp6 --icmpv6-type 128"
+
+    @property
+    def untracked_icmp(self) -> tuple[int, ...]:
+        """ICMPv6 types the kernel sends outside any flow: MLD (130-132, 143), router and
+        neighbour solicitation and advertisement, redirect (133-137). IPv4 has ARP instead."""
+        return () if self is Family.IPV4 else (130, 131, 132, 133, 134, 135, 136, 137, 143)
+
+    @property
+    def icmp(self) -> str:
+        """Match of every ICMP message of this family, as iptables-save prints it."""
+        return "-p icmp" if self is Family.IPV4 else "-p ipv6-icmp"
 
     @property
     def restore_command(self) -> str:
@@ -237,19 +254,20 @@ def parse_addresses(text: str, *, option: str = "--dns-servers") -> tuple[Addres
 def parse_resolv_conf(text: str) -> tuple[Address, ...]:
     """The ``nameserver`` addresses of a resolv.conf, as the C library reads them: the first
     word after ``nameserver``; a zone (``fe80::1%eth0``) dropped; a line that is not an address
-    ignored (the resolver ignores it too, so no query goes there)."""
-    out: list[Address] = []
+    ignored (the resolver ignores it too, so no query goes there); only the first
+    ``RESOLV_MAXNS`` addresses, repeats included (glibc, musl and Go never ask a later one)."""
+    used: list[Address] = []
     for line in text.splitlines():
         words = line.split()
         if len(words) < 2 or words[0] != "nameserver":
             continue
         try:
-            addr = ipaddress.ip_address(words[1].partition("%")[0])
+            used.append(ipaddress.ip_address(words[1].partition("%")[0]))
         except ValueError:
             continue
-        if addr not in out:
-            out.append(addr)
-    return tuple(out)
+        if len(used) == RESOLV_MAXNS:
+            break
+    return tuple(dict.fromkeys(used))
 
 
 def _items(text: str) -> list[str]:
@@ -305,13 +323,21 @@ def _filter_table(opts: CaptureOptions, family: Family) -> TableRules:
         f"-p udp -m udp --dport {DNS_PORT} -g {DNS_CHAIN}",
         f"-p udp -j REJECT --reject-with {family.reject_with}",
         f"{family.echo_request} -j REJECT --reject-with {family.reject_echo_with}",
+        # The kernel's own ICMP: errors about a flow conntrack knows (a crafted "error" or an
+        # unsolicited echo reply from a raw socket is not RELATED), and for IPv6 neighbour
+        # discovery and MLD, which conntrack does not track. IGMP group reports.
+        f"{family.icmp} -m conntrack --ctstate RELATED -j RETURN",
+        *(f"{family.icmp} -m icmp6 --icmpv6-type {t} -j RETURN" for t in family.untracked_icmp),
+        *([f"-d {MULTICAST_V4} -p igmp -j RETURN"] if family is Family.IPV4 else []),
+        # UDP-Lite, SCTP, raw IP protocols: nothing the proxy could see either.
+        f"-j REJECT --reject-with {family.reject_echo_with}",
     ]
     servers = _same_family(opts.dns_servers, family)
     dns = [
         *(f"-d {addr}/{addr.max_prefixlen} -j RETURN" for addr in servers),
         f"-j REJECT --reject-with {family.reject_with}",
     ]
-    jumps = (f"-p udp -j {OUTPUT_CHAIN}", f"{family.echo_request} -j {OUTPUT_CHAIN}")
+    jumps = (f"! -p tcp -j {OUTPUT_CHAIN}",)
     return TableRules("filter", jumps, ((DNS_CHAIN, tuple(dns)), (OUTPUT_CHAIN, tuple(main))))
 
 

@@ -42,7 +42,12 @@ class DrainOutcome:
 
 
 class Drain:
-    """A mitmproxy addon that knows which client connections have something in flight."""
+    """A mitmproxy addon that knows which client connections have something in flight.
+
+    Added before the decision addon: a request is in flight from the moment its head has
+    arrived, also while its decision waits on a name lookup or its CONNECT on the upstream
+    connect (hooks run addon by addon, so an addon after the decider would see it only then).
+    """
 
     def __init__(self, connections: Connections) -> None:
         self._connections = connections
@@ -66,8 +71,15 @@ class Drain:
         self._tunnels.discard(client.id)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None:  # not answered (403) by the decision addon: tunnel opens
-            self._tunnels.add(flow.client_conn.id)
+        # Being decided, then connected upstream: in flight until answered either way.
+        self._flows.setdefault(flow.client_conn.id, set()).add(flow)
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        self._tunnels.add(flow.client_conn.id)  # the tunnel opens: busy while it lasts
+        self._done(flow)
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self._done(flow)  # refused (403) or unreachable (502/504): the answer ends it
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._flows.setdefault(flow.client_conn.id, set()).add(flow)

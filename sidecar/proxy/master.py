@@ -82,8 +82,8 @@ def build_master(config: ProxyConfig, store: PolicyStore, reporter: Reporter) ->
     install_connect_after_upstream()
     # Both listeners' HTTP/1 client side: bounded request heads, our own error answers.
     install_http1_server(config.head_limits, decider)
-    # The drain after the decision addon: its hooks see each flow as decided.
-    master.addons.add(Proxyserver(), layering, decider, listeners, drain)
+    # The drain before the decision addon: a request is in flight while it is being decided.
+    master.addons.add(Proxyserver(), layering, drain, decider, listeners)
     master.options.update(
         confdir=config.confdir,
         # Lazy: nothing is connected upstream before the decision (FIELD-NOTES).

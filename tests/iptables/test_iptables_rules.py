@@ -165,10 +165,7 @@ def _filter(opts: CaptureOptions, family: Family) -> rules.TableRules:
 def test_filter_rules_default_ipv4() -> None:
     opts = CaptureOptions(proxy_gid=1337, exclude_cidrs=rules.parse_cidrs("10.0.0.0/8"))
     t = _filter(opts, Family.IPV4)
-    assert t.jumps == (
-        "-p udp -j EGRESS_SIDECAR_OUTPUT",
-        "-p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT",
-    )
+    assert t.jumps == ("! -p tcp -j EGRESS_SIDECAR_OUTPUT",)
     assert list(t.rules) == [
         "-m owner --uid-owner 1337 -j RETURN",
         "-m owner --gid-owner 1337 -j RETURN",
@@ -178,6 +175,9 @@ def test_filter_rules_default_ipv4() -> None:
         "-p udp -m udp --dport 53 -g EGRESS_SIDECAR_DNS",
         "-p udp -j REJECT --reject-with icmp-port-unreachable",
         "-p icmp -m icmp --icmp-type 8 -j REJECT --reject-with icmp-admin-prohibited",
+        "-p icmp -m conntrack --ctstate RELATED -j RETURN",
+        "-d 224.0.0.0/4 -p igmp -j RETURN",
+        "-j REJECT --reject-with icmp-admin-prohibited",
     ]
     assert dict(t.chains)["EGRESS_SIDECAR_DNS"] == (
         "-j REJECT --reject-with icmp-port-unreachable",
@@ -186,14 +186,16 @@ def test_filter_rules_default_ipv4() -> None:
 
 def test_filter_rules_ipv6_never_touch_neighbour_discovery() -> None:
     t = _filter(CaptureOptions(), Family.IPV6)
-    # Only echo-request (128) and UDP are sent to our chain: NS/NA/RS/RA and errors pass.
-    assert t.jumps == (
-        "-p udp -j EGRESS_SIDECAR_OUTPUT",
-        "-p ipv6-icmp -m icmp6 --icmpv6-type 128 -j EGRESS_SIDECAR_OUTPUT",
-    )
-    assert t.rules[-2:] == (
+    # NS/NA/RS/RA/redirect and MLD return (conntrack does not track them), errors about a
+    # tracked flow too; every other ICMPv6 message is refused.
+    assert t.jumps == ("! -p tcp -j EGRESS_SIDECAR_OUTPUT",)
+    untracked = (130, 131, 132, 133, 134, 135, 136, 137, 143)
+    assert t.rules[-13:] == (
         "-p udp -j REJECT --reject-with icmp6-port-unreachable",
         "-p ipv6-icmp -m icmp6 --icmpv6-type 128 -j REJECT --reject-with icmp6-adm-prohibited",
+        "-p ipv6-icmp -m conntrack --ctstate RELATED -j RETURN",
+        *(f"-p ipv6-icmp -m icmp6 --icmpv6-type {n} -j RETURN" for n in untracked),
+        "-j REJECT --reject-with icmp6-adm-prohibited",
     )
 
 
@@ -284,6 +286,20 @@ def test_dns_chain_lets_only_the_name_servers_through(
         ("nameserver 1.2.3.4\nnameserver 1.2.3.4\n", ["1.2.3.4"]),
         ("  nameserver\t198.18.0.2  \r\n", ["198.18.0.2"]),
         ("nameservers 1.2.3.4\nNAMESERVER 1.2.3.5\n", []),  # the C library's spelling only
+        # MAXNS: a fourth server is never asked, so DNS to it is not let out.
+        (
+            "".join(f"nameserver 198.18.0.{n}\n" for n in range(1, 6)),
+            ["198.18.0.1", "198.18.0.2", "198.18.0.3"],
+        ),
+        (
+            "nameserver 1.2.3.4\nnameserver 1.2.3.4\nnameserver 1.2.3.4\nnameserver 5.6.7.8\n",
+            ["1.2.3.4"],
+        ),
+        (
+            "nameserver x\nnameserver 1.1.1.1\nnameserver y\nnameserver 2.2.2.2\n"
+            "nameserver fe80::1%eth0\nnameserver 3.3.3.3\n",
+            ["1.1.1.1", "2.2.2.2", "fe80::1"],
+        ),
     ],
 )
 def test_parse_resolv_conf(text: str, expected: list[str]) -> None:
@@ -298,7 +314,8 @@ def test_parse_resolv_conf_finds_every_nameserver_line(
     # Lines that are not nameserver lines never add (or break) anything.
     lines += [f"#{n}".replace("\n", " ").replace("\r", " ") for n in noise]
     found = rules.parse_resolv_conf("\n".join(lines))
-    assert list(found) == list(dict.fromkeys(addrs))
+    # The C library asks the first three lines' servers only (MAXNS), repeats included.
+    assert list(found) == list(dict.fromkeys(addrs[:3]))
 
 
 @given(st.text(max_size=200))
@@ -323,8 +340,8 @@ def test_render_rules_is_one_commit_per_table() -> None:
     assert filt[1:5] == [
         ":EGRESS_SIDECAR_DNS - [0:0]",
         ":EGRESS_SIDECAR_OUTPUT - [0:0]",
-        "-I OUTPUT 1 -p udp -j EGRESS_SIDECAR_OUTPUT",
-        "-I OUTPUT 2 -p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT",
+        "-I OUTPUT 1 ! -p tcp -j EGRESS_SIDECAR_OUTPUT",
+        "-A EGRESS_SIDECAR_DNS -j REJECT --reject-with icmp-port-unreachable",
     ]
     assert not any(line.startswith(("-D", "-X", "-F")) for line in lines)
 
@@ -409,8 +426,7 @@ def test_reapply_replaces_ours_and_leaves_others() -> None:
         ":EGRESS_SIDECAR_DNS - [0:0]\n"
         ":EGRESS_SIDECAR_OUTPUT - [0:0]\n"
         "-D OUTPUT -p udp -m udp --dport 443 -j EGRESS_SIDECAR_OUTPUT\n"
-        "-I OUTPUT 1 -p udp -j EGRESS_SIDECAR_OUTPUT\n"
-        "-I OUTPUT 2 -p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT\n"
+        "-I OUTPUT 1 ! -p tcp -j EGRESS_SIDECAR_OUTPUT\n"
         "-A EGRESS_SIDECAR_DNS -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -o lo -j RETURN\n"
@@ -420,6 +436,9 @@ def test_reapply_replaces_ours_and_leaves_others() -> None:
         "-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -p icmp -m icmp --icmp-type 8 -j REJECT "
         "--reject-with icmp-admin-prohibited\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p icmp -m conntrack --ctstate RELATED -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -d 224.0.0.0/4 -p igmp -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -j REJECT --reject-with icmp-admin-prohibited\n"
         "COMMIT\n"
     )
     assert "OTHER" not in text and "MASQUERADE" not in text
@@ -451,8 +470,7 @@ def test_saved_form_matches_what_save_shows_after_a_fresh_apply() -> None:
         "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
         ":EGRESS_SIDECAR_DNS - [0:0]\n"
         ":EGRESS_SIDECAR_OUTPUT - [0:0]\n"
-        "-A OUTPUT -p udp -j EGRESS_SIDECAR_OUTPUT\n"
-        "-A OUTPUT -p icmp -m icmp --icmp-type 8 -j EGRESS_SIDECAR_OUTPUT\n"
+        "-A OUTPUT ! -p tcp -j EGRESS_SIDECAR_OUTPUT\n"
         "-A EGRESS_SIDECAR_DNS -d 198.18.0.2/32 -j RETURN\n"
         "-A EGRESS_SIDECAR_DNS -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
@@ -462,6 +480,9 @@ def test_saved_form_matches_what_save_shows_after_a_fresh_apply() -> None:
         "-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -p icmp -m icmp --icmp-type 8 -j REJECT "
         "--reject-with icmp-admin-prohibited\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p icmp -m conntrack --ctstate RELATED -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -d 224.0.0.0/4 -p igmp -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -j REJECT --reject-with icmp-admin-prohibited\n"
         "COMMIT\n"
         "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
         ":POSTROUTING ACCEPT [0:0]\n:EGRESS_SIDECAR_OUTPUT - [0:0]\n"
@@ -500,5 +521,5 @@ def test_apply_over_own_rules_deletes_every_old_jump(
     again = rules.render_apply(CaptureOptions(), fam, state).splitlines()
     deleted = [line for line in again if line.startswith("-D OUTPUT ")]
     old_jumps = [line for lines in first.values() for line in lines if line.startswith("-A OUTPUT")]
-    assert len(deleted) == len(old_jumps) == 3  # nat: TCP; filter: UDP, ICMP echo
-    assert sum(line.startswith("-I OUTPUT ") for line in again) == 3
+    assert len(deleted) == len(old_jumps) == 2  # nat: TCP; filter: everything but TCP
+    assert sum(line.startswith("-I OUTPUT ") for line in again) == 2

@@ -203,7 +203,7 @@ def test_apply_is_idempotent_and_clean_restores_the_namespace(
         assert proc.returncode == 0, proc.stderr
     for fam in ("ipv4", "ipv6"):
         now = save(w, fam, backend)
-        assert _jumps(now) == 3  # nat: TCP; filter: UDP and ICMP echo
+        assert _jumps(now) == 2  # nat: TCP; filter: everything but TCP
         assert set(before[fam]) <= set(_strip(now))  # foreign rules untouched
 
     # Re-apply with other options replaces ours: only port 80, no QUIC reject.
