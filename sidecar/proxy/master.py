@@ -21,7 +21,7 @@ from sidecar.proxy.drain import Drain
 from sidecar.proxy.headlimits import HeadLimits
 from sidecar.proxy.http1 import install_http1_server
 from sidecar.proxy.layering import Layering, install_transparent_start
-from sidecar.proxy.listeners import Listeners
+from sidecar.proxy.listeners import Listeners, install_unredirected_filter
 from sidecar.proxy.resolver import Resolver
 from sidecar.proxy.tunnels import install_connect_after_upstream
 from sidecar.reporter import Reporter
@@ -69,6 +69,7 @@ def build_master(config: ProxyConfig, store: PolicyStore, reporter: Reporter) ->
     master = Master(options.Options(), event_loop=asyncio.get_running_loop())
     connections = Connections()
     listeners = Listeners()
+    install_unredirected_filter()
     drain = Drain(connections)
     decider = Decider(
         store,
