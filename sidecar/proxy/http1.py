@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Protocol
 
+from h11 import RemoteProtocolError
+from h11._events import Data, EndOfMessage
+from h11._readers import ChunkedReader
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
@@ -28,6 +31,41 @@ from sidecar.proxy.headlimits import HeadLimits, HeadRejection, HeadScanner, tim
 # that the client reads the answer instead of a reset caused by its unread bytes (RFC 9112 9.6).
 LINGER_SECONDS = 2.0
 _HEAD_SAMPLE = 8 * 1024 + 64  # enough of a refused head to read its method and target
+
+
+class BoundedChunkedReader(ChunkedReader):
+    """h11's chunked body reader with the head's bounds on its lines, and no trailers.
+
+    h11 buffers a chunk-size line (with its extensions) and a trailer section without bound, and
+    mitmproxy crashes on trailers it does not implement ("HTTP trailers are not implemented
+    yet"). Here a chunk line longer than a header line, or a trailer section larger than a head,
+    is a protocol error (the connection is closed, the span says so), and received trailer
+    fields are dropped: RFC 9110 6.5.1 lets a recipient discard them, and nothing in them is
+    decided.
+    """
+
+    def __init__(self, limits: HeadLimits) -> None:
+        super().__init__()
+        self._limits = limits
+
+    def __call__(self, buf: ReceiveBuffer) -> Data | EndOfMessage | None:
+        event = super().__call__(buf)
+        if isinstance(event, EndOfMessage):
+            return EndOfMessage()
+        if event is not None:
+            return event
+        if self._reading_trailer:
+            if len(buf) > self._limits.head:
+                raise RemoteProtocolError(f"trailer section larger than {self._limits.head} bytes")
+        elif (
+            self._bytes_in_chunk == 0
+            and not self._bytes_to_discard
+            and len(buf) > self._limits.field_line
+        ):
+            raise RemoteProtocolError(
+                f"chunk size line longer than {self._limits.field_line} bytes"
+            )
+        return None
 
 
 class Http1Hooks(Protocol):
@@ -132,7 +170,11 @@ class GuardedHttp1Server(Http1Server):
             )
             return
         yield ReceiveHttp(RequestHeaders(self.stream_id, self.request, expected_body_size == 0))
-        self.body_reader = make_body_reader(expected_body_size)
+        self.body_reader = (
+            BoundedChunkedReader(self.limits)
+            if expected_body_size is None
+            else make_body_reader(expected_body_size)
+        )
         self.state = self.read_body
         yield from self.state(event)
 
