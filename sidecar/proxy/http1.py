@@ -18,10 +18,10 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
-from mitmproxy.proxy.layers.http import HTTPMode, validate_request
+from mitmproxy.proxy.layers.http import HTTPMode, _http1, validate_request
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import HttpEvent, RequestHeaders, ResponseProtocolError
-from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
+from mitmproxy.proxy.layers.http._http1 import Http1Server, TBodyReader, make_body_reader
 
 from sidecar.policy.model import Reason
 from sidecar.policy.target import InvalidTarget, parse_authority
@@ -66,6 +66,13 @@ class BoundedChunkedReader(ChunkedReader):
                 f"chunk size line longer than {self._limits.field_line} bytes"
             )
         return None
+
+
+def bounded_body_reader(expected_size: int | None) -> TBodyReader:
+    """mitmproxy's body reader for a request or a response, chunked ones bounded."""
+    if expected_size is None:
+        return BoundedChunkedReader(GuardedHttp1Server.limits)
+    return make_body_reader(expected_size)
 
 
 class Http1Hooks(Protocol):
@@ -170,11 +177,7 @@ class GuardedHttp1Server(Http1Server):
             )
             return
         yield ReceiveHttp(RequestHeaders(self.stream_id, self.request, expected_body_size == 0))
-        self.body_reader = (
-            BoundedChunkedReader(self.limits)
-            if expected_body_size is None
-            else make_body_reader(expected_body_size)
-        )
+        self.body_reader = bounded_body_reader(expected_body_size)
         self.state = self.read_body
         yield from self.state(event)
 
@@ -224,3 +227,6 @@ def install_http1_server(limits: HeadLimits, hooks: Http1Hooks) -> None:
     GuardedHttp1Server.hooks = hooks
     # HttpLayer looks the class up in its module on each new client connection.
     setattr(http_layers, "Http1Server", GuardedHttp1Server)  # noqa: B010
+    # The upstream side (Http1Client) reads response bodies through the module's factory: an
+    # upstream's trailer fields crashed the connection as a client's did.
+    setattr(_http1, "make_body_reader", bounded_body_reader)  # noqa: B010

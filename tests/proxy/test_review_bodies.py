@@ -11,6 +11,8 @@ trailer fields are dropped (RFC 9110 6.5.1), the request served.
 from __future__ import annotations
 
 import socket
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from tests.proxy.test_tunnels_e2e import Recorder
 from tests.support.sidecar import Sidecar, start_sidecar
 from tests.support.upstream import UpstreamServer
 
-WEB, SINK = "127.0.0.24", "127.0.0.25"
+WEB, SINK, TRAILING = "127.0.0.24", "127.0.0.25", "127.0.0.26"
 SENT_CAP = 2**20  # 64 times the bound: the proxy must have given up long before
 
 
@@ -30,25 +32,46 @@ class World:
     sidecar: Sidecar
     web: UpstreamServer
     sink: Recorder  # reads whatever comes, never answers
+    trailing_port: int  # answers every request with a chunked body and trailer fields
+
+
+def _serve_trailers(server: socket.socket) -> None:
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n"
+                b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: 1\r\n\r\n"
+            )
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     web = UpstreamServer(WEB).start()
     sink = Recorder(SINK).start()
+    trailing = socket.create_server((TRAILING, 0))
+    trailing_port = int(trailing.getsockname()[1])
+    threading.Thread(target=_serve_trailers, args=(trailing,), daemon=True).start()
     sidecar = start_sidecar(
         tmp_path_factory.mktemp("review-bodies"),
         allowlist=(
             f"allow:\n  - host: web.test\n    ports: [{web.server_port}]\n"
             f"  - host: sink.test\n    ports: [{sink.port}]\n"
+            f"  - host: trailing.test\n    ports: [{trailing_port}]\n"
         ),
-        hosts={"web.test": WEB, "sink.test": SINK},
+        hosts={"web.test": WEB, "sink.test": SINK, "trailing.test": TRAILING},
         args=["--allow-private-range", "127.0.0.0/8"],
     )
-    yield World(sidecar, web, sink)
+    yield World(sidecar, web, sink, trailing_port)
     assert sidecar.stop() == 0, sidecar.stderr[-20:]
     web.stop()
     sink.stop()
+    trailing.close()
 
 
 def _head(authority: str) -> bytes:
@@ -69,6 +92,17 @@ def test_trailer_fields_are_dropped_and_the_request_served(world: World) -> None
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert b'"path": "/chunked"' in answer
+
+
+def test_an_upstreams_trailer_fields_are_dropped_and_the_body_delivered(world: World) -> None:
+    """curl reads the whole body (it used to get a cut one: the connection handler crashed)."""
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "5", "-x", world.sidecar.proxy_url,
+         f"http://trailing.test:{world.trailing_port}/"],
+        capture_output=True, text=True, timeout=15, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello"
 
 
 @pytest.mark.parametrize(
