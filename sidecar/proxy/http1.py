@@ -166,6 +166,11 @@ class GuardedHttp1Server(Http1Server):
                 # Read again as `check` reads it: what check refuses never gets another reading
                 # here (mitmproxy reads "host:0" as port 80, for one).
                 parse_authority(self.request.authority)
+            if self.request.host_header:
+                # The Host too (RFC 9112 3.2: an invalid Host gets 400). Unread, it named no host
+                # to decide, so the transparent listener decided the address and relayed a Host
+                # that servers read their own way ("denied.test:" is denied.test to nginx).
+                parse_authority(self.request.host_header)
         except InvalidTarget as err:
             yield from self._refuse(
                 HeadRejection(400, Reason.INVALID_DESTINATION, err.reason), b"\r\n".join(raw[:1])

@@ -1,5 +1,6 @@
-"""Review of issue 8 items 4 and 5 on the transparent listener: first flights that were relayed
-as raw TCP by address, so a name deny rule never saw their Host or SNI.
+"""Review of issue 8 items 4, 5 and 11 on the transparent listener: first flights that were
+relayed as raw TCP by address, and Host headers the authority parser refuses, so a name deny
+rule never saw their Host or SNI (nginx 1.22 routed each of them to the denied.test vhost).
 
 Same pod as test_first_flight (DB4 allowed by a cidr rule on 80 and 5432; denied.test denied by
 name): a request with an extension method, empty lines before its request line or tabs between
@@ -71,3 +72,24 @@ def test_a_clienthello_behind_an_alert_record_is_refused_and_sends_nothing(
     assert not pod.events(mark, DB4, 5432, "data")
     decision = pod.last_decision(protocol="TLS", reason="unreadable first flight", port=5432)
     assert decision["decision"] == "deny"
+
+
+@pytest.mark.parametrize(
+    "host_header",
+    ["denied.test:", "denied.test:abc", "user@denied.test", "denied.test:80:80", "denied.test\\\\"],
+    ids=["empty-port", "letters-port", "userinfo", "two-ports", "backslash"],
+)
+def test_a_host_header_check_would_refuse_is_refused_not_decided_by_address(
+    pod: Pod,  # noqa: F811
+    host_header: str,
+) -> None:
+    """A Host the authority parser refuses named no host, so the request was decided on the
+    cidr-allowed address and relayed with that Host, which nginx reads as denied.test (it cuts
+    a Host at ':' and checks no port). RFC 9112 3.2: a Host with an invalid value gets 400."""
+    mark = pod.upstream.mark()
+    head = f"GET /x HTTP/1.1\\r\\nHost: {host_header}\\r\\nConnection: close\\r\\n\\r\\n"
+    result = pod.world.client("raw", DB4, "80", head, uid=APP_UID)
+    assert result["received"].startswith("HTTP/1.1 400"), result
+    assert "x-egress-reason: invalid destination" in result["received"].lower(), result
+    time.sleep(0.3)
+    assert not pod.events(mark, DB4, 80, "request")
