@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from typing import ClassVar, Protocol
 
+from h11 import RemoteProtocolError
+from h11._events import Data, EndOfMessage
+from h11._readers import ChunkedReader
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layers
-from mitmproxy.proxy.layers.http import HTTPMode, validate_request
+from mitmproxy.proxy.layers.http import HTTPMode, _http1, validate_request
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._events import HttpEvent, RequestHeaders, ResponseProtocolError
-from mitmproxy.proxy.layers.http._http1 import Http1Server, make_body_reader
+from mitmproxy.proxy.layers.http._http1 import Http1Server, TBodyReader, make_body_reader
 
 from sidecar.policy.model import Reason
 from sidecar.policy.target import InvalidTarget, parse_authority
@@ -28,6 +31,48 @@ from sidecar.proxy.headlimits import HeadLimits, HeadRejection, HeadScanner, tim
 # that the client reads the answer instead of a reset caused by its unread bytes (RFC 9112 9.6).
 LINGER_SECONDS = 2.0
 _HEAD_SAMPLE = 8 * 1024 + 64  # enough of a refused head to read its method and target
+
+
+class BoundedChunkedReader(ChunkedReader):
+    """h11's chunked body reader with the head's bounds on its lines, and no trailers.
+
+    h11 buffers a chunk-size line (with its extensions) and a trailer section without bound, and
+    mitmproxy crashes on trailers it does not implement ("HTTP trailers are not implemented
+    yet"). Here a chunk line longer than a header line, or a trailer section larger than a head,
+    is a protocol error (the connection is closed, the span says so), and received trailer
+    fields are dropped: RFC 9110 6.5.1 lets a recipient discard them, and nothing in them is
+    decided.
+    """
+
+    def __init__(self, limits: HeadLimits) -> None:
+        super().__init__()
+        self._limits = limits
+
+    def __call__(self, buf: ReceiveBuffer) -> Data | EndOfMessage | None:
+        event = super().__call__(buf)
+        if isinstance(event, EndOfMessage):
+            return EndOfMessage()
+        if event is not None:
+            return event
+        if self._reading_trailer:
+            if len(buf) > self._limits.head:
+                raise RemoteProtocolError(f"trailer section larger than {self._limits.head} bytes")
+        elif (
+            self._bytes_in_chunk == 0
+            and not self._bytes_to_discard
+            and len(buf) > self._limits.field_line
+        ):
+            raise RemoteProtocolError(
+                f"chunk size line longer than {self._limits.field_line} bytes"
+            )
+        return None
+
+
+def bounded_body_reader(expected_size: int | None) -> TBodyReader:
+    """mitmproxy's body reader for a request or a response, chunked ones bounded."""
+    if expected_size is None:
+        return BoundedChunkedReader(GuardedHttp1Server.limits)
+    return make_body_reader(expected_size)
 
 
 class Http1Hooks(Protocol):
@@ -121,6 +166,11 @@ class GuardedHttp1Server(Http1Server):
                 # Read again as `check` reads it: what check refuses never gets another reading
                 # here (mitmproxy reads "host:0" as port 80, for one).
                 parse_authority(self.request.authority)
+            if self.request.host_header:
+                # The Host too (RFC 9112 3.2: an invalid Host gets 400). Unread, it named no host
+                # to decide, so the transparent listener decided the address and relayed a Host
+                # that servers read their own way ("denied.test:" is denied.test to nginx).
+                parse_authority(self.request.host_header)
         except InvalidTarget as err:
             yield from self._refuse(
                 HeadRejection(400, Reason.INVALID_DESTINATION, err.reason), b"\r\n".join(raw[:1])
@@ -132,7 +182,7 @@ class GuardedHttp1Server(Http1Server):
             )
             return
         yield ReceiveHttp(RequestHeaders(self.stream_id, self.request, expected_body_size == 0))
-        self.body_reader = make_body_reader(expected_body_size)
+        self.body_reader = bounded_body_reader(expected_body_size)
         self.state = self.read_body
         yield from self.state(event)
 
@@ -182,3 +232,6 @@ def install_http1_server(limits: HeadLimits, hooks: Http1Hooks) -> None:
     GuardedHttp1Server.hooks = hooks
     # HttpLayer looks the class up in its module on each new client connection.
     setattr(http_layers, "Http1Server", GuardedHttp1Server)  # noqa: B010
+    # The upstream side (Http1Client) reads response bodies through the module's factory: an
+    # upstream's trailer fields crashed the connection as a client's did.
+    setattr(_http1, "make_body_reader", bounded_body_reader)  # noqa: B010

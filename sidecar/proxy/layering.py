@@ -19,7 +19,7 @@ from mitmproxy.proxy.utils import expect
 
 from sidecar.proxy.connections import Connections, Kind
 from sidecar.proxy.decider import Decider
-from sidecar.wire.first_flight import FirstFlight, Flight, classify
+from sidecar.wire.first_flight import FirstFlight, Flight, classify, classify_tls
 
 
 class FirstFlightControl(Protocol):
@@ -138,7 +138,7 @@ class Layering:
         context = nextlayer.context
         self._connections.get(context.client).kind = Kind.TUNNEL
         data = nextlayer.data_client()
-        flight = classify(data)
+        flight = classify_tls(data)
         if flight is None and (data or not nextlayer.data_server()):
             return None  # wait for the rest (bounded by the classifier's size limit)
         # flight None here: the server spoke first, no ClientHello is coming (CONNECT decided).

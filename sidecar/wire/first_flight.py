@@ -29,9 +29,26 @@ MAX_CLIENT_HELLO = 2**14
 MAX_FIRST_FLIGHT = MAX_CLIENT_HELLO + 1024
 
 _HANDSHAKE = 0x16
+# TLS record content types (RFC 8446 B.1, RFC 6520): change_cipher_spec, alert, handshake,
+# application_data, heartbeat. A first flight that opens with any of them is TLS: a record
+# other than a handshake before the ClientHello hides the SNI from a reader that only looks at
+# flights starting with a handshake record, while a lenient server (one that skips a warning
+# alert, as some do before the handshake) still reads the ClientHello after it.
+_RECORD_TYPES = frozenset(range(0x14, 0x19))
 _CLIENT_HELLO = 0x01
 _SNI_EXTENSION = 0x0000
 _HOST_NAME = 0x00
+
+# RFC 9110 5.6.2: the characters of a token, which is what a method is.
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# RFC 9112 3: a server may split a request line on any whitespace, not only SP (mitmproxy does).
+_WHITESPACE = b" \t\x0b\x0c\r"
+# A request line longer than this is HTTP enough: the HTTP layer refuses it (414).
+MAX_REQUEST_LINE = 8 * 1024
+# Not decided as HTTP whatever their line says: a CONNECT on the transparent port is a
+# conversation with some other proxy at the dialled address, and "PRI * HTTP/2.0" opens HTTP/2
+# with prior knowledge; both are raw TCP, decided on that address by cidr rules.
+_NOT_HTTP_METHODS = (b"CONNECT", b"PRI")
 
 HTTP_METHODS = (
     b"GET ",
@@ -72,6 +89,32 @@ def http_prefix(data: bytes) -> bool | None:
     return False
 
 
+def _request_line(data: bytes) -> bool | None:
+    """True: an HTTP/1 request line of any method (a token, whitespace, a target, whitespace,
+    ``HTTP/...``); False: not one; None: maybe one, its line not ended yet.
+
+    Servers serve extension methods (PROPFIND, PURGE, lowercase ones) and route them by Host as
+    any other: were such a request relayed as raw TCP, its Host would never be decided.
+    """
+    end = data.find(b"\n")
+    line = data[:end] if end >= 0 else data[: MAX_REQUEST_LINE + 1]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    words = line.split()
+    method = words[0] if words and line[0] in _TCHAR else b""
+    if not method or not all(c in _TCHAR for c in method) or method in _NOT_HTTP_METHODS:
+        return False
+    after = line[len(method) : len(method) + 1]
+    if after and after not in _WHITESPACE:
+        return False  # the method is not a token followed by whitespace
+    if any((c < 0x21 and c not in _WHITESPACE) or c == 0x7F for c in line):
+        return False  # a control character: no request line holds one
+    if end >= 0:
+        return len(words) >= 2 and words[-1].startswith(b"HTTP/")
+    # An unfinished line: HTTP once past the request-line limit (the HTTP layer answers 414).
+    return True if len(line) > MAX_REQUEST_LINE else None
+
+
 def _unreadable(problem: str) -> FirstFlight:
     return FirstFlight(Flight.UNREADABLE, problem=problem)
 
@@ -80,12 +123,29 @@ def classify(data: bytes) -> FirstFlight | None:
     """Classify a client's first bytes; None when more bytes are needed to tell."""
     if not data:
         return None
-    if data[0] == _HANDSHAKE:
+    if data[0] in _RECORD_TYPES:
         return _classify_tls(data)
-    is_http = http_prefix(data)
+    # Empty lines before a request line are skipped by servers (RFC 9112 2.2): so here.
+    request = data.lstrip(b"\r\n")
+    is_http = http_prefix(request) if request else None
+    if is_http is False:
+        is_http = _request_line(request)
     if is_http is None:
+        if len(data) > MAX_FIRST_FLIGHT:
+            problem = f"no complete request line in {len(data)} bytes"
+            return FirstFlight(Flight.UNREADABLE, problem=problem, tls=False)
         return None
     return FirstFlight(Flight.HTTP if is_http else Flight.OTHER)
+
+
+def classify_tls(data: bytes) -> FirstFlight | None:
+    """Inside a CONNECT tunnel only a ClientHello is read (its SNI must name the CONNECT host);
+    anything else is OTHER at once, whatever it is. None: more bytes needed."""
+    if not data:
+        return None
+    if data[0] in _RECORD_TYPES:
+        return _classify_tls(data)
+    return FirstFlight(Flight.OTHER)
 
 
 def _looks_like_record(header: bytes) -> bool | None:

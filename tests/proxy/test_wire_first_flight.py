@@ -102,7 +102,7 @@ def sni_flight(*names: tuple[int, bytes]) -> bytes:
         (b"OPTIONS * HTTP/1.1", FirstFlight(Flight.HTTP)),
         (b"CONNECT a:443 HTTP/1.1", FirstFlight(Flight.OTHER)),
         (b"PRI * HTTP/2.0", FirstFlight(Flight.OTHER)),
-        (b"SSH-2.0-OpenSSH", FirstFlight(Flight.OTHER)),
+        (b"SSH-2.0-OpenSSH_9.2p1\r\n", FirstFlight(Flight.OTHER)),
         (b"\x16\x04\x00", FirstFlight(Flight.OTHER)),  # not a TLS record version
         (b"\x16\x03\x04", FirstFlight(Flight.OTHER)),
         (b"\x16\xfe\xfd", FirstFlight(Flight.OTHER)),  # DTLS: not on TCP

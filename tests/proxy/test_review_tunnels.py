@@ -1,0 +1,76 @@
+"""Review of issue 8 item 6 on the explicit listener: domain fronting behind a leading record.
+
+A tunnel's first flight that opened with a TLS record other than a handshake (a warning alert,
+a change_cipher_spec) was taken for "not TLS" and relayed on the CONNECT host's decision,
+although a ClientHello naming another host followed it. Now it is refused like any unreadable
+ClientHello, and the upstream (a recorder of every byte) receives nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.proxy.test_tunnels_e2e import Recorder, client_hello, read_until_closed
+from tests.support.sidecar import Sidecar, start_sidecar
+
+REC = "127.0.0.23"
+
+
+@dataclass
+class World:
+    sidecar: Sidecar
+    rec: Recorder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    rec = Recorder(REC).start()
+    sidecar = start_sidecar(
+        tmp_path_factory.mktemp("review-tunnels"),
+        allowlist=f"allow:\n  - host: rec.test\n    ports: [{rec.port}]\n",
+        hosts={"rec.test": REC},
+        args=["--allow-private-range", "127.0.0.0/8"],
+    )
+    yield World(sidecar, rec)
+    assert sidecar.stop() == 0, sidecar.stderr[-20:]
+    rec.stop()
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [b"\x15\x03\x01\x00\x02\x01\x5a", b"\x14\x03\x01\x00\x01\x01", b"\x17\x03\x03\x00\x01\x00"],
+    ids=["warning-alert", "change-cipher-spec", "application-data"],
+)
+def test_a_fronted_clienthello_behind_another_record_is_refused(
+    world: World, prefix: bytes
+) -> None:
+    mark = world.rec.mark()
+    sock, head = world.sidecar.connect_tunnel(f"rec.test:{world.rec.port}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    sock.sendall(prefix + client_hello("evil.example"))
+    assert read_until_closed(sock) == b""  # closed by the proxy
+    sock.close()
+    (conn,) = world.rec.closed_since(mark)
+    assert conn.closed and conn.received == b"", conn
+    line = world.sidecar.wait_decisions(
+        lambda d: d.get("host") == "rec.test" and d["decision"] == "deny"
+    )[-1]
+    assert line["reason"] == "unreadable first flight"
+
+
+def test_a_plain_clienthello_and_non_tls_bytes_still_pass(world: World) -> None:
+    """What is not TLS is decided by the CONNECT host at once (no wait for a line end)."""
+    for first in (client_hello("rec.test"), b"hello"):
+        mark = world.rec.mark()
+        sock, head = world.sidecar.connect_tunnel(f"rec.test:{world.rec.port}")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        sock.sendall(first)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and world.rec.conns[mark].received != first:
+            time.sleep(0.02)
+        sock.close()
+        assert world.rec.conns[mark].received == first
