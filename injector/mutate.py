@@ -272,6 +272,14 @@ def read_settings(annotations: Mapping[str, str], cfg: InjectorConfig) -> Settin
     include_ports = _ports(c.ANNOTATION_INCLUDE_PORTS, annotations, warnings)
     udp_ports = _ports(c.ANNOTATION_EXCLUDE_UDP_PORTS, annotations, warnings)
     udp_cidrs = _cidrs(c.ANNOTATION_EXCLUDE_UDP_CIDRS, annotations, warnings)
+    if capture == "transparent":
+        warnings.extend(_wide_openings(c.ANNOTATION_EXCLUDE_CIDRS, cidrs))
+        warnings.extend(_wide_openings(c.ANNOTATION_EXCLUDE_UDP_CIDRS, udp_cidrs))
+        if DNS_PORT in udp_ports:
+            warnings.append(
+                f"{c.ANNOTATION_EXCLUDE_UDP_PORTS}: 53 lets DNS to any server leave the pod, a "
+                "channel for data; the pod's own resolvers are reachable without it"
+            )
     if capture == "explicit" and (exclude_ports or include_ports):
         warnings.append("outbound port annotations only apply to transparent capture; ignored")
     if capture == "explicit" and (udp_ports or udp_cidrs):
@@ -314,6 +322,26 @@ def _cidrs(key: str, annotations: Mapping[str, str], warnings: list[str]) -> lis
         if cidr not in cidrs:
             cidrs.append(cidr)
     return cidrs
+
+
+DNS_PORT: Final = 53
+# Excluded public ranges wider than these take much of the internet out of capture: a warning
+# (kept, as the deployer is trusted), as the allowlist warns about its own wide CIDRs.
+_WIDE_PREFIX: Final = {4: 8, 6: 32}
+
+
+def _wide_openings(key: str, cidrs: list[str]) -> list[str]:
+    warnings = []
+    for cidr in cidrs:
+        network = ipaddress.ip_network(cidr)
+        # Private ranges (a cluster's own, 10.0.0.0/8, fd00::/8) are not the internet.
+        if network.prefixlen < _WIDE_PREFIX[network.version] and not network.is_private:
+            what = "every destination" if network.prefixlen == 0 else f"all of {cidr}"
+            warnings.append(
+                f"{key}: {cidr} takes {what} out of egress control; name the cluster's own "
+                "ranges instead"
+            )
+    return warnings
 
 
 def _ports(key: str, annotations: Mapping[str, str], warnings: list[str]) -> list[int]:

@@ -162,6 +162,33 @@ def test_read_settings(annotations: dict[str, str], field: str, value: object, w
     assert bool(settings.warnings) is warns
 
 
+@pytest.mark.parametrize(
+    ("annotations", "warning"),
+    [
+        ({c.ANNOTATION_EXCLUDE_UDP_PORTS: "53"}, "53 lets DNS to any server leave the pod"),
+        ({c.ANNOTATION_EXCLUDE_UDP_CIDRS: "0.0.0.0/0"}, "0.0.0.0/0 takes every destination out"),
+        ({c.ANNOTATION_EXCLUDE_UDP_CIDRS: "::/0"}, "::/0 takes every destination out"),
+        ({c.ANNOTATION_EXCLUDE_CIDRS: "0.0.0.0/1"}, "all of 0.0.0.0/1 out of egress control"),
+        ({c.ANNOTATION_EXCLUDE_CIDRS: "2000::/3"}, "all of 2000::/3 out of egress control"),
+    ],
+)
+def test_openings_that_defeat_capture_are_warned(annotations: dict[str, str], warning: str) -> None:
+    settings = read_settings(annotations, CFG)
+    assert [w for w in settings.warnings if warning in w], settings.warnings
+
+
+@pytest.mark.parametrize(
+    "annotations",
+    [
+        {c.ANNOTATION_EXCLUDE_UDP_PORTS: "8125"},
+        {c.ANNOTATION_EXCLUDE_CIDRS: "10.0.0.0/8,fd00::/8"},  # a cluster's own ranges
+        {c.ANNOTATION_EXCLUDE_UDP_CIDRS: "2001:db8::/32"},
+    ],
+)
+def test_ordinary_openings_are_not_warned(annotations: dict[str, str]) -> None:
+    assert read_settings(annotations, CFG).warnings == ()
+
+
 def _owned(kind: str, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "generateName": name + "-",
