@@ -278,7 +278,11 @@ class Decider:
                 f"ClientHello for {flight.sni} in a tunnel to {rec.host}",
             )
         if denial is not None:
-            rec.decision = apply_mode(denial, Mode(rec.mode))
+            # A mismatch is a policy decision (audit lets it through and says so); an unreadable
+            # ClientHello is refused whatever the mode, as a refused request head is: nothing in
+            # it could be decided, so there is nothing to audit.
+            unreadable = denial.reason is Reason.UNREADABLE_FIRST_FLIGHT
+            rec.decision = denial if unreadable else apply_mode(denial, Mode(rec.mode))
         self._reporter.report(rec, start_ns=pending.start_ns)
         return rec.decision.permits
 
@@ -572,9 +576,8 @@ class Decider:
         assert info.original is not None
         original_ip, port = info.original
         snap = self._store.get()
-        decision = apply_mode(
-            Decision(Verdict.DENY, Reason.UNREADABLE_FIRST_FLIGHT, detail=problem), snap.mode
-        )
+        # Refused whatever the mode (see settle_tunnel): the record says deny, as it is.
+        decision = Decision(Verdict.DENY, Reason.UNREADABLE_FIRST_FLIGHT, detail=problem)
         rec = self._stream_record(
             snap,
             Vetted(decision, None),

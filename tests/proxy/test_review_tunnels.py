@@ -74,3 +74,47 @@ def test_a_plain_clienthello_and_non_tls_bytes_still_pass(world: World) -> None:
             time.sleep(0.02)
         sock.close()
         assert world.rec.conns[mark].received == first
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    rec = Recorder("127.0.0.24").start()
+    sidecar = start_sidecar(
+        tmp_path_factory.mktemp("review-tunnels-audit"),
+        allowlist=f"mode: audit\nallow:\n  - host: rec.test\n    ports: [{rec.port}]\n",
+        hosts={"rec.test": "127.0.0.24"},
+        args=["--allow-private-range", "127.0.0.0/8"],
+    )
+    yield World(sidecar, rec)
+    assert sidecar.stop() == 0, sidecar.stderr[-20:]
+    rec.stop()
+
+
+def test_in_audit_mode_a_mismatch_is_audited_and_an_unreadable_hello_refused(
+    audit: World,
+) -> None:
+    """The record says what happened: audit lets a mismatched SNI through (and says "audit"); an
+    unreadable first flight cannot be decided, so it is refused and recorded as a deny."""
+    mark = audit.rec.mark()
+    sock, head = audit.sidecar.connect_tunnel(f"rec.test:{audit.rec.port}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    hello = client_hello("evil.example")
+    sock.sendall(hello)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and audit.rec.conns[mark].received != hello:
+        time.sleep(0.02)
+    sock.close()
+    assert audit.rec.conns[mark].received == hello
+    line = audit.sidecar.wait_decisions(lambda d: d.get("reason") == "sni mismatch")[-1]
+    assert line["decision"] == "audit"
+
+    mark = audit.rec.mark()
+    sock, head = audit.sidecar.connect_tunnel(f"rec.test:{audit.rec.port}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    sock.sendall(b"\x15\x03\x01\x00\x02\x01\x5a" + client_hello("evil.example"))
+    assert read_until_closed(sock) == b""
+    sock.close()
+    (conn,) = audit.rec.closed_since(mark)
+    assert conn.received == b""
+    line = audit.sidecar.wait_decisions(lambda d: d.get("reason") == "unreadable first flight")[-1]
+    assert line["decision"] == "deny"
