@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import netns as h
+from tests.support.netns import SIDECAR
 
 APP_UID = 4242  # the app container's user: anything but the proxy's 1337
-SIDECAR = [sys.executable, "-m", "sidecar.cli"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

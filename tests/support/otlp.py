@@ -130,6 +130,15 @@ class OtlpHttpReceiver(ThreadingHTTPServer):
         host, port = self.server_address[0], self.server_address[1]
         return f"http://{host!s}:{port}"
 
+    @property
+    def exporter_env(self) -> dict[str, str]:
+        """The sidecar's OTLP settings for this receiver, flushed every 100 ms (not 5 s)."""
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
