@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.sockets import recv_head
+
 BIN = Path(sys.executable).parent
 
 # /etc/hosts from the test; name service limited to that file, and any resolver query that is
@@ -81,13 +83,7 @@ class Sidecar:
         """Send a CONNECT to the explicit port; the socket and the response head as received."""
         sock = socket.create_connection(("127.0.0.1", self.explicit_port), timeout=10)
         sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            head += chunk
-        return sock, head
+        return sock, recv_head(sock, bufsize=4096)
 
     def _pump(self, stream: Any, sink: list[str]) -> None:
         for line in stream:
