@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.support.sidecar import BIN, Sidecar, free_port, hosts_file, with_hosts
+from bench.hosts import hosts_file, with_hosts
+from tests.support.sidecar import BIN, Sidecar, free_port
 
 
 @dataclass(frozen=True)

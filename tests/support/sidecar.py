@@ -20,17 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.hosts import hosts_file, with_hosts
 from tests.support.sockets import recv_head
 
 BIN = Path(sys.executable).parent
-
-# /etc/hosts from the test; name service limited to that file, and any resolver query that is
-# still made goes to loopback: tests never send DNS to the machine's nameserver.
-_MOUNT_HOSTS = (
-    'mount --bind "$0" /etc/hosts && '
-    'mount --bind "$(dirname "$0")/nsswitch.conf" /etc/nsswitch.conf && '
-    'mount --bind "$(dirname "$0")/resolv.conf" /etc/resolv.conf && exec "$@"'
-)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,31 +31,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def hosts_file(path: Path, names: Mapping[str, str], extra: Sequence[str] = ()) -> Path:
-    lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
-    lines += [f"{address} {name}" for name, address in names.items()]
-    lines += list(extra)
-    path.write_text("\n".join(lines) + "\n")
-    (path.parent / "nsswitch.conf").write_text("hosts: files\n")
-    (path.parent / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-    return path
-
-
-def with_hosts(hosts: Path, argv: Sequence[str]) -> list[str]:
-    """argv run in its own mount namespace where /etc/hosts is ``hosts``."""
-    return [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        _MOUNT_HOSTS,
-        str(hosts),
-        *argv,
-    ]
 
 
 @dataclass
