@@ -15,10 +15,7 @@ APP_UID = 4242  # the app container's user: anything but the proxy's 1337
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.netns)
+    h.mark_netns(items, Path(__file__).parent)
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import pytest
 from cryptography import x509
 
 from tests.support.tls import TestCA
@@ -437,6 +438,13 @@ def owned_dir(path: Path, uid: int, gid: int) -> Path:
 def iter_lines(path: Path) -> Iterator[str]:
     if path.exists():
         yield from path.read_text().splitlines()
+
+
+def mark_netns(items: Sequence[pytest.Item], directory: Path) -> None:
+    """Mark the collected tests under ``directory`` ``netns`` (root, namespaces, iptables)."""
+    for item in items:
+        if directory in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.netns)
 
 
 def decisions(path: Path) -> list[dict[str, Any]]:
