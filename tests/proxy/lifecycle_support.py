@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.hosts import hosts_file, with_hosts
-from tests.support.sidecar import BIN, Sidecar, free_port
+from tests.support.sidecar import BIN, Sidecar, free_port, sidecar_env
 
 
 @dataclass(frozen=True)
@@ -62,10 +61,7 @@ def launch(
         str(workdir / "confdir"),
         *args,
     ]
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
-        full_env.pop(key, None)
-    full_env.update(env or {})
+    full_env = sidecar_env(env)
     command = with_hosts(hosts_file(workdir / "hosts", hosts or {}), argv)
     proc = subprocess.Popen(
         command,

@@ -26,6 +26,15 @@ from tests.support.sockets import recv_head
 BIN = Path(sys.executable).parent
 
 
+def sidecar_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without OTEL_* and proxy variables, then ``env``."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        full_env.pop(key, None)
+    full_env.update(env or {})
+    return full_env
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -161,10 +170,7 @@ def start_sidecar(
         path.write_text(allowlist)
         argv += ["--allowlist-file", str(path)]
     argv += list(args)
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
-        full_env.pop(key, None)
-    full_env.update(env or {})
+    full_env = sidecar_env(env)
     command = with_hosts(hosts_file(workdir / "hosts", hosts or {}, extra_hosts), argv)
     proc = subprocess.Popen(
         command,
