@@ -31,7 +31,7 @@ from tests.support import netns as h
 from tests.support.injection import cluster_env, deployment, inject, service_account, start_api
 from tests.support.netns import OUT4, POD4
 from tests.support.netns_pod import in_netns
-from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver
+from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver, span_on
 
 IMAGE = os.environ.get("EGRESS_IMAGE", DEFAULT_IMAGE)
 WEB4, OTHER4, _ = OUT4
@@ -283,12 +283,9 @@ def test_decisions_and_spans(pod: Pod) -> None:
     assert by[("denied.test", "TLS")] == "deny"
     sink = pod.receiver.sink
 
-    def on(host: str, name: str) -> Any:
-        return lambda s: s.attributes.get("server.address") == host and s.name == name
-
-    (allowed,) = sink.wait_for(on("web.test", "GET"))[-1:]
-    (denied,) = sink.wait_for(on("denied.test", "GET"))[-1:]
-    (denied_tls,) = sink.wait_for(on("denied.test", "TLS"))[-1:]
+    (allowed,) = sink.wait_for(span_on("web.test", "GET"))[-1:]
+    (denied,) = sink.wait_for(span_on("denied.test", "GET"))[-1:]
+    (denied_tls,) = sink.wait_for(span_on("denied.test", "TLS"))[-1:]
     assert allowed.attributes["egress.decision"] == "allow"
     for span in (denied, denied_tls):
         assert span.attributes["egress.decision"] == "deny"

@@ -59,10 +59,7 @@ class Pod:
         return result
 
     def curl(self, *args: str) -> tuple[int, str, str]:
-        proc = self.world.pod.run(
-            ["curl", "-sS", "--max-time", "5", "--noproxy", "*", *args], uid=APP_UID, timeout=15
-        )
-        return proc.returncode, proc.stdout, proc.stderr
+        return h.pod_curl(self.world, args, uid=APP_UID)
 
     def events(self, mark: int, addr: str, port: int, event: str) -> list[dict[str, Any]]:
         local = f"{addr}:{port}"

@@ -19,7 +19,7 @@ from tests.support import netns as h
 from tests.support.injection import cluster_env, deployment, inject, service_account, start_api
 from tests.support.netns import OUT4, OUT6, POD4
 from tests.support.netns_pod import PodRunner, in_netns
-from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver, ReceivedSpan
+from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver, ReceivedSpan, span_on
 
 WEB4, OTHER4, _ = OUT4
 OTHER6 = OUT6[1]
@@ -176,12 +176,9 @@ def test_decisions_and_spans_match_the_allowlist(injected: Injected) -> None:
 
     sink = injected.receiver.sink
 
-    def on(host: str, name: str) -> Any:
-        return lambda s: s.attributes.get("server.address") == host and s.name == name
-
-    (allowed,) = sink.wait_for(on("web.test", "GET"))[-1:]
-    (denied,) = sink.wait_for(on("denied.test", "GET"))[-1:]
-    (tls,) = sink.wait_for(on("web.test", "TLS"))[-1:]
+    (allowed,) = sink.wait_for(span_on("web.test", "GET"))[-1:]
+    (denied,) = sink.wait_for(span_on("denied.test", "GET"))[-1:]
+    (tls,) = sink.wait_for(span_on("web.test", "TLS"))[-1:]
     assert allowed.attributes["egress.decision"] == "allow"
     assert denied.attributes["egress.decision"] == "deny" and denied.status_code == STATUS_ERROR
     assert tls.attributes["egress.tls.passthrough"] is True

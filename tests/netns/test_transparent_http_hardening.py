@@ -42,10 +42,7 @@ class Pod:
     sidecar_out: Path
 
     def curl(self, *args: str) -> tuple[int, str, str]:
-        proc = self.world.pod.run(
-            ["curl", "-sS", "--max-time", "10", "--noproxy", "*", *args], uid=APP_UID, timeout=20
-        )
-        return proc.returncode, proc.stdout, proc.stderr
+        return h.pod_curl(self.world, args, uid=APP_UID, max_time=10)
 
     def accepted(self, mark: int, port: int) -> list[dict[str, Any]]:
         local = f"{WEB4}:{port}"

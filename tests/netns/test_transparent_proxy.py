@@ -59,10 +59,7 @@ class Pod:
     binds: dict[str, Path]
 
     def curl(self, *args: str, uid: int = APP_UID) -> tuple[int, str, str]:
-        proc = self.world.pod.run(
-            ["curl", "-sS", "--max-time", "5", "--noproxy", "*", *args], uid=uid, timeout=15
-        )
-        return proc.returncode, proc.stdout, proc.stderr
+        return h.pod_curl(self.world, args, uid=uid)
 
     def s_client(self, addr: str, port: int, sni: str | None, uid: int = APP_UID) -> str:
         argv = ["openssl", "s_client", "-connect", f"{b(addr)}:{port}", "-showcerts"]

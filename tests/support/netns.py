@@ -440,6 +440,14 @@ def iter_lines(path: Path) -> Iterator[str]:
         yield from path.read_text().splitlines()
 
 
+def pod_curl(w: World, args: Sequence[str], *, uid: int, max_time: int = 5) -> tuple[int, str, str]:
+    """curl in the pod namespace as ``uid``, no proxy variables honoured: only the capture
+    stands between it and the destination. Exit code, stdout, stderr."""
+    argv = ["curl", "-sS", "--max-time", str(max_time), "--noproxy", "*", *args]
+    proc = w.pod.run(argv, uid=uid, timeout=max_time + 10)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
 def mark_netns(items: Sequence[pytest.Item], directory: Path) -> None:
     """Mark the collected tests under ``directory`` ``netns`` (root, namespaces, iptables)."""
     for item in items:

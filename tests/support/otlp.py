@@ -87,6 +87,11 @@ class SpanSink:
                 self.cond.wait(left)
 
 
+def span_on(host: str, name: str) -> Callable[[ReceivedSpan], bool]:
+    """A ``SpanSink.wait_for`` predicate: the span ``name`` for server ``host``."""
+    return lambda s: s.attributes.get("server.address") == host and s.name == name
+
+
 class OtlpHttpReceiver(ThreadingHTTPServer):
     daemon_threads = True
 
