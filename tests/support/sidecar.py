@@ -148,9 +148,13 @@ def start_sidecar(
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     wait: bool = True,
+    ports: tuple[int, int, int] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Sidecar:
+    """`egress-sidecar run` on 127.0.0.1: on ``ports`` (explicit, transparent, health) when
+    given, else on free ones; ``preexec_fn`` runs in the child before exec."""
     workdir.mkdir(parents=True, exist_ok=True)
-    explicit, transparent, health = free_port(), free_port(), free_port()
+    explicit, transparent, health = ports or (free_port(), free_port(), free_port())
     argv = [
         str(BIN / "egress-sidecar"),
         "run",
@@ -178,6 +182,7 @@ def start_sidecar(
         stderr=subprocess.PIPE,
         text=True,
         env=full_env,
+        preexec_fn=preexec_fn,  # noqa: PLW1509 (the callers' only set rlimits, before exec)
     )
     sidecar = Sidecar(proc, explicit, transparent, health)
     sidecar.start_pumps()
