@@ -100,13 +100,13 @@ def _spawn(name: str, argv: Sequence[str], log: Path, stdout: Path | None = None
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
-            env=_server_env(),
+            env=server_env(),
             start_new_session=True,  # a Ctrl-C in the terminal reaches only the bench
         )
     return Server(name, proc, log)
 
 
-def _server_env() -> dict[str, str]:
+def server_env() -> dict[str, str]:
     env = clean_env()
     for key in list(env):
         if key.startswith("OTEL_"):
@@ -169,13 +169,11 @@ class Sidecar:
     health_port: int
 
 
-def start_sidecar(prefix: Sequence[str], workdir: Path, upstream: UpstreamPorts) -> Sidecar:
-    workdir.mkdir(parents=True, exist_ok=True)
-    allowlist = workdir / "allowlist.yaml"
-    allowlist.write_text(allowlist_yaml(upstream))
+def sidecar_argv(allowlist: Path, workdir: Path) -> tuple[list[str], int, int]:
+    """`egress-sidecar run` on free loopback ports (no IPv6 listener); the argv, the explicit
+    proxy's port and the health port."""
     port, transparent, health = free_port(), free_port(), free_port()
     argv = [
-        *prefix,
         str(Path(sys.executable).parent / "egress-sidecar"),
         "run",
         "--allowlist-file",
@@ -193,6 +191,15 @@ def start_sidecar(prefix: Sequence[str], workdir: Path, upstream: UpstreamPorts)
         "--confdir",
         str(workdir / "confdir"),
     ]
+    return argv, port, health
+
+
+def start_sidecar(prefix: Sequence[str], workdir: Path, upstream: UpstreamPorts) -> Sidecar:
+    workdir.mkdir(parents=True, exist_ok=True)
+    allowlist = workdir / "allowlist.yaml"
+    allowlist.write_text(allowlist_yaml(upstream))
+    argv, port, health = sidecar_argv(allowlist, workdir)
+    argv = [*prefix, *argv]
     server = _spawn(
         "egress-sidecar", argv, workdir / "sidecar-stderr.log", workdir / "decisions.jsonl"
     )

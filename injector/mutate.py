@@ -870,19 +870,12 @@ def inject_workload(
     )
     template = _template_for_update(synced, kind)
     result = inject_pod(template, ctx, cfg)
-    if not result.injected:
-        return PodResult(
-            pod=synced,
-            injected=False,
-            reason=result.reason,
-            warnings=result.warnings,
-            risks=result.risks,
-        )
-    template.clear()
-    template.update(result.pod)
+    if result.injected:
+        template.clear()
+        template.update(result.pod)
     return PodResult(
         pod=synced,
-        injected=True,
+        injected=result.injected,
         reason=result.reason,
         warnings=result.warnings,
         risks=result.risks,

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -19,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.configs import LOOPBACK
-from bench.loadgen import clean_env
+from bench.hosts import hosts_file, with_hosts
 from bench.procstat import cpu_seconds, rss_mib
-from bench.servers import ServerError, free_port, start_nginx
+from bench.servers import ServerError, server_env, sidecar_argv, start_nginx
 from bench.soak.clients import Target, run_clients
 from bench.soak.model import (
     HOSTS,
@@ -43,15 +42,6 @@ from bench.tools import which
 
 Log = Callable[[str], None]
 
-# The sidecar resolves the soak's host names through a hosts file bind-mounted over /etc/hosts
-# in a mount namespace of its own (`unshare -m`): the machine's files are never touched, and no
-# DNS query leaves the machine (resolv.conf points at loopback, nsswitch at files only).
-_MOUNT_HOSTS = (
-    'mount --bind "$0" /etc/hosts && '
-    'mount --bind "$(dirname "$0")/nsswitch.conf" /etc/nsswitch.conf && '
-    'mount --bind "$(dirname "$0")/resolv.conf" /etc/resolv.conf && exec "$@"'
-)
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -72,16 +62,6 @@ class SoakError(RuntimeError):
 
 class SidecarDiedError(SoakError):
     """The sidecar exited during the soak: a failure of the sidecar, not of the harness."""
-
-
-def _hosts_files(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    hosts = directory / "hosts"
-    names = " ".join(HOSTS.values())
-    hosts.write_text(f"127.0.0.1 localhost {names}\n::1 localhost ip6-localhost\n")
-    (directory / "nsswitch.conf").write_text("hosts: files\n")
-    (directory / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-    return hosts
 
 
 @dataclass
@@ -120,36 +100,12 @@ def start_sidecar(workdir: Path, allowlist: Path) -> Sidecar:
     unshare = which("unshare")
     if unshare is None:
         raise SoakError("unshare (util-linux) is needed to give the sidecar its own /etc/hosts")
-    hosts = _hosts_files(workdir / "etc")
-    port, transparent, health = free_port(), free_port(), free_port()
-    argv = [
-        unshare,
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        _MOUNT_HOSTS,
-        str(hosts),
-        # `exec` all the way down: the PID we sample is the sidecar's own
-        str(Path(sys.executable).parent / "egress-sidecar"),
-        "run",
-        "--allowlist-file",
-        str(allowlist),
-        "--allow-private-range",
-        "127.0.0.0/8",
-        "--explicit-listen",
-        f"{LOOPBACK}:{port}",
-        "--transparent-listen",
-        f"{LOOPBACK}:{transparent}",
-        "--transparent-listen6",
-        "off",
-        "--health-listen",
-        f"{LOOPBACK}:{health}",
-        "--confdir",
-        str(workdir / "confdir"),
-    ]
-    env = {k: v for k, v in clean_env().items() if not k.startswith("OTEL_")}
+    # The soak's host names resolve through a hosts file of the sidecar's own (bench.hosts).
+    (workdir / "etc").mkdir(parents=True, exist_ok=True)
+    hosts = hosts_file(workdir / "etc" / "hosts", dict.fromkeys(HOSTS.values(), LOOPBACK))
+    run, port, health = sidecar_argv(allowlist, workdir)
+    argv = with_hosts(hosts, run, unshare)
+    env = server_env()
     decisions, stderr = workdir / "decisions.jsonl", workdir / "sidecar-stderr.log"
     with decisions.open("wb") as out, stderr.open("wb") as err:
         proc = subprocess.Popen(

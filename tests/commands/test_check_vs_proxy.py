@@ -16,6 +16,7 @@ import pytest
 
 from sidecar.cli import main
 from tests.support.sidecar import Sidecar, start_sidecar
+from tests.support.sockets import recv_head
 from tests.support.upstream import UpstreamServer
 
 ALLOWED, EVIL = "127.0.0.6", "127.0.0.7"
@@ -53,12 +54,7 @@ def proxy_status(world: World, target: str) -> int:
         s.sendall(
             f"GET {target} HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n".encode()
         )
-        head = b""
-        while b"\r\n" not in head:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            head += chunk
+        head = recv_head(s, b"\r\n", bufsize=4096)
     return int(head.split(b" ", 2)[1])
 
 

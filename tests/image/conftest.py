@@ -11,10 +11,7 @@ from tests.support import netns as h
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.netns)
+    h.mark_netns(items, Path(__file__).parent)
 
 
 @pytest.fixture(scope="session")

@@ -18,22 +18,20 @@ import re
 import signal
 import statistics
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from injector.config import DEFAULT_IMAGE
 from tests.image.runtime import ImagePodRunner, image_config, mounted_rootfs, started_ready
 from tests.support import netns as h
-from tests.support.kubeapi import FakeKubeAPI
+from tests.support.injection import cluster_env, deployment, inject, service_account, start_api
 from tests.support.netns import OUT4, POD4
 from tests.support.netns_pod import in_netns
-from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver
+from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver, span_on
 
 IMAGE = os.environ.get("EGRESS_IMAGE", DEFAULT_IMAGE)
 WEB4, OTHER4, _ = OUT4
@@ -81,32 +79,19 @@ call("denied-tls", "https://denied.test/app")
 
 
 def manifest() -> str:
-    doc = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {
-            "name": "web",
-            "namespace": NAMESPACE,
-            "annotations": {"egress-sidecar.io/inject": "true"},
+    return deployment(
+        NAMESPACE,
+        {
+            "securityContext": {"runAsUser": APP_UID, "runAsGroup": APP_UID},
+            "containers": [
+                {
+                    "name": "app",
+                    "image": IMAGE,
+                    "command": ["python3", "-c", f"CA = {CA_IN_POD!r}\n{APP}"],
+                }
+            ],
         },
-        "spec": {
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    "securityContext": {"runAsUser": APP_UID, "runAsGroup": APP_UID},
-                    "containers": [
-                        {
-                            "name": "app",
-                            "image": IMAGE,
-                            "command": ["python3", "-c", f"CA = {CA_IN_POD!r}\n{APP}"],
-                        }
-                    ],
-                },
-            },
-        },
-    }
-    return yaml.safe_dump(doc)
+    )
 
 
 @dataclass
@@ -125,11 +110,7 @@ class Pod:
         return {d["call"]: d for d in map(json.loads, self.app.stdout.splitlines())}
 
     def decisions(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(line)
-            for line in h.iter_lines(self.sidecar_out)
-            if '"egress decision"' in line
-        ]
+        return h.decisions(self.sidecar_out)
 
 
 @pytest.fixture(scope="module")
@@ -153,45 +134,11 @@ def _pod(w: h.World, image_env: dict[str, str], image_user: str) -> Iterator[Pod
         https=[f"{WEB4}:443", f"{OTHER4}:443"],
     )
     receiver = in_netns(w.outside.name, lambda: OtlpHttpReceiver(host=OTHER4))
-    api = in_netns(w.pod.name, lambda: _start_api(w.workdir))
+    api = in_netns(w.pod.name, lambda: start_api(w.workdir))
     try:
         api.put_configmap(NAMESPACE, "egress-allowlist", {"allowlist.yaml": ALLOWLIST})
-        cfg = w.workdir / "injector.yaml"
-        otel = {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        }
-        cfg.write_text(yaml.safe_dump({"otelEnv": otel, "image": IMAGE}))
-        source = w.workdir / "deployment.yaml"
-        source.write_text(manifest())
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "injector.cli",
-                "inject",
-                "-f",
-                str(source),
-                "--config",
-                str(cfg),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stderr
-        (deployment,) = [d for d in yaml.safe_load_all(proc.stdout) if d]
-        spec = deployment["spec"]["template"]["spec"]
-        sa = w.workdir / "serviceaccount"
-        sa.mkdir()
-        (sa / "token").write_text("token-1")
-        (sa / "namespace").write_text(NAMESPACE)
-        assert api.ca_path is not None
-        (sa / "ca.crt").write_bytes(api.ca_path.read_bytes())
-        for f in sa.iterdir():
-            f.chmod(0o644)
+        spec = inject(w.workdir, manifest(), {"otelEnv": receiver.exporter_env, "image": IMAGE})
+        sa = service_account(w.workdir, api, NAMESPACE)
         names = [c["name"] for c in [*spec["initContainers"], *spec["containers"]]]
         assert names == ["egress-init", "egress-sidecar", "app"], names
         with (
@@ -214,10 +161,7 @@ def _pod(w: h.World, image_env: dict[str, str], image_user: str) -> Iterator[Pod
                     CA_IN_POD: certs.ca_pem,
                 },
                 service_account=sa,
-                cluster_env={
-                    "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-                    "KUBERNETES_SERVICE_PORT": str(api.port),
-                },
+                cluster_env=cluster_env(api),
                 image_env=image_env,
                 image_user=image_user,
                 roots={"egress-init": init_root, "egress-sidecar": sidecar_root, "app": app_root},
@@ -234,12 +178,6 @@ def _pod(w: h.World, image_env: dict[str, str], image_user: str) -> Iterator[Pod
     finally:
         api.stop()
         receiver.stop()
-
-
-def _start_api(workdir: Path) -> FakeKubeAPI:
-    api = FakeKubeAPI(tls=True, workdir=workdir / "kubeapi")
-    api.start()
-    return api
 
 
 def _container_pid(launcher: subprocess.Popen[bytes]) -> int:
@@ -345,12 +283,9 @@ def test_decisions_and_spans(pod: Pod) -> None:
     assert by[("denied.test", "TLS")] == "deny"
     sink = pod.receiver.sink
 
-    def on(host: str, name: str) -> Any:
-        return lambda s: s.attributes.get("server.address") == host and s.name == name
-
-    (allowed,) = sink.wait_for(on("web.test", "GET"))[-1:]
-    (denied,) = sink.wait_for(on("denied.test", "GET"))[-1:]
-    (denied_tls,) = sink.wait_for(on("denied.test", "TLS"))[-1:]
+    (allowed,) = sink.wait_for(span_on("web.test", "GET"))[-1:]
+    (denied,) = sink.wait_for(span_on("denied.test", "GET"))[-1:]
+    (denied_tls,) = sink.wait_for(span_on("denied.test", "TLS"))[-1:]
     assert allowed.attributes["egress.decision"] == "allow"
     for span in (denied, denied_tls):
         assert span.attributes["egress.decision"] == "deny"

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import netns as h
+from tests.support.netns import SIDECAR
 
 APP_UID = 4242  # the app container's user: anything but the proxy's 1337
-SIDECAR = [sys.executable, "-m", "sidecar.cli"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.netns)
+    h.mark_netns(items, Path(__file__).parent)
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import pytest
 
 from sidecar.iptables import rules
-from tests.netns.conftest import APP_UID, SIDECAR, iptables, save, split_print
+from tests.netns.conftest import APP_UID, iptables, save, split_print
 from tests.support import netns as h
-from tests.support.netns import OUT4, OUT6
+from tests.support.netns import OUT4, OUT6, SIDECAR
 
 PROXY_UID = 1337
 EXCLUDED4, EXCLUDED6 = OUT4[1], OUT6[1]

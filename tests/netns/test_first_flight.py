@@ -25,11 +25,10 @@ from typing import Any
 
 import pytest
 
-from tests.netns.conftest import APP_UID, SIDECAR, iptables
+from tests.netns.conftest import APP_UID, iptables
 from tests.support import netns as h
 from tests.support.netns import OUT4
 
-PROXY_UID = 1337
 WEB4, OTHER4, DB4 = OUT4
 CLIENT = Path(__file__).with_name("first_flight_client.py")
 
@@ -60,21 +59,14 @@ class Pod:
         return result
 
     def curl(self, *args: str) -> tuple[int, str, str]:
-        proc = self.world.pod.run(
-            ["curl", "-sS", "--max-time", "5", "--noproxy", "*", *args], uid=APP_UID, timeout=15
-        )
-        return proc.returncode, proc.stdout, proc.stderr
+        return h.pod_curl(self.world, args, uid=APP_UID)
 
     def events(self, mark: int, addr: str, port: int, event: str) -> list[dict[str, Any]]:
         local = f"{addr}:{port}"
         return [r for r in self.upstream.since(mark) if r["event"] == event and r["local"] == local]
 
     def decisions(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(line)
-            for line in h.iter_lines(self.sidecar_out)
-            if '"egress decision"' in line
-        ]
+        return h.decisions(self.sidecar_out)
 
     def last_decision(self, **match: Any) -> dict[str, Any]:
         deadline = time.monotonic() + 5
@@ -101,34 +93,8 @@ def pod(world: h.World) -> Iterator[Pod]:
     )
     proc = iptables(w, "apply", "--ipv6", "off")
     assert proc.returncode == 0, proc.stderr
-    allowlist = w.workdir / "allowlist.yaml"
-    allowlist.write_text(ALLOWLIST)
-    allowlist.chmod(0o644)
-    state = h.owned_dir(w.workdir / "sidecar", PROXY_UID, PROXY_UID)
-    out = w.workdir / "sidecar.out"
-    binds: dict[str, Path] = {
-        "/etc/hosts": h.hosts_file(w.workdir / "hosts", HOSTS),
-        "/etc/resolv.conf": h.resolv_conf(w.workdir / "resolv.conf"),
-    }
-    argv = [
-        *SIDECAR, "run", "--allowlist-file", str(allowlist),
-        "--allow-private-range", "198.18.0.0/15",
-        "--explicit-listen", "127.0.0.1:15001", "--transparent-listen", "127.0.0.1:15002",
-        "--transparent-listen6", "off", "--health-listen", "0.0.0.0:15021",
-        "--confdir", str(state / "mitmproxy"), "--first-byte-timeout", "3",
-    ]  # fmt: skip
-    sidecar = w.pod.popen(argv, uid=PROXY_UID, binds=binds, env={"HOME": str(state)}, output=out)
-
-    def ready() -> bool:
-        probe = w.pod.run(
-            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "1",
-             "http://127.0.0.1:15021/healthz/ready"],
-            timeout=5,
-        )  # fmt: skip
-        return probe.stdout == "200"
-
-    h.wait_for(ready, 30, "sidecar", sidecar, out)
-    yield Pod(w, certs, upstream, out)
+    sidecar = h.start_pod_sidecar(w, ALLOWLIST, HOSTS, extra=["--first-byte-timeout", "3"])
+    yield Pod(w, certs, upstream, sidecar.out)
 
 
 # --- item 4: the whole ClientHello, however it arrives ----------------------------------------

@@ -7,28 +7,24 @@ OTLP receiver in the "outside" namespace, configured through the injector's `ote
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.support import netns as h
-from tests.support.kubeapi import FakeKubeAPI
+from tests.support.injection import cluster_env, deployment, inject, service_account, start_api
 from tests.support.netns import OUT4, OUT6, POD4
 from tests.support.netns_pod import PodRunner, in_netns
-from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver, ReceivedSpan
+from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver, ReceivedSpan, span_on
 
 WEB4, OTHER4, _ = OUT4
 OTHER6 = OUT6[1]
 NAMESPACE, POD_NAME, NODE = "shop", "web-7d4b9c-x2x7q", "node-a"
 APP_UID = 4242
-INJECT = [sys.executable, "-m", "injector.cli", "inject"]
 
 ALLOWLIST = """\
 allow:
@@ -50,29 +46,14 @@ APP_SCRIPT = (
 
 def manifest(ca: Path, automount: bool) -> str:
     script = APP_SCRIPT.format(web=WEB4, other=OTHER4, ca=ca, other6=OTHER6)
-    doc = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {
-            "name": "web",
-            "namespace": NAMESPACE,
-            "annotations": {"egress-sidecar.io/inject": "true"},
+    return deployment(
+        NAMESPACE,
+        {
+            **({} if automount else {"automountServiceAccountToken": False}),
+            "securityContext": {"runAsUser": APP_UID, "runAsGroup": APP_UID},
+            "containers": [{"name": "app", "image": "curl", "command": ["sh", "-c", script]}],
         },
-        "spec": {
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    **({} if automount else {"automountServiceAccountToken": False}),
-                    "securityContext": {"runAsUser": APP_UID, "runAsGroup": APP_UID},
-                    "containers": [
-                        {"name": "app", "image": "curl", "command": ["sh", "-c", script]}
-                    ],
-                },
-            },
-        },
-    }
-    return yaml.safe_dump(doc)
+    )
 
 
 @dataclass
@@ -86,11 +67,7 @@ class Injected:
     sidecar_out: Path
 
     def decisions(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(line)
-            for line in h.iter_lines(self.sidecar_out)
-            if '"egress decision"' in line
-        ]
+        return h.decisions(self.sidecar_out)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["automount", "no-automount"])
@@ -115,37 +92,13 @@ def _injected(w: h.World, *, automount: bool) -> Iterator[Injected]:
         https=[f"{WEB4}:443"],
     )
     receiver = in_netns(w.outside.name, lambda: OtlpHttpReceiver(host=OTHER4))
-    api = in_netns(w.pod.name, lambda: _start_api(w.workdir))
+    api = in_netns(w.pod.name, lambda: start_api(w.workdir))
     try:
         api.put_configmap(NAMESPACE, "egress-allowlist", {"allowlist.yaml": ALLOWLIST})
-        config = w.workdir / "injector.yaml"
-        otel = {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        }
-        config.write_text(yaml.safe_dump({"otelEnv": otel}))
-        source = w.workdir / "deployment.yaml"
-        source.write_text(manifest(certs.ca_pem, automount))
-        proc = subprocess.run(
-            [*INJECT, "-f", str(source), "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        spec = inject(
+            w.workdir, manifest(certs.ca_pem, automount), {"otelEnv": receiver.exporter_env}
         )
-        assert proc.returncode == 0, proc.stderr
-        (deployment,) = [d for d in yaml.safe_load_all(proc.stdout) if d]
-        spec = deployment["spec"]["template"]["spec"]
-
-        sa = w.workdir / "serviceaccount"
-        sa.mkdir()
-        (sa / "token").write_text("token-1")
-        (sa / "namespace").write_text(NAMESPACE)
-        assert api.ca_path is not None
-        (sa / "ca.crt").write_bytes(api.ca_path.read_bytes())
-        for f in sa.iterdir():
-            f.chmod(0o644)
+        sa = service_account(w.workdir, api, NAMESPACE)
         pod = PodRunner(
             w,
             spec,
@@ -158,10 +111,7 @@ def _injected(w: h.World, *, automount: bool) -> Iterator[Injected]:
                 "/etc/resolv.conf": h.resolv_conf(w.workdir / "resolv.conf"),
             },
             service_account=sa,
-            cluster_env={
-                "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-                "KUBERNETES_SERVICE_PORT": str(api.port),
-            },
+            cluster_env=cluster_env(api),
         )
 
         # The kubelet's order: init containers one by one (a native sidecar is started and must
@@ -178,12 +128,6 @@ def _injected(w: h.World, *, automount: bool) -> Iterator[Injected]:
     finally:
         api.stop()
         receiver.stop()
-
-
-def _start_api(workdir: Path) -> FakeKubeAPI:
-    api = FakeKubeAPI(tls=True, workdir=workdir / "kubeapi")
-    api.start()
-    return api
 
 
 def test_the_injected_init_container_installs_the_capture_rules(injected: Injected) -> None:
@@ -232,12 +176,9 @@ def test_decisions_and_spans_match_the_allowlist(injected: Injected) -> None:
 
     sink = injected.receiver.sink
 
-    def on(host: str, name: str) -> Any:
-        return lambda s: s.attributes.get("server.address") == host and s.name == name
-
-    (allowed,) = sink.wait_for(on("web.test", "GET"))[-1:]
-    (denied,) = sink.wait_for(on("denied.test", "GET"))[-1:]
-    (tls,) = sink.wait_for(on("web.test", "TLS"))[-1:]
+    (allowed,) = sink.wait_for(span_on("web.test", "GET"))[-1:]
+    (denied,) = sink.wait_for(span_on("denied.test", "GET"))[-1:]
+    (tls,) = sink.wait_for(span_on("web.test", "TLS"))[-1:]
     assert allowed.attributes["egress.decision"] == "allow"
     assert denied.attributes["egress.decision"] == "deny" and denied.status_code == STATUS_ERROR
     assert tls.attributes["egress.tls.passthrough"] is True

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.netns.conftest import APP_UID, SIDECAR
+from tests.netns.conftest import APP_UID
 from tests.support import netns as h
-from tests.support.netns import OUT4, OUT6
+from tests.support.netns import OUT4, OUT6, SIDECAR
 
 PROXY_UID = 1337
 DEST = {"ipv4": OUT4[0], "ipv6": OUT6[0]}

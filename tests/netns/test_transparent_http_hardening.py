@@ -17,12 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.netns.conftest import APP_UID, SIDECAR, iptables
+from tests.netns.conftest import APP_UID, iptables
 from tests.support import netns as h
 from tests.support.http_heads import request_heads
 from tests.support.netns import OUT4
 
-PROXY_UID = 1337
 WEB4 = OUT4[0]
 
 # One host, allowed only for GET /ok/* — on 80 and 443, where 443 (TLS) shows neither.
@@ -43,10 +42,7 @@ class Pod:
     sidecar_out: Path
 
     def curl(self, *args: str) -> tuple[int, str, str]:
-        proc = self.world.pod.run(
-            ["curl", "-sS", "--max-time", "10", "--noproxy", "*", *args], uid=APP_UID, timeout=20
-        )
-        return proc.returncode, proc.stdout, proc.stderr
+        return h.pod_curl(self.world, args, uid=APP_UID, max_time=10)
 
     def accepted(self, mark: int, port: int) -> list[dict[str, Any]]:
         local = f"{WEB4}:{port}"
@@ -55,11 +51,7 @@ class Pod:
         ]
 
     def decisions(self) -> list[dict[str, Any]]:
-        return [
-            json.loads(line)
-            for line in h.iter_lines(self.sidecar_out)
-            if '"egress decision"' in line
-        ]
+        return h.decisions(self.sidecar_out)
 
 
 @pytest.fixture(scope="module")
@@ -71,56 +63,14 @@ def pod(world: h.World) -> Iterator[Pod]:
     )
     proc = iptables(w, "apply", "--ipv6", "off")
     assert proc.returncode == 0, proc.stderr
-    allowlist = w.workdir / "allowlist.yaml"
-    allowlist.write_text(ALLOWLIST)
-    allowlist.chmod(0o644)
-    state = h.owned_dir(w.workdir / "sidecar", PROXY_UID, PROXY_UID)
-    out = w.workdir / "sidecar.out"
-    binds = {
-        "/etc/hosts": h.hosts_file(w.workdir / "hosts", {"web.test": WEB4}),
-        "/etc/resolv.conf": h.resolv_conf(w.workdir / "resolv.conf"),
-    }
-    argv = [
-        *SIDECAR,
-        "run",
-        "--allowlist-file",
-        str(allowlist),
-        "--allow-private-range",
-        "198.18.0.0/15",
-        "--explicit-listen",
-        "127.0.0.1:15001",
-        "--transparent-listen",
-        "127.0.0.1:15002",
-        "--transparent-listen6",
-        "off",
-        "--health-listen",
-        "127.0.0.1:15021",
-        "--confdir",
-        str(state / "mitmproxy"),
-        "--request-head-timeout",
-        "1",
-    ]
-    sidecar = w.pod.popen(argv, uid=PROXY_UID, binds=binds, env={"HOME": str(state)}, output=out)
-
-    def ready() -> bool:
-        probe = w.pod.run(
-            [
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "1",
-                "http://127.0.0.1:15021/healthz/ready",
-            ],
-            timeout=5,
-        )
-        return probe.stdout == "200"
-
-    h.wait_for(ready, 30, "sidecar", sidecar, out)
-    yield Pod(w, certs, upstream, out)
+    sidecar = h.start_pod_sidecar(
+        w,
+        ALLOWLIST,
+        {"web.test": WEB4},
+        health="127.0.0.1:15021",
+        extra=["--request-head-timeout", "1"],
+    )
+    yield Pod(w, certs, upstream, sidecar.out)
 
 
 def test_a_plain_http_request_the_rule_allows_passes(pod: Pod) -> None:

@@ -24,11 +24,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 
-from tests.netns.conftest import APP_UID, SIDECAR, iptables
+from tests.netns.conftest import APP_UID, iptables
 from tests.support import netns as h
-from tests.support.netns import OUT4, OUT6
+from tests.support.netns import OUT4, OUT6, PROXY_UID
 
-PROXY_UID = 1337
 WEB4, OTHER4, DB4 = OUT4
 WEB6, OTHER6, DB6 = OUT6
 
@@ -60,10 +59,7 @@ class Pod:
     binds: dict[str, Path]
 
     def curl(self, *args: str, uid: int = APP_UID) -> tuple[int, str, str]:
-        proc = self.world.pod.run(
-            ["curl", "-sS", "--max-time", "5", "--noproxy", "*", *args], uid=uid, timeout=15
-        )
-        return proc.returncode, proc.stdout, proc.stderr
+        return h.pod_curl(self.world, args, uid=uid)
 
     def s_client(self, addr: str, port: int, sni: str | None, uid: int = APP_UID) -> str:
         argv = ["openssl", "s_client", "-connect", f"{b(addr)}:{port}", "-showcerts"]
@@ -87,11 +83,7 @@ class Pod:
         return [r for r in self.upstream.since(mark) if r["event"] == "request"]
 
     def decisions(self) -> list[dict[str, Any]]:
-        out = []
-        for line in h.iter_lines(self.sidecar_out):
-            if '"egress decision"' in line:
-                out.append(json.loads(line))
-        return out
+        return h.decisions(self.sidecar_out)
 
     def spans(self, predicate: Any, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -144,53 +136,17 @@ def pod(world: h.World) -> Iterator[Pod]:
     proc = iptables(w, "apply", "--ipv6", "on")
     assert proc.returncode == 0, proc.stderr
 
-    allowlist = w.workdir / "allowlist.yaml"
-    allowlist.write_text(ALLOWLIST)
-    allowlist.chmod(0o644)
-    state = h.owned_dir(w.workdir / "sidecar", PROXY_UID, PROXY_UID)
-    trace_file = state / "spans.jsonl"
-    out = w.workdir / "sidecar.out"
-    binds: dict[str, Path] = {
-        "/etc/hosts": h.hosts_file(w.workdir / "hosts", HOSTS),
-        "/etc/resolv.conf": h.resolv_conf(w.workdir / "resolv.conf"),
-    }
-    argv = [
-        *SIDECAR,
-        "run",
-        "--allowlist-file",
-        str(allowlist),
-        "--allow-private-range",
-        "198.18.0.0/15",
-        "--allow-private-range",
-        "fd00::/8",
-        "--explicit-listen",
-        "127.0.0.1:15001",
-        "--transparent-listen",
-        "127.0.0.1:15002",
-        "--transparent-listen6",
-        "::1:15002",
-        "--health-listen",
-        "0.0.0.0:15021",
-        "--confdir",
-        str(state / "mitmproxy"),
-        "--trace-file",
-        str(trace_file),
-        "--first-byte-timeout",
-        "1",
-    ]
-    env = {"HOME": str(state), "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_SERVICE_NAME": "netns-app"}
-    sidecar = w.pod.popen(argv, uid=PROXY_UID, binds=binds, env=env, output=out)
-
-    def ready() -> bool:
-        url = "http://127.0.0.1:15021/healthz/ready"
-        probe = w.pod.run(
-            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "1", url],
-            timeout=5,
-        )
-        return probe.stdout == "200"
-
-    h.wait_for(ready, 30, "sidecar", sidecar, out)
-    yield Pod(w, certs, upstream, out, trace_file, binds)
+    trace_file = w.workdir / "sidecar" / "spans.jsonl"
+    sidecar = h.start_pod_sidecar(
+        w,
+        ALLOWLIST,
+        HOSTS,
+        private_ranges=["198.18.0.0/15", "fd00::/8"],
+        listen6="::1:15002",
+        extra=["--trace-file", str(trace_file), "--first-byte-timeout", "1"],
+        env={"OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_SERVICE_NAME": "netns-app"},
+    )
+    yield Pod(w, certs, upstream, sidecar.out, trace_file, sidecar.binds)
 
 
 # --- plain HTTP -----------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from sidecar.iptables import rules
-from tests.netns.conftest import APP_UID, SIDECAR, save, split_print
+from tests.netns.conftest import APP_UID, save, split_print
 from tests.support import netns as h
-from tests.support.netns import CLIENT_SCRIPT, OUT4, OUT6, POD4, POD6
+from tests.support.netns import CLIENT_SCRIPT, OUT4, OUT6, POD4, POD6, SIDECAR
 
 PROXY_UID = 1337
 TOOLS = Path(__file__).with_name("udp_icmp_tools.py")

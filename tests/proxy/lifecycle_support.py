@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import threading
@@ -15,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.support.sidecar import BIN, Sidecar, free_port, hosts_file, with_hosts
+from tests.support.sidecar import Sidecar, free_port, start_sidecar
 
 
 @dataclass(frozen=True)
@@ -40,45 +39,17 @@ def launch(
     preexec_fn: Callable[[], None] | None = None,
     wait: bool = True,
 ) -> Sidecar:
-    """`egress-sidecar run` on ``ports`` (all on 127.0.0.1), as tests/support/sidecar.py runs it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    policy = workdir / "allowlist.yaml"
-    policy.write_text(allowlist)
-    argv = [
-        str(BIN / "egress-sidecar"),
-        "run",
-        "--allowlist-file",
-        str(policy),
-        "--explicit-listen",
-        f"127.0.0.1:{ports.explicit}",
-        "--transparent-listen",
-        f"127.0.0.1:{ports.transparent}",
-        "--transparent-listen6",
-        "off",
-        "--health-listen",
-        f"127.0.0.1:{ports.health}",
-        "--confdir",
-        str(workdir / "confdir"),
-        *args,
-    ]
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
-        full_env.pop(key, None)
-    full_env.update(env or {})
-    command = with_hosts(hosts_file(workdir / "hosts", hosts or {}), argv)
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=full_env,
-        preexec_fn=preexec_fn,  # noqa: PLW1509 (only setrlimit, before exec)
+    """`egress-sidecar run` on ``ports`` (all on 127.0.0.1), by tests/support/sidecar.py."""
+    return start_sidecar(
+        workdir,
+        allowlist=allowlist,
+        hosts=hosts,
+        args=args,
+        env=env,
+        wait=wait,
+        ports=(ports.explicit, ports.transparent, ports.health),
+        preexec_fn=preexec_fn,
     )
-    sidecar = Sidecar(proc, ports.explicit, ports.transparent, ports.health)
-    sidecar.start_pumps()
-    if wait:
-        sidecar.wait_ready()
-    return sidecar
 
 
 def time_wait_ports() -> set[int]:

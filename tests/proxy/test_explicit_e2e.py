@@ -79,9 +79,7 @@ deny:
         },
         args=["--allow-private-range", "127.0.0.0/8"],
         env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_http.endpoint,
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            **otlp_http.exporter_env,
             "OTEL_SERVICE_NAME": "checkout",
             "POD_NAME": "checkout-7d9f-abcde",
             "POD_NAMESPACE": "shop",

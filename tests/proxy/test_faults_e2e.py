@@ -28,6 +28,7 @@ import requests
 from sidecar.policy.parse import digest
 from tests.support.faults import FaultyUpstream, RssSampler, open_fds, rss_bytes
 from tests.support.sidecar import Sidecar, free_port, start_sidecar
+from tests.support.sockets import HEAD_END, recv_head
 from tests.support.tls import TestCA
 from tests.support.upstream import UpstreamServer
 
@@ -288,11 +289,8 @@ def test_a_large_stream_passes_whole_with_bounded_memory(world: World, through: 
     else:
         sock = _tunnel(world, f"secure.test:{world.secure.port}", timeout=10)
         sock.sendall(f"GET /stream/{STREAM_BYTES} HTTP/1.1\r\nHost: secure.test\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
-        assert chunk, head
-        head += chunk
+    head = recv_head(sock, bufsize=4096)
+    assert HEAD_END in head, head
     head, _, body_start = head.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     buf = bytearray(1 << 20)

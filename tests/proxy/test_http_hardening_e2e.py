@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from tests.support.http_heads import request_heads
 from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver, ReceivedSpan
 from tests.support.sidecar import Sidecar, free_port, start_sidecar
+from tests.support.sockets import HEAD_END, recv_head, serve_each
 from tests.support.upstream import UpstreamServer
 
 WEB, L7, RAW, DENIED = "127.0.0.3", "127.0.0.6", "127.0.0.7", "127.0.0.4"
@@ -40,31 +41,21 @@ class RawUpstream:
 
     def __post_init__(self) -> None:
         self.sock = socket.create_server((self.host, 0))
-        threading.Thread(target=self._serve, daemon=True).start()
+        serve_each(self.sock, self._run, on_accept=self._count)
 
     @property
     def port(self) -> int:
         return int(self.sock.getsockname()[1])
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+    def _count(self, conn: socket.socket) -> None:
+        self.accepted += 1
 
     def _run(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(10)
             try:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    head += chunk
+                if HEAD_END not in recv_head(conn):
+                    return
                 self.behaviour(conn)
             except OSError:
                 pass
@@ -497,9 +488,7 @@ def test_a_client_that_leaves_mid_response_is_client_disconnected(world: World) 
             f"GET http://raw.test:{world.stalled.port}/leave HTTP/1.1\r\n"
             "Host: raw.test\r\n\r\n".encode()
         )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += sock.recv(65536)
+        head = recv_head(sock)
         assert head.startswith(b"HTTP/1.1 200")
     span = world.spans(lambda s: str(s.attributes.get("url.full", "")).endswith("/leave"))[-1]
     assert span.status_code == STATUS_ERROR

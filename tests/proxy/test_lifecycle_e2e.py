@@ -17,6 +17,7 @@ import pytest
 
 from tests.proxy.lifecycle_support import Ports, launch, listen_backlog, time_wait_ports
 from tests.support.sidecar import Sidecar
+from tests.support.sockets import HEAD_END, recv_head
 from tests.support.upstream import UpstreamServer
 
 DENY_ALL = "allow: []\n"
@@ -120,11 +121,8 @@ def _start_line(sidecar: Sidecar) -> dict[str, Any]:
 def _get(sock: socket.socket, host: str) -> bytes:
     """One keep-alive GET through the explicit proxy on ``sock``; the response head."""
     sock.sendall(f"GET http://{host}/ HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, data
-        data += chunk
+    data = recv_head(sock)
+    assert HEAD_END in data, data
     head, _, body = data.partition(b"\r\n\r\n")
     length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
     while len(body) < length:

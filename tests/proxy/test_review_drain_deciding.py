@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench.hosts import hosts_file
 from tests.support import sidecar as harness
 from tests.support.upstream import UpstreamServer
 
@@ -88,7 +89,7 @@ def upstream() -> Iterator[UpstreamServer]:
 def sidecar(
     tmp_path: Path, dns: SlowDns, upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[harness.Sidecar]:
-    original = harness.hosts_file
+    original = hosts_file  # what the harness writes, before the patch below
 
     def with_dns(path: Path, names: object, extra: object = ()) -> Path:
         written = original(path, {}, ())

@@ -23,6 +23,7 @@ import pytest
 
 from tests.support.otlp import STATUS_ERROR, OtlpHttpReceiver, ReceivedSpan
 from tests.support.sidecar import Sidecar, free_port, start_sidecar
+from tests.support.sockets import serve_each
 from tests.support.tls import TestCA
 from tests.support.upstream import UpstreamServer
 
@@ -55,21 +56,19 @@ class Recorder:
     def start(self) -> Recorder:
         self.sock = socket.create_server((self.host, 0))
         self.port = int(self.sock.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._records: dict[socket.socket, Conn] = {}
+        serve_each(self.sock, self._serve, on_accept=self._record)
         return self
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            record = Conn()
-            with self.lock:
-                self.conns.append(record)
-            threading.Thread(target=self._serve, args=(conn, record), daemon=True).start()
+    def _record(self, conn: socket.socket) -> None:
+        # On accept, not when served: a test reads conns[mark] right after its CONNECT's 200.
+        with self.lock:
+            self.conns.append(record := Conn())
+            self._records[conn] = record
 
-    def _serve(self, conn: socket.socket, record: Conn) -> None:
+    def _serve(self, conn: socket.socket) -> None:
+        with self.lock:
+            record = self._records.pop(conn)
         conn.settimeout(10)
         with conn:
             try:
@@ -165,11 +164,7 @@ allow:
             "blackhole.test": BLACKHOLE,
         },
         args=["--allow-private-range", "127.0.0.0/8", "--connect-timeout", "1"],
-        env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_http.endpoint,
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        },
+        env=otlp_http.exporter_env,
     )
     yield World(
         sidecar, api, api_cert.fingerprint_sha256, rec, banner, blackhole_port, otlp_http, ca_file

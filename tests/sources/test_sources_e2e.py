@@ -19,6 +19,7 @@ import requests
 from sidecar.policy.parse import parse_allowlist
 from tests.support.kubeapi import FakeKubeAPI, wait_until
 from tests.support.sidecar import Sidecar, start_sidecar
+from tests.support.sockets import HEAD_END, recv_head
 from tests.support.tls import TestCA
 from tests.support.upstream import UpstreamServer
 
@@ -77,11 +78,8 @@ def stop_world(world: World) -> None:
 def https_get(tls: ssl.SSLSocket, host: str, path: str) -> int:
     """One keep-alive request on an open TLS connection; returns the status."""
     tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = tls.recv(65536)
-        assert chunk, "connection closed"
-        data += chunk
+    data = recv_head(tls)
+    assert HEAD_END in data, "connection closed"
     head, _, body = data.partition(b"\r\n\r\n")
     length = next(
         int(line.split(b":", 1)[1])

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.sockets import HEAD_END, recv_head, serve_each
+
 _CHUNK = 1 << 20
 _PATH = re.compile(rb"^[A-Z]+ (?:[a-z]+://[^/ ]*)?(/[^ ]*) HTTP/1\.[01]\r\n")
 
@@ -55,32 +57,22 @@ class FaultyUpstream:
             self._tls.load_cert_chain(str(tls[0]), str(tls[1]))
         self._sock = socket.create_server((host, 0), backlog=128)
         self.host, self.port = host, int(self._sock.getsockname()[1])
-        self._stopped = threading.Event()
         self._payload = bytes(_CHUNK)
-        threading.Thread(target=self._accept, daemon=True, name="faulty-upstream").start()
+        serve_each(self._sock, self._serve, on_accept=self._count, name="faulty-upstream")
 
-    def _accept(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self.live.cond:
-                self.live.accepted += 1
-                self.live.open += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def _count(self, conn: socket.socket) -> None:
+        with self.live.cond:
+            self.live.accepted += 1
+            self.live.open += 1
 
     def _serve(self, conn: socket.socket) -> None:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 conn = self._tls.wrap_socket(conn, server_side=True)
-            head = b""
-            while b"\r\n\r\n" not in head and len(head) < 65536:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                head += chunk
+            head = recv_head(conn, limit=65536, bufsize=4096)
+            if HEAD_END not in head and len(head) < 65536:  # closed before a whole head
+                return
             match = _PATH.match(head)
             path = match.group(1).decode() if match else "/"
             if path.startswith("/stream/"):
@@ -127,7 +119,6 @@ class FaultyUpstream:
         conn.close()
 
     def stop(self) -> None:
-        self._stopped.set()
         self._sock.close()
 
 
@@ -140,23 +131,17 @@ class Blackhole:
         self._sock = socket.create_server((host, 0), backlog=128)
         self.host, self.port = host, int(self._sock.getsockname()[1])
         self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True, name="blackhole").start()
+        serve_each(self._sock, self._drain, on_accept=self._count, name="blackhole")
 
     @property
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self.live.cond:
-                self.live.accepted += 1
-                self.live.open += 1
-                self._conns.append(conn)
-            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+    def _count(self, conn: socket.socket) -> None:
+        with self.live.cond:
+            self.live.accepted += 1
+            self.live.open += 1
+            self._conns.append(conn)
 
     def _drain(self, conn: socket.socket) -> None:
         try:
@@ -231,7 +216,7 @@ class FlakyFront:
         self._relayed: list[socket.socket] = []
         self._sock = socket.create_server((host, 0), backlog=64)
         self.host, self.port = host, int(self._sock.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True, name="flaky-front").start()
+        serve_each(self._sock, self._serve, name="flaky-front")
 
     @property
     def url(self) -> str:
@@ -246,14 +231,6 @@ class FlakyFront:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
     def _serve(self, conn: socket.socket) -> None:
         with self._lock:
             status = self.failing
@@ -261,12 +238,8 @@ class FlakyFront:
             self._relay(conn)
             return
         with contextlib.closing(conn):
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                head += chunk
+            if HEAD_END not in recv_head(conn):
+                return
             reason = {429: "Too Many Requests", 500: "Internal Server Error"}.get(status, "Error")
             body = (
                 '{"kind":"Status","apiVersion":"v1","status":"Failure",'

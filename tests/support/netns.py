@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import pytest
 from cryptography import x509
 
 from tests.support.tls import TestCA
@@ -437,3 +438,84 @@ def owned_dir(path: Path, uid: int, gid: int) -> Path:
 def iter_lines(path: Path) -> Iterator[str]:
     if path.exists():
         yield from path.read_text().splitlines()
+
+
+def pod_curl(w: World, args: Sequence[str], *, uid: int, max_time: int = 5) -> tuple[int, str, str]:
+    """curl in the pod namespace as ``uid``, no proxy variables honoured: only the capture
+    stands between it and the destination. Exit code, stdout, stderr."""
+    argv = ["curl", "-sS", "--max-time", str(max_time), "--noproxy", "*", *args]
+    proc = w.pod.run(argv, uid=uid, timeout=max_time + 10)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def mark_netns(items: Sequence[pytest.Item], directory: Path) -> None:
+    """Mark the collected tests under ``directory`` ``netns`` (root, namespaces, iptables)."""
+    for item in items:
+        if directory in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.netns)
+
+
+def decisions(path: Path) -> list[dict[str, Any]]:
+    """The sidecar's decision log lines in its output file (other lines are passed over)."""
+    return [json.loads(line) for line in iter_lines(path) if '"egress decision"' in line]
+
+
+SIDECAR: Final = [sys.executable, "-m", "sidecar.cli"]
+PROXY_UID: Final = 1337
+
+
+@dataclass
+class PodSidecar:
+    """The sidecar started by ``start_pod_sidecar``: its process, output file, state dir and
+    the files bind-mounted over the pod's /etc."""
+
+    proc: subprocess.Popen[bytes]
+    out: Path
+    state: Path
+    binds: dict[str, Path]
+
+
+def start_pod_sidecar(
+    w: World,
+    allowlist: str,
+    hosts: Mapping[str, str],
+    *,
+    private_ranges: Sequence[str] = ("198.18.0.0/15",),
+    listen6: str = "off",
+    health: str = "0.0.0.0:15021",
+    extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> PodSidecar:
+    """`egress-sidecar run` as UID 1337 in the pod namespace, with the allowlist text, /etc/hosts
+    from ``hosts`` and a loopback-only resolver; returns once /healthz/ready answers 200.
+    Its state dir is ``w.workdir / "sidecar"`` (known before the call, for ``extra`` paths)."""
+    path = w.workdir / "allowlist.yaml"
+    path.write_text(allowlist)
+    path.chmod(0o644)
+    state = owned_dir(w.workdir / "sidecar", PROXY_UID, PROXY_UID)
+    out = w.workdir / "sidecar.out"
+    binds: dict[str, Path] = {
+        "/etc/hosts": hosts_file(w.workdir / "hosts", hosts),
+        "/etc/resolv.conf": resolv_conf(w.workdir / "resolv.conf"),
+    }
+    argv = [*SIDECAR, "run", "--allowlist-file", str(path)]
+    for cidr in private_ranges:
+        argv += ["--allow-private-range", cidr]
+    argv += [
+        "--explicit-listen", "127.0.0.1:15001", "--transparent-listen", "127.0.0.1:15002",
+        "--transparent-listen6", listen6, "--health-listen", health,
+        "--confdir", str(state / "mitmproxy"), *extra,
+    ]  # fmt: skip
+    proc_env = {"HOME": str(state), **(env or {})}
+    proc = w.pod.popen(argv, uid=PROXY_UID, binds=binds, env=proc_env, output=out)
+
+    def ready() -> bool:
+        url = "http://127.0.0.1:15021/healthz/ready"
+        probe = w.pod.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "1", url],
+            timeout=5,
+        )
+        return probe.stdout == "200"
+
+    wait_for(ready, 30, "sidecar", proc, out)
+    return PodSidecar(proc, out, state, binds)

@@ -87,6 +87,11 @@ class SpanSink:
                 self.cond.wait(left)
 
 
+def span_on(host: str, name: str) -> Callable[[ReceivedSpan], bool]:
+    """A ``SpanSink.wait_for`` predicate: the span ``name`` for server ``host``."""
+    return lambda s: s.attributes.get("server.address") == host and s.name == name
+
+
 class OtlpHttpReceiver(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -129,6 +134,15 @@ class OtlpHttpReceiver(ThreadingHTTPServer):
     def endpoint(self) -> str:
         host, port = self.server_address[0], self.server_address[1]
         return f"http://{host!s}:{port}"
+
+    @property
+    def exporter_env(self) -> dict[str, str]:
+        """The sidecar's OTLP settings for this receiver, flushed every 100 ms (not 5 s)."""
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
 
     def stop(self) -> None:
         self.shutdown()

@@ -20,15 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.hosts import hosts_file, with_hosts
+from tests.support.sockets import recv_head
+
 BIN = Path(sys.executable).parent
 
-# /etc/hosts from the test; name service limited to that file, and any resolver query that is
-# still made goes to loopback: tests never send DNS to the machine's nameserver.
-_MOUNT_HOSTS = (
-    'mount --bind "$0" /etc/hosts && '
-    'mount --bind "$(dirname "$0")/nsswitch.conf" /etc/nsswitch.conf && '
-    'mount --bind "$(dirname "$0")/resolv.conf" /etc/resolv.conf && exec "$@"'
-)
+
+def sidecar_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without OTEL_* and proxy variables, then ``env``."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        full_env.pop(key, None)
+    full_env.update(env or {})
+    return full_env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,31 +40,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def hosts_file(path: Path, names: Mapping[str, str], extra: Sequence[str] = ()) -> Path:
-    lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
-    lines += [f"{address} {name}" for name, address in names.items()]
-    lines += list(extra)
-    path.write_text("\n".join(lines) + "\n")
-    (path.parent / "nsswitch.conf").write_text("hosts: files\n")
-    (path.parent / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-    return path
-
-
-def with_hosts(hosts: Path, argv: Sequence[str]) -> list[str]:
-    """argv run in its own mount namespace where /etc/hosts is ``hosts``."""
-    return [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        _MOUNT_HOSTS,
-        str(hosts),
-        *argv,
-    ]
 
 
 @dataclass
@@ -81,13 +60,7 @@ class Sidecar:
         """Send a CONNECT to the explicit port; the socket and the response head as received."""
         sock = socket.create_connection(("127.0.0.1", self.explicit_port), timeout=10)
         sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            head += chunk
-        return sock, head
+        return sock, recv_head(sock, bufsize=4096)
 
     def _pump(self, stream: Any, sink: list[str]) -> None:
         for line in stream:
@@ -175,9 +148,13 @@ def start_sidecar(
     args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     wait: bool = True,
+    ports: tuple[int, int, int] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Sidecar:
+    """`egress-sidecar run` on 127.0.0.1: on ``ports`` (explicit, transparent, health) when
+    given, else on free ones; ``preexec_fn`` runs in the child before exec."""
     workdir.mkdir(parents=True, exist_ok=True)
-    explicit, transparent, health = free_port(), free_port(), free_port()
+    explicit, transparent, health = ports or (free_port(), free_port(), free_port())
     argv = [
         str(BIN / "egress-sidecar"),
         "run",
@@ -197,10 +174,7 @@ def start_sidecar(
         path.write_text(allowlist)
         argv += ["--allowlist-file", str(path)]
     argv += list(args)
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
-        full_env.pop(key, None)
-    full_env.update(env or {})
+    full_env = sidecar_env(env)
     command = with_hosts(hosts_file(workdir / "hosts", hosts or {}, extra_hosts), argv)
     proc = subprocess.Popen(
         command,
@@ -208,6 +182,7 @@ def start_sidecar(
         stderr=subprocess.PIPE,
         text=True,
         env=full_env,
+        preexec_fn=preexec_fn,  # noqa: PLW1509 (the callers' only set rlimits, before exec)
     )
     sidecar = Sidecar(proc, explicit, transparent, health)
     sidecar.start_pumps()
