@@ -323,8 +323,8 @@ def test_thousands_of_idle_connections_cost_little_and_block_nobody(world: World
     try:
         deadline = time.monotonic() + 30
         while len(idle) < IDLE and time.monotonic() < deadline:
-            # In batches the listen queue (asyncio's default backlog of 100) can take: a burst
-            # beyond it costs 1 s SYN retransmits, which would only slow the test down.
+            # In batches well inside the listen queue (backlog 1024): a burst beyond it costs
+            # 1 s SYN retransmits, which would only slow the test down.
             for _ in range(50):
                 idle.append(socket.create_connection(("127.0.0.1", world.sidecar.explicit_port), 5))
             while open_fds(pid) < fds0 + len(idle) and time.monotonic() < deadline:
