@@ -30,8 +30,11 @@ COPY sidecar /src/sidecar
 COPY injector /src/injector
 # The project's wheel, built offline with Debian's setuptools (the build stage only), installed
 # without dependencies: everything else came from the lock.
+# kubernetes/aio is the client's asyncio twin (64 MB with its .pyc files, a sixth of the image):
+# nothing here imports it (tests/image checks the image still serves and injects without it).
 RUN /tmp/pip/bin/pip wheel --no-deps --no-build-isolation --no-index -w /tmp/dist /src \
     && /tmp/pip/bin/pip --python /opt/venv/bin/python install --no-deps --no-index /tmp/dist/*.whl \
+    && rm -rf /opt/venv/lib/python3*/site-packages/kubernetes/aio \
     && /opt/venv/bin/python -m compileall -q -j 0 /opt/venv/lib
 # Byte-compiled here because the runtime sets PYTHONDONTWRITEBYTECODE and its root filesystem is
 # read-only: without .pyc files the kubernetes client alone takes ~4 s before the first policy load.
