@@ -204,14 +204,21 @@ def _template_warnings(
     raw = meta.get("annotations") if isinstance(meta, Mapping) else None
     annotations = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, Mapping) else {}
     inject = annotations.get(c.ANNOTATION_INJECT)
+    warnings: list[str] = []
     if inject == "true":
         try:
             # The namespace label is unknown on this path: judge the template as opted in by
             # its annotation, which it is.
-            return list(inject_pod(template, PodContext(namespace=namespace), cfg).warnings)
+            result = inject_pod(template, PodContext(namespace=namespace), cfg)
         except NotAPodError:
             pass  # no pod shape yet: only the annotations can be judged
-    warnings = list(read_settings(annotations, cfg).warnings)
+        else:
+            if result.injected:
+                return list(result.warnings)  # its annotations' warnings included
+            # Not injected (already injected offline, an excluded namespace, host network):
+            # what it says (host network) and what the annotations say, both.
+            warnings = list(result.warnings)
+    warnings += [w for w in read_settings(annotations, cfg).warnings if w not in warnings]
     if inject not in (None, "true", "false"):
         warnings.append(f'{c.ANNOTATION_INJECT}={inject!r} is neither "true" nor "false"')
     return warnings

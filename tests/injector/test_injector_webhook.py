@@ -473,6 +473,20 @@ def test_workload_path_warns_about_the_template(conn: http.client.HTTPSConnectio
     assert answer["response"]["warnings"] == ["egress-injector: " + HOST_NETWORK]
 
 
+def test_the_workload_path_warns_about_annotations_of_a_template_it_does_not_inject(
+    conn: http.client.HTTPSConnection,
+) -> None:
+    # Its template injected offline already (a status annotation): the bad mode the workload
+    # now asks for is still worth telling.
+    deploy = _deployment({c.ANNOTATION_INJECT: "true", c.ANNOTATION_MODE: "bogus"})
+    deploy["spec"]["template"]["metadata"]["annotations"] = {c.ANNOTATION_STATUS: "{}"}
+    review = admission_review(deploy, "Deployment", group="apps", operation="UPDATE")
+    status, answer = post(conn, "/mutate/workloads", review)
+    assert status == 200
+    warnings = answer["response"].get("warnings", [])
+    assert [w for w in warnings if c.ANNOTATION_MODE in w and "bogus" in w], warnings
+
+
 def test_refuse_capture_bypass_refuses_those_pods_only(tmp_path: Path) -> None:
     srv = start_server(tmp_path, config={**SERVER_CONFIG, "refuseCaptureBypass": True})
     try:
