@@ -40,9 +40,9 @@ def parse_target(target: str, method: str | None) -> Destination:
         authority = parse_authority(target)
     except InvalidTarget as err:
         raise TargetError(str(err)) from None
-    return Destination(
-        authority.host, authority.port or 443, None, method.upper() if method else None
-    )
+    # Like a CONNECT: no method or path is visible, whatever --method says (a rule that allows
+    # only some methods grants no such channel, as the proxy decides it).
+    return Destination(authority.host, authority.port or 443)
 
 
 def add_parser(sub: Any) -> None:

@@ -106,6 +106,23 @@ def test_check_clips_a_2mib_target_and_exits_2(
         assert len(captured.err) < 400 and "… (209715" in captured.err, captured.err
 
 
+@pytest.mark.parametrize(
+    ("target", "code"),
+    [
+        ("api.test:443", 1),  # a CONNECT: the rule's methods cannot be seen there
+        ("https://api.test/", 1),
+        ("http://api.test/", 0),
+    ],
+)
+def test_check_decides_host_port_as_the_proxy_decides_a_connect(
+    tmp_path: Path, target: str, code: int
+) -> None:
+    allowlist = tmp_path / "a.yaml"
+    allowlist.write_text("allow:\n  - host: api.test\n    methods: [GET]\n")
+    argv = ["check", "--allowlist-file", str(allowlist), "-X", "GET", target]
+    assert main([*argv, "--allow-private-range", "0.0.0.0/0"]) == code
+
+
 def test_validate_prints_warnings_and_still_exits_0(tmp_path: Path) -> None:
     path = tmp_path / "wide.yaml"
     path.write_text("allow:\n  - '*.github.io'\n  - {cidr: 2.0.0.0/7, ports: [443]}\n")
