@@ -611,8 +611,16 @@ class Decider:
         if task is None or self._connect_timeout <= 0:
             return
         message = f"connect timed out after {self._connect_timeout:g} s"
-        self._connect_timers[data.server.id] = asyncio.get_running_loop().call_later(
-            self._connect_timeout, task.cancel, message
+        server_id = data.server.id
+
+        def expire() -> None:
+            # Popped here too: a connect that ends with neither hook (its task cancelled when
+            # the client left) must not leave its timer behind.
+            self._connect_timers.pop(server_id, None)
+            task.cancel(message)
+
+        self._connect_timers[server_id] = asyncio.get_running_loop().call_later(
+            self._connect_timeout, expire
         )
 
     def _disarm_connect_timer(self, data: ServerConnectionHookData) -> None:
