@@ -11,6 +11,7 @@ caller refuses it rather than deciding it as nameless TLS.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
@@ -41,6 +42,14 @@ _HOST_NAME = 0x00
 
 # RFC 9110 5.6.2: the characters of a token, which is what a method is.
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# Regular expressions, not byte loops: the caller classifies the buffer again on every arrival,
+# and a client dribbling a long line one byte at a time would otherwise cost seconds of CPU.
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Controls other than the whitespace a request line may hold (_WHITESPACE), and DEL.
+_CONTROL_RE = re.compile(rb"[\x00-\x08\x0a\x0e-\x1f\x7f]")
+# A ClientHello in more records than this is not one a real client sends (they use one or two);
+# bounding the count bounds the work of re-reading the buffer on every arrival.
+MAX_RECORDS = 64
 # RFC 9112 3: a server may split a request line on any whitespace, not only SP (mitmproxy does).
 _WHITESPACE = b" \t\x0b\x0c\r"
 # A request line longer than this is HTTP enough: the HTTP layer refuses it (414).
@@ -102,12 +111,12 @@ def _request_line(data: bytes) -> bool | None:
         line = line[:-1]
     words = line.split()
     method = words[0] if words and line[0] in _TCHAR else b""
-    if not method or not all(c in _TCHAR for c in method) or method in _NOT_HTTP_METHODS:
+    if not method or not _TOKEN_RE.fullmatch(method) or method in _NOT_HTTP_METHODS:
         return False
     after = line[len(method) : len(method) + 1]
     if after and after not in _WHITESPACE:
         return False  # the method is not a token followed by whitespace
-    if any((c < 0x21 and c not in _WHITESPACE) or c == 0x7F for c in line):
+    if _CONTROL_RE.search(line):
         return False  # a control character: no request line holds one
     if end >= 0:
         return len(words) >= 2 and words[-1].startswith(b"HTTP/")
@@ -165,7 +174,11 @@ def _classify_tls(data: bytes) -> FirstFlight | None:
         return FirstFlight(Flight.OTHER)
     handshake = bytearray()
     offset = 0
+    count = 0
     while len(header := data[offset : offset + 5]) == 5:
+        count += 1
+        if count > MAX_RECORDS:
+            return _unreadable(f"more than {MAX_RECORDS} records before the ClientHello ended")
         if header[0] != _HANDSHAKE or not _looks_like_record(header):
             return _unreadable("a non-handshake record before the ClientHello ended")
         (length,) = struct.unpack("!H", header[3:5])

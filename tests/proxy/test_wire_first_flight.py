@@ -11,8 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.wire.first_flight import (
+    _CONTROL_RE,
+    _TCHAR,
+    _TOKEN_RE,
     MAX_CLIENT_HELLO,
     MAX_FIRST_FLIGHT,
+    MAX_RECORDS,
     FirstFlight,
     Flight,
     classify,
@@ -231,3 +235,22 @@ GO_HEY_HELLO = (
     "1a0018080404030807080508060401050106010503060302010203ff0100010000120000002b000504030403"
     "03003300260024001d0020dd2fc6b0dd7b9ce30517d391793b357e7a5cdde4dbd79c780978294d88c6e231"
 )
+
+
+def test_a_clienthello_in_more_records_than_any_client_uses_is_unreadable() -> None:
+    """Each arrival re-reads the buffer: the record count bounds that work (a client dribbling
+    one-byte records would otherwise cost seconds of the event loop's CPU)."""
+    hello = with_sni_extension(handshake_of(HELLO), sni_body((0, b"api.test")), 0)
+    assert classify(records(hello, [1] * (MAX_RECORDS - 1))) == FirstFlight(
+        Flight.TLS, sni="api.test"
+    )
+    result = classify(records(hello, [1] * MAX_RECORDS))
+    assert result is not None and result.kind is Flight.UNREADABLE
+    assert result.problem is not None and f"more than {MAX_RECORDS} records" in result.problem
+
+
+@given(st.binary(max_size=40))
+def test_the_token_and_control_expressions_are_the_rfc_sets(data: bytes) -> None:
+    assert bool(_TOKEN_RE.fullmatch(data)) == (bool(data) and all(c in _TCHAR for c in data))
+    controls = any((c < 0x21 and c not in b" \t\x0b\x0c\r") or c == 0x7F for c in data)
+    assert bool(_CONTROL_RE.search(data)) == controls
