@@ -275,7 +275,7 @@ def read_settings(annotations: Mapping[str, str], cfg: InjectorConfig) -> Settin
     if capture == "transparent":
         warnings.extend(_wide_openings(c.ANNOTATION_EXCLUDE_CIDRS, cidrs))
         warnings.extend(_wide_openings(c.ANNOTATION_EXCLUDE_UDP_CIDRS, udp_cidrs))
-        if DNS_PORT in udp_ports:
+        if c.DNS_PORT in udp_ports:
             warnings.append(
                 f"{c.ANNOTATION_EXCLUDE_UDP_PORTS}: 53 lets DNS to any server leave the pod, a "
                 "channel for data; the pod's own resolvers are reachable without it"
@@ -324,7 +324,6 @@ def _cidrs(key: str, annotations: Mapping[str, str], warnings: list[str]) -> lis
     return cidrs
 
 
-DNS_PORT: Final = 53
 # Excluded public ranges wider than these take much of the internet out of capture: a warning
 # (kept, as the deployer is trusted), as the allowlist warns about its own wide CIDRs.
 _WIDE_PREFIX: Final = {4: 8, 6: 32}

@@ -47,13 +47,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
-from sidecar.contract import PROXY_UID, TRANSPARENT_PORT
+from sidecar.contract import DNS_PORT, PROXY_UID, TRANSPARENT_PORT
 
 CHAIN_PREFIX: Final = "EGRESS_SIDECAR_"
 OUTPUT_CHAIN: Final = CHAIN_PREFIX + "OUTPUT"
 DNS_CHAIN: Final = CHAIN_PREFIX + "DNS"
 QUIC_PORT: Final = 443
-DNS_PORT: Final = 53
 MULTICAST_V4: Final = "224.0.0.0/4"
 RESOLV_MAXNS: Final = 3  # MAXNS of <resolv.h>: name servers a resolver uses
 TABLES: Final = ("nat", "filter")
@@ -162,11 +161,6 @@ class CaptureOptions:
                 raise RuleOptionError(f"bad {name} {value}: need 0 <= id < 4294967295")
         if not (1 <= self.proxy_port <= 65535):
             raise RuleOptionError(f"bad proxy port {self.proxy_port}: need 1..65535")
-
-    def port_captured(self, port: int) -> bool:
-        if any(r.contains(port) for r in self.exclude_ports):
-            return False
-        return not self.include_ports or any(r.contains(port) for r in self.include_ports)
 
     def udp_open_ports(self) -> tuple[PortRange, ...]:
         quic = () if self.quic_reject else (PortRange(QUIC_PORT, QUIC_PORT),)

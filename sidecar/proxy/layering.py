@@ -19,7 +19,7 @@ from mitmproxy.proxy.utils import expect
 
 from sidecar.proxy.connections import Connections, Kind
 from sidecar.proxy.decider import Decider
-from sidecar.wire.first_flight import FirstFlight, Flight, classify, classify_tls
+from sidecar.wire.first_flight import FirstFlight, Flight, classify, classify_tls, looks_like_tls
 
 
 class FirstFlightControl(Protocol):
@@ -182,6 +182,6 @@ class Layering:
         that dribbles its ClientHello past the bound skip the name deny rules."""
         if data:
             problem = f"the first flight stopped after {len(data)} bytes"
-            tls = data.startswith(b"\x16")
+            tls = looks_like_tls(data)  # what the classifier reads as TLS, recorded as TLS
             return self._decided(context, FirstFlight(Flight.UNREADABLE, problem=problem, tls=tls))
         return self._decided(context, FirstFlight(Flight.OTHER))

@@ -124,6 +124,11 @@ def _request_line(data: bytes) -> bool | None:
     return True if len(line) > MAX_REQUEST_LINE else None
 
 
+def looks_like_tls(data: bytes) -> bool:
+    """Opens with a TLS record type: read as TLS (or refused as unreadable TLS)."""
+    return bool(data) and data[0] in _RECORD_TYPES
+
+
 def _unreadable(problem: str) -> FirstFlight:
     return FirstFlight(Flight.UNREADABLE, problem=problem)
 
@@ -132,7 +137,7 @@ def classify(data: bytes) -> FirstFlight | None:
     """Classify a client's first bytes; None when more bytes are needed to tell."""
     if not data:
         return None
-    if data[0] in _RECORD_TYPES:
+    if looks_like_tls(data):
         return _classify_tls(data)
     # Empty lines before a request line are skipped by servers (RFC 9112 2.2): so here.
     request = data.lstrip(b"\r\n")
@@ -152,7 +157,7 @@ def classify_tls(data: bytes) -> FirstFlight | None:
     anything else is OTHER at once, whatever it is. None: more bytes needed."""
     if not data:
         return None
-    if data[0] in _RECORD_TYPES:
+    if looks_like_tls(data):
         return _classify_tls(data)
     return FirstFlight(Flight.OTHER)
 
