@@ -18,18 +18,23 @@ def denial_body(rec: DecisionRecord) -> str:
     )
 
 
+def egress_response(
+    status: int, body: str, rec: DecisionRecord, reason: str, error_type: str | None = None
+) -> http.Response:
+    """Every answer the sidecar writes itself: one line of text, the decision headers, closed."""
+    headers = {
+        "content-type": "text/plain; charset=utf-8",
+        "x-egress-decision": rec.verdict.value,
+        "x-egress-reason": reason,
+    }
+    if error_type is not None:
+        headers["x-egress-error"] = error_type
+    headers |= {"x-egress-policy-version": rec.policy_version or "-", "connection": "close"}
+    return http.Response.make(status, body.encode(), headers)
+
+
 def denial_response(rec: DecisionRecord, status: int = 403) -> http.Response:
-    return http.Response.make(
-        status,
-        denial_body(rec).encode(),
-        {
-            "content-type": "text/plain; charset=utf-8",
-            "x-egress-decision": rec.verdict.value,
-            "x-egress-reason": rec.decision.reason.value,
-            "x-egress-policy-version": rec.policy_version or "-",
-            "connection": "close",
-        },
-    )
+    return egress_response(status, denial_body(rec), rec, rec.decision.reason.value)
 
 
 # By the span's error.type: the phrase a client reads in x-egress-reason when an allowed call's
@@ -67,15 +72,5 @@ def failure_response(rec: DecisionRecord, status: int) -> http.Response:
     ``x-egress-decision`` stays the decision (allow, or audit); ``x-egress-reason`` says what
     failed, as a CONNECT's 502/504 does; ``x-egress-error`` is the span's ``error.type``.
     """
-    return http.Response.make(
-        status,
-        failure_body(rec).encode(),
-        {
-            "content-type": "text/plain; charset=utf-8",
-            "x-egress-decision": rec.verdict.value,
-            "x-egress-reason": failure_phrase(rec.error_type),
-            "x-egress-error": rec.error_type or "upstream_error",
-            "x-egress-policy-version": rec.policy_version or "-",
-            "connection": "close",
-        },
-    )
+    kind = rec.error_type or "upstream_error"
+    return egress_response(status, failure_body(rec), rec, failure_phrase(rec.error_type), kind)

@@ -12,7 +12,7 @@ from mitmproxy import http
 from mitmproxy.proxy import commands, layer
 from mitmproxy.proxy.layers.http import HttpStream
 
-from sidecar.proxy.denial import failure_phrase, failure_status
+from sidecar.proxy.denial import egress_response, failure_phrase, failure_status
 from sidecar.proxy.hostnames import format_hostport
 from sidecar.record import DecisionRecord
 from sidecar.telemetry.spans import error_type
@@ -37,18 +37,7 @@ def upstream_failure_response(rec: DecisionRecord | None, error: str) -> http.Re
         f"egress-sidecar could not reach {target}{via} for {rec.protocol}: {reason} ({error}); "
         f"policy {rec.policy_source or '-'} version {rec.policy_version or '-'}\n"
     )
-    return http.Response.make(
-        status,
-        body.encode(),
-        {
-            "content-type": "text/plain; charset=utf-8",
-            "x-egress-decision": rec.verdict.value,
-            "x-egress-reason": reason,
-            "x-egress-error": error_type(error),
-            "x-egress-policy-version": rec.policy_version or "-",
-            "connection": "close",
-        },
-    )
+    return egress_response(status, body, rec, reason, error_type(error))
 
 
 def _handle_connect_regular(self: HttpStream) -> layer.CommandGenerator[None]:
