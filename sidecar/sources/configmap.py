@@ -187,12 +187,7 @@ class ConfigMapSource:
             self._reject(obj, err.problems, previous, err)
             return
         policy = parsed.policy
-        for warning in parsed.warnings:  # accepted all the same: logged for the operator
-            log.warning(
-                "allowlist warning: %s",
-                str(warning),
-                extra={"source": source, "version": obj.resource_version, "line": warning.line},
-            )
+        self.reporter.warned(source, obj.resource_version, parsed.warnings)
         self.assembler.apply(policy)
         self.reporter.applied(
             source, obj.resource_version, previous=previous, rules=policy.rule_count

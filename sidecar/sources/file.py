@@ -31,7 +31,7 @@ from opentelemetry.trace import TracerProvider
 from sidecar.metrics import Metrics
 from sidecar.policy.errors import AllowlistError, Problem
 from sidecar.policy.model import IPNetwork
-from sidecar.policy.parse import DEFAULT_LIMITS, Parsed, digest, load_allowlist
+from sidecar.policy.parse import DEFAULT_LIMITS, digest, load_allowlist
 from sidecar.policy.store import PolicyStore
 from sidecar.sources.assemble import PolicyAssembler
 from sidecar.sources.reporting import Rejection, ReloadReporter
@@ -177,7 +177,7 @@ class FileSource:
             self._rejected(text_digest, err.problems, err)
             return False
         policy = parsed.policy
-        _log_warnings(self.source, policy.meta.version, parsed)
+        self.reporter.warned(self.source, policy.meta.version, parsed.warnings)
         if policy.meta.version == previous:
             return False  # the same rules re-wrapped (e.g. bare <-> manifest): nothing to swap
         self.assembler.apply(policy)
@@ -200,13 +200,3 @@ def _read_bounded(path: Path, limit: int) -> str:
     still not read whole (the parser then refuses it for its size)."""
     with path.open("rb") as f:
         return f.read(limit + 1).decode("utf-8")
-
-
-def _log_warnings(source: str, version: str, parsed: Parsed) -> None:
-    """Warnings of an accepted version (e.g. a very wide CIDR): logged, the version applies."""
-    for warning in parsed.warnings:
-        log.warning(
-            "allowlist warning: %s",
-            str(warning),
-            extra={"source": source, "version": version, "line": warning.line},
-        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -96,6 +96,15 @@ class ReloadReporter:
         if error is not None:
             span.set_status(Status(StatusCode.ERROR, error))
         return span
+
+    def warned(self, source: str, version: str, warnings: Iterable[Problem]) -> None:
+        """Warnings of a version that is applied all the same (e.g. a very wide CIDR)."""
+        for warning in warnings:
+            log.warning(
+                "allowlist warning: %s",
+                str(warning),
+                extra={"source": source, "version": version, "line": warning.line},
+            )
 
     def applied(self, source: str, version: str, *, previous: str | None, rules: int) -> None:
         self.metrics.reloads.labels(source=source, result=ReloadResult.APPLIED.value).inc()
