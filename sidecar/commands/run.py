@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar import contract
 from sidecar.commands.options import add_policy_options, env_ranges
+from sidecar.proxy.headlimits import HeadLimits
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from sidecar.proxy.listeners import AcceptGate, OpenFiles
 
 log = logging.getLogger("sidecar.run")
+# The head limits' defaults, written once (sidecar.proxy.headlimits is pure and small).
+HEAD_DEFAULTS = HeadLimits()
 
 ENV_DRAIN_TIMEOUT = "EGRESS_DRAIN_TIMEOUT"
 DEFAULT_DRAIN_TIMEOUT = 20.0  # below Kubernetes' default terminationGracePeriodSeconds of 30
@@ -198,35 +201,35 @@ def add_parser(sub: Any) -> None:
     heads.add_argument(
         "--max-request-line",
         type=int,
-        default=8192,
+        default=HEAD_DEFAULTS.request_line,
         metavar="BYTES",
         help="longest request line; longer: 414 (default %(default)s)",
     )
     heads.add_argument(
         "--max-header-line",
         type=int,
-        default=16384,
+        default=HEAD_DEFAULTS.field_line,
         metavar="BYTES",
         help="longest header field line; longer: 431 (default %(default)s)",
     )
     heads.add_argument(
         "--max-request-head",
         type=int,
-        default=65536,
+        default=HEAD_DEFAULTS.head,
         metavar="BYTES",
         help="largest request head, all lines; larger: 431 (default %(default)s)",
     )
     heads.add_argument(
         "--max-header-fields",
         type=int,
-        default=100,
+        default=HEAD_DEFAULTS.fields,
         metavar="N",
         help="most header fields in one request; more: 431 (default %(default)s)",
     )
     heads.add_argument(
         "--request-head-timeout",
         type=float,
-        default=10.0,
+        default=HEAD_DEFAULTS.timeout,
         metavar="SECONDS",
         help="time from a request head's first byte to its end; longer: 408 (default %(default)s)",
     )
@@ -320,7 +323,6 @@ async def _serve(
     from sidecar.metrics import Metrics
     from sidecar.policy.model import Mode
     from sidecar.policy.store import PolicyStore
-    from sidecar.proxy.headlimits import HeadLimits
     from sidecar.proxy.master import ProxyConfig, build_master
     from sidecar.reporter import Reporter
     from sidecar.sources import SourceConfigError, SourceSpec, open_source
