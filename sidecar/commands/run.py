@@ -20,7 +20,7 @@ from sidecar.proxy.headlimits import HeadLimits
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
-    from sidecar.proxy.listeners import AcceptGate, OpenFiles
+    from sidecar.fastpath.accept import AcceptGate, OpenFiles
 
 log = logging.getLogger("sidecar.run")
 # The head limits' defaults, written once (sidecar.proxy.headlimits is pure and small).
@@ -143,6 +143,15 @@ def add_parser(sub: Any) -> None:
         help="a writable directory for mitmproxy's state (an emptyDir in a pod)",
     )
     parser.add_argument(
+        "--engine",
+        choices=["fast", "mitmproxy"],
+        default=os.environ.get("EGRESS_ENGINE", "fast"),
+        help="fast: ordinary calls (CONNECT, transparent TLS/TCP, plain HTTP/1) on our own fast "
+        "path, the rest (Upgrade, h2c, Expect: 100-continue) handed to mitmproxy, loaded on first "
+        "need; mitmproxy: every connection through mitmproxy, the reference the fast path is "
+        "tested against (env EGRESS_ENGINE; default %(default)s)",
+    )
+    parser.add_argument(
         "--resolve-timeout",
         type=float,
         default=5.0,
@@ -257,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     from sidecar.decision_log import configure_logging
 
     configure_logging(args.log_level)
-    from sidecar.proxy.master import ListenSpec
+    from sidecar.fastpath.config import ListenSpec
 
     if args.allowlist_file and args.configmap:
         print("egress-sidecar run: give --allowlist-file or --configmap, not both", file=sys.stderr)
@@ -292,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"egress-sidecar run: {err}", file=sys.stderr)
         return 2
-    from sidecar.proxy.listeners import (
+    from sidecar.fastpath.accept import (
         AcceptGate,
         GatedEventLoop,
         OpenFiles,
@@ -319,11 +328,12 @@ async def _serve(
     from opentelemetry.sdk.trace import TracerProvider
 
     from sidecar.decision_log import DecisionLog
+    from sidecar.fastpath.config import ProxyConfig
+    from sidecar.fastpath.server import Engine, FrontDoor
     from sidecar.health import HealthServer
     from sidecar.metrics import Metrics
     from sidecar.policy.model import Mode
     from sidecar.policy.store import PolicyStore
-    from sidecar.proxy.master import ProxyConfig, build_master
     from sidecar.reporter import Reporter
     from sidecar.sources import SourceConfigError, SourceSpec, open_source
     from sidecar.telemetry.setup import TelemetryConfigError, build_tracer_provider
@@ -375,8 +385,7 @@ async def _serve(
         connect_timeout=args.connect_timeout,
         head_limits=head_limits,
     )
-    proxy = build_master(config, store, reporter)
-    master, listeners, drain = proxy.master, proxy.listeners, proxy.drain
+    front = FrontDoor(config, store, reporter, engine=Engine(args.engine))
 
     def readiness() -> tuple[bool, dict[str, Any]]:
         # Ready = every source had a good version (a deleted ConfigMap is a policy being
@@ -385,11 +394,11 @@ async def _serve(
         body: dict[str, Any] = {
             **source.status(),
             "mode": store.get().mode.value,
-            "listeners": listeners.addresses,
-            "listening": listeners.all_running and not drain.draining,
-            "draining": drain.draining,
+            "listeners": front.addresses,
+            "listening": front.all_running and not front.draining,
+            "draining": front.draining,
         }
-        ready = source.ready() and listeners.all_running and not drain.draining
+        ready = source.ready() and front.all_running and not front.draining
         body["ready"] = ready
         return ready, body
 
@@ -418,10 +427,10 @@ async def _serve(
 
     async def drain_then_stop() -> None:
         try:
-            if listeners.all_running:
-                await drain.drain(args.drain_timeout, cut_short)
+            if front.all_running:
+                await front.drain(args.drain_timeout, cut_short)
         finally:
-            master.shutdown()
+            front.stop()
 
     def on_signal(signum: signal.Signals) -> None:
         if stopping:
@@ -434,15 +443,17 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        await master.run()
+        if await front.start():
+            await front.wait_stopped()
     finally:
+        await front.shutdown()
         source.stop()
         health.shutdown()
         health.server_close()
         if isinstance(provider, TracerProvider):
             _flush_spans(provider, args.flush_timeout)
         log.info("stopped")
-    return 0 if not listeners.failed else 1
+    return 0 if not front.failed else 1
 
 
 def _flush_spans(provider: TracerProvider, timeout: float) -> None:

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import time
 import weakref
-from dataclasses import dataclass
 
 from mitmproxy import connection, http
 from mitmproxy.connection import ConnectionState
@@ -30,9 +29,10 @@ from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 from mitmproxy.proxy.mode_specs import TransparentMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+from sidecar.fastpath.vetting import Vetted, address_allows, same_host, stream_decision, vet
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
-from sidecar.policy.model import Decision, Destination, IPAddress, Mode, Reason, Verdict
+from sidecar.policy.model import Decision, Destination, Mode, Reason, Verdict
 from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
 from sidecar.policy.target import InvalidTarget, parse_authority, parse_request_target
 from sidecar.proxy.connections import ConnectionInfo, Connections, Kind, Pending
@@ -49,14 +49,6 @@ from sidecar.wire.first_flight import FirstFlight, Flight
 log = logging.getLogger(__name__)
 
 _METADATA_KEY = "egress"
-
-
-@dataclass(frozen=True, slots=True)
-class Vetted:
-    """A decision (mode applied) and the address to connect to when it permits."""
-
-    decision: Decision
-    address: IPAddress | None
 
 
 def _capture(client: connection.Client) -> Capture:
@@ -100,15 +92,6 @@ def _failure_type(flow: http.HTTPFlow, message: str) -> str:
     return error_type(message)
 
 
-def _same_host(a: str | None, b: str) -> bool:
-    if a is None:
-        return False
-    try:
-        return normalize_host(a) == normalize_host(b)
-    except InvalidHost:
-        return False
-
-
 # Hop-by-hop fields end at this proxy (RFC 9110 7.6.1); the upstream never sees them. Framing
 # (Transfer-Encoding) and protocol upgrades (Upgrade) are mitmproxy's to relay.
 _HOP_BY_HOP = ("proxy-connection", "keep-alive")
@@ -140,7 +123,7 @@ def _align_host_header(request: http.Request, host: str, port: int) -> None:
     request-target) the policy never saw. RFC 9112 3.2.2: a proxy replaces a Host that
     disagrees with the request-target. Agreeing headers are left byte for byte.
     """
-    if _same_host(_authority_host(request.host_header), host):
+    if same_host(_authority_host(request.host_header), host):
         return
     try:
         ascii_host = normalize_host(host)
@@ -177,27 +160,7 @@ class Decider:
 
     async def vet(self, snap: Snapshot, dest: Destination) -> Vetted:
         """Decide ``dest`` and find the address to connect to (the one that was checked)."""
-        literal = address_of(dest.host) if dest.host is not None else None
-        if dest.host is None or literal is not None:
-            address = dest.address or literal
-            raw = snap.decide_raw(Destination(None, dest.port, address, dest.method, dest.path))
-            return Vetted(apply_mode(raw, snap.mode), address)
-        by_name = snap.decide_raw(dest)
-        audited = by_name.verdict is Verdict.DENY and apply_mode(by_name, snap.mode).permits
-        if not (snap.needs_address(dest, by_name) or audited):
-            return Vetted(apply_mode(by_name, snap.mode), None)
-        resolution = await self._resolver.resolve(dest.host, dest.port)
-        if not resolution.addresses:
-            if by_name.permits or audited:
-                # Allowed by name, but nowhere to connect: fail closed, say why.
-                raw = Decision(Verdict.DENY, Reason.UNRESOLVABLE, by_name.rule, resolution.error)
-                return Vetted(raw, None)
-            return Vetted(apply_mode(by_name, snap.mode), None)
-        raw, address = snap.decide_resolved(dest, resolution.addresses)
-        decision = apply_mode(raw, snap.mode)
-        if decision.permits and address is None:
-            address = resolution.addresses[0]  # audit: let it through to where it was going
-        return Vetted(decision, address)
+        return await vet(self._resolver, snap, dest)
 
     def _record(
         self,
@@ -270,7 +233,7 @@ class Decider:
             denial = Decision(
                 Verdict.DENY, Reason.UNREADABLE_FIRST_FLIGHT, rec.decision.rule, flight.problem
             )
-        elif flight is not None and flight.sni is not None and not _same_host(rec.host, flight.sni):
+        elif flight is not None and flight.sni is not None and not same_host(rec.host, flight.sni):
             denial = Decision(
                 Verdict.DENY,
                 Reason.SNI_MISMATCH,
@@ -477,8 +440,8 @@ class Decider:
         snap = self._store.get()
         by_sni = kind is Kind.TLS and sni is not None
         original = address_of(original_ip)
-        if by_sni and self._address_allows(snap, original, port):
-            vetted = Vetted(_stream_decision(snap, sni, original, port), original)
+        if by_sni and address_allows(snap, original, port):
+            vetted = Vetted(stream_decision(snap, sni, original, port), original)
         elif by_sni:
             vetted = await self.vet(snap, Destination(sni, port))
         else:
@@ -523,14 +486,6 @@ class Decider:
         rec.tls_passthrough = kind is Kind.TLS
         return rec
 
-    @staticmethod
-    def _address_allows(snap: Snapshot, address: IPAddress | None, port: int) -> bool:
-        """A cidr rule allows ``address`` itself (the raw decision: audit mode lets everything
-        through, yet names should still be seen and decided)."""
-        if address is None:
-            return False
-        return snap.decide_raw(Destination(None, port, address)).permits
-
     # -- transparent: held upstreams (cidr-allowed addresses) and unreadable first flights -----
 
     def hold_upstream(self, client: connection.Client, original: tuple[str, int]) -> bool:
@@ -539,7 +494,7 @@ class Decider:
         held until ``decide_held`` decides them."""
         info = self._connections.get(client)
         info.original = original
-        if not self._address_allows(self._store.get(), address_of(original[0]), original[1]):
+        if not address_allows(self._store.get(), address_of(original[0]), original[1]):
             return False
         info.held = True
         info.vetted.add(original)
@@ -554,7 +509,7 @@ class Decider:
         snap = self._store.get()
         original = address_of(original_ip)
         by_sni = sni if kind is Kind.TLS else None
-        decision = _stream_decision(snap, by_sni, original, port)
+        decision = stream_decision(snap, by_sni, original, port)
         rec = self._stream_record(
             snap,
             Vetted(decision, original),
@@ -689,12 +644,3 @@ class Decider:
         if decision.permits:
             rec.error = info.held_error or (None if info.held else "client sent no data")
         self._reporter.report(rec)
-
-
-def _stream_decision(
-    snap: Snapshot, sni: str | None, address: IPAddress | None, port: int
-) -> Decision:
-    """A transparent stream to an address a cidr rule allows, decided without a lookup: by that
-    address, with the SNI (when there is one) against every rule, so a name deny rule wins over
-    the cidr allow while any other name may go to the address the client dialled."""
-    return apply_mode(snap.decide_raw(Destination(sni, port, address)), snap.mode)

@@ -12,10 +12,8 @@ is ended before the tracer provider is flushed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from dataclasses import dataclass
 
 from mitmproxy import connection, ctx, http
 from mitmproxy.addons.proxyserver import Proxyserver
@@ -31,14 +29,6 @@ POLL_SECONDS = 0.05
 CUT_WAIT_SECONDS = 2.0  # for cut connections to run their disconnect hooks
 # Connections of these kinds relay a stream for as long as it lasts: in flight while open.
 _STREAMS = frozenset({Kind.TUNNEL, Kind.TLS, Kind.TCP})
-
-
-@dataclass(frozen=True, slots=True)
-class DrainOutcome:
-    in_flight: int  # connections with something in flight when the drain began
-    drained: int  # of those, finished within the drain timeout
-    cut: int  # still in flight at the end, closed by the sidecar
-    seconds: float
 
 
 class Drain:
@@ -108,49 +98,29 @@ class Drain:
         client = self._clients.get(client_id)
         return client is not None and self._connections.get(client).kind in _STREAMS
 
-    async def drain(self, timeout: float, cut_short: asyncio.Event) -> DrainOutcome:
-        """Stop accepting, wait up to ``timeout`` s for in-flight work, cut what is left."""
-        started = time.monotonic()
-        self.draining = True
+    # The front door (sidecar.fastpath.server) runs the drain over both tiers: these are the
+    # steps for the connections mitmproxy holds.
+
+    def _proxyserver(self) -> Proxyserver:
         proxyserver = ctx.master.addons.get("proxyserver")
         assert isinstance(proxyserver, Proxyserver)
-        await proxyserver.servers.update([])  # closes the listening sockets, nothing else
-        in_flight = {cid for cid in list(self._clients) if self._busy(cid)}
-        log.info(
-            "draining: new connections are refused",
-            extra={"in_flight": len(in_flight), "timeout_s": timeout},
-        )
-        deadline = started + timeout
-        while True:
-            for cid, handler in list(proxyserver.connections.items()):
-                if isinstance(cid, str) and not self._busy(cid):
-                    _cut(handler)  # idle keep-alive (or not yet decided): nothing is lost
-            if not any(self._busy(cid) for cid in self._clients):
-                break
-            left = deadline - time.monotonic()
-            if left <= 0 or cut_short.is_set():
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(cut_short.wait(), min(left, POLL_SECONDS))
-        remaining = {cid for cid in self._clients if self._busy(cid)}
-        await self._cut_all(proxyserver)
-        outcome = DrainOutcome(
-            in_flight=len(in_flight),
-            drained=len(in_flight - remaining),
-            cut=len(remaining),
-            seconds=round(time.monotonic() - started, 3),
-        )
-        log.info(
-            "drained" if not outcome.cut else "drain timeout: cut what was still in flight",
-            extra={
-                "in_flight": outcome.in_flight,
-                "drained": outcome.drained,
-                "cut": outcome.cut,
-                "seconds": outcome.seconds,
-                "cut_short": cut_short.is_set(),
-            },
-        )
-        return outcome
+        return proxyserver
+
+    def begin(self) -> int:
+        """Refuse what is accepted from now on; how many connections have something in flight."""
+        self.draining = True
+        return sum(1 for cid in list(self._clients) if self._busy(cid))
+
+    def close_idle(self) -> None:
+        for cid, handler in list(self._proxyserver().connections.items()):
+            if isinstance(cid, str) and not self._busy(cid):
+                _cut(handler)  # idle keep-alive (or not yet decided): nothing is lost
+
+    def busy(self) -> int:
+        return sum(1 for cid in self._clients if self._busy(cid))
+
+    async def cut_all(self) -> None:
+        await self._cut_all(self._proxyserver())
 
     async def _cut_all(self, proxyserver: Proxyserver) -> None:
         for flows in list(self._flows.values()):

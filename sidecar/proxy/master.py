@@ -1,74 +1,61 @@
-"""Assembles mitmproxy with only the addons an egress proxy needs.
+"""Assembles mitmproxy with only the addons an egress proxy needs: the second tier.
 
-mitmproxy's ~30 default addons cost most of its per-request CPU (FIELD-NOTES) and several of them
-would intercept TLS or rewrite traffic; this master runs the proxy server, our layering and our
+mitmproxy does not listen itself: the front door (sidecar.fastpath) owns the listeners and
+hands it the connections that need its depth (and, with ``--engine mitmproxy``, every one), with
+the bytes already read. Its ~30 default addons cost most of its per-request CPU (FIELD-NOTES) and
+several of them would intercept TLS or rewrite traffic; this master runs our layering and our
 decision addon, nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mitmproxy import options
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.master import Master
+from mitmproxy.proxy.mode_servers import ServerInstance
 
+from sidecar.fastpath.config import ListenSpec, ProxyConfig
 from sidecar.policy.store import PolicyStore
 from sidecar.proxy.connections import Connections
 from sidecar.proxy.decider import Decider
 from sidecar.proxy.drain import Drain
-from sidecar.proxy.headlimits import HeadLimits
 from sidecar.proxy.http1 import install_http1_server
 from sidecar.proxy.layering import Layering, install_transparent_start
-from sidecar.proxy.listeners import Listeners, install_unredirected_filter
+from sidecar.proxy.listeners import install_unredirected_filter
 from sidecar.proxy.resolver import Resolver
 from sidecar.proxy.tunnels import install_connect_after_upstream
 from sidecar.reporter import Reporter
 
 
-@dataclass(frozen=True)
-class ListenSpec:
-    host: str
-    port: int
+class Running:
+    """Set once mitmproxy's addons have all started (its ``running`` hook)."""
 
-    @classmethod
-    def parse(cls, text: str) -> ListenSpec:
-        """``HOST:PORT`` with a bare IPv6 host allowed (``::1:15002``, as mitmproxy spells it)."""
-        host, sep, port = text.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{text!r} is not HOST:PORT")
-        return cls(host.strip("[]"), int(port))
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
 
-    def mode(self, kind: str) -> str:
-        return f"{kind}@{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class ProxyConfig:
-    explicit: tuple[ListenSpec, ...]
-    transparent: tuple[ListenSpec, ...]
-    confdir: str
-    resolve_timeout: float = 5.0
-    dns_cache_ttl: float = 5.0
-    # Transparent: the client's first flight must be in by then; a silent client is then
-    # decided as raw TCP, a partial first flight refused.
-    first_byte_timeout: float = 10.0
-    connect_timeout: float = 10.0  # an upstream connect that takes longer fails (CONNECT: 504)
-    head_limits: HeadLimits = field(default_factory=HeadLimits)  # plain-HTTP request heads
+    def running(self) -> None:
+        self.event.set()
 
 
 @dataclass(frozen=True)
 class Proxy:
     master: Master
-    listeners: Listeners
+    proxyserver: Proxyserver
     drain: Drain
+    running: Running
+
+    def instance(self, kind: str, spec: ListenSpec) -> ServerInstance:  # type: ignore[type-arg]
+        """mitmproxy's server for one of our listeners (never started: it only handles streams
+        the front door gives it). ``kind``: "regular" or "transparent"."""
+        return ServerInstance.make(spec.mode(kind), self.proxyserver)
 
 
 def build_master(config: ProxyConfig, store: PolicyStore, reporter: Reporter) -> Proxy:
     master = Master(options.Options(), event_loop=asyncio.get_running_loop())
     connections = Connections()
-    listeners = Listeners()
     install_unredirected_filter()
     drain = Drain(connections)
     decider = Decider(
@@ -83,15 +70,16 @@ def build_master(config: ProxyConfig, store: PolicyStore, reporter: Reporter) ->
     install_connect_after_upstream()
     # Both listeners' HTTP/1 client side: bounded request heads, our own error answers.
     install_http1_server(config.head_limits, decider)
+    proxyserver = Proxyserver()
+    running = Running()
     # The drain before the decision addon: a request is in flight while it is being decided.
-    master.addons.add(Proxyserver(), layering, drain, decider, listeners)
+    master.addons.add(proxyserver, layering, drain, decider, running)
     master.options.update(
         confdir=config.confdir,
         # Lazy: nothing is connected upstream before the decision (FIELD-NOTES).
         connection_strategy="lazy",
-        mode=[spec.mode("regular") for spec in config.explicit]
-        + [spec.mode("transparent") for spec in config.transparent],
+        mode=[],  # the front door listens; mitmproxy serves the streams it is handed
         # Headers are relayed as the client sent them; we are not a normalising proxy.
         validate_inbound_headers=True,
     )
-    return Proxy(master, listeners, drain)
+    return Proxy(master, proxyserver, drain, running)

@@ -12,8 +12,8 @@ from mitmproxy import http
 from mitmproxy.proxy import commands, layer
 from mitmproxy.proxy.layers.http import HttpStream
 
-from sidecar.proxy.denial import egress_response, failure_phrase, failure_status
-from sidecar.proxy.hostnames import format_hostport
+from sidecar.answers import connect_failure_body, failure_phrase, failure_status
+from sidecar.proxy.denial import egress_response
 from sidecar.record import DecisionRecord
 from sidecar.telemetry.spans import error_type
 
@@ -31,12 +31,7 @@ def upstream_failure_response(rec: DecisionRecord | None, error: str) -> http.Re
     status, reason = upstream_failure(error)
     if rec is None:  # not decided by us (cannot happen: every CONNECT is): say only what failed
         return http.Response.make(status, f"egress-sidecar: {reason}: {error}\n".encode())
-    target = format_hostport(rec.host or rec.peer_address or "-", rec.port)
-    via = f" ({rec.peer_address})" if rec.peer_address and rec.peer_address != rec.host else ""
-    body = (
-        f"egress-sidecar could not reach {target}{via} for {rec.protocol}: {reason} ({error}); "
-        f"policy {rec.policy_source or '-'} version {rec.policy_version or '-'}\n"
-    )
+    body = connect_failure_body(rec, reason, error)
     return egress_response(status, body, rec, reason, error_type(error))
 
 

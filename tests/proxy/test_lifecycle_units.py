@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.commands.run import _non_negative
-from sidecar.proxy.listeners import AcceptGate, GatedEventLoop, connection_limit
+from sidecar.fastpath.accept import AcceptGate, GatedEventLoop, connection_limit
 
 
 @pytest.mark.parametrize(

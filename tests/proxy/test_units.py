@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from sidecar.policy.model import Decision, Reason, Verdict
 from sidecar.proxy.denial import denial_body
 from sidecar.proxy.hostnames import address_of, redact_url
-from sidecar.proxy.master import ListenSpec
+from sidecar.fastpath.config import ListenSpec
 from sidecar.record import Capture, DecisionRecord
 from sidecar.wire.first_flight import http_prefix
 

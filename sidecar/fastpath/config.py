@@ -1,0 +1,41 @@
+"""What the proxy listens on and how long it waits: shared by the front door and mitmproxy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sidecar.proxy.headlimits import HeadLimits
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ListenSpec:
+        """``HOST:PORT`` with a bare IPv6 host allowed (``::1:15002``, as mitmproxy spells it)."""
+        host, sep, port = text.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        return cls(host.strip("[]"), int(port))
+
+    def mode(self, kind: str) -> str:
+        return f"{kind}@{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    explicit: tuple[ListenSpec, ...]
+    transparent: tuple[ListenSpec, ...]
+    confdir: str
+    resolve_timeout: float = 5.0
+    dns_cache_ttl: float = 5.0
+    # Transparent: the client's first flight must be in by then; a silent client is then
+    # decided as raw TCP, a partial first flight refused.
+    first_byte_timeout: float = 10.0
+    connect_timeout: float = 10.0  # an upstream connect that takes longer fails (CONNECT: 504)
+    head_limits: HeadLimits = field(default_factory=HeadLimits)  # plain-HTTP request heads

@@ -1,0 +1,74 @@
+"""A destination decided, and the address to connect to found: the one that was checked.
+
+Shared by both engines (the fast path and the mitmproxy addon): one reading of every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidecar.policy.errors import InvalidHost
+from sidecar.policy.hosts import normalize_host
+from sidecar.policy.model import Decision, Destination, IPAddress, Reason, Verdict
+from sidecar.policy.store import Snapshot, apply_mode
+from sidecar.proxy.hostnames import address_of
+from sidecar.proxy.resolver import Resolver
+
+
+@dataclass(frozen=True, slots=True)
+class Vetted:
+    """A decision (mode applied) and the address to connect to when it permits."""
+
+    decision: Decision
+    address: IPAddress | None
+
+
+async def vet(resolver: Resolver, snap: Snapshot, dest: Destination) -> Vetted:
+    """Decide ``dest`` and find the address to connect to (the one that was checked)."""
+    literal = address_of(dest.host) if dest.host is not None else None
+    if dest.host is None or literal is not None:
+        address = dest.address or literal
+        raw = snap.decide_raw(Destination(None, dest.port, address, dest.method, dest.path))
+        return Vetted(apply_mode(raw, snap.mode), address)
+    by_name = snap.decide_raw(dest)
+    audited = by_name.verdict is Verdict.DENY and apply_mode(by_name, snap.mode).permits
+    if not (snap.needs_address(dest, by_name) or audited):
+        return Vetted(apply_mode(by_name, snap.mode), None)
+    resolution = await resolver.resolve(dest.host, dest.port)
+    if not resolution.addresses:
+        if by_name.permits or audited:
+            # Allowed by name, but nowhere to connect: fail closed, say why.
+            raw = Decision(Verdict.DENY, Reason.UNRESOLVABLE, by_name.rule, resolution.error)
+            return Vetted(raw, None)
+        return Vetted(apply_mode(by_name, snap.mode), None)
+    raw, address = snap.decide_resolved(dest, resolution.addresses)
+    decision = apply_mode(raw, snap.mode)
+    if decision.permits and address is None:
+        address = resolution.addresses[0]  # audit: let it through to where it was going
+    return Vetted(decision, address)
+
+
+def stream_decision(
+    snap: Snapshot, sni: str | None, address: IPAddress | None, port: int
+) -> Decision:
+    """A transparent stream to an address a cidr rule allows, decided without a lookup: by that
+    address, with the SNI (when there is one) against every rule, so a name deny rule wins over
+    the cidr allow while any other name may go to the address the client dialled."""
+    return apply_mode(snap.decide_raw(Destination(sni, port, address)), snap.mode)
+
+
+def address_allows(snap: Snapshot, address: IPAddress | None, port: int) -> bool:
+    """A cidr rule allows ``address`` itself (the raw decision: audit mode lets everything
+    through, yet names should still be seen and decided)."""
+    if address is None:
+        return False
+    return snap.decide_raw(Destination(None, port, address)).permits
+
+
+def same_host(a: str | None, b: str) -> bool:
+    if a is None:
+        return False
+    try:
+        return normalize_host(a) == normalize_host(b)
+    except InvalidHost:
+        return False
