@@ -6,12 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import TypeVar
 
 from sidecar.telemetry.spans import error_type
-
-P = TypeVar("P", bound=asyncio.BaseProtocol)
-
 
 class UpstreamError(Exception):
     """The upstream connect failed: ``str(err)`` says how, ``error_type`` is its category."""
@@ -22,7 +18,7 @@ class UpstreamError(Exception):
         self.error_type = error_type(message)
 
 
-async def dial(
+async def dial[P: asyncio.BaseProtocol](
     address: str, port: int, factory: Callable[[], P], timeout: float
 ) -> tuple[asyncio.Transport, P]:
     """Open a TCP connection to ``address`` (an IP literal: names are resolved and vetted before)
