@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from sidecar.telemetry.spans import error_type
 
+
 class UpstreamError(Exception):
     """The upstream connect failed: ``str(err)`` says how, ``error_type`` is its category."""
 
