@@ -93,8 +93,8 @@ class SecondTier:
             loading.done() and (loading.cancelled() or loading.exception() is not None)
         ):
             # One start for every connection that waits on it; a failed one is tried again.
-            self._loading = asyncio.get_running_loop().create_task(self._start(why))
-        return await asyncio.shield(self._loading)
+            loading = self._loading = asyncio.get_running_loop().create_task(self._start(why))
+        return await asyncio.shield(loading)
 
     async def _start(self, why: str) -> Proxy:
         started = time.monotonic()
