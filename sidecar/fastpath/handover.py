@@ -85,6 +85,10 @@ class SecondTier:
             instance = self._instances[(kind, conn.listen)] = proxy.instance(kind, conn.listen)
         await instance.handle_stream(reader, writer)
 
+    async def load(self, why: str) -> None:
+        """Load mitmproxy now (the mitmproxy engine does at start: no first call waits for it)."""
+        await self._load(why)
+
     async def _load(self, why: str) -> Proxy:
         if self._proxy is not None:
             return self._proxy
