@@ -21,7 +21,7 @@ from sidecar.k8s.client import (
 from sidecar.k8s.refs import ConfigMapRef
 from sidecar.k8s.watch import ConfigMapWatcher, WatchTuning
 from tests.k8s.test_k8s_watch import Listener
-from tests.support.kubeapi import FakeKubeAPI, wait_until
+from tests.support.kubeapi import FakeKubeAPI, RecordedRequest, wait_until
 
 REF = ConfigMapRef("shop", "egress-allowlist")
 
@@ -103,17 +103,23 @@ def test_the_client_rereads_the_token_file_when_it_is_due(
         tls_api.rotate_token("token-2", keep_old=True)
         token_file = client.access.token_file
         assert token_file is not None
-        client.list_configmaps("shop")
-        last = tls_api.requests[-1]
+        last = list_and_record(client, tls_api)
         assert last.authorization is not None
         assert last.authorization.lower() == "bearer token-1"  # not due yet (1 min)
         # The token is re-read once its expiry has passed; move that expiry to the past.
         token_file.expires_at = time.monotonic() - 1
-        client.list_configmaps("shop")
-        last = tls_api.requests[-1]
+        last = list_and_record(client, tls_api)
         assert last.authorization is not None and last.authorization.lower() == "bearer token-2"
     finally:
         client.close()
+
+
+def list_and_record(client: KubeClient, api: FakeKubeAPI) -> RecordedRequest:
+    """List, and the server's record of that request (made just after it answered)."""
+    before = len(api.requests)
+    client.list_configmaps("shop")
+    wait_until(lambda: len(api.requests) > before)
+    return api.requests[before]
 
 
 def test_https_with_a_wrong_ca_fails_loudly(
