@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import ssl
 import tempfile
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 SERVICE_HOST_ENV_NAME = "KUBERNETES_SERVICE_HOST"
 SERVICE_PORT_ENV_NAME = "KUBERNETES_SERVICE_PORT"
@@ -65,7 +68,12 @@ class TokenFile:
     def token(self) -> str:
         with self._lock:
             if time.monotonic() >= self.expires_at:
-                self._reload_locked()
+                try:
+                    self._reload_locked()
+                except KubeConfigError as err:
+                    # Mid-rotation or a transient mount problem: the token we have may still
+                    # be valid; a 401 forces another attempt, the next period retries anyway.
+                    log.warning("could not re-read the Kubernetes token, keeping the last: %s", err)
             return self._token
 
     def reload(self) -> None:

@@ -195,3 +195,20 @@ def test_missing_configuration_is_a_clear_error(
 ) -> None:
     with pytest.raises(KubeConfigError, match=message):
         KubeClient(opts, env)
+
+
+def test_a_token_file_missing_when_due_keeps_the_last_token(
+    tls_api: FakeKubeAPI, serviceaccount: Path
+) -> None:
+    """Mid-rotation (or a mount hiccup) the file may be absent for a moment: the request goes
+    out with the token we have instead of failing; the next due re-read picks the new one up."""
+    client = KubeClient(ClientOptions(), in_cluster_env(tls_api, serviceaccount))
+    token_file = client.access.token_file
+    assert token_file is not None
+    (serviceaccount / "token").unlink()
+    token_file.expires_at = time.monotonic() - 1
+    assert (list_and_record(client, tls_api).authorization or "").lower() == "bearer token-1"
+    write_atomically(serviceaccount / "token", "token-2")
+    tls_api.rotate_token("token-2")
+    token_file.expires_at = time.monotonic() - 1
+    assert (list_and_record(client, tls_api).authorization or "").lower() == "bearer token-2"
