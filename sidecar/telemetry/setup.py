@@ -99,7 +99,8 @@ def pod_resource(env: Mapping[str, str]) -> Resource:
 def _otlp_exporter(plan: ExportPlan, env: Mapping[str, str]) -> SpanExporter:
     # The exporters read their endpoint, headers, timeout, compression and TLS variables
     # themselves; HTTP appends v1/traces to OTEL_EXPORTER_OTLP_ENDPOINT, as the spec says.
-    # Each protocol's exporter is imported only when chosen: the gRPC one loads grpc (+13 MiB, measured).
+    # Each protocol's exporter is imported only when chosen: the gRPC one loads grpc
+    # (+13 MiB, measured).
     if plan.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter as GrpcExporter,
