@@ -15,12 +15,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.configs import BIG_PATH, LOOPBACK, UpstreamPorts
-from bench.loadgen import Download, Generators, LoadResult
+from bench.configs import (
+    BIG_PATH,
+    LOOPBACK,
+    UpstreamPorts,
+    big_allowlist_yaml,
+    named_allowlist_yaml,
+)
+from bench.idle import hold_idle_tunnels, raise_nofile
+from bench.loadgen import Download, Generators, LoadResult, checked
+from bench.otlp import SpanCounter
 from bench.procstat import PeakRss, cpu_seconds, rss_mib, runqueue_wait_seconds
-from bench.report import Direct, ProxyRun, Report, Settings
+from bench.report import Direct, ExportRun, ProxyRun, Report, RulesRun, Settings, TransparentRun
 from bench.servers import Server, start_nginx, start_sidecar, start_squid
 from bench.tools import Tools
+from bench.transparent import CpuPlan, TransparentUnavailableError, measure_transparent
 
 Log = Callable[[str], None]
 
@@ -31,6 +40,7 @@ class Pinning:
     load: tuple[str, ...]
     description: str
     load_cpu: int | None
+    proxy_cpu: int | None = None
 
 
 def plan_pinning(tools: Tools, enabled: bool) -> Pinning:
@@ -42,8 +52,10 @@ def plan_pinning(tools: Tools, enabled: bool) -> Pinning:
     return Pinning(
         (tools.taskset, "-c", str(proxy_cpu)),
         (tools.taskset, "-c", str(load_cpu)),
-        f"proxy on CPU {proxy_cpu}; load generators and upstream on CPU {load_cpu}",
+        f"proxy on CPU {proxy_cpu}; load generators, upstream and the bench's own clients "
+        f"and OTLP receiver on CPU {load_cpu}",
         load_cpu,
+        proxy_cpu,
     )
 
 
@@ -76,15 +88,6 @@ def sidecar_name() -> str:
         return f"egress-sidecar {ours} (mitmproxy {mitm})"
     except importlib.metadata.PackageNotFoundError:
         return "egress-sidecar"
-
-
-def _checked(what: str, result: LoadResult, notes: list[str]) -> LoadResult:
-    total = result.ok + result.errors
-    if result.ok == 0:
-        raise RuntimeError(f"{what}: no successful response ({result.errors} errors)")
-    if result.errors and result.errors / total > 0.001:
-        notes.append(f"{what}: {result.errors} of {total} requests failed")
-    return result
 
 
 @dataclass(frozen=True)
@@ -179,36 +182,180 @@ def measure_proxy(
     time.sleep(s.idle_seconds)  # let start-up work (imports, CA generation) settle
     rss_idle = rss_mib(pid)
     wait0, wall0 = runqueue_wait_seconds(pid), time.monotonic()
-    with PeakRss(pid) as peak:
-        if s.warmup_seconds > 0:
-            gen.wrk_http(
-                upstream_port=up.http,
-                proxy_port=port,
-                connections=s.connections,
-                seconds=s.warmup_seconds,
-                limit=s.max_requests,
+    with PeakRss(pid) as whole:
+        with PeakRss(pid) as peak:
+            if s.warmup_seconds > 0:
+                gen.wrk_http(
+                    upstream_port=up.http,
+                    proxy_port=port,
+                    connections=s.connections,
+                    seconds=s.warmup_seconds,
+                    limit=s.max_requests,
+                )
+            sc = _run_scenarios(
+                gen, up, s, label=name, proxy_port=port, cpu=lambda: cpu_seconds(pid), log=log
             )
-        sc = _run_scenarios(
-            gen, up, s, label=name, proxy_port=port, cpu=lambda: cpu_seconds(pid), log=log
-        )
-    load_seconds = time.monotonic() - wall0
-    cpu_wait = runqueue_wait_seconds(pid) - wait0
+        load_seconds = time.monotonic() - wall0
+        cpu_wait = runqueue_wait_seconds(pid) - wait0
+        idle = None
+        if s.idle_connections > 0:
+            log(f"{name}: {s.idle_connections:,} idle tunnels")
+            idle = hold_idle_tunnels(port, up.https, s.idle_connections, lambda: rss_mib(pid))
+            if idle.held < idle.wanted:
+                notes.append(
+                    f"{name}: {idle.held:,} of {idle.wanted:,} idle tunnels held "
+                    f"({idle.failed:,} failed to open)"
+                )
     if sc.download.status != 200 or sc.download.size != s.big_bytes:
         notes.append(f"{name}: big download got {sc.download.status}, {sc.download.size} bytes")
     return ProxyRun(
         name=name,
-        http=_checked(f"{name} HTTP keep-alive", sc.http, notes),
+        http=checked(f"{name} HTTP keep-alive", sc.http, notes),
         http_cpu_s=sc.http_cpu_s,
-        latency=_checked(f"{name} latency c=1", sc.latency, notes),
-        new_tunnels=_checked(f"{name} new tunnels", sc.new_tls, notes),
+        latency=checked(f"{name} latency c=1", sc.latency, notes),
+        new_tunnels=checked(f"{name} new tunnels", sc.new_tls, notes),
         new_tunnels_cpu_s=sc.new_tls_cpu_s,
-        long_tunnels=_checked(f"{name} long-lived tunnels", sc.keepalive_tls, notes),
+        long_tunnels=checked(f"{name} long-lived tunnels", sc.keepalive_tls, notes),
         download=sc.download,
         download_cpu_s=sc.download_cpu_s,
         load_seconds=load_seconds,
         cpu_wait_s=cpu_wait,
         rss_idle_mib=rss_idle,
         rss_peak_mib=peak.peak,
+        idle=idle,
+        rss_peak_all_mib=whole.peak,
+    )
+
+
+def _warm_up(gen: Generators, up: UpstreamPorts, s: Settings, port: int, name: str | None) -> int:
+    """Unmeasured plain-HTTP load; the requests it made."""
+    if s.warmup_seconds <= 0:
+        return 0
+    w = gen.wrk_http(
+        upstream_port=up.http,
+        proxy_port=port,
+        connections=s.connections,
+        seconds=s.warmup_seconds,
+        limit=s.max_requests,
+        name=name,
+    )
+    return w.ok + w.errors
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the sidecar-only scenarios share: load, upstream, settings, pinning, notes, log."""
+
+    gen: Generators
+    up: UpstreamPorts
+    s: Settings
+    pinning: Pinning
+    notes: list[str]
+    log: Log
+
+
+def measure_export(ctx: Context, workdir: Path) -> ExportRun:
+    """The plain-HTTP scenario on a sidecar exporting spans to the bench's OTLP receiver."""
+    gen, up, s, notes = ctx.gen, ctx.up, ctx.s, ctx.notes
+    receiver = SpanCounter()
+    try:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            # batches leave at 512 spans under load anyway; this only shortens the wait for
+            # the last partial batch after it (the default is 5 s)
+            "OTEL_BSP_SCHEDULE_DELAY": "500",
+        }
+        sidecar = start_sidecar(ctx.pinning.proxy, workdir, up, env=env)
+        try:
+            pid = sidecar.server.pid
+            time.sleep(s.idle_seconds)
+            rss_idle = rss_mib(pid)
+            with PeakRss(pid) as peak:
+                warm = _warm_up(gen, up, s, sidecar.port, None)
+                base = receiver.wait_for(receiver.spans + warm, timeout=15)
+                ctx.log("span export on: plain HTTP keep-alive")
+                cpu0 = cpu_seconds(pid)
+                http = gen.wrk_http(
+                    upstream_port=up.http,
+                    proxy_port=sidecar.port,
+                    connections=s.connections,
+                    seconds=s.seconds,
+                    limit=s.max_requests,
+                )
+                ended = time.monotonic()
+                requests = http.ok + http.errors
+                got = receiver.wait_for(base + requests, timeout=20)
+                flushed = time.monotonic() - ended
+                cpu = cpu_seconds(pid) - cpu0
+        finally:
+            sidecar.server.stop()
+    finally:
+        receiver.stop()
+    if receiver.refused:
+        notes.append(f"OTLP receiver: {receiver.refused} export request(s) it could not decode")
+    spans = got - base
+    if spans < requests:
+        notes.append(f"span export on: {spans:,} spans received for {requests:,} requests")
+    return ExportRun(
+        http=checked("span export on HTTP keep-alive", http, notes),
+        cpu_s=cpu,
+        spans=spans,
+        requests=requests,
+        flush_s=flushed,
+        rss_idle_mib=rss_idle,
+        rss_peak_mib=peak.peak,
+    )
+
+
+RULES_HOST = "api-0042.payments.rules.bench.test"
+
+
+def _rules_instance(
+    ctx: Context, workdir: Path, allowlist: str
+) -> tuple[LoadResult, float, float, float]:
+    """The plain-HTTP scenario to RULES_HOST; (result, CPU-s, RSS idle, RSS peak)."""
+    gen, up, s = ctx.gen, ctx.up, ctx.s
+    sidecar = start_sidecar(
+        ctx.pinning.proxy, workdir, up, allowlist=allowlist, names={RULES_HOST: LOOPBACK}
+    )
+    try:
+        pid = sidecar.server.pid
+        time.sleep(s.idle_seconds)
+        rss_idle = rss_mib(pid)
+        with PeakRss(pid) as peak:
+            _warm_up(gen, up, s, sidecar.port, RULES_HOST)
+            cpu0 = cpu_seconds(pid)
+            http = gen.wrk_http(
+                upstream_port=up.http,
+                proxy_port=sidecar.port,
+                connections=s.connections,
+                seconds=s.seconds,
+                limit=s.max_requests,
+                name=RULES_HOST,
+            )
+            cpu = cpu_seconds(pid) - cpu0
+    finally:
+        sidecar.server.stop()
+    return http, cpu, rss_idle, peak.peak
+
+
+def measure_rules(ctx: Context, workdir: Path) -> RulesRun:
+    n = ctx.s.rules
+    ctx.log(f"allowlist size: plain HTTP to a named host, 1 rule, then {n:,} rules")
+    small = _rules_instance(ctx, workdir / "small", named_allowlist_yaml(RULES_HOST, ctx.up.http))
+    large = _rules_instance(ctx, workdir / "large", big_allowlist_yaml(n, RULES_HOST, ctx.up.http))
+    notes = ctx.notes
+    return RulesRun(
+        rules=n,
+        small=checked("1-rule allowlist HTTP keep-alive", small[0], notes),
+        small_cpu_s=small[1],
+        large=checked(f"{n:,}-rule allowlist HTTP keep-alive", large[0], notes),
+        large_cpu_s=large[1],
+        small_rss_idle_mib=small[2],
+        small_rss_peak_mib=small[3],
+        large_rss_idle_mib=large[2],
+        large_rss_peak_mib=large[3],
     )
 
 
@@ -244,6 +391,8 @@ def run(
     log: Log = print,
 ) -> Report:
     pinning = plan_pinning(tools, pin)
+    # the bench holds one socket per idle tunnel, nginx one, Squid two; children inherit it
+    raise_nofile(2 * settings.idle_connections + 1024)
     with _workdir(keep_workdir) as work, _own_cpu(pinning.load_cpu):
         if keep_workdir:
             log(f"work directory: {work}")
@@ -280,8 +429,19 @@ def run(
                 )
             finally:
                 sidecar.server.stop()
+            ctx = Context(gen, up, settings, pinning, notes, log)
+            export = measure_export(ctx, work / "export")
+            rules = measure_rules(ctx, work / "rules") if settings.rules > 0 else None
         finally:
             nginx.stop()
+        transparent: TransparentRun | None = None
+        if settings.transparent:
+            try:
+                transparent = measure_transparent(
+                    tools, settings, CpuPlan(pinning.proxy_cpu, pinning.load), log, notes
+                )
+            except TransparentUnavailableError as err:
+                notes.append(f"transparent capture not measured: {err}")
     return Report(
         when=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         machine=machine_description(),
@@ -294,5 +454,8 @@ def run(
         direct=direct,
         baseline=baseline,
         sidecar=ours,
+        export=export,
+        transparent=transparent,
+        rules=rules,
         notes=notes,
     )
