@@ -150,7 +150,7 @@ def _measure(
         decided = h.decisions(sidecar.out)
         # proof that the capture, not a bypass, carried the load: GETs decided on their Host,
         # TLS on its SNI (hey sends -host as the SNI)
-        seen = {d.get("protocol") for d in decided if d.get("host") == WEB_NAME}
+        seen = {str(d.get("protocol")) for d in decided if d.get("host") == WEB_NAME}
         if not {"GET", "TLS"} <= seen:
             raise RuntimeError(f"transparent: decisions for {WEB_NAME} only as {sorted(seen)}")
         return TransparentRun(
