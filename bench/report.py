@@ -82,19 +82,28 @@ def per_10k(cpu_s: float, result: LoadResult) -> float:
 @dataclass(frozen=True)
 class ExportRun:
     """The plain-HTTP keep-alive scenario on a sidecar exporting its spans (OTLP
-    http/protobuf) to the bench's receiver; CPU counted until the receiver had them all."""
+    http/protobuf) to the bench's receiver, CPU counted until the receiver had them all, and on
+    one exporting nothing, in alternating segments."""
 
     http: LoadResult
     cpu_s: float
-    spans: int  # received by the receiver for the measured run
-    requests: int  # the measured run's requests (answered or failed)
-    flush_s: float  # from the end of the load until the last span arrived (or the wait ended)
+    off: LoadResult
+    off_cpu_s: float
+    spans: int  # received by the receiver for the measured segments
+    requests: int  # the measured segments' requests (answered or failed)
+    flush_s: float  # longest wait from a segment's end until its last span arrived
     rss_idle_mib: float
     rss_peak_mib: float
+    off_rss_idle_mib: float
+    off_rss_peak_mib: float
 
     @property
     def cpu_per_10k(self) -> float:
         return per_10k(self.cpu_s, self.http)
+
+    @property
+    def off_cpu_per_10k(self) -> float:
+        return per_10k(self.off_cpu_s, self.off)
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,7 @@ class TransparentRun:
 @dataclass(frozen=True)
 class RulesRun:
     """The plain-HTTP scenario to a named host, allowed by a one-rule allowlist and by one rule
-    of ``rules`` (two sidecar instances, the same load)."""
+    of ``rules`` (two sidecar processes, the same load in alternating segments)."""
 
     rules: int
     small: LoadResult
@@ -146,7 +155,7 @@ class Report:
         """The highest RSS of any sidecar process in the run, whatever the scenario."""
         peaks = [self.sidecar.rss_peak_all_mib, self.sidecar.rss_peak_mib]
         if self.export is not None:
-            peaks.append(self.export.rss_peak_mib)
+            peaks += [self.export.rss_peak_mib, self.export.off_rss_peak_mib]
         if self.transparent is not None:
             peaks.append(self.transparent.rss_peak_mib)
         if self.rules is not None:
@@ -283,21 +292,16 @@ def sidecar_rows(report: Report) -> list[SidecarRow]:
 
     e = report.export
     if e is not None:
+        off = "export off, same rounds"
         out += [
             row(
                 "CPU-s per 10k HTTP requests, span export on ↓",
                 e.cpu_per_10k,
-                us.cpu_per_10k_http,
-                "export off",
+                e.off_cpu_per_10k,
+                off,
                 2,
             ),
-            row(
-                f"HTTP keep-alive req/s, c={c}, span export on ↑",
-                e.http.rate,
-                us.http.rate,
-                "export off",
-                0,
-            ),
+            row(f"HTTP keep-alive req/s, c={c}, span export on ↑", e.http.rate, e.off.rate, off, 0),
             (
                 "spans received by the OTLP receiver",
                 f"{e.spans:,} of {e.requests:,} requests",
@@ -307,7 +311,7 @@ def sidecar_rows(report: Report) -> list[SidecarRow]:
             (
                 "RSS idle / peak, MiB, span export on ↓",
                 _pair(e.rss_idle_mib, e.rss_peak_mib),
-                f"{_pair(us.rss_idle_mib, us.rss_peak_mib)} (export off)",
+                f"{_pair(e.off_rss_idle_mib, e.off_rss_peak_mib)} (export off)",
                 "",
             ),
         ]

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.configs import (
@@ -27,7 +27,7 @@ from bench.loadgen import Download, Generators, LoadResult, checked
 from bench.otlp import SpanCounter
 from bench.procstat import PeakRss, cpu_seconds, rss_mib, runqueue_wait_seconds
 from bench.report import Direct, ExportRun, ProxyRun, Report, RulesRun, Settings, TransparentRun
-from bench.servers import Server, start_nginx, start_sidecar, start_squid
+from bench.servers import Server, Sidecar, start_nginx, start_sidecar, start_squid
 from bench.tools import Tools
 from bench.transparent import CpuPlan, TransparentUnavailableError, measure_transparent
 
@@ -227,21 +227,6 @@ def measure_proxy(
     )
 
 
-def _warm_up(gen: Generators, up: UpstreamPorts, s: Settings, port: int, name: str | None) -> int:
-    """Unmeasured plain-HTTP load; the requests it made."""
-    if s.warmup_seconds <= 0:
-        return 0
-    w = gen.wrk_http(
-        upstream_port=up.http,
-        proxy_port=port,
-        connections=s.connections,
-        seconds=s.warmup_seconds,
-        limit=s.max_requests,
-        name=name,
-    )
-    return w.ok + w.errors
-
-
 @dataclass(frozen=True)
 class Context:
     """What the sidecar-only scenarios share: load, upstream, settings, pinning, notes, log."""
@@ -254,108 +239,169 @@ class Context:
     log: Log
 
 
-def measure_export(ctx: Context, workdir: Path) -> ExportRun:
-    """The plain-HTTP scenario on a sidecar exporting spans to the bench's OTLP receiver."""
-    gen, up, s, notes = ctx.gen, ctx.up, ctx.s, ctx.notes
-    receiver = SpanCounter()
-    try:
-        env = {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-            # batches leave at 512 spans under load anyway; this only shortens the wait for
-            # the last partial batch after it (the default is 5 s)
-            "OTEL_BSP_SCHEDULE_DELAY": "500",
-        }
-        sidecar = start_sidecar(ctx.pinning.proxy, workdir, up, env=env)
-        try:
-            pid = sidecar.server.pid
-            time.sleep(s.idle_seconds)
-            rss_idle = rss_mib(pid)
-            with PeakRss(pid) as peak:
-                warm = _warm_up(gen, up, s, sidecar.port, None)
-                base = receiver.wait_for(receiver.spans + warm, timeout=15)
-                ctx.log("span export on: plain HTTP keep-alive")
-                cpu0 = cpu_seconds(pid)
-                http = gen.wrk_http(
+@dataclass
+class Arm:
+    """One sidecar of a paired comparison and what it measured."""
+
+    label: str
+    sidecar: Sidecar
+    name: str | None = None  # the host name requested (None: the upstream's address)
+    after: Callable[[LoadResult], None] | None = None  # runs inside the CPU window
+    runs: list[LoadResult] = field(default_factory=list)
+    cpu_s: float = 0.0
+    rss_idle_mib: float = 0.0
+    rss_peak_mib: float = 0.0
+
+    def result(self) -> LoadResult:
+        """The segments as one run: counts and time summed, the worse percentiles."""
+        return LoadResult(
+            ok=sum(r.ok for r in self.runs),
+            errors=sum(r.errors for r in self.runs),
+            seconds=sum(r.seconds for r in self.runs),
+            p50_ms=max(r.p50_ms for r in self.runs),
+            p99_ms=max(r.p99_ms for r in self.runs),
+        )
+
+
+def _paired(ctx: Context, a: Arm, b: Arm, warmed: Callable[[], None] | None = None) -> None:
+    """The plain-HTTP scenario on two sidecars in the order A B B A, each segment half the
+    scenario's length: whatever else loads the machine meanwhile weighs on both alike."""
+    gen, up, s = ctx.gen, ctx.up, ctx.s
+    time.sleep(s.idle_seconds)
+    for arm in (a, b):
+        arm.rss_idle_mib = rss_mib(arm.sidecar.server.pid)
+    segment = max(round(s.seconds / 2), 1)
+    with PeakRss(a.sidecar.server.pid) as peak_a, PeakRss(b.sidecar.server.pid) as peak_b:
+        if s.warmup_seconds > 0:
+            for arm in (a, b):
+                gen.wrk_http(
                     upstream_port=up.http,
-                    proxy_port=sidecar.port,
+                    proxy_port=arm.sidecar.port,
                     connections=s.connections,
-                    seconds=s.seconds,
+                    seconds=s.warmup_seconds,
                     limit=s.max_requests,
+                    name=arm.name,
                 )
-                ended = time.monotonic()
-                requests = http.ok + http.errors
-                got = receiver.wait_for(base + requests, timeout=20)
-                flushed = time.monotonic() - ended
-                cpu = cpu_seconds(pid) - cpu0
+        if warmed is not None:
+            warmed()
+        for arm in (a, b, b, a):
+            pid = arm.sidecar.server.pid
+            cpu0 = cpu_seconds(pid)
+            run = gen.wrk_http(
+                upstream_port=up.http,
+                proxy_port=arm.sidecar.port,
+                connections=s.connections,
+                seconds=segment,
+                limit=s.max_requests,
+                name=arm.name,
+            )
+            if arm.after is not None:
+                arm.after(run)
+            arm.cpu_s += cpu_seconds(pid) - cpu0
+            arm.runs.append(run)
+    a.rss_peak_mib, b.rss_peak_mib = peak_a.peak, peak_b.peak
+
+
+def measure_export(ctx: Context, workdir: Path) -> ExportRun:
+    """Plain HTTP on a sidecar exporting spans to the bench's OTLP receiver, paired with one
+    that exports nothing (the first table's configuration)."""
+    ctx.log("span export on and off: plain HTTP keep-alive, A B B A")
+    receiver = SpanCounter()
+    counted = {"base": 0, "expected": 0}
+    flush: list[float] = []
+
+    def warmed() -> None:
+        # the warm-up's spans are in before the first measured segment (or never will be)
+        counted["base"] = counted["expected"] = receiver.wait_for(1 << 62, timeout=15, quiet=1.5)
+
+    def drained(run: LoadResult) -> None:
+        # the export's own work after the load belongs to the run: wait for its spans
+        ended = time.monotonic()
+        counted["expected"] += run.ok + run.errors
+        receiver.wait_for(counted["expected"], timeout=20)
+        flush.append(time.monotonic() - ended)
+
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        # batches leave at 512 spans under load anyway; this only shortens the wait for the
+        # last partial batch after it (the default is 5 s)
+        "OTEL_BSP_SCHEDULE_DELAY": "500",
+    }
+    try:
+        off = start_sidecar(ctx.pinning.proxy, workdir / "off", ctx.up)
+        try:
+            on = start_sidecar(ctx.pinning.proxy, workdir / "on", ctx.up, env=env)
+            try:
+                a, b = Arm("export off", off), Arm("export on", on, after=drained)
+                _paired(ctx, a, b, warmed)
+            finally:
+                on.server.stop()
         finally:
-            sidecar.server.stop()
+            off.server.stop()
     finally:
         receiver.stop()
     if receiver.refused:
-        notes.append(f"OTLP receiver: {receiver.refused} export request(s) it could not decode")
-    spans = got - base
+        ctx.notes.append(f"OTLP receiver: {receiver.refused} request(s) it could not decode")
+    spans = receiver.spans - counted["base"]
+    requests = counted["expected"] - counted["base"]
     if spans < requests:
-        notes.append(f"span export on: {spans:,} spans received for {requests:,} requests")
+        ctx.notes.append(f"span export on: {spans:,} spans received for {requests:,} requests")
     return ExportRun(
-        http=checked("span export on HTTP keep-alive", http, notes),
-        cpu_s=cpu,
+        http=checked("span export on HTTP keep-alive", b.result(), ctx.notes),
+        cpu_s=b.cpu_s,
+        off=checked("span export off HTTP keep-alive", a.result(), ctx.notes),
+        off_cpu_s=a.cpu_s,
         spans=spans,
         requests=requests,
-        flush_s=flushed,
-        rss_idle_mib=rss_idle,
-        rss_peak_mib=peak.peak,
+        flush_s=max(flush),
+        rss_idle_mib=b.rss_idle_mib,
+        rss_peak_mib=b.rss_peak_mib,
+        off_rss_idle_mib=a.rss_idle_mib,
+        off_rss_peak_mib=a.rss_peak_mib,
     )
 
 
 RULES_HOST = "api-0042.payments.rules.bench.test"
 
 
-def _rules_instance(
-    ctx: Context, workdir: Path, allowlist: str
-) -> tuple[LoadResult, float, float, float]:
-    """The plain-HTTP scenario to RULES_HOST; (result, CPU-s, RSS idle, RSS peak)."""
-    gen, up, s = ctx.gen, ctx.up, ctx.s
-    sidecar = start_sidecar(
-        ctx.pinning.proxy, workdir, up, allowlist=allowlist, names={RULES_HOST: LOOPBACK}
+def measure_rules(ctx: Context, workdir: Path) -> RulesRun:
+    """Plain HTTP to a named host allowed by a one-rule allowlist and by one rule of many."""
+    n, up = ctx.s.rules, ctx.up
+    ctx.log(f"allowlist of 1 rule and of {n:,} rules: plain HTTP to a named host, A B B A")
+    names = {RULES_HOST: LOOPBACK}
+    small = start_sidecar(
+        ctx.pinning.proxy,
+        workdir / "small",
+        up,
+        allowlist=named_allowlist_yaml(RULES_HOST, up.http),
+        names=names,
     )
     try:
-        pid = sidecar.server.pid
-        time.sleep(s.idle_seconds)
-        rss_idle = rss_mib(pid)
-        with PeakRss(pid) as peak:
-            _warm_up(gen, up, s, sidecar.port, RULES_HOST)
-            cpu0 = cpu_seconds(pid)
-            http = gen.wrk_http(
-                upstream_port=up.http,
-                proxy_port=sidecar.port,
-                connections=s.connections,
-                seconds=s.seconds,
-                limit=s.max_requests,
-                name=RULES_HOST,
-            )
-            cpu = cpu_seconds(pid) - cpu0
+        large = start_sidecar(
+            ctx.pinning.proxy,
+            workdir / "large",
+            up,
+            allowlist=big_allowlist_yaml(n, RULES_HOST, up.http),
+            names=names,
+        )
+        try:
+            a, b = Arm("1 rule", small, RULES_HOST), Arm(f"{n} rules", large, RULES_HOST)
+            _paired(ctx, a, b)
+        finally:
+            large.server.stop()
     finally:
-        sidecar.server.stop()
-    return http, cpu, rss_idle, peak.peak
-
-
-def measure_rules(ctx: Context, workdir: Path) -> RulesRun:
-    n = ctx.s.rules
-    ctx.log(f"allowlist size: plain HTTP to a named host, 1 rule, then {n:,} rules")
-    small = _rules_instance(ctx, workdir / "small", named_allowlist_yaml(RULES_HOST, ctx.up.http))
-    large = _rules_instance(ctx, workdir / "large", big_allowlist_yaml(n, RULES_HOST, ctx.up.http))
-    notes = ctx.notes
+        small.server.stop()
     return RulesRun(
         rules=n,
-        small=checked("1-rule allowlist HTTP keep-alive", small[0], notes),
-        small_cpu_s=small[1],
-        large=checked(f"{n:,}-rule allowlist HTTP keep-alive", large[0], notes),
-        large_cpu_s=large[1],
-        small_rss_idle_mib=small[2],
-        small_rss_peak_mib=small[3],
-        large_rss_idle_mib=large[2],
-        large_rss_peak_mib=large[3],
+        small=checked("1-rule allowlist HTTP keep-alive", a.result(), ctx.notes),
+        small_cpu_s=a.cpu_s,
+        large=checked(f"{n:,}-rule allowlist HTTP keep-alive", b.result(), ctx.notes),
+        large_cpu_s=b.cpu_s,
+        small_rss_idle_mib=a.rss_idle_mib,
+        small_rss_peak_mib=a.rss_peak_mib,
+        large_rss_idle_mib=b.rss_idle_mib,
+        large_rss_peak_mib=b.rss_peak_mib,
     )
 
 

@@ -134,7 +134,9 @@ def _report() -> Report:
         direct=Direct(_load(1), _load(1), _load(1), _load(1), Download(200, 1, 1.0)),
         baseline=_proxy("Squid", 10_000, 0.6, IdleResult(2000, 2000, 0, 27.0, 90.0, 2.0)),
         sidecar=_proxy("sidecar", 10_000, 1.0, IdleResult(2000, 2000, 0, 30.0, 70.0, 2.0)),
-        export=ExportRun(_load(10_000), 1.2, 10_016, 10_000, 0.4, 33.0, 38.0),
+        export=ExportRun(
+            _load(10_000), 1.2, _load(12_000), 1.2, 10_016, 10_000, 0.4, 33.0, 38.0, 31.0, 36.0
+        ),
         transparent=TransparentRun(_load(5000), 0.5, _load(200), 0.4, 31.0, 120.0, 5200),
         rules=RulesRun(10_000, _load(8000), 0.8, _load(7900), 0.79, 30.0, 31.0, 41.0, 42.0),
     )
@@ -144,9 +146,10 @@ def test_sidecar_rows_compare_each_scenario_with_its_reference() -> None:
     rows = {label: (ours, ref, ratio) for label, ours, ref, ratio in sidecar_rows(_report())}
     assert rows["CPU-s per 10k HTTP requests, span export on ↓"] == (
         "1.20",
-        "1.00 (export off)",
+        "1.00 (export off, same rounds)",
         "1.20x",
     )
+    assert rows["RSS idle / peak, MiB, span export on ↓"][1] == "31.0 / 36.0 (export off)"
     assert rows["spans received by the OTLP receiver"][0] == "10,016 of 10,000 requests"
     assert rows["CPU-s per 10k transparent new TLS connections ↓"] == (
         "20.00",
