@@ -1,4 +1,5 @@
-"""One benchmark run: upstream, direct baseline, Squid, the sidecar; each scenario bounded."""
+"""One benchmark run: upstream, direct baseline, Squid, the sidecar, then the sidecar-only
+scenarios (span export, allowlist size, transparent capture); each scenario bounded."""
 
 from __future__ import annotations
 
