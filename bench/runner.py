@@ -83,10 +83,14 @@ def squid_name(squid: str) -> str:
 
 
 def sidecar_name() -> str:
+    # EGRESS_ENGINE (inherited by the sidecar: `run --engine`'s default) names the engine.
+    engine = os.environ.get("EGRESS_ENGINE", "fast")
     try:
         ours = importlib.metadata.version("egress-sidecar")
         mitm = importlib.metadata.version("mitmproxy")
-        return f"egress-sidecar {ours} (mitmproxy {mitm})"
+        if engine == "mitmproxy":
+            return f"egress-sidecar {ours} (engine mitmproxy {mitm})"
+        return f"egress-sidecar {ours} (fast path; mitmproxy {mitm} as second tier)"
     except importlib.metadata.PackageNotFoundError:
         return "egress-sidecar"
 
