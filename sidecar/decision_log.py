@@ -50,7 +50,8 @@ def decision_line(rec: DecisionRecord, *, now: float | None = None) -> str:
     """decision_line_reference's bytes, about 3x cheaper: no dict, no generic encoder dispatch.
 
     json.dumps escapes strings with this same C function (ensure_ascii) and writes ints with
-    int.__repr__, so fixed keys in the same order give the same line.
+    int.__repr__, so fixed keys in the same order give the same line. Enum members are read
+    through ``_value_``, the plain attribute behind the ``value`` descriptor (~1 us a read).
     """
     d = rec.decision
     q = _quote
@@ -58,13 +59,13 @@ def decision_line(rec: DecisionRecord, *, now: float | None = None) -> str:
         '{"ts":"',
         _iso(time.time() if now is None else now),
         '","msg":"egress decision","decision":',
-        q(d.verdict.value),
+        q(d.verdict._value_),
         ',"reason":',
-        q(d.reason.value),
+        q(d.reason._value_),
     ]
     if d.rule is not None:
         parts += ',"rule":', q(d.rule)
-    parts += ',"capture":', q(rec.capture.value), ',"protocol":', q(rec.protocol)
+    parts += ',"capture":', q(rec.capture._value_), ',"protocol":', q(rec.protocol)
     if rec.host is not None:
         parts += ',"host":', q(rec.host)
     parts += ',"port":', int.__repr__(rec.port)
@@ -151,21 +152,20 @@ class DecisionLog:
                 pass
 
 
-# (second, its text): one tuple, so that threads logging at once never pair a stale text with a
-# newer second.
-_iso_cache: tuple[int, str] = (-1, "")
+# [(second, its text)]: one tuple, so that threads logging at once never pair a stale text with
+# a newer second.
+_iso_cache: list[tuple[int, str]] = [(-1, "")]
 
 
 def _iso(ts: float) -> str:
     # strftime+gmtime was most of the cost; the second changes rarely, so cache its text.
-    global _iso_cache
     second = int(ts)
-    cached = _iso_cache
+    cached = _iso_cache[0]
     if cached[0] == second:
         prefix = cached[1]
     else:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
-        _iso_cache = (second, prefix)
+        _iso_cache[0] = (second, prefix)
     return prefix + f".{int(ts % 1 * 1000):03d}Z"
 
 

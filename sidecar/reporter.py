@@ -44,7 +44,9 @@ class Reporter:
         rec = open_decision.record
         self._spans.finish(open_decision.span, rec)
         self._log.write(rec)
-        key = (rec.verdict.value, rec.decision.reason.value, rec.capture.value)
+        d = rec.decision
+        # _value_: the plain attribute behind Enum.value (a descriptor costing ~1 us a read).
+        key = (d.verdict._value_, d.reason._value_, rec.capture._value_)
         counter = self._counters.get(key)
         if counter is None:
             counter = self._counters[key] = self._metrics.decisions.labels(*key)

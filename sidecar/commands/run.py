@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
     from sidecar.fastpath.accept import AcceptGate, OpenFiles
+    from sidecar.telemetry.lean import LeanTracerProvider
 
 log = logging.getLogger("sidecar.run")
 # The head limits' defaults, written once (sidecar.proxy.headlimits is pure and small).

@@ -69,28 +69,45 @@ _CACHEABLE_STR = 64
 
 
 class WireEvent(Protocol):
-    name: str
-    timestamp: int
-    attributes: Mapping[str, object]
+    @property
+    def name(self) -> str: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def attributes(self) -> Mapping[str, object]: ...
 
 
 class WireSpan(Protocol):
     """What the encoder reads of a span (sidecar.telemetry.lean.LeanSpan)."""
 
-    trace_id: int
-    span_id: int
-    parent_span_id: int  # 0: a root span
-    trace_state: str  # the W3C tracestate header value, "" for none
-    name: str
-    kind: int  # the OTLP enum (API SpanKind value + 1)
-    start_ns: int
-    end_ns: int
-    attributes: Mapping[str, object]
-    events: Sequence[WireEvent] | None
-    status_code: int  # 0 unset, 1 ok, 2 error
-    status_message: str | None
-    flags: int
-    scope: bytes  # the encoded InstrumentationScope of the span's tracer
+    @property
+    def trace_id(self) -> int: ...
+    @property
+    def span_id(self) -> int: ...
+    @property
+    def parent_span_id(self) -> int: ...  # 0: a root span
+    @property
+    def trace_state(self) -> str: ...  # the W3C tracestate header value, "" for none
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> int: ...  # the OTLP enum (API SpanKind value + 1)
+    @property
+    def start_ns(self) -> int: ...
+    @property
+    def end_ns(self) -> int: ...
+    @property
+    def attributes(self) -> Mapping[str, object]: ...
+    @property
+    def events(self) -> Sequence[WireEvent] | None: ...
+    @property
+    def status_code(self) -> int: ...  # 0 unset, 1 ok, 2 error
+    @property
+    def status_message(self) -> str | None: ...
+    @property
+    def flags(self) -> int: ...
+    @property
+    def scope(self) -> bytes: ...  # the encoded InstrumentationScope of the span's tracer
 
 
 def varint(n: int) -> bytes:
@@ -138,41 +155,59 @@ def any_value(value: object) -> bytes | None:
     return None
 
 
-_kv_cache: dict[tuple[str, type, object], bytes] = {}
-
-
 def key_value(key: str, value: object) -> bytes | None:
     """A KeyValue message (without its own field tag), None for a value OTLP cannot carry."""
-    kind = type(value)
-    cacheable = kind is bool or kind is int or (kind is str and len(value) <= _CACHEABLE_STR)  # type: ignore[arg-type]
-    if cacheable:
-        # type(value) in the key: True == 1 and their encodings differ.
-        hit = _kv_cache.get((key, kind, value))
-        if hit is not None:
-            return hit
     encoded = any_value(value)
     if encoded is None:
         return None
-    kv = _field(_KV_KEY, key.encode("utf-8", "replace")) + _field(_KV_VALUE, encoded)
-    if cacheable:
-        if len(_kv_cache) >= _CACHE_MAX:
-            _kv_cache.clear()
-        _kv_cache[(key, kind, value)] = kv
-    return kv
+    return _field(_KV_KEY, key.encode("utf-8", "replace")) + _field(_KV_VALUE, encoded)
 
 
-def attributes(tag: bytes, attrs: Mapping[str, object]) -> list[bytes]:
-    out = []
-    for key, value in attrs.items():
-        kv = key_value(key, value)
-        if kv is not None:
-            out.append(tag + varint(len(kv)) + kv)
-    return out
+# Tagged KeyValue fields, per field tag, by the (key, value) item itself when the value is a
+# short string (most attributes of an egress span repeat from one span to the next), else by
+# (key, type, value) for ints and bools: True == 1 and their encodings differ. A str never equals
+# an int, so the two kinds of entry cannot be confused. Values unique per call are not cached.
+_UNCACHED_KEYS = frozenset({"url.full", "egress.upstream.error", "exception.stacktrace"})
+_caches: dict[bytes, dict[object, bytes]] = {}
+
+
+def _uncached(tag: bytes, cache: dict[object, bytes], item: tuple[str, object]) -> bytes:
+    key, value = item
+    kind = type(value)
+    typed = (key, kind, value)
+    if kind is bool or kind is int:
+        hit = cache.get(typed)
+        if hit is not None:
+            return hit
+    kv = key_value(key, value)
+    if kv is None:
+        return b""  # dropped: OTLP cannot carry it
+    tagged = tag + varint(len(kv)) + kv
+    if key not in _UNCACHED_KEYS:
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        if isinstance(value, str) and len(value) <= _CACHEABLE_STR:
+            cache[item] = tagged
+        elif kind is bool or kind is int:
+            cache[typed] = tagged
+    return tagged
+
+
+def attributes(tag: bytes, attrs: Mapping[str, object]) -> bytes:
+    """The attributes as repeated KeyValue fields of tag ``tag``, skipping unencodable ones."""
+    cache = _caches.get(tag)
+    if cache is None:
+        cache = _caches[tag] = {}
+    get = cache.get
+    try:
+        return b"".join([get(item) or _uncached(tag, cache, item) for item in attrs.items()])
+    except TypeError:  # an unhashable value (a list): no look-up by item
+        return b"".join([_uncached(tag, cache, item) for item in attrs.items()])
 
 
 def encode_resource(attrs: Mapping[str, object]) -> bytes:
     """The ResourceSpans.resource field, computed once per provider."""
-    return _field(_RS_RESOURCE, b"".join(attributes(_RESOURCE_ATTRS, attrs)))
+    return _field(_RS_RESOURCE, attributes(_RESOURCE_ATTRS, attrs))
 
 
 def encode_scope(name: str, version: str | None) -> bytes:
@@ -187,7 +222,7 @@ def _event(event: WireEvent) -> bytes:
     parts = [_EVENT_TIME, _fixed64(event.timestamp)]
     if event.name:
         parts.append(_field(_EVENT_NAME, event.name.encode("utf-8", "replace")))
-    parts += attributes(_EVENT_ATTR, event.attributes)
+    parts.append(attributes(_EVENT_ATTR, event.attributes))
     return _field(_SPAN_EVENT, b"".join(parts))
 
 
@@ -208,11 +243,15 @@ def encode_span(span: WireSpan) -> bytes:
     if span.kind:
         parts += _SPAN_KIND, _SMALL[span.kind]
     parts += _SPAN_START, _fixed64(span.start_ns), _SPAN_END, _fixed64(span.end_ns)
-    parts += attributes(_SPAN_ATTR, span.attributes)
+    parts.append(attributes(_SPAN_ATTR, span.attributes))
     if span.events:
         parts += [_event(e) for e in span.events]
     if span.status_code or span.status_message:
-        status = _field(_STATUS_MESSAGE, span.status_message.encode("utf-8", "replace")) if span.status_message else b""
+        status = (
+            _field(_STATUS_MESSAGE, span.status_message.encode("utf-8", "replace"))
+            if span.status_message
+            else b""
+        )
         if span.status_code:
             status += _STATUS_CODE + _SMALL[span.status_code]
         parts.append(_field(_SPAN_STATUS, status))

@@ -40,11 +40,11 @@ def decision_attributes(rec: DecisionRecord) -> dict[str, AttributeValue]:
     """Attributes known when the decision is made (the sampler sees these)."""
     d = rec.decision
     attrs: dict[str, AttributeValue] = {
-        "egress.decision": d.verdict.value,
-        "egress.reason": d.reason.value,
+        "egress.decision": d.verdict._value_,
+        "egress.reason": d.reason._value_,
         "egress.policy.source": rec.policy_source,
         "egress.policy.version": rec.policy_version,
-        "egress.capture": rec.capture.value,
+        "egress.capture": rec.capture._value_,
         "egress.tls.passthrough": rec.tls_passthrough,
         "egress.mode": rec.mode,
     }

@@ -46,7 +46,7 @@ NOW = 1_764_680_000.123456
     [
         {},
         {"decision": Decision(Verdict.DENY, Reason.NO_MATCH, None)},
-        {"decision": Decision(Verdict.DENY, Reason.NO_MATCH, None, "why \"quoted\"")},
+        {"decision": Decision(Verdict.DENY, Reason.NO_MATCH, None, 'why "quoted"')},
         {"decision": Decision(Verdict.ALLOW, Reason.MATCHED_ALLOW, "", "")},
         {"host": None, "port": 0},
         {"peer_address": "198.18.0.9", "original_address": "10.0.0.1:443"},
@@ -91,7 +91,7 @@ optional_text = st.none() | st.text()
     mode=st.text(),
     now=st.floats(0, 4e9),
 )
-def test_any_record_gives_the_same_line(  # noqa: PLR0913, PLR0917
+def test_any_record_gives_the_same_line(  # noqa: PLR0917
     verdict: Verdict,
     reason: Reason,
     rule: str | None,
