@@ -13,22 +13,19 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
 from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
 from opentelemetry.trace import NoOpTracerProvider
 
 from sidecar import contract
-from sidecar.telemetry.file_exporter import OtlpJsonLinesExporter
 from sidecar.telemetry.lean import LeanTracerProvider, lean_settings
 from sidecar.telemetry.sampling import DecisionSampler
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +127,17 @@ def build_tracer_provider(
         settings = lean_settings(env, plan.endpoint)
         if settings is not None:
             return LeanTracerProvider(settings, pod_resource(env).attributes, sampler), plan
+    # The SDK's pipeline and the OTLP JSON file exporter (protobuf, ~17 MiB of RSS together) are
+    # imported only by the configurations that use them.
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SimpleSpanProcessor,
+    )
+
+    from sidecar.telemetry.file_exporter import OtlpJsonLinesExporter
+
     provider = TracerProvider(resource=pod_resource(env), sampler=sampler)
     if plan.protocol is not None:
         provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(plan)))
