@@ -492,7 +492,7 @@ class LeanExporter:
         s = self.settings
         headers = {"Content-Type": "application/x-protobuf", **dict(s.headers)}
         if s.gzip:
-            body = gzip.compress(body, compresslevel=6)
+            body = gzip.compress(body, compresslevel=1)  # ~3x cheaper than 6, most of the gain
             headers["Content-Encoding"] = "gzip"
         # A kept-alive connection the collector closed meanwhile fails on first use: one more
         # try on a new connection before calling it a failure.

@@ -35,8 +35,6 @@ _SPAN_TRACE_STATE = b"\x1a"
 _SPAN_PARENT_ID = b"\x22"
 _SPAN_NAME = b"\x2a"
 _SPAN_KIND = b"\x30"
-_SPAN_START = b"\x39"
-_SPAN_END = b"\x41"
 _SPAN_ATTR = b"\x4a"
 _SPAN_EVENT = b"\x5a"
 _SPAN_STATUS = b"\x7a"
@@ -62,6 +60,8 @@ _SMALL = [bytes((i,)) for i in range(128)]
 _fixed64 = struct.Struct("<Q").pack
 _double = struct.Struct("<d").pack
 _fixed32 = struct.Struct("<I").pack
+_times = struct.Struct("<BQBQ").pack
+_flag_fields = {f: b"\x85\x01" + _fixed32(f) for f in (0x100, 0x300)}
 
 # Attributes seen again and again (decision, reason, source, port...) are encoded once.
 _CACHE_MAX = 4096
@@ -171,6 +171,9 @@ _UNCACHED_KEYS = frozenset({"url.full", "egress.upstream.error", "exception.stac
 _caches: dict[bytes, dict[object, bytes]] = {}
 
 
+_key_fields: dict[str, bytes] = {}
+
+
 def _uncached(tag: bytes, cache: dict[object, bytes], item: tuple[str, object]) -> bytes:
     key, value = item
     kind = type(value)
@@ -179,9 +182,20 @@ def _uncached(tag: bytes, cache: dict[object, bytes], item: tuple[str, object]) 
         hit = cache.get(typed)
         if hit is not None:
             return hit
-    kv = key_value(key, value)
-    if kv is None:
-        return b""  # dropped: OTLP cannot carry it
+    key_field = _key_fields.get(key)
+    if key_field is None:
+        if len(_key_fields) >= _CACHE_MAX:
+            _key_fields.clear()
+        key_field = _key_fields[key] = _field(_KV_KEY, key.encode("utf-8", "replace"))
+    if kind is str:  # the common case, inline (url.full of every plain HTTP span comes here)
+        raw = value.encode("utf-8", "replace")  # type: ignore[attr-defined]
+        encoded = _ANY_STRING + varint(len(raw)) + raw
+    else:
+        other = any_value(value)
+        if other is None:
+            return b""  # dropped: OTLP cannot carry it
+        encoded = other
+    kv = key_field + _KV_VALUE + varint(len(encoded)) + encoded
     tagged = tag + varint(len(kv)) + kv
     if key not in _UNCACHED_KEYS:
         if len(cache) >= _CACHE_MAX:
@@ -242,7 +256,7 @@ def encode_span(span: WireSpan) -> bytes:
         parts.append(_field(_SPAN_NAME, span.name.encode("utf-8", "replace")))
     if span.kind:
         parts += _SPAN_KIND, _SMALL[span.kind]
-    parts += _SPAN_START, _fixed64(span.start_ns), _SPAN_END, _fixed64(span.end_ns)
+    parts.append(_times(0x39, span.start_ns, 0x41, span.end_ns))  # start, end: fixed64
     parts.append(attributes(_SPAN_ATTR, span.attributes))
     if span.events:
         parts += [_event(e) for e in span.events]
@@ -256,7 +270,7 @@ def encode_span(span: WireSpan) -> bytes:
             status += _STATUS_CODE + _SMALL[span.status_code]
         parts.append(_field(_SPAN_STATUS, status))
     if span.flags:
-        parts += _SPAN_FLAGS, _fixed32(span.flags)
+        parts.append(_flag_fields.get(span.flags) or _SPAN_FLAGS + _fixed32(span.flags))
     return b"".join(parts)
 
 
