@@ -188,7 +188,7 @@ def _uncached(tag: bytes, cache: dict[object, bytes], item: tuple[str, object]) 
             _key_fields.clear()
         key_field = _key_fields[key] = _field(_KV_KEY, key.encode("utf-8", "replace"))
     if kind is str:  # the common case, inline (url.full of every plain HTTP span comes here)
-        raw = value.encode("utf-8", "replace")  # type: ignore[attr-defined]
+        raw: bytes = value.encode("utf-8", "replace")  # type: ignore[attr-defined]
         encoded = _ANY_STRING + varint(len(raw)) + raw
     else:
         other = any_value(value)
