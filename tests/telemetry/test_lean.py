@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from sidecar.telemetry.setup import build_tracer_provider
 from sidecar.telemetry.spans import DecisionSpans, extract_parent, inject_context
 from tests.support.faults import Blackhole
 from tests.support.sidecar import free_port
+from tests.support.tls import TestCA
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -62,7 +64,8 @@ class Receiver:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        scheme = "https" if isinstance(self.server.socket, ssl.SSLSocket) else "http"
+        return f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def spans(self) -> list[tuple[PbSpan, dict[str, Any], str]]:
         """(span, resource attributes, scope name) of everything accepted."""
@@ -83,8 +86,7 @@ class Receiver:
         return [s for s, _, _ in self.spans()]
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
+def _serve(tls: ssl.SSLContext | None = None) -> Receiver:
     holder: list[Receiver] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -115,11 +117,19 @@ def receiver() -> Iterator[Receiver]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     holder.append(Receiver(server))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield holder[0]
-    server.shutdown()
-    server.server_close()
+    return holder[0]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rec = _serve()
+    yield rec
+    rec.server.shutdown()
+    rec.server.server_close()
 
 
 def _env(endpoint: str, **extra: str) -> dict[str, str]:
@@ -468,3 +478,26 @@ def test_an_absent_collector_costs_the_request_path_nothing() -> None:
     provider.shutdown()
     assert time.monotonic() - started < 3
     assert provider.exporter.exported == 0
+
+
+def test_https_collector_verified_with_the_certificate_variable(tmp_path: Path) -> None:
+    ca = TestCA()
+    cert, key = ca.issue("127.0.0.1").write(tmp_path, "collector")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    rec = _serve(tls)
+    try:
+        trusted = _lean(
+            _env(rec.endpoint, OTEL_EXPORTER_OTLP_CERTIFICATE=str(ca.write_ca(tmp_path / "ca.pem")))
+        )
+        DecisionSpans(trusted.get_tracer("t")).record(_record())
+        trusted.shutdown()
+        assert len(rec.spans()) == 1
+        # Without the CA the collector is not trusted: nothing is sent, nothing breaks.
+        untrusted = _lean(_env(rec.endpoint, OTEL_EXPORTER_OTLP_TIMEOUT="2"))
+        DecisionSpans(untrusted.get_tracer("t")).record(_record())
+        untrusted.shutdown()
+        assert len(rec.spans()) == 1 and untrusted.exporter.exported == 0
+    finally:
+        rec.server.shutdown()
+        rec.server.server_close()
