@@ -417,7 +417,10 @@ class LeanExporter:
 
     def enqueue(self, span: LeanSpan) -> None:
         queue = self._queue
-        if len(queue) >= self.settings.max_queue or self._stopping:
+        if self._stopping:
+            self.dropped += 1  # ended after shutdown: counted, not logged (the process is exiting)
+            return
+        if len(queue) >= self.settings.max_queue:
             self._drop()
             return
         queue.append(span)
