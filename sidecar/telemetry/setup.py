@@ -13,21 +13,19 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
 from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
 from opentelemetry.trace import NoOpTracerProvider
 
 from sidecar import contract
+from sidecar.telemetry.lean import LeanTracerProvider, lean_settings
 from sidecar.telemetry.sampling import DecisionSampler
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +139,30 @@ def _tls_options(env: Mapping[str, str]) -> dict[str, Any]:
 
 def build_tracer_provider(
     env: Mapping[str, str] | None = None, *, console: bool = False, file: Path | None = None
-) -> tuple[TracerProvider | NoOpTracerProvider, ExportPlan]:
+) -> tuple[TracerProvider | LeanTracerProvider | NoOpTracerProvider, ExportPlan]:
     env = os.environ if env is None else env
     plan = plan_export(env, console=console, file=file)
     if plan.protocol is None and not plan.console and plan.file is None:
         # Nothing would receive a span: don't build any (about 7 % of per-request CPU), and
         # leave the caller's traceparent untouched instead of naming spans that exist nowhere.
         return NoOpTracerProvider(), plan
-    provider = TracerProvider(
-        resource=pod_resource(env), sampler=DecisionSampler(_get_from_env_or_default())
+    sampler = DecisionSampler(_get_from_env_or_default())
+    if plan.protocol == "http/protobuf" and not plan.console and plan.file is None:
+        # The production configuration: the lean pipeline (sidecar.telemetry.lean says why),
+        # unless the variables ask for something only the SDK exporter does.
+        assert plan.endpoint is not None
+        settings = lean_settings(env, plan.endpoint)
+        if settings is not None:
+            return LeanTracerProvider(settings, pod_resource(env).attributes, sampler), plan
+    # The SDK's pipeline is imported only by the configurations that use it.
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SimpleSpanProcessor,
     )
+
+    provider = TracerProvider(resource=pod_resource(env), sampler=sampler)
     if plan.protocol is not None:
         provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(plan, env)))
     if plan.file is not None:
