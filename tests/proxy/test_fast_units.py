@@ -1,6 +1,7 @@
 """Pure pieces of the fast path's tunnels and streams: the original destination's sockaddr
-parsing (IPv4, IPv6), a connection that was not redirected, and the strict CONNECT head reader
-against mitmproxy's reading (the reference engine's: both write the same host in a record)."""
+parsing (IPv4, IPv6), a connection that was not redirected, the strict CONNECT head reader
+against mitmproxy's reading (the reference engine's: both write the same host in a record), and
+the ClientHello reader against the Kaitai Struct description it replaced."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mitmproxy.contrib.kaitaistruct.tls_client_hello import TlsClientHello
 from mitmproxy.net.http.http1 import read_request_head
 
 from sidecar.fastpath.transparent import (
@@ -20,6 +22,8 @@ from sidecar.fastpath.transparent import (
 )
 from sidecar.policy.model import Reason
 from sidecar.wire.connect_head import HeadError, is_connect, parse_connect_head
+from sidecar.wire.first_flight import server_name_extensions
+from tests.proxy.test_tunnels_e2e import client_hello
 
 # -- SO_ORIGINAL_DST ------------------------------------------------------------------------------
 
@@ -157,3 +161,88 @@ def test_what_the_fast_path_accepts_the_reference_reads_the_same(host: str, port
         return
     theirs = read_request_head([f"CONNECT {target} HTTP/1.1".encode()])
     assert (ours.host, ours.port) == (theirs.host, theirs.port)
+
+
+# -- the ClientHello reader against mitmproxy's Kaitai Struct description (it replaced it) ------
+
+
+def _kaitai(body: bytes) -> list[list[tuple[int, bytes]]] | str:
+    try:
+        hello = TlsClientHello.from_bytes(body)
+    except (EOFError, ValueError) as exc:
+        return type(exc).__name__
+    extensions = getattr(hello, "extensions", None)
+    return [
+        [(n.name_type, n.host_name) for n in ext.body.server_names]
+        for ext in (extensions.extensions if extensions else [])
+        if ext.type == 0
+    ]
+
+
+def _ours(body: bytes) -> list[list[tuple[int, bytes]]] | str:
+    try:
+        return server_name_extensions(body)
+    except EOFError as exc:
+        return type(exc).__name__
+
+
+def _extension(kind: int, body: bytes) -> bytes:
+    return struct.pack("!HH", kind, len(body)) + body
+
+
+_names = st.lists(
+    st.tuples(st.integers(0, 2), st.binary(max_size=20)).map(
+        lambda t: bytes([t[0]]) + struct.pack("!H", len(t[1])) + t[1]
+    ),
+    max_size=3,
+).map(lambda parts: struct.pack("!H", sum(map(len, parts))) + b"".join(parts))
+_alpn = st.lists(st.binary(max_size=8).map(lambda p: bytes([len(p)]) + p), max_size=3).map(
+    lambda parts: struct.pack("!H", sum(map(len, parts))) + b"".join(parts)
+)
+_extensions = st.lists(
+    st.one_of(
+        # Well-formed bodies, and any bytes (lengths that overrun, a body cut mid-entry).
+        (_names | st.binary(max_size=12)).map(lambda b: _extension(0, b)),
+        (_alpn | st.binary(max_size=12)).map(lambda b: _extension(16, b)),
+        st.tuples(st.integers(1, 65535), st.binary(max_size=12)).map(lambda t: _extension(*t)),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    session=st.binary(max_size=32),
+    suites=st.binary(max_size=9),  # an odd length too
+    extensions=st.none() | _extensions,
+    cut=st.integers(min_value=0, max_value=400),
+    flip=st.integers(min_value=0, max_value=400),
+)
+def test_the_clienthello_reader_reads_what_kaitai_reads(
+    session: bytes, suites: bytes, extensions: list[bytes] | None, cut: int, flip: int
+) -> None:
+    """Every message (well-formed, cut short, or with one length byte changed) gives the same
+    server names, or the same error, as the Kaitai description the classifier used before."""
+    body = b"\x03\x03" + bytes(32) + bytes([len(session)]) + session
+    body += struct.pack("!H", len(suites)) + suites + b"\x01\x00"
+    if extensions is not None:
+        joined = b"".join(extensions)
+        body += struct.pack("!H", len(joined)) + joined
+    for variant in (body, body[: len(body) - cut % (len(body) + 1)]):
+        assert _ours(variant) == _kaitai(variant), variant
+    if body:
+        mutated = bytearray(body)
+        mutated[flip % len(body)] ^= 0x41
+        assert _ours(bytes(mutated)) == _kaitai(bytes(mutated)), bytes(mutated)
+
+
+def test_a_real_clienthello_is_read_alike() -> None:
+    for sni in ("api.test", None, "xn--bcher-kva.test"):
+        body = _handshake_body(client_hello(sni))
+        assert _ours(body) == _kaitai(body)
+        assert _ours(body) == ([[(0, sni.encode())]] if sni else [])
+
+
+def _handshake_body(flight: bytes) -> bytes:
+    """A one-record ClientHello's handshake body (after the record and handshake headers)."""
+    return flight[5 + 4 :]
