@@ -8,7 +8,8 @@
 - a partial ClientHello is refused at --first-byte-timeout (the reference waits for ever), while
   a silent tunnel is not settled by that timer (a fronted ClientHello sent later is refused);
 - the same decision lines and the same answers as the reference engine (``--engine mitmproxy``)
-  for a corpus of tunnels, the two sidecars in front of the same upstreams with the same policy.
+  for a corpus of tunnels, the two sidecars in front of the same upstreams with the same policy;
+- a churn of tunnels of every kind leaves no descriptor and no memory behind.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.proxy.test_tunnels_e2e import Recorder, client_hello, read_until_closed
-from tests.support.faults import RssSampler, open_fds
+from tests.support.faults import RssSampler, open_fds, rss_bytes
 from tests.support.sidecar import Sidecar, free_port, start_sidecar
 from tests.support.sockets import HEAD_END, recv_head, serve_each
 
@@ -371,3 +373,57 @@ def test_tunnels_are_served_without_loading_mitmproxy(world: World) -> None:
     maps = Path(f"/proc/{world.fast.proc.pid}/maps").read_text()
     assert "mitmproxy_rs" not in maps
     assert not any("loaded mitmproxy" in line for line in world.fast.stderr)
+
+
+def test_a_churn_of_tunnels_leaves_nothing_behind(world: World) -> None:
+    """800 tunnels from 8 clients at once, of four kinds (relayed, denied, fronted, left at
+    once): one decision line each, and the sidecar's descriptors and memory come back."""
+    pid = world.fast.proc.pid
+    baseline_fds, baseline_rss = open_fds(pid), rss_bytes(pid)
+    before = len(world.fast.decisions())
+    rec = f"rec.test:{world.rec.port}"
+    hello = client_hello("other.test")
+    errors: list[BaseException] = []
+
+    def tunnel(kind: int) -> None:
+        authority = f"denied.test:{world.rec.port}" if kind == 1 else rec
+        sock = socket.create_connection(("127.0.0.1", world.fast.explicit_port), timeout=10)
+        with sock:
+            sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            if kind == 3:
+                return  # gone before the answer
+            head = recv_head(sock, bufsize=4096)
+            if kind == 1:
+                assert head.startswith(b"HTTP/1.1 403 "), head
+                return
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            sock.sendall(b"ping" if kind == 0 else hello)
+            answer = read_until_closed(sock, 5) if kind == 2 else sock.recv(16)
+            assert answer == (b"ping" if kind == 0 else b""), answer
+
+    def client(first: int) -> None:
+        try:
+            for i in range(100):
+                tunnel((first + i) % 4)
+        except BaseException as err:  # the test reports it, with the others
+            errors.append(err)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    took = time.monotonic() - started
+    assert not errors, errors[:3]
+    world.fast.wait_decisions(count=before + 800, timeout=10)
+    time.sleep(0.5)
+    assert len(world.fast.decisions()) == before + 800
+    fds = _settled_fds(pid, baseline_fds)
+    growth = rss_bytes(pid) - baseline_rss
+    print(
+        f"\nchurn: 800 tunnels in {took:.1f} s; fds {baseline_fds} -> {fds}, "
+        f"RSS +{growth >> 10} KiB"
+    )
+    assert fds <= baseline_fds + 4
+    assert growth < 8 << 20, growth
