@@ -153,23 +153,30 @@ class Relay:
     def start(self, to_server: bytes = b"", to_client: bytes = b"") -> None:
         """Relay from now on, ``to_server`` (the client's first flight) and ``to_client`` (what
         the server said first) passed on before anything else."""
-        client, server = self.conn.transport, self.upstream_side.transport
+        conn, upstream = self.conn, self.upstream_side
+        client, server = conn.transport, upstream.transport
         assert client is not None and server is not None
-        self.conn.switch(self.upstream)
+        # Both phases first, and reading paused while the tunnel or stream was being set up
+        # resumed: a write below that crosses a high-water mark pauses the right side again.
+        conn.switch(self.upstream)
+        to_client += upstream.take_early()  # what the server sent while it had no phase
+        upstream.phase = self.downstream
+        client.resume_reading()
+        server.resume_reading()
         if to_client:
             client.write(to_client)
         if to_server:
             server.write(to_server)
-        if self.conn.closed:
+        if conn.closed:
             self.lost(self.upstream, None)
             return
-        if self.conn.eof:
-            self.eof(self.upstream)  # the client half-closed before the relay started
-        if self._done:
+        if upstream.closed:
+            self.lost(self.downstream, upstream.exc)
             return
-        client.resume_reading()
-        # Replays what the server sent meanwhile (after to_client), its EOF, its loss.
-        self.upstream_side.switch(self.downstream)
+        if conn.eof:
+            self.eof(self.upstream)  # the client half-closed before the relay started
+        if upstream.eof and not self._done:
+            self.eof(self.downstream)  # so did the server
 
     def eof(self, direction: _Direction) -> bool:
         direction.eof = True

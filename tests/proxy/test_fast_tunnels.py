@@ -31,13 +31,15 @@ from tests.support.faults import RssSampler, open_fds, rss_bytes
 from tests.support.sidecar import Sidecar, free_port, start_sidecar
 from tests.support.sockets import HEAD_END, recv_head, serve_each
 
-REC, SOURCE, BANNER, CLOSED, BLACKHOLE = (
+REC, SOURCE, BANNER, CLOSED, BLACKHOLE, CHATTY = (
     "127.0.0.71",
     "127.0.0.72",
     "127.0.0.73",
     "127.0.0.74",
     "127.0.0.75",
+    "127.0.0.76",
 )
+GREETING = bytes(range(256)) * 8192  # 2 MiB the chatty server sends before reading anything
 CLOSED_PORT = free_port(CLOSED)  # nothing listens there
 ALERT = b"\x15\x03\x01\x00\x02\x01\x5a"  # a TLS warning alert record before the ClientHello
 
@@ -82,6 +84,7 @@ class World:
     source: Source
     banner: Recorder
     blackhole_port: int
+    chatty: Recorder
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     rec = Recorder(REC, echo=True).start()
     source = Source(SOURCE).start()
     banner = Recorder(BANNER, banner=b"220 banner.test ESMTP\r\n", echo=True).start()
+    chatty = Recorder(CHATTY, banner=GREETING, echo=True).start()
     blackhole = socket.create_server((BLACKHOLE, 0), backlog=0)
     blackhole_port = int(blackhole.getsockname()[1])
     filler = socket.create_connection((BLACKHOLE, blackhole_port), timeout=2)
@@ -108,6 +112,8 @@ allow:
     ports: [{CLOSED_PORT}]
   - host: blackhole.test
     ports: [{blackhole_port}]
+  - host: chatty.test
+    ports: [{chatty.port}]
   - cidr: {REC}/32
     ports: [{rec.port}]
 deny:
@@ -120,6 +126,7 @@ deny:
         "banner.test": BANNER,
         "closed.test": CLOSED,
         "blackhole.test": BLACKHOLE,
+        "chatty.test": CHATTY,
         "denied.test": REC,
         "other.test": REC,
     }
@@ -129,7 +136,7 @@ deny:
     reference = start_sidecar(
         tmp / "reference", hosts=hosts, args=[*common, "--engine", "mitmproxy"]
     )
-    yield World(fast, reference, rec, source, banner, blackhole_port)
+    yield World(fast, reference, rec, source, banner, blackhole_port, chatty)
     for sidecar in (fast, reference):
         tracebacks = [line for line in sidecar.stderr if "Traceback" in line]
         assert sidecar.stop() == 0, sidecar.stderr[-20:]
@@ -137,6 +144,7 @@ deny:
     rec.stop()
     source.stop()
     banner.stop()
+    chatty.stop()
     filler.close()
     blackhole.close()
 
@@ -198,6 +206,24 @@ def test_half_close_passes_through_a_tunnel(world: World) -> None:
     sock.shutdown(socket.SHUT_WR)
     assert read_until_closed(sock, 5) == b"ping through a half-closed tunnel"
     sock.close()
+
+
+def test_a_server_that_says_much_before_the_clienthello_is_relayed_whole(world: World) -> None:
+    """2 MiB from the server while the ClientHello is still partial: held (its reading paused
+    past a bound), then relayed whole once the ClientHello settles the tunnel."""
+    hello = client_hello("chatty.test")
+    sock, head = world.fast.connect_tunnel(f"chatty.test:{world.chatty.port}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    sock.sendall(hello[:50])
+    time.sleep(0.3)  # the greeting arrives meanwhile: more than the sidecar holds
+    sock.sendall(hello[50:])
+    want = len(GREETING) + len(hello)
+    data = bytearray(head.split(HEAD_END, 1)[1])
+    sock.settimeout(5)
+    while len(data) < want and (chunk := sock.recv(1 << 20)):
+        data += chunk
+    sock.close()
+    assert len(data) == want and data[: len(GREETING)] == GREETING and data.endswith(hello)
 
 
 # -- clients that leave ---------------------------------------------------------------------------
