@@ -98,6 +98,11 @@ class Upstream(asyncio.Protocol):
             self.transport.abort()
 
 
+def _has_room(transport: asyncio.WriteTransport) -> bool:
+    """Whether ``transport`` takes more writes without its protocol being paused."""
+    return transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]
+
+
 class _Direction:
     """Bytes read from ``source`` are written to ``sink``; the source's protocol delegates here.
 
@@ -161,8 +166,10 @@ class Relay:
         conn.switch(self.upstream)
         to_client += upstream.take_early()  # what the server sent while it had no phase
         upstream.phase = self.downstream
-        client.resume_reading()
-        server.resume_reading()
+        if _has_room(server):
+            client.resume_reading()
+        if _has_room(client):  # else its resume_writing resumes the server, as in the relay
+            server.resume_reading()
         if to_client:
             client.write(to_client)
         if to_server:
