@@ -228,14 +228,14 @@ class Tunnel:
         upstream = self.upstream
         assert upstream is not None
         self._peeking = True
-        if self.conn.eof:
-            # Half-closed before its first flight: the reference closes such a client.
+        upstream.switch(_ServerWhilePeeking(self))
+        if self._peeking and self._flight:
+            self._peek()  # sent along with the CONNECT
+        if self._peeking and self.conn.eof:
+            # Half-closed before its first flight was whole: the reference closes such a client.
             self._report()
             self._close_both()
             return
-        upstream.switch(_ServerWhilePeeking(self))
-        if self._peeking and self._flight:
-            self._peek()
         if self._peeking:
             # A partial first flight is refused at the bound; a silent tunnel waits as it would
             # in the reference (settling it by timer would let a ClientHello sent later pass

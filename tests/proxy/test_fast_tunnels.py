@@ -226,6 +226,19 @@ def test_a_server_that_says_much_before_the_clienthello_is_relayed_whole(world: 
     assert len(data) == want and data[: len(GREETING)] == GREETING and data.endswith(hello)
 
 
+def test_a_clienthello_sent_along_with_the_connect_is_peeked_and_relayed(world: World) -> None:
+    """In the CONNECT's own segment, then the sending side shut: decided on it, relayed, the
+    EOF passed on (the echo upstream answers, then closes)."""
+    hello = client_hello("rec.test")
+    authority = f"rec.test:{world.rec.port}"
+    sock = socket.create_connection(("127.0.0.1", world.fast.explicit_port), timeout=5)
+    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode() + hello)
+    sock.shutdown(socket.SHUT_WR)
+    head, _, rest = read_until_closed(sock, 5).partition(HEAD_END)
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 200 ") and rest == hello, (head, len(rest))
+
+
 # -- clients that leave ---------------------------------------------------------------------------
 
 
