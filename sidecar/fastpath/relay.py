@@ -98,6 +98,18 @@ class Upstream(asyncio.Protocol):
             self.transport.abort()
 
 
+def shut_write(transport: asyncio.WriteTransport) -> bool:
+    """Send an EOF (the writes before it go first). False when the peer is gone already: the
+    shutdown fails (ENOTCONN after a reset asyncio has not read yet), the transport is aborted
+    and its protocol's connection_lost follows."""
+    try:
+        transport.write_eof()
+    except OSError:
+        transport.abort()
+        return False
+    return True
+
+
 def _has_room(transport: asyncio.WriteTransport) -> bool:
     """Whether ``transport`` takes more writes without its protocol being paused."""
     return transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]
@@ -195,7 +207,7 @@ class Relay:
             direction.source.close()
             return False
         if direction.sink.can_write_eof() and not direction.sink.is_closing():
-            direction.sink.write_eof()
+            shut_write(direction.sink)
         return True  # the other direction goes on
 
     def lost(self, direction: _Direction, exc: Exception | None) -> None:

@@ -29,7 +29,7 @@ from sidecar.answers import (
 )
 from sidecar.fastpath.connection import ClientConnection
 from sidecar.fastpath.refusal import Lingering
-from sidecar.fastpath.relay import EARLY_LIMIT, Relay, Upstream
+from sidecar.fastpath.relay import EARLY_LIMIT, Relay, Upstream, shut_write
 from sidecar.fastpath.services import Services
 from sidecar.fastpath.upstream import UpstreamError, dial
 from sidecar.fastpath.vetting import same_host, vet
@@ -219,8 +219,8 @@ class Tunnel:
         if conn.eof or not conn.transport.can_write_eof():
             conn.close()
             return
-        conn.transport.write_eof()
-        conn.switch(Lingering(conn))
+        if shut_write(conn.transport):
+            conn.switch(Lingering(conn))
 
     # -- the first flight ---------------------------------------------------------------------
 

@@ -299,6 +299,25 @@ def test_a_client_leaving_during_the_dial_is_reported_at_once(world: World) -> N
     assert _settled_fds(pid, baseline) <= baseline + 4
 
 
+def test_clients_resetting_while_their_answer_is_written_raise_nothing(world: World) -> None:
+    """A client that closes (or resets) right after its CONNECT: the answer (403, 502) and the
+    half-close after it meet a connection already gone (on loopback the answer's own send brings
+    back the reset, then the shutdown fails): one line each, no error."""
+    before = len(world.fast.decisions())
+    targets = [f"closed.test:{CLOSED_PORT}", f"denied.test:{world.rec.port}"] * 50
+    for i, authority in enumerate(targets):
+        sock = socket.create_connection(("127.0.0.1", world.fast.explicit_port), timeout=5)
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        if i % 4 >= 2:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    world.fast.wait_decisions(count=before + len(targets))
+    time.sleep(0.3)
+    assert len(world.fast.decisions()) == before + len(targets)
+    errors = [line for line in world.fast.stderr if '"level":"error"' in line]
+    assert not errors, errors[:2]
+
+
 # -- the first flight's bound ---------------------------------------------------------------------
 
 
