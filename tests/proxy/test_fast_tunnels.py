@@ -149,6 +149,19 @@ deny:
     blackhole.close()
 
 
+def _quiet(sidecar: Sidecar) -> list[dict[str, Any]]:
+    """The decision lines once none came for 0.2 s: lines leave in batches (every ~20 ms), so a
+    count taken at once could miss the last lines of what came before."""
+    lines, deadline = sidecar.decisions(), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = sidecar.decisions()
+        if len(now) == len(lines):
+            break
+        lines = now
+    return lines
+
+
 def _lines_for(sidecar: Sidecar, host: str) -> list[dict[str, Any]]:
     return [d for d in sidecar.decisions() if d.get("host") == host]
 
@@ -247,7 +260,7 @@ def test_a_connect_then_an_immediate_close_gets_one_decision_and_leaves_nothing(
 ) -> None:
     pid = world.fast.proc.pid
     baseline = open_fds(pid)
-    before = len(_lines_for(world.fast, "rec.test"))
+    before = len([d for d in _quiet(world.fast) if d.get("host") == "rec.test"])
     mark = world.rec.mark()
     for _ in range(20):
         sock = socket.create_connection(("127.0.0.1", world.fast.explicit_port), timeout=5)
@@ -269,7 +282,7 @@ def test_a_client_leaving_during_the_dial_is_reported_at_once(world: World) -> N
     half-closes may still read its answer: it gets the 504 when the connect times out."""
     pid = world.fast.proc.pid
     baseline = open_fds(pid)
-    before = len(_lines_for(world.fast, "blackhole.test"))
+    before = len([d for d in _quiet(world.fast) if d.get("host") == "blackhole.test"])
     authority = f"blackhole.test:{world.blackhole_port}"
     connect = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
     sock = socket.create_connection(("127.0.0.1", world.fast.explicit_port), timeout=5)
@@ -303,7 +316,7 @@ def test_clients_resetting_while_their_answer_is_written_raise_nothing(world: Wo
     """A client that closes (or resets) right after its CONNECT: the answer (403, 502) and the
     half-close after it meet a connection already gone (on loopback the answer's own send brings
     back the reset, then the shutdown fails): one line each, no error."""
-    before = len(world.fast.decisions())
+    before = len(_quiet(world.fast))
     targets = [f"closed.test:{CLOSED_PORT}", f"denied.test:{world.rec.port}"] * 50
     for i, authority in enumerate(targets):
         sock = socket.create_connection(("127.0.0.1", world.fast.explicit_port), timeout=5)
@@ -411,10 +424,10 @@ def test_both_engines_write_the_same_decision_lines_and_answers(world: World) ->
     for name, authority, send, raw_head in _corpus(world):
         seen = []
         for sidecar in (world.fast, world.reference):
-            before = len(sidecar.decisions())
+            before = len(_quiet(sidecar))
             answer = _exchange(sidecar, authority, send, raw_head)
             lines = sidecar.wait_decisions(count=before + 1)[before:]
-            time.sleep(0.1)  # a second line for the same tunnel would show up by now
+            time.sleep(0.2)  # a second line for the same tunnel would show up by now
             lines = sidecar.decisions()[before:]
             seen.append((answer, [_comparable(x) for x in lines]))
         (fast_answer, fast_lines), (ref_answer, ref_lines) = seen
@@ -438,7 +451,7 @@ def test_a_churn_of_tunnels_leaves_nothing_behind(world: World) -> None:
     once): one decision line each, and the sidecar's descriptors and memory come back."""
     pid = world.fast.proc.pid
     baseline_fds, baseline_rss = open_fds(pid), rss_bytes(pid)
-    before = len(world.fast.decisions())
+    before = len(_quiet(world.fast))
     rec = f"rec.test:{world.rec.port}"
     hello = client_hello("other.test")
     errors: list[BaseException] = []
