@@ -137,16 +137,15 @@ deny:
         tmp / "reference", hosts=hosts, args=[*common, "--engine", "mitmproxy"]
     )
     yield World(fast, reference, rec, source, banner, blackhole_port, chatty)
-    for sidecar in (fast, reference):
-        tracebacks = [line for line in sidecar.stderr if "Traceback" in line]
-        assert sidecar.stop() == 0, sidecar.stderr[-20:]
-        assert tracebacks == [], sidecar.stderr[-40:]
-    rec.stop()
-    source.stop()
-    banner.stop()
-    chatty.stop()
+    # Both stopped (and every upstream) before anything is asserted: a failure leaves no process.
+    tracebacks = [line for car in (fast, reference) for line in car.stderr if "Traceback" in line]
+    codes = [car.stop() for car in (fast, reference)]
+    for server in (rec, source, banner, chatty):
+        server.stop()
     filler.close()
     blackhole.close()
+    assert codes == [0, 0], (fast.stderr[-20:], reference.stderr[-20:])
+    assert tracebacks == [], tracebacks[:3]
 
 
 def _quiet(sidecar: Sidecar) -> list[dict[str, Any]]:
