@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 from sidecar.policy.model import Reason
 
+# After refusing a head the proxy stops writing but keeps reading (and discarding) this long, so
+# that the client reads the answer instead of a reset caused by its unread bytes (RFC 9112 9.6).
+# Both engines linger this long.
+LINGER_SECONDS = 2.0
+
 _LF = 0x0A
 _CR = 0x0D
 

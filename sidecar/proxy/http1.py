@@ -25,11 +25,14 @@ from mitmproxy.proxy.layers.http._http1 import Http1Server, TBodyReader, make_bo
 
 from sidecar.policy.model import Reason
 from sidecar.policy.target import InvalidTarget, parse_authority
-from sidecar.proxy.headlimits import HeadLimits, HeadRejection, HeadScanner, timeout_rejection
+from sidecar.proxy.headlimits import (
+    LINGER_SECONDS,
+    HeadLimits,
+    HeadRejection,
+    HeadScanner,
+    timeout_rejection,
+)
 
-# After refusing a head the proxy stops writing but keeps reading (and discarding) this long, so
-# that the client reads the answer instead of a reset caused by its unread bytes (RFC 9112 9.6).
-LINGER_SECONDS = 2.0
 _HEAD_SAMPLE = 8 * 1024 + 64  # enough of a refused head to read its method and target
 
 

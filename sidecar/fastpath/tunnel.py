@@ -1,0 +1,384 @@
+"""Explicit CONNECT tunnels on the fast path, with the reference engine's semantics and records
+(Decider.http_connect, settle_tunnel, server_connected, server_connect_error; tunnels.py):
+
+- decided on the CONNECT authority; denied: 403 (our answer) and closed;
+- allowed: the vetted address is dialled (bounded by --connect-timeout) BEFORE the answer: a
+  failed connect is answered 502/504 with the decision headers, a connected one
+  ``200 Connection established`` (the reference's bytes: no header at all);
+- the tunnel's first flight is peeked, never decrypted (sidecar.wire.first_flight): a ClientHello
+  naming another host than the CONNECT is refused (sni mismatch; audit mode lets it through and
+  says so), an unreadable one is refused whatever the mode, and not one byte of either reaches
+  the upstream; the server may speak first (then no ClientHello is awaited);
+- one span and decision line per tunnel, reported when the first flight settles it (or when the
+  connect fails, or the client leaves before: as it stood).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from sidecar.answers import (
+    answer_headers,
+    connect_failure_body,
+    denial_bytes,
+    failure_phrase,
+    failure_status,
+    render,
+)
+from sidecar.fastpath.connection import ClientConnection
+from sidecar.fastpath.refusal import Lingering
+from sidecar.fastpath.relay import EARLY_LIMIT, Relay, Upstream, shut_write
+from sidecar.fastpath.services import Services
+from sidecar.fastpath.upstream import UpstreamError, dial
+from sidecar.fastpath.vetting import same_host, vet
+from sidecar.policy.model import Decision, Destination, Mode, Reason, Verdict
+from sidecar.policy.store import apply_mode
+from sidecar.record import DecisionRecord
+from sidecar.wire.connect_head import ConnectRequest
+from sidecar.wire.first_flight import MAX_FIRST_FLIGHT, FirstFlight, Flight, classify_tls
+
+log = logging.getLogger(__name__)
+
+
+def established(http_version: str) -> bytes:
+    # mitmproxy's answer to a CONNECT (handle_connect_finish): the request's version, the reason
+    # phrase, no header (Android's emulator proxying breaks on any).
+    return f"{http_version} 200 Connection established\r\n\r\n".encode("ascii")
+
+
+def failure_answer(rec: DecisionRecord, error: UpstreamError) -> bytes:
+    """502/504 for a CONNECT whose upstream could not be reached (tunnels.py's answer)."""
+    status = failure_status(error.error_type)
+    reason = failure_phrase(error.error_type)
+    return render(
+        status,
+        connect_failure_body(rec, reason, error.message),
+        answer_headers(rec, reason, error.error_type),
+    )
+
+
+class _ServerWhilePeeking:
+    """The upstream's phase between the 200 and the first flight's settling."""
+
+    __slots__ = ("_tunnel",)
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self._tunnel = tunnel
+
+    def data_received(self, data: bytes) -> None:
+        self._tunnel.server_data(data)
+
+    def eof_received(self) -> bool | None:
+        self._tunnel.server_data(b"")
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._tunnel.server_lost()
+
+    def pause_writing(self) -> None:
+        pass  # nothing is written upstream before the settling
+
+    def resume_writing(self) -> None:
+        pass
+
+
+class Tunnel:
+    """One CONNECT, from its decision to the relay; the client connection's phase until then,
+    and its cutter for as long as it lasts."""
+
+    __slots__ = (
+        "_dialing",
+        "_flight",
+        "_held",
+        "_peeking",
+        "_relay",
+        "_reported",
+        "_server_spoke",
+        "_start_ns",
+        "_task",
+        "_timer",
+        "conn",
+        "rec",
+        "request",
+        "services",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        services: Services,
+        request: ConnectRequest,
+        flight: bytes,
+    ) -> None:
+        self.conn = conn
+        self.services = services
+        self.request = request
+        self.rec: DecisionRecord | None = None
+        self.upstream: Upstream | None = None
+        self._flight = flight  # what the client sent after the CONNECT head
+        self._held = b""  # what the server sent before the settling
+        self._server_spoke = False
+        self._start_ns = time.time_ns()
+        self._reported = False
+        self._dialing = False
+        self._peeking = False
+        self._relay: Relay | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def open(self) -> None:
+        conn = self.conn
+        conn.busy = True  # being decided, connected, then relayed: a drain waits for it
+        conn.cutter = self
+        conn.switch(self)
+        self._task = asyncio.get_running_loop().create_task(self._setup())
+
+    # -- decision and connect -----------------------------------------------------------------
+
+    async def _setup(self) -> None:
+        try:
+            await self._decide_and_dial()
+        except asyncio.CancelledError:
+            # The client left (or the sidecar is stopping) while the upstream was dialled.
+            if self.upstream is not None:
+                self.upstream.abort()
+            self._report()
+            raise
+        except Exception:
+            log.exception("a CONNECT tunnel failed")
+            self._report()
+            self._close_both(abort=True)
+
+    async def _decide_and_dial(self) -> None:
+        services, request, conn = self.services, self.request, self.conn
+        snap = services.store.get()
+        vetted = await vet(services.resolver, snap, Destination(request.host, request.port))
+        rec = self.rec = DecisionRecord(
+            decision=vetted.decision,
+            capture=conn.capture,
+            protocol="CONNECT",
+            host=request.host,
+            port=request.port,
+            policy_source=snap.source,
+            policy_version=snap.version,
+            mode=snap.mode.value,
+            peer_address=str(vetted.address) if vetted.address is not None else None,
+            client_address=conn.peer,
+            method="CONNECT",
+        )
+        if not vetted.decision.permits or vetted.address is None:
+            rec.status_code = 403
+            self._report()
+            self._answer(denial_bytes(rec))
+            return
+        rec.tls_passthrough = True
+        if conn.closed:
+            self._report()  # the client left while it was decided
+            return
+        self._dialing = True
+        try:
+            await dial(
+                str(vetted.address),
+                request.port,
+                self._new_upstream,
+                services.config.connect_timeout,
+            )
+        except UpstreamError as err:
+            # Allowed, but the destination could not be reached: the span says so.
+            rec.error = err.message
+            rec.status_code = failure_status(err.error_type)
+            self._report()
+            self._answer(failure_answer(rec, err))
+            return
+        finally:
+            self._dialing = False
+        rec.status_code = 200
+        if conn.closed:
+            self._report()
+            self._close_both()
+            return
+        assert conn.transport is not None
+        conn.transport.write(established(request.http_version))
+        self._start_peeking()
+
+    def _new_upstream(self) -> Upstream:
+        self.upstream = Upstream()
+        return self.upstream
+
+    def _answer(self, answer: bytes) -> None:
+        """Our answer to a CONNECT that opens no tunnel; the connection ends with it."""
+        conn = self.conn
+        conn.busy = False
+        conn.cutter = None
+        if conn.closed or conn.transport is None:
+            return
+        conn.transport.write(answer)
+        if conn.eof or not conn.transport.can_write_eof():
+            conn.close()
+            return
+        if shut_write(conn.transport):
+            conn.switch(Lingering(conn))
+
+    # -- the first flight ---------------------------------------------------------------------
+
+    def _start_peeking(self) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        self._peeking = True
+        upstream.switch(_ServerWhilePeeking(self))
+        if self._peeking and self._flight:
+            self._peek()  # sent along with the CONNECT
+        if self._peeking and self.conn.eof:
+            # Half-closed before its first flight was whole: the reference closes such a client.
+            self._report()
+            self._close_both()
+            return
+        if self._peeking:
+            # A partial first flight is refused at the bound; a silent tunnel waits as it would
+            # in the reference (settling it by timer would let a ClientHello sent later pass
+            # without its SNI being checked).
+            timeout = self.services.config.first_byte_timeout
+            if timeout > 0:
+                self._timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
+
+    def _peek(self) -> None:
+        flight = classify_tls(self._flight)
+        if flight is not None:
+            self._settle(flight)
+        elif not self._flight and self._server_spoke:
+            self._settle(None)  # the server spoke first: no ClientHello is coming
+
+    def server_data(self, data: bytes) -> None:
+        self._server_spoke = True
+        self._held += data
+        upstream = self.upstream
+        if len(self._held) > EARLY_LIMIT and upstream is not None and upstream.transport:
+            upstream.transport.pause_reading()  # the relay resumes it
+        if self._peeking:
+            self._peek()
+
+    def server_lost(self) -> None:
+        if self._peeking:
+            self._report()
+            self._close_both()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._peeking and self._flight:
+            problem = (
+                f"no complete ClientHello within {self.services.config.first_byte_timeout:g} s "
+                f"({len(self._flight)} bytes)"
+            )
+            self._settle(FirstFlight(Flight.UNREADABLE, problem=problem))
+
+    def _settle(self, flight: FirstFlight | None) -> None:
+        """Decide the tunnel for good (Decider.settle_tunnel), then relay or refuse it."""
+        self._peeking = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        rec, upstream = self.rec, self.upstream
+        assert rec is not None and upstream is not None
+        denial: Decision | None = None
+        if flight is not None and flight.kind is Flight.UNREADABLE:
+            denial = Decision(
+                Verdict.DENY, Reason.UNREADABLE_FIRST_FLIGHT, rec.decision.rule, flight.problem
+            )
+        elif flight is not None and flight.sni is not None and not same_host(rec.host, flight.sni):
+            denial = Decision(
+                Verdict.DENY,
+                Reason.SNI_MISMATCH,
+                rec.decision.rule,
+                f"ClientHello for {flight.sni} in a tunnel to {rec.host}",
+            )
+        if denial is not None:
+            # A mismatch is a policy decision (audit lets it through); an unreadable ClientHello
+            # is refused whatever the mode: nothing in it could be decided.
+            unreadable = denial.reason is Reason.UNREADABLE_FIRST_FLIGHT
+            rec.decision = denial if unreadable else apply_mode(denial, Mode(rec.mode))
+        self._report()
+        if not rec.decision.permits:
+            self._close_both()
+            return
+        flight_bytes, held = self._flight, self._held
+        self._flight = self._held = b""
+        self._relay = Relay(self.conn, upstream, self._relay_ended)
+        self._relay.start(to_server=flight_bytes, to_client=held)
+
+    def _relay_ended(self) -> None:
+        self.conn.busy = False
+        self.conn.cutter = None
+
+    # -- the client connection's phase until the relay ----------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._flight += data
+        if self._peeking:
+            self._peek()
+        elif len(self._flight) > MAX_FIRST_FLIGHT and self.conn.transport is not None:
+            # Sent ahead of the answer: no more is read until the tunnel is up.
+            self.conn.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        if self._peeking:
+            # The client closed before its first flight was read: ended, as it stood.
+            self._report()
+            self._close_both()
+            return False
+        return True  # still being decided: the answer can be written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._dialing and self._task is not None:
+            self._task.cancel()  # reports as it stood
+        elif self._peeking:
+            self._peeking = False
+            self._report()
+            self._close_both()
+        # Still being decided: _decide_and_dial sees the connection closed once it is.
+
+    def pause_writing(self) -> None:
+        pass  # only the answer is written before the relay
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- reporting and ending -----------------------------------------------------------------
+
+    def _report(self) -> None:
+        if self._reported or self.rec is None:
+            return
+        self._reported = True
+        self.services.reporter.report(self.rec, start_ns=self._start_ns)
+
+    def _close_both(self, abort: bool = False) -> None:
+        self._peeking = False
+        self.conn.busy = False
+        self.conn.cutter = None
+        if abort:
+            self.conn.abort()
+        else:
+            self.conn.close()
+        if self.upstream is not None:
+            if abort:
+                self.upstream.abort()
+            else:
+                self.upstream.close()
+
+    def cut(self, message: str) -> None:
+        """The sidecar is stopping: what is still open ends here (reported as it stood)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._relay is not None:
+            self._relay.cut()
+            return
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._report()
+        self._close_both(abort=True)
