@@ -200,11 +200,9 @@ class HttpPhase:
         if ex is None or self._state == _State.DONE:
             self._stop_head_timer()
             return False  # between requests (or in a partial head): nothing to answer
-        if not ex.req_done:
-            self._fail("Client disconnected.", CLIENT_DISCONNECTED)
-            return False
-        ex.client_close = True  # answer this request, then close
-        return True
+        # A client that ends its side mid-exchange has left, as the reference engine reads it.
+        self._fail("Client disconnected.", CLIENT_DISCONNECTED)
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
@@ -496,7 +494,9 @@ class HttpPhase:
             try:
                 used = ex.chunks_in.feed(buf, out)
             except MessageError as err:
-                self._fail(f"invalid request body: {err}", error_type(str(err)))
+                # Framing the proxy cannot follow: the connection is cut (as the reference
+                # engine cuts it); nothing more of it goes upstream.
+                self._fail(f"invalid request body: {err}", error_type(str(err)), cut=True)
                 return
             del buf[:used]
             for piece in out:
@@ -684,7 +684,9 @@ class HttpPhase:
         self._up_write_paused = False
         self._pump()
 
-    def _fail(self, message: str, category: str, *, bad_gateway: bool = False) -> None:
+    def _fail(
+        self, message: str, category: str, *, bad_gateway: bool = False, cut: bool = False
+    ) -> None:
         """The exchange failed: the span says how; the client gets our 502/504 if nothing of
         the response reached it yet, else the connection closes."""
         ex = self._ex
@@ -705,13 +707,15 @@ class HttpPhase:
             rec.error_type = category
             if ex.resp_started and ex.resp is not None:
                 rec.status_code = ex.resp.status
-            elif category != CLIENT_DISCONNECTED and not self._conn.closed:
+            elif category != CLIENT_DISCONNECTED and not self._conn.closed and not cut:
                 rec.status_code = 502 if bad_gateway else failure_status(category)
                 answer = failure_bytes(rec, rec.status_code)
             self._end(ex)
         self._ex = None
         if answer:
             self._answer_and_close(answer)
+        elif cut:
+            self._conn.abort()
         else:
             self._conn.close()
 

@@ -26,6 +26,14 @@ _CHUNK_EXT_RE = re.compile(
 _REQUEST_LINE_RE = re.compile(rb"[A-Z]+ [^ ]+ HTTP/1\.[01]")
 _STATUS_LINE_RE = re.compile(rb"HTTP/1\.[01] [0-9]{3}(?: [^\r\n]*)?")
 _OWS = b" \t"
+# llhttp's words for the smuggling shapes, in the reference engine's (mitmproxy's validate_headers)
+# words: a refusal reads the same whichever engine refused.
+_MESSAGES = {
+    "Transfer-Encoding can't be present with Content-Length": (
+        "message with both transfer-encoding and content-length headers"
+    ),
+    "Duplicate Content-Length": "multiple content-length headers",
+}
 
 
 class MessageError(ValueError):
@@ -123,7 +131,8 @@ def parse_request_head(head: bytes) -> RequestHead:
     except httptools.HttpParserUpgrade:
         upgrade = True  # CONNECT, or Connection: upgrade with Upgrade: read, then refused
     except httptools.HttpParserError as err:
-        raise MessageError(str(err) or type(err).__name__) from None
+        message = str(err) or type(err).__name__
+        raise MessageError(_MESSAGES.get(message, message)) from None
     if not fields.complete:
         raise MessageError("incomplete request head")
     method = parser.get_method().decode("ascii")
