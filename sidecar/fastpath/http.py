@@ -341,7 +341,12 @@ class HttpPhase:
 
     def _target(self, head: RequestHead) -> Target:
         """The request's destination, read as the reference engine reads it."""
-        host_header = head.first(b"host")
+        hosts = head.values(b"host")
+        if len(hosts) > 1:
+            # Read as one value (the reference joins them), which no authority parser accepts.
+            joined = b", ".join(hosts).decode("latin-1")
+            raise InvalidTarget(joined, "more than one Host field")
+        host_header = hosts[0].decode("latin-1") if hosts else None
         host_authority = parse_authority(host_header) if host_header is not None else None
         text = head.target
         absolute = parse_request_target(text) if "://" in text else None

@@ -7,7 +7,7 @@ chunked), since llhttp does not say where in a buffer a message ended.
 
 Refused on top of llhttp's strict reading (the fast path never forwards what it does not fully
 understand): an HTTP version other than 1.0/1.1, more than one SP between request-line parts, a
-second Host, a second Transfer-Encoding or one other than ``chunked``, Transfer-Encoding on
+second Transfer-Encoding or one other than ``chunked``, Transfer-Encoding on
 HTTP/1.0.
 """
 
@@ -138,9 +138,6 @@ def parse_request_head(head: bytes) -> RequestHead:
     method = parser.get_method().decode("ascii")
     version = parser.get_http_version()
     headers = fields.headers
-    hosts = [v for n, v in headers if n.lower() == b"host"]
-    if len(hosts) > 1:
-        raise MessageError("multiple host headers")
     tokens = _connection_tokens(headers)
     keep_alive = (
         b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
