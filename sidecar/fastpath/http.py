@@ -22,17 +22,25 @@ import logging
 import time
 from dataclasses import dataclass
 
+from opentelemetry.context import Context
+
 from sidecar.answers import denial_bytes, failure_bytes, failure_status
 from sidecar.fastpath.connection import ClientConnection
 from sidecar.fastpath.http_pool import Upstream
 from sidecar.fastpath.refusal import HEAD_SAMPLE, Lingering, refuse_head
 from sidecar.fastpath.services import Services
 from sidecar.fastpath.upstream import UpstreamError, dial
-from sidecar.fastpath.vetting import Vetted, same_host, vet
+from sidecar.fastpath.vetting import Vetted, same_host, vet, vet_now
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
 from sidecar.policy.model import Decision, Destination, Reason, Verdict
-from sidecar.policy.target import InvalidTarget, parse_authority, parse_request_target
+from sidecar.policy.store import Snapshot
+from sidecar.policy.target import (
+    Authority,
+    InvalidTarget,
+    parse_authority,
+    parse_request_target,
+)
 from sidecar.proxy.headlimits import HeadRejection, HeadScanner, timeout_rejection
 from sidecar.proxy.hostnames import address_of, format_hostport, redact_url
 from sidecar.record import Capture, DecisionRecord
@@ -62,6 +70,7 @@ CLIENT_DISCONNECTED = "client_disconnected"
 UPSTREAM_DISCONNECTED = "upstream_disconnected"
 
 # Hop-by-hop fields end at this proxy (RFC 9110 7.6.1), as Decider._drop_hop_by_hop drops them.
+_TRACE_FIELDS = frozenset({b"traceparent", b"tracestate"})
 _HOP_BY_HOP = frozenset({b"proxy-connection", b"keep-alive"})
 _KEPT_CONNECTION_OPTIONS = frozenset(
     {b"close", b"keep-alive", b"upgrade", b"transfer-encoding", b"host"}
@@ -337,7 +346,7 @@ class HttpPhase:
         self._used = True
         ex = self._ex = Exchange(head)
         self._state = _State.DECIDING
-        ex.task = asyncio.get_running_loop().create_task(self._decide(ex, target))
+        self._decide(ex, target)
 
     def _target(self, head: RequestHead) -> Target:
         """The request's destination, read as the reference engine reads it."""
@@ -347,9 +356,12 @@ class HttpPhase:
             joined = b", ".join(hosts).decode("latin-1")
             raise InvalidTarget(joined, "more than one Host field")
         host_header = hosts[0].decode("latin-1") if hosts else None
-        host_authority = parse_authority(host_header) if host_header is not None else None
         text = head.target
         absolute = parse_request_target(text) if "://" in text else None
+        if absolute is not None and host_header == _authority_text(text):
+            host_authority: Authority | None = absolute.authority  # the same text: one reading
+        else:
+            host_authority = parse_authority(host_header) if host_header is not None else None
         if absolute is None and not text.startswith("/"):
             raise MessageError("a request-target neither absolute- nor origin-form")
         if self._original is not None:
@@ -370,22 +382,21 @@ class HttpPhase:
 
     # -- deciding and connecting -------------------------------------------------------------
 
-    async def _decide(self, ex: Exchange, target: Target) -> None:
-        services = self._s
-        conn = self._conn
-        snap = services.store.get()
-        head = ex.head
+    def _decide(self, ex: Exchange, target: Target) -> None:
+        """Decide the request: at once when no name must be resolved (vet_now), else in a task
+        (a task per request costs as much as the rest of its decision)."""
+        snap = self._s.store.get()
         original_address = self._original[0] if self._original is not None else None
-        method = head.method.upper()
         dest = Destination(
             target.host,
             target.port,
             address_of(original_address)
             if target.host is None and original_address is not None
             else None,
-            method,
+            ex.head.method.upper(),
             target.path.split("?", 1)[0] or "/",
         )
+        vetted: Vetted | None
         if target.scheme == "https":
             vetted = Vetted(
                 Decision(
@@ -396,7 +407,29 @@ class HttpPhase:
                 None,
             )
         else:
-            vetted = await vet(services.resolver, snap, dest)
+            vetted = vet_now(snap, dest)
+        if vetted is not None:
+            self._decided(ex, target, snap, vetted)
+        else:
+            ex.task = asyncio.get_running_loop().create_task(
+                self._resolve_and_decide(ex, target, snap, dest)
+            )
+
+    async def _resolve_and_decide(
+        self, ex: Exchange, target: Target, snap: Snapshot, dest: Destination
+    ) -> None:
+        vetted = await vet(self._s.resolver, snap, dest)
+        ex.task = None
+        if self._state == _State.DONE:
+            return
+        self._decided(ex, target, snap, vetted)
+
+    def _decided(self, ex: Exchange, target: Target, snap: Snapshot, vetted: Vetted) -> None:
+        services = self._s
+        conn = self._conn
+        head = ex.head
+        method = head.method.upper()
+        original_address = self._original[0] if self._original is not None else None
         rec = ex.rec = DecisionRecord(
             decision=vetted.decision,
             capture=conn.capture,
@@ -416,11 +449,8 @@ class HttpPhase:
             f"{target.scheme}://{url_host if ':' not in url_host else f'[{url_host}]'}"
             f":{target.port}{target.path}"
         )
-        carrier = {
-            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in head.headers
-        }
         opened = ex.opened = services.reporter.begin(
-            rec, parent=extract_parent(carrier), start_ns=self._head_ns
+            rec, parent=_parent(head.headers), start_ns=self._head_ns
         )
         if not vetted.decision.permits or vetted.address is None:
             rec.status_code = 403
@@ -433,32 +463,43 @@ class HttpPhase:
         upstream_head = self._upstream_head(ex, target, opened)
         key = (str(vetted.address), target.port)
         up = services.http_pool.take(key)
-        if up is None:
-            try:
-                _, up = await dial(
-                    key[0],
-                    key[1],
-                    lambda: Upstream(services.http_pool, key),
-                    services.config.connect_timeout,
-                )
-            except UpstreamError as err:
-                category = err.error_type
-                if category == "upstream_error" and conn.closed:
-                    category = CLIENT_DISCONNECTED
-                self._fail(err.message, category)
-                return
-            if conn.closed or self._state == _State.DONE:
-                services.http_pool.give(up)  # unused: good for the next request
-                if self._state != _State.DONE:
-                    self._fail("Client disconnected.", CLIENT_DISCONNECTED)
-                return
+        if up is not None:
+            self._send_head(ex, up, upstream_head)
+        else:
+            ex.task = asyncio.get_running_loop().create_task(self._connect(ex, key, upstream_head))
+
+    async def _connect(self, ex: Exchange, key: tuple[str, int], upstream_head: bytes) -> None:
+        services = self._s
+        conn = self._conn
+        try:
+            _, up = await dial(
+                key[0],
+                key[1],
+                lambda: Upstream(services.http_pool, key),
+                services.config.connect_timeout,
+            )
+        except UpstreamError as err:
+            ex.task = None
+            category = err.error_type
+            if category == "upstream_error" and conn.closed:
+                category = CLIENT_DISCONNECTED
+            self._fail(err.message, category)
+            return
+        ex.task = None
+        if conn.closed or self._state == _State.DONE:
+            services.http_pool.give(up)  # unused: good for the next request
+            if self._state != _State.DONE:
+                self._fail("Client disconnected.", CLIENT_DISCONNECTED)
+            return
+        self._send_head(ex, up, upstream_head)
+
+    def _send_head(self, ex: Exchange, up: Upstream, upstream_head: bytes) -> None:
         ex.up = up
         up.owner = self
         up.used += 1
         assert up.transport is not None
         up.transport.write(upstream_head)
         self._state = _State.SENDING
-        ex.task = None
         self._pump()
 
     def _upstream_head(self, ex: Exchange, target: Target, opened: OpenDecision) -> bytes:
@@ -742,6 +783,21 @@ class HttpPhase:
         self._conn.switch(Lingering(self._conn))
 
 
+def _authority_text(target: str) -> str:
+    """The authority of an absolute-form target, as written (parse_request_target's cut)."""
+    return target.partition("://")[2].partition("/")[0]
+
+
+def _parent(headers: list[tuple[bytes, bytes]]) -> Context | None:
+    """The incoming trace context (the parent of our span), if the request carries one."""
+    carrier = {
+        name.decode("latin-1").lower(): value.decode("latin-1")
+        for name, value in headers
+        if name.lower() in _TRACE_FIELDS
+    }
+    return extract_parent(carrier) if carrier else None
+
+
 def _set_field(
     headers: list[tuple[bytes, bytes]], name: bytes, value: bytes
 ) -> list[tuple[bytes, bytes]]:
@@ -768,6 +824,8 @@ def _align_host(
     """Host names the host that was decided (see Decider._align_host_header: a server hosting
     several sites must not route by a Host the policy never saw); an agreeing one is kept."""
     current = next((v for n, v in headers if n.lower() == b"host"), None)
+    if current is not None and current.decode("latin-1") == format_hostport(host, port, 80):
+        return headers  # names the decided host as the target did: agrees, byte for byte
     if current is not None:
         try:
             if same_host(parse_authority(current.decode("latin-1")).host, host):
