@@ -126,6 +126,7 @@ class Exchange:
         "resp_chunks",
         "resp_done",
         "resp_framing",
+        "resp_head",
         "resp_left",
         "resp_started",
         "task",
@@ -147,6 +148,7 @@ class Exchange:
         self.resp: ResponseHead | None = None
         self.resp_framing: Framing | None = None
         self.resp_left = 0
+        self.resp_head = b""  # the final response's head, not written yet
         self.resp_chunks: ChunkedDecoder | None = None
         self.resp_started = False  # bytes of the final response went to the client
         self.resp_done = False
@@ -609,26 +611,31 @@ class HttpPhase:
                 raw = raw[:-2] + b"connection: close\r\n\r\n"
                 ex.client_close = True
             ex.resp_started = True
-            if not self._conn.closed:
-                client.write(raw)
-            if framing is None:
+            if framing is None or framing.length == 0:
+                if not self._conn.closed:
+                    client.write(raw)
                 ex.resp_framing = Framing(length=0)
                 self._response_done(ex, rest)
                 return
             ex.resp_framing = framing
             ex.resp_left = framing.length or 0
-            if framing.length == 0:
-                self._response_done(ex, rest)
-                return
+            ex.resp_head = raw  # goes out with the first body bytes: one write, not two
             data = rest
         if data and not ex.resp_done:
             self._response_body(ex, data)
+        if ex.resp_head:
+            head, ex.resp_head = ex.resp_head, b""
+            if not self._conn.closed:
+                client.write(head)
 
     def _response_body(self, ex: Exchange, data: bytes) -> None:
         client = self._conn.transport
         assert client is not None and ex.resp_framing is not None
         framing = ex.resp_framing
+        head, ex.resp_head = ex.resp_head, b""
         if framing.chunked:
+            if head and not self._conn.closed:
+                client.write(head)
             if ex.resp_chunks is None:
                 limits = self._s.config.head_limits
                 ex.resp_chunks = ChunkedDecoder(limits.field_line, limits.head)
@@ -645,12 +652,12 @@ class HttpPhase:
         elif framing.length is not None:
             take = min(ex.resp_left, len(data))
             if not self._conn.closed:
-                client.write(data[:take] if take < len(data) else data)
+                client.write(head + (data[:take] if take < len(data) else data))
             ex.resp_left -= take
             if not ex.resp_left:
                 self._response_done(ex, data[take:])
         elif not self._conn.closed:
-            client.write(data)  # close-delimited: until the upstream's EOF
+            client.write(head + data)  # close-delimited: until the upstream's EOF
 
     def _response_done(self, ex: Exchange, extra: bytes) -> None:
         ex.resp_done = True
