@@ -7,8 +7,11 @@ hop-by-hop fields dropped, Host aligned, traceparent set) and sent on a pooled k
 connection to the vetted address; bodies stream both ways with backpressure. Requests the client
 sends ahead (pipelining) are held, bounded, and answered in order, one exchange at a time.
 
+``Expect: 100-continue`` is answered here as the reference answers it (100 Continue once the
+request is decided and its upstream is up; the field is not passed on).
+
 Handed to mitmproxy with every byte read from the request on, before any of it went upstream:
-an ``Upgrade`` field (WebSocket, h2c), ``Expect`` (mitmproxy answers 100-continue itself), and a
+an ``Upgrade`` field (WebSocket, h2c), an ``Expect`` other than 100-continue, and a
 CONNECT (on the explicit port, one after plain requests; on the transparent port, mitmproxy
 refuses it as the reference does). Refused with 400 (nothing sent upstream): every head
 sidecar.wire.http1 refuses (smuggling shapes, versions other than 1.0/1.1, ...), an invalid
@@ -70,6 +73,7 @@ CLIENT_DISCONNECTED = "client_disconnected"
 UPSTREAM_DISCONNECTED = "upstream_disconnected"
 
 # Hop-by-hop fields end at this proxy (RFC 9110 7.6.1), as Decider._drop_hop_by_hop drops them.
+_ANSWERED_HERE = frozenset({b"expect"})  # 100-continue: the fast path answers it
 _TRACE_FIELDS = frozenset({b"traceparent", b"tracestate"})
 _HOP_BY_HOP = frozenset({b"proxy-connection", b"keep-alive"})
 _KEPT_CONNECTION_OPTIONS = frozenset(
@@ -333,7 +337,7 @@ class HttpPhase:
         if head.upgrade:
             self._hand_over("Upgrade")
             return
-        if head.expect_continue:
+        if head.expect is not None and head.expect != b"100-continue":
             self._hand_over("Expect")
             return
         try:
@@ -501,6 +505,10 @@ class HttpPhase:
         up.used += 1
         assert up.transport is not None
         up.transport.write(upstream_head)
+        if ex.head.expect is not None and self._conn.transport is not None:
+            # As the reference does: the proxy says 100 Continue itself once the request is
+            # decided and its upstream is up; the upstream never sees the Expect field.
+            self._conn.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._state = _State.SENDING
         self._pump()
 
@@ -514,7 +522,7 @@ class HttpPhase:
             if name.lower() == b"connection"
             for token in value.split(b",")
         } - _KEPT_CONNECTION_OPTIONS
-        dropped = _HOP_BY_HOP | listed
+        dropped = _HOP_BY_HOP | listed | _ANSWERED_HERE
         if self._conn.capture is Capture.EXPLICIT:
             dropped = dropped | {b"proxy-authorization"}  # credentials for this proxy
         if target.host is not None:

@@ -78,7 +78,7 @@ class RequestHead:
     framing: Framing
     keep_alive: bool  # what the client asked for (its version and Connection)
     upgrade: bool  # an Upgrade field: not for the fast path
-    expect_continue: bool
+    expect: bytes | None  # the Expect field's value, lowercased (None: none)
 
     def values(self, name: bytes) -> list[bytes]:
         return [v for n, v in self.headers if n.lower() == name]
@@ -143,7 +143,8 @@ def parse_request_head(head: bytes) -> RequestHead:
         b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
     ) and method != "CONNECT"
     upgrade = upgrade or any(n.lower() == b"upgrade" for n, _ in headers)
-    expect = any(n.lower() == b"expect" for n, _ in headers)
+    expects = [v.strip().lower() for n, v in headers if n.lower() == b"expect"]
+    expect = b", ".join(expects) if expects else None
     return RequestHead(
         method=method,
         target=fields.url.decode("latin-1"),
@@ -152,7 +153,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         framing=_framing(headers, version),
         keep_alive=keep_alive,
         upgrade=upgrade,
-        expect_continue=expect,
+        expect=expect,
     )
 
 
