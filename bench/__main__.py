@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from bench.loadgen import LoadError
-from bench.report import Settings, markdown
+from bench.report import Settings, markdown, to_json
 from bench.runner import run
 from bench.servers import ServerError
 from bench.tools import MissingToolsError, find_tools
@@ -19,9 +20,11 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Benchmark egress-sidecar against Squid on loopback: plain-HTTP keep-alive "
         "req/s, new CONNECT tunnels/s, long-lived tunnels req/s, one big download through a "
-        "tunnel, added latency at c=1, RSS and CPU per 10k requests. Needs squid, nginx, wrk, "
-        "hey and curl (Debian: apt-get install squid nginx-light wrk hey curl). A full run "
-        "takes about 1.5 minutes; it prints a Markdown table and writes it to --out.",
+        "tunnel, added latency at c=1, RSS and CPU per 10k requests, RSS per idle tunnel; and "
+        "for the sidecar alone: span export on, transparent capture in network namespaces "
+        "(root), a large allowlist. Needs squid, nginx, wrk, hey and curl (Debian: apt-get "
+        "install squid nginx-light wrk hey curl). A full run takes about 3 minutes; it prints "
+        "Markdown tables and writes them to --out, and the figures as JSON to --json.",
     )
     p.add_argument(
         "--seconds",
@@ -65,12 +68,35 @@ def parser() -> argparse.ArgumentParser:
         default=d.max_requests,
         help="count bound of each wrk run, on top of its time bound (default %(default)s)",
     )
+    p.add_argument(
+        "--idle-connections",
+        type=int,
+        default=d.idle_connections,
+        help="idle CONNECT tunnels held at once per proxy; 0 skips (default %(default)s)",
+    )
+    p.add_argument(
+        "--rules",
+        type=int,
+        default=d.rules,
+        help="host rules of the large allowlist; 0 skips (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-transparent",
+        action="store_true",
+        help="skip the transparent-capture scenario (network namespaces, needs root)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument(
         "--out",
         type=Path,
         default=Path(".bench/results.md"),
         help="where to write the Markdown table (default %(default)s)",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=Path(".bench/results.json"),
+        help="where to write the figures as JSON (default %(default)s)",
     )
     p.add_argument(
         "--keep-workdir", action="store_true", help="keep configs and logs (path is printed)"
@@ -93,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         connections=args.connections,
         big_bytes=int(args.big_mb * 1e6),
         max_requests=args.max_requests,
+        idle_connections=args.idle_connections,
+        rules=args.rules,
+        transparent=not args.no_transparent,
     )
 
     def log(msg: str) -> None:
@@ -107,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
-    log(f"table written to {args.out}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(to_json(report), indent=2, ensure_ascii=False) + "\n")
+    log(f"table written to {args.out}, figures to {args.json}")
     return 0
 
 

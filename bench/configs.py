@@ -23,8 +23,11 @@ class UpstreamPorts:
     https: int
 
 
-def nginx_conf(workdir: Path, ports: UpstreamPorts, cert: Path, key: Path) -> str:
-    """One nginx process (no master), plain HTTP and TLS on loopback, a tiny body and a big file.
+def nginx_conf(
+    workdir: Path, ports: UpstreamPorts, cert: Path, key: Path, address: str = LOOPBACK
+) -> str:
+    """One nginx process (no master), plain HTTP and TLS on ``address`` (loopback, or the outside
+    address of the transparent scenario's namespaces), a tiny body and a big file.
 
     keepalive_requests is raised so that a keep-alive client (or a proxy's pooled upstream
     connection) is never closed by nginx mid-run: reconnections would blur req/s.
@@ -48,11 +51,11 @@ http {{
     keepalive_timeout 120s;
     default_type text/plain;
     server {{
-        listen {LOOPBACK}:{ports.http} backlog=4096;
+        listen {address}:{ports.http} backlog=4096;
         location / {{ return 200 "{BODY.strip()}\\n"; }}
     }}
     server {{
-        listen {LOOPBACK}:{ports.https} ssl backlog=4096;
+        listen {address}:{ports.https} ssl backlog=4096;
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -94,6 +97,37 @@ allow:
   - cidr: {LOOPBACK}/32
     ports: [{upstream.http}, {upstream.https}]
 """
+
+
+def named_allowlist_yaml(host: str, port: int) -> str:
+    """The small allowlist of the rules comparison: one host rule for the name requested."""
+    return f"""\
+mode: enforce
+allow:
+  - host: {host}
+    ports: [{port}]
+"""
+
+
+def big_allowlist_yaml(rules: int, host: str, port: int) -> str:
+    """``rules`` host rules (``host`` among them, in the middle) and, on top, one wildcard and
+    one cidr per hundred (prefix lengths /16 to /32 in 10.0.0.0/8, so the decision has many
+    per-prefix-length lookups to make) and a few deny rules: what a large
+    organisation's generated allowlist looks like. The request is decided by the host rule."""
+    wildcards = max(rules // 100, 1)
+    cidrs = max(rules // 100, 1)
+    hosts = max(rules, 1)
+    lines = ["mode: enforce", "allow:"]
+    middle = hosts // 2
+    for i in range(hosts):
+        name = host if i == middle else f"svc-{i:05d}.team-{i % 97:02d}.rules.bench.test"
+        lines += [f"  - host: {name}", f"    ports: [{port}, 443]"]
+    lines += [f'  - "*.zone-{i:04d}.wild.bench.test"' for i in range(wildcards)]
+    for i in range(cidrs):
+        net = ipaddress.ip_network(f"10.{i % 256}.{i // 256}.0/{16 + i % 17}", strict=False)
+        lines += [f"  - cidr: {net}", "    ports: [5432]"]
+    lines += ["deny:", *(f"  - blocked-{i:03d}.rules.bench.test" for i in range(20))]
+    return "\n".join(lines) + "\n"
 
 
 def wrk_script(*, url: str, host: str, limit: int) -> str:

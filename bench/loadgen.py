@@ -40,6 +40,16 @@ class Download:
         return self.size / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
 
+def checked(what: str, result: LoadResult, notes: list[str]) -> LoadResult:
+    """``result``, failing the run when nothing succeeded and noting an error rate over 0.1 %."""
+    total = result.ok + result.errors
+    if result.ok == 0:
+        raise RuntimeError(f"{what}: no successful response ({result.errors} errors)")
+    if result.errors and result.errors / total > 0.001:
+        notes.append(f"{what}: {result.errors} of {total} requests failed")
+    return result
+
+
 _WRK_LINE = re.compile(r"^BENCH-WRK (.*)$", re.MULTILINE)
 
 
@@ -126,12 +136,18 @@ class Generators:
         connections: int,
         seconds: int,
         limit: int,
+        address: str = LOOPBACK,
+        name: str | None = None,
     ) -> LoadResult:
-        """Plain-HTTP keep-alive GETs; absolute-form to the proxy, origin-form when direct."""
-        host = f"{LOOPBACK}:{upstream_port}"
+        """Plain-HTTP keep-alive GETs; absolute-form to the proxy, origin-form when direct.
+
+        wrk connects to ``address`` (the proxy's when proxied, else the upstream's); the
+        request names ``name`` (default: the upstream's address) in its target and Host.
+        """
+        host = f"{name or address}:{upstream_port}"
         target_port = proxy_port if proxy_port is not None else upstream_port
         url = f"http://{host}/" if proxy_port is not None else "/"
-        script = self.workdir / f"wrk-{target_port}-{connections}.lua"
+        script = self.workdir / f"wrk-{target_port}-{connections}-{name or address}.lua"
         script.write_text(wrk_script(url=url, host=host, limit=max(limit, 1)))
         argv = [
             *self.prefix,
@@ -143,7 +159,7 @@ class Generators:
             "10s",
             "-s",
             str(script),
-            f"http://{LOOPBACK}:{target_port}/",
+            f"http://{address}:{target_port}/",
         ]
         return parse_wrk(_run(argv, seconds + 30, clean_env()))
 
@@ -156,8 +172,11 @@ class Generators:
         seconds: int,
         new_connection_each: bool,
         max_qps_per_worker: int,
+        address: str = LOOPBACK,
+        name: str | None = None,
     ) -> LoadResult:
-        """HTTPS GETs (CONNECT tunnels when proxied), time-bounded; count bounded by -q."""
+        """HTTPS GETs (CONNECT tunnels when proxied) to ``address``, time-bounded; count bounded
+        by -q. ``name``: hey's -host, which it sends as the Host header and as the TLS SNI."""
         argv = [
             *self.prefix,
             self.hey,
@@ -176,7 +195,9 @@ class Generators:
             argv += ["-x", f"http://{LOOPBACK}:{proxy_port}"]
         if new_connection_each:
             argv.append("-disable-keepalive")
-        argv.append(f"https://{LOOPBACK}:{upstream_port}/")
+        if name is not None:
+            argv += ["-host", name]
+        argv.append(f"https://{address}:{upstream_port}/")
         return parse_hey(_run(argv, seconds + 40, clean_env()))
 
     def curl_download(self, *, url: str, proxy_port: int | None, max_seconds: float) -> Download:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from bench.idle import IdleResult
 from bench.loadgen import Download, LoadResult
 
 
@@ -19,6 +22,9 @@ class Settings:
     big_bytes: int = 100 * 1000 * 1000
     max_requests: int = 500_000  # per wrk run, on top of the time bound
     max_qps_per_worker: int = 2000  # hey: bounds the count of a time-bounded run
+    idle_connections: int = 2000  # idle CONNECT tunnels held at once, per proxy
+    rules: int = 10_000  # host rules of the large allowlist
+    transparent: bool = True  # the network-namespace scenario (root)
 
 
 @dataclass(frozen=True)
@@ -42,9 +48,11 @@ class ProxyRun:
     download: Download
     download_cpu_s: float
     rss_idle_mib: float
-    rss_peak_mib: float
+    rss_peak_mib: float  # during the load scenarios above
     load_seconds: float  # wall time of all measured load
     cpu_wait_s: float  # runnable but not running during it (other processes on its core)
+    idle: IdleResult | None = None  # idle tunnels held after the load scenarios
+    rss_peak_all_mib: float = 0.0  # through every phase of this process, idle tunnels included
 
     @property
     def cpu_per_10k_http(self) -> float:
@@ -67,6 +75,66 @@ class ProxyRun:
         ) + (0 if self.download.status == 200 else 1)
 
 
+def per_10k(cpu_s: float, result: LoadResult) -> float:
+    return cpu_s / result.ok * 10_000 if result.ok else float("nan")
+
+
+@dataclass(frozen=True)
+class ExportRun:
+    """The plain-HTTP keep-alive scenario on a sidecar exporting its spans (OTLP
+    http/protobuf) to the bench's receiver, CPU counted until the receiver had them all, and on
+    one exporting nothing, in alternating segments."""
+
+    http: LoadResult
+    cpu_s: float
+    off: LoadResult
+    off_cpu_s: float
+    spans: int  # received by the receiver for the measured segments
+    requests: int  # the measured segments' requests (answered or failed)
+    flush_s: float  # longest wait from a segment's end until its last span arrived
+    rss_idle_mib: float
+    rss_peak_mib: float
+    off_rss_idle_mib: float
+    off_rss_peak_mib: float
+
+    @property
+    def cpu_per_10k(self) -> float:
+        return per_10k(self.cpu_s, self.http)
+
+    @property
+    def off_cpu_per_10k(self) -> float:
+        return per_10k(self.off_cpu_s, self.off)
+
+
+@dataclass(frozen=True)
+class TransparentRun:
+    """Plain HTTP keep-alive and new TLS connections captured by iptables REDIRECT."""
+
+    http: LoadResult
+    http_cpu_s: float
+    new_tls: LoadResult
+    new_tls_cpu_s: float
+    rss_idle_mib: float
+    rss_peak_mib: float
+    decisions: int  # decision lines the sidecar logged (proof that it, not a bypass, served)
+
+
+@dataclass(frozen=True)
+class RulesRun:
+    """The plain-HTTP scenario to a named host, allowed by a one-rule allowlist and by one rule
+    of ``rules`` (two sidecar processes, the same load in alternating segments)."""
+
+    rules: int
+    small: LoadResult
+    small_cpu_s: float
+    large: LoadResult
+    large_cpu_s: float
+    small_rss_idle_mib: float
+    small_rss_peak_mib: float
+    large_rss_idle_mib: float
+    large_rss_peak_mib: float
+
+
 @dataclass(frozen=True)
 class Report:
     when: str
@@ -78,7 +146,21 @@ class Report:
     direct: Direct
     baseline: ProxyRun  # Squid
     sidecar: ProxyRun
+    export: ExportRun | None = None
+    transparent: TransparentRun | None = None
+    rules: RulesRun | None = None
     notes: list[str] = field(default_factory=list)
+
+    def sidecar_peak_mib(self) -> float:
+        """The highest RSS of any sidecar process in the run, whatever the scenario."""
+        peaks = [self.sidecar.rss_peak_all_mib, self.sidecar.rss_peak_mib]
+        if self.export is not None:
+            peaks += [self.export.rss_peak_mib, self.export.off_rss_peak_mib]
+        if self.transparent is not None:
+            peaks.append(self.transparent.rss_peak_mib)
+        if self.rules is not None:
+            peaks += [self.rules.small_rss_peak_mib, self.rules.large_rss_peak_mib]
+        return max(peaks)
 
 
 def _num(value: float, digits: int = 0) -> str:
@@ -165,7 +247,127 @@ def rows(report: Report) -> list[Row]:
         ),
         ("RSS idle, MiB", "-", sq.rss_idle_mib, us.rss_idle_mib, 1, "↓"),
         ("RSS peak under load, MiB", "-", sq.rss_peak_mib, us.rss_peak_mib, 1, "↓"),
+        (
+            f"RSS with {report.settings.idle_connections:,} idle tunnels, MiB",
+            "-",
+            sq.idle.rss_held_mib if sq.idle else math.nan,
+            us.idle.rss_held_mib if us.idle else math.nan,
+            1,
+            "↓",
+        ),
+        (
+            "RSS per idle tunnel, KiB",
+            "-",
+            sq.idle.kib_per_connection if sq.idle else math.nan,
+            us.idle.kib_per_connection if us.idle else math.nan,
+            1,
+            "↓",
+        ),
+        (
+            "RSS peak through the whole bench, MiB",
+            "-",
+            sq.rss_peak_all_mib,
+            report.sidecar_peak_mib(),
+            1,
+            "↓",
+        ),
     ]
+
+
+SidecarRow = tuple[str, str, str, str]  # label, sidecar, what it is compared with, ratio
+
+
+def _pair(a: float, b: float) -> str:
+    return f"{_num(a, 1)} / {_num(b, 1)}"
+
+
+def sidecar_rows(report: Report) -> list[SidecarRow]:
+    """Scenarios Squid has no counterpart for here, each against the sidecar's own reference
+    figure (ratios: this scenario ÷ the reference)."""
+    us, c = report.sidecar, report.settings.connections
+    out: list[SidecarRow] = []
+
+    def row(label: str, ours: float, ref: float, ref_label: str, digits: int) -> SidecarRow:
+        return (label, _num(ours, digits), f"{_num(ref, digits)} ({ref_label})", _ratio(ours, ref))
+
+    e = report.export
+    if e is not None:
+        off = "export off, same rounds"
+        out += [
+            row(
+                "CPU-s per 10k HTTP requests, span export on ↓",
+                e.cpu_per_10k,
+                e.off_cpu_per_10k,
+                off,
+                2,
+            ),
+            row(f"HTTP keep-alive req/s, c={c}, span export on ↑", e.http.rate, e.off.rate, off, 0),
+            (
+                "spans received by the OTLP receiver",
+                f"{e.spans:,} of {e.requests:,} requests",
+                f"last one {e.flush_s:.1f} s after the load",
+                "",
+            ),
+            (
+                "RSS idle / peak, MiB, span export on ↓",
+                _pair(e.rss_idle_mib, e.rss_peak_mib),
+                f"{_pair(e.off_rss_idle_mib, e.off_rss_peak_mib)} (export off)",
+                "",
+            ),
+        ]
+    t = report.transparent
+    if t is not None:
+        out += [
+            row(
+                f"transparent HTTP keep-alive req/s, c={c} ↑",
+                t.http.rate,
+                us.http.rate,
+                "explicit proxy",
+                0,
+            ),
+            row(
+                "CPU-s per 10k transparent HTTP requests ↓",
+                per_10k(t.http_cpu_s, t.http),
+                us.cpu_per_10k_http,
+                "explicit proxy",
+                2,
+            ),
+            row(
+                f"transparent new TLS connections/s, c={c} ↑",
+                t.new_tls.rate,
+                us.new_tunnels.rate,
+                "new CONNECT tunnels",
+                0,
+            ),
+            row(
+                "CPU-s per 10k transparent new TLS connections ↓",
+                per_10k(t.new_tls_cpu_s, t.new_tls),
+                us.cpu_per_10k_tunnels,
+                "new CONNECT tunnels",
+                2,
+            ),
+            ("RSS idle / peak, MiB, transparent ↓", _pair(t.rss_idle_mib, t.rss_peak_mib), "", ""),
+        ]
+    r = report.rules
+    if r is not None:
+        big = f"{r.rules:,}-rule allowlist"
+        out += [
+            row(f"HTTP keep-alive req/s, c={c}, {big} ↑", r.large.rate, r.small.rate, "1 rule", 0),
+            row(
+                f"CPU-s per 10k HTTP requests, {big} ↓",
+                per_10k(r.large_cpu_s, r.large),
+                per_10k(r.small_cpu_s, r.small),
+                "1 rule",
+                2,
+            ),
+            (
+                f"RSS idle / peak, MiB, {big} ↓",
+                _pair(r.large_rss_idle_mib, r.large_rss_peak_mib),
+                f"{_pair(r.small_rss_idle_mib, r.small_rss_peak_mib)} (1 rule)",
+                "",
+            ),
+        ]
+    return out
 
 
 def markdown(report: Report) -> str:
@@ -196,8 +398,58 @@ def markdown(report: Report) -> str:
         "↑ higher is better, ↓ lower is better. The direct column of the latency rows is the "
         "absolute latency without a proxy (the proxies' rows are what they add to it). "
         "The last row is noise from other processes on the proxy's core (scheduler "
-        "statistics): rates and latencies suffer from it, CPU-seconds per request do not.",
+        "statistics): rates and latencies suffer from it, CPU-seconds per request do not. "
+        "Idle tunnels: CONNECT and a TLS handshake each, then held; per tunnel is the RSS "
+        "growth over the RSS just before the first was opened. The whole bench's peak is the "
+        "highest RSS of any of the proxy's processes in any scenario of this run.",
     ]
+    extra = sidecar_rows(report)
+    if extra:
+        lines += [
+            "",
+            f"| sidecar scenario | {us.name} | compared with | ratio |",
+            "|---|---:|---:|---:|",
+            *(f"| {label} | {ours} | {ref} | {ratio} |" for label, ours, ref, ratio in extra),
+        ]
     if report.notes:
         lines += ["", *(f"- {n}" for n in report.notes)]
     return "\n".join(lines) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: NaN as null (JSON has no NaN), containers walked."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The run as data: both tables' rows as printed, and every measured figure."""
+    table = [
+        {
+            "scenario": label,
+            "better": {"↑": "higher", "↓": "lower"}[better],
+            "direct": direct,
+            "squid": theirs,
+            "sidecar": ours,
+            "sidecar_over_squid": ours / theirs if theirs > 0 else None,
+        }
+        for label, direct, theirs, ours, _, better in rows(report)
+    ]
+    extra = [
+        {"scenario": label, "sidecar": ours, "compared_with": ref, "ratio": ratio}
+        for label, ours, ref, ratio in sidecar_rows(report)
+    ]
+    data: dict[str, Any] = _plain(
+        {
+            "table": table,
+            "sidecar_scenarios": extra,
+            "sidecar_peak_rss_mib": report.sidecar_peak_mib(),
+            "run": dataclasses.asdict(report),
+        }
+    )
+    return data

@@ -1,4 +1,5 @@
-"""One benchmark run: upstream, direct baseline, Squid, the sidecar; each scenario bounded."""
+"""One benchmark run: upstream, direct baseline, Squid, the sidecar, then the sidecar-only
+scenarios (span export, allowlist size, transparent capture); each scenario bounded."""
 
 from __future__ import annotations
 
@@ -12,15 +13,24 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.configs import BIG_PATH, LOOPBACK, UpstreamPorts
-from bench.loadgen import Download, Generators, LoadResult
+from bench.configs import (
+    BIG_PATH,
+    LOOPBACK,
+    UpstreamPorts,
+    big_allowlist_yaml,
+    named_allowlist_yaml,
+)
+from bench.idle import hold_idle_tunnels, raise_nofile
+from bench.loadgen import Download, Generators, LoadResult, checked
+from bench.otlp import SpanCounter
 from bench.procstat import PeakRss, cpu_seconds, rss_mib, runqueue_wait_seconds
-from bench.report import Direct, ProxyRun, Report, Settings
-from bench.servers import Server, start_nginx, start_sidecar, start_squid
+from bench.report import Direct, ExportRun, ProxyRun, Report, RulesRun, Settings, TransparentRun
+from bench.servers import Server, Sidecar, start_nginx, start_sidecar, start_squid
 from bench.tools import Tools
+from bench.transparent import CpuPlan, TransparentUnavailableError, measure_transparent
 
 Log = Callable[[str], None]
 
@@ -31,6 +41,7 @@ class Pinning:
     load: tuple[str, ...]
     description: str
     load_cpu: int | None
+    proxy_cpu: int | None = None
 
 
 def plan_pinning(tools: Tools, enabled: bool) -> Pinning:
@@ -42,8 +53,10 @@ def plan_pinning(tools: Tools, enabled: bool) -> Pinning:
     return Pinning(
         (tools.taskset, "-c", str(proxy_cpu)),
         (tools.taskset, "-c", str(load_cpu)),
-        f"proxy on CPU {proxy_cpu}; load generators and upstream on CPU {load_cpu}",
+        f"proxy on CPU {proxy_cpu}; load generators, upstream and the bench's own clients "
+        f"and OTLP receiver on CPU {load_cpu}",
         load_cpu,
+        proxy_cpu,
     )
 
 
@@ -70,21 +83,16 @@ def squid_name(squid: str) -> str:
 
 
 def sidecar_name() -> str:
+    # EGRESS_ENGINE (inherited by the sidecar: `run --engine`'s default) names the engine.
+    engine = os.environ.get("EGRESS_ENGINE", "fast")
     try:
         ours = importlib.metadata.version("egress-sidecar")
         mitm = importlib.metadata.version("mitmproxy")
-        return f"egress-sidecar {ours} (mitmproxy {mitm})"
+        if engine == "mitmproxy":
+            return f"egress-sidecar {ours} (engine mitmproxy {mitm})"
+        return f"egress-sidecar {ours} (fast path; mitmproxy {mitm} as second tier)"
     except importlib.metadata.PackageNotFoundError:
         return "egress-sidecar"
-
-
-def _checked(what: str, result: LoadResult, notes: list[str]) -> LoadResult:
-    total = result.ok + result.errors
-    if result.ok == 0:
-        raise RuntimeError(f"{what}: no successful response ({result.errors} errors)")
-    if result.errors and result.errors / total > 0.001:
-        notes.append(f"{what}: {result.errors} of {total} requests failed")
-    return result
 
 
 @dataclass(frozen=True)
@@ -179,36 +187,226 @@ def measure_proxy(
     time.sleep(s.idle_seconds)  # let start-up work (imports, CA generation) settle
     rss_idle = rss_mib(pid)
     wait0, wall0 = runqueue_wait_seconds(pid), time.monotonic()
-    with PeakRss(pid) as peak:
-        if s.warmup_seconds > 0:
-            gen.wrk_http(
-                upstream_port=up.http,
-                proxy_port=port,
-                connections=s.connections,
-                seconds=s.warmup_seconds,
-                limit=s.max_requests,
+    with PeakRss(pid) as whole:
+        with PeakRss(pid) as peak:
+            if s.warmup_seconds > 0:
+                gen.wrk_http(
+                    upstream_port=up.http,
+                    proxy_port=port,
+                    connections=s.connections,
+                    seconds=s.warmup_seconds,
+                    limit=s.max_requests,
+                )
+            sc = _run_scenarios(
+                gen, up, s, label=name, proxy_port=port, cpu=lambda: cpu_seconds(pid), log=log
             )
-        sc = _run_scenarios(
-            gen, up, s, label=name, proxy_port=port, cpu=lambda: cpu_seconds(pid), log=log
-        )
-    load_seconds = time.monotonic() - wall0
-    cpu_wait = runqueue_wait_seconds(pid) - wait0
+        load_seconds = time.monotonic() - wall0
+        cpu_wait = runqueue_wait_seconds(pid) - wait0
+        idle = None
+        if s.idle_connections > 0:
+            log(f"{name}: {s.idle_connections:,} idle tunnels")
+            idle = hold_idle_tunnels(port, up.https, s.idle_connections, lambda: rss_mib(pid))
+            if idle.held < idle.wanted:
+                notes.append(
+                    f"{name}: {idle.held:,} of {idle.wanted:,} idle tunnels held "
+                    f"({idle.failed:,} failed to open)"
+                )
     if sc.download.status != 200 or sc.download.size != s.big_bytes:
         notes.append(f"{name}: big download got {sc.download.status}, {sc.download.size} bytes")
     return ProxyRun(
         name=name,
-        http=_checked(f"{name} HTTP keep-alive", sc.http, notes),
+        http=checked(f"{name} HTTP keep-alive", sc.http, notes),
         http_cpu_s=sc.http_cpu_s,
-        latency=_checked(f"{name} latency c=1", sc.latency, notes),
-        new_tunnels=_checked(f"{name} new tunnels", sc.new_tls, notes),
+        latency=checked(f"{name} latency c=1", sc.latency, notes),
+        new_tunnels=checked(f"{name} new tunnels", sc.new_tls, notes),
         new_tunnels_cpu_s=sc.new_tls_cpu_s,
-        long_tunnels=_checked(f"{name} long-lived tunnels", sc.keepalive_tls, notes),
+        long_tunnels=checked(f"{name} long-lived tunnels", sc.keepalive_tls, notes),
         download=sc.download,
         download_cpu_s=sc.download_cpu_s,
         load_seconds=load_seconds,
         cpu_wait_s=cpu_wait,
         rss_idle_mib=rss_idle,
         rss_peak_mib=peak.peak,
+        idle=idle,
+        rss_peak_all_mib=whole.peak,
+    )
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the sidecar-only scenarios share: load, upstream, settings, pinning, notes, log."""
+
+    gen: Generators
+    up: UpstreamPorts
+    s: Settings
+    pinning: Pinning
+    notes: list[str]
+    log: Log
+
+
+@dataclass
+class Arm:
+    """One sidecar of a paired comparison and what it measured."""
+
+    label: str
+    sidecar: Sidecar
+    name: str | None = None  # the host name requested (None: the upstream's address)
+    after: Callable[[LoadResult], None] | None = None  # runs inside the CPU window
+    runs: list[LoadResult] = field(default_factory=list)
+    cpu_s: float = 0.0
+    rss_idle_mib: float = 0.0
+    rss_peak_mib: float = 0.0
+
+    def result(self) -> LoadResult:
+        """The segments as one run: counts and time summed, the worse percentiles."""
+        return LoadResult(
+            ok=sum(r.ok for r in self.runs),
+            errors=sum(r.errors for r in self.runs),
+            seconds=sum(r.seconds for r in self.runs),
+            p50_ms=max(r.p50_ms for r in self.runs),
+            p99_ms=max(r.p99_ms for r in self.runs),
+        )
+
+
+def _paired(ctx: Context, a: Arm, b: Arm, warmed: Callable[[], None] | None = None) -> None:
+    """The plain-HTTP scenario on two sidecars in the order A B B A, each segment half the
+    scenario's length: whatever else loads the machine meanwhile weighs on both alike."""
+    gen, up, s = ctx.gen, ctx.up, ctx.s
+    time.sleep(s.idle_seconds)
+    for arm in (a, b):
+        arm.rss_idle_mib = rss_mib(arm.sidecar.server.pid)
+    segment = max(round(s.seconds / 2), 1)
+    with PeakRss(a.sidecar.server.pid) as peak_a, PeakRss(b.sidecar.server.pid) as peak_b:
+        if s.warmup_seconds > 0:
+            for arm in (a, b):
+                gen.wrk_http(
+                    upstream_port=up.http,
+                    proxy_port=arm.sidecar.port,
+                    connections=s.connections,
+                    seconds=s.warmup_seconds,
+                    limit=s.max_requests,
+                    name=arm.name,
+                )
+        if warmed is not None:
+            warmed()
+        for arm in (a, b, b, a):
+            pid = arm.sidecar.server.pid
+            cpu0 = cpu_seconds(pid)
+            run = gen.wrk_http(
+                upstream_port=up.http,
+                proxy_port=arm.sidecar.port,
+                connections=s.connections,
+                seconds=segment,
+                limit=s.max_requests,
+                name=arm.name,
+            )
+            if arm.after is not None:
+                arm.after(run)
+            arm.cpu_s += cpu_seconds(pid) - cpu0
+            arm.runs.append(run)
+    a.rss_peak_mib, b.rss_peak_mib = peak_a.peak, peak_b.peak
+
+
+def measure_export(ctx: Context, workdir: Path) -> ExportRun:
+    """Plain HTTP on a sidecar exporting spans to the bench's OTLP receiver, paired with one
+    that exports nothing (the first table's configuration)."""
+    ctx.log("span export on and off: plain HTTP keep-alive, A B B A")
+    receiver = SpanCounter()
+    counted = {"base": 0, "expected": 0}
+    flush: list[float] = []
+
+    def warmed() -> None:
+        # the warm-up's spans are in before the first measured segment (or never will be)
+        counted["base"] = counted["expected"] = receiver.wait_for(1 << 62, timeout=15, quiet=1.5)
+
+    def drained(run: LoadResult) -> None:
+        # the export's own work after the load belongs to the run: wait for its spans
+        ended = time.monotonic()
+        counted["expected"] += run.ok + run.errors
+        receiver.wait_for(counted["expected"], timeout=20)
+        flush.append(time.monotonic() - ended)
+
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        # batches leave at 512 spans under load anyway; this only shortens the wait for the
+        # last partial batch after it (the default is 5 s)
+        "OTEL_BSP_SCHEDULE_DELAY": "500",
+    }
+    try:
+        off = start_sidecar(ctx.pinning.proxy, workdir / "off", ctx.up)
+        try:
+            on = start_sidecar(ctx.pinning.proxy, workdir / "on", ctx.up, env=env)
+            try:
+                a, b = Arm("export off", off), Arm("export on", on, after=drained)
+                _paired(ctx, a, b, warmed)
+            finally:
+                on.server.stop()
+        finally:
+            off.server.stop()
+    finally:
+        receiver.stop()
+    if receiver.refused:
+        ctx.notes.append(f"OTLP receiver: {receiver.refused} request(s) it could not decode")
+    spans = receiver.spans - counted["base"]
+    requests = counted["expected"] - counted["base"]
+    if spans < requests:
+        ctx.notes.append(f"span export on: {spans:,} spans received for {requests:,} requests")
+    return ExportRun(
+        http=checked("span export on HTTP keep-alive", b.result(), ctx.notes),
+        cpu_s=b.cpu_s,
+        off=checked("span export off HTTP keep-alive", a.result(), ctx.notes),
+        off_cpu_s=a.cpu_s,
+        spans=spans,
+        requests=requests,
+        flush_s=max(flush),
+        rss_idle_mib=b.rss_idle_mib,
+        rss_peak_mib=b.rss_peak_mib,
+        off_rss_idle_mib=a.rss_idle_mib,
+        off_rss_peak_mib=a.rss_peak_mib,
+    )
+
+
+RULES_HOST = "api-0042.payments.rules.bench.test"
+
+
+def measure_rules(ctx: Context, workdir: Path) -> RulesRun:
+    """Plain HTTP to a named host allowed by a one-rule allowlist and by one rule of many."""
+    n, up = ctx.s.rules, ctx.up
+    ctx.log(f"allowlist of 1 rule and of {n:,} rules: plain HTTP to a named host, A B B A")
+    names = {RULES_HOST: LOOPBACK}
+    small = start_sidecar(
+        ctx.pinning.proxy,
+        workdir / "small",
+        up,
+        allowlist=named_allowlist_yaml(RULES_HOST, up.http),
+        names=names,
+    )
+    try:
+        large = start_sidecar(
+            ctx.pinning.proxy,
+            workdir / "large",
+            up,
+            allowlist=big_allowlist_yaml(n, RULES_HOST, up.http),
+            names=names,
+        )
+        try:
+            a, b = Arm("1 rule", small, RULES_HOST), Arm(f"{n} rules", large, RULES_HOST)
+            _paired(ctx, a, b)
+        finally:
+            large.server.stop()
+    finally:
+        small.server.stop()
+    return RulesRun(
+        rules=n,
+        small=checked("1-rule allowlist HTTP keep-alive", a.result(), ctx.notes),
+        small_cpu_s=a.cpu_s,
+        large=checked(f"{n:,}-rule allowlist HTTP keep-alive", b.result(), ctx.notes),
+        large_cpu_s=b.cpu_s,
+        small_rss_idle_mib=a.rss_idle_mib,
+        small_rss_peak_mib=a.rss_peak_mib,
+        large_rss_idle_mib=b.rss_idle_mib,
+        large_rss_peak_mib=b.rss_peak_mib,
     )
 
 
@@ -244,6 +442,8 @@ def run(
     log: Log = print,
 ) -> Report:
     pinning = plan_pinning(tools, pin)
+    # the bench holds one socket per idle tunnel, nginx one, Squid two; children inherit it
+    raise_nofile(2 * settings.idle_connections + 1024)
     with _workdir(keep_workdir) as work, _own_cpu(pinning.load_cpu):
         if keep_workdir:
             log(f"work directory: {work}")
@@ -280,8 +480,19 @@ def run(
                 )
             finally:
                 sidecar.server.stop()
+            ctx = Context(gen, up, settings, pinning, notes, log)
+            export = measure_export(ctx, work / "export")
+            rules = measure_rules(ctx, work / "rules") if settings.rules > 0 else None
         finally:
             nginx.stop()
+        transparent: TransparentRun | None = None
+        if settings.transparent:
+            try:
+                transparent = measure_transparent(
+                    tools, settings, CpuPlan(pinning.proxy_cpu, pinning.load), log, notes
+                )
+            except TransparentUnavailableError as err:
+                notes.append(f"transparent capture not measured: {err}")
     return Report(
         when=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         machine=machine_description(),
@@ -294,5 +505,8 @@ def run(
         direct=direct,
         baseline=baseline,
         sidecar=ours,
+        export=export,
+        transparent=transparent,
+        rules=rules,
         notes=notes,
     )

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from bench.configs import (
     squid_conf,
     write_self_signed,
 )
+from bench.hosts import hosts_file, with_hosts
 from bench.loadgen import clean_env
 
 
@@ -44,9 +45,9 @@ def _tail(path: Path, chars: int = 1500) -> str:
         return "(no log)"
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int, host: str = LOOPBACK) -> bool:
     try:
-        with socket.create_connection((LOOPBACK, port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -93,14 +94,20 @@ class Server:
                 self.proc.wait(5)
 
 
-def _spawn(name: str, argv: Sequence[str], log: Path, stdout: Path | None = None) -> Server:
+def _spawn(
+    name: str,
+    argv: Sequence[str],
+    log: Path,
+    stdout: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Server:
     with log.open("wb") as err, (stdout or log).open("ab") as out:
         proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
-            env=server_env(),
+            env={**server_env(), **(env or {})},
             start_new_session=True,  # a Ctrl-C in the terminal reaches only the bench
         )
     return Server(name, proc, log)
@@ -110,13 +117,22 @@ def server_env() -> dict[str, str]:
     env = clean_env()
     for key in list(env):
         if key.startswith("OTEL_"):
-            del env[key]  # no trace export: decisions are still traced in-process
+            del env[key]  # no trace export unless a scenario asks for it
     return env
 
 
 def start_nginx(
-    nginx: str, prefix: Sequence[str], workdir: Path, big_bytes: int
+    nginx: str,
+    prefix: Sequence[str],
+    workdir: Path,
+    big_bytes: int,
+    *,
+    address: str = LOOPBACK,
+    ports: UpstreamPorts | None = None,
+    ready: Callable[[UpstreamPorts], bool] | None = None,
 ) -> tuple[Server, UpstreamPorts]:
+    """nginx on ``address`` (free loopback ports unless ``ports``); ``ready`` checks that it
+    accepts (default: connect from here, which needs ``address`` reachable from here)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "www").mkdir(exist_ok=True)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -129,13 +145,19 @@ def start_nginx(
             left -= f.write(chunk[: min(left, len(chunk))])
     cert, key = workdir / "upstream.crt", workdir / "upstream.key"
     write_self_signed(cert, key)
-    ports = UpstreamPorts(http=free_port(), https=free_port())
+    ports = ports or UpstreamPorts(http=free_port(), https=free_port())
     conf = workdir / "nginx.conf"
-    conf.write_text(nginx_conf(workdir, ports, cert, key))
+    conf.write_text(nginx_conf(workdir, ports, cert, key, address))
     server = _spawn(
         "nginx", [*prefix, nginx, "-p", str(workdir), "-c", str(conf)], workdir / "nginx.log"
     )
-    server.wait(lambda: _port_open(ports.http) and _port_open(ports.https), 15)
+    up = ports
+    server.wait(
+        (lambda: ready(up))
+        if ready is not None
+        else (lambda: port_open(up.http, address) and port_open(up.https, address)),
+        15,
+    )
     return server, ports
 
 
@@ -158,7 +180,7 @@ def start_squid(
     conf = workdir / "squid.conf"
     conf.write_text(squid_conf(workdir, port, upstream))
     server = _spawn("squid", [*prefix, squid, "-N", "-f", str(conf)], workdir / "squid.log")
-    server.wait(lambda: _port_open(port), 20)
+    server.wait(lambda: port_open(port), 20)
     return server, port
 
 
@@ -194,14 +216,32 @@ def sidecar_argv(allowlist: Path, workdir: Path) -> tuple[list[str], int, int]:
     return argv, port, health
 
 
-def start_sidecar(prefix: Sequence[str], workdir: Path, upstream: UpstreamPorts) -> Sidecar:
+def start_sidecar(
+    prefix: Sequence[str],
+    workdir: Path,
+    upstream: UpstreamPorts,
+    *,
+    allowlist: str | None = None,
+    names: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Sidecar:
+    """The sidecar on loopback with ``allowlist`` (default: the upstream's address), host
+    ``names`` resolved through a hosts file of its own (bench.hosts) and ``env`` on top of the
+    OTEL-free environment."""
     workdir.mkdir(parents=True, exist_ok=True)
-    allowlist = workdir / "allowlist.yaml"
-    allowlist.write_text(allowlist_yaml(upstream))
-    argv, port, health = sidecar_argv(allowlist, workdir)
+    path = workdir / "allowlist.yaml"
+    path.write_text(allowlist if allowlist is not None else allowlist_yaml(upstream))
+    argv, port, health = sidecar_argv(path, workdir)
+    if names:
+        (workdir / "etc").mkdir(exist_ok=True)
+        argv = with_hosts(hosts_file(workdir / "etc" / "hosts", names), argv)
     argv = [*prefix, *argv]
     server = _spawn(
-        "egress-sidecar", argv, workdir / "sidecar-stderr.log", workdir / "decisions.jsonl"
+        "egress-sidecar",
+        argv,
+        workdir / "sidecar-stderr.log",
+        workdir / "decisions.jsonl",
+        env,
     )
     server.wait(lambda: _health_ready(health), 60)
     return Sidecar(server, port, health)

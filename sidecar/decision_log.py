@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
 import logging
 import sys
+import threading
 import time
+from json.encoder import encode_basestring_ascii as _quote
 from typing import IO, Any
 
 from sidecar.record import DecisionRecord
@@ -13,7 +17,8 @@ from sidecar.record import DecisionRecord
 _STD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
-def decision_line(rec: DecisionRecord, *, now: float | None = None) -> str:
+def decision_line_reference(rec: DecisionRecord, *, now: float | None = None) -> str:
+    """The line as json.dumps of a dict writes it: the definition decision_line must match."""
     d = rec.decision
     entry: dict[str, Any] = {
         "ts": _iso(time.time() if now is None else now),
@@ -41,17 +46,127 @@ def decision_line(rec: DecisionRecord, *, now: float | None = None) -> str:
     return json.dumps({k: v for k, v in entry.items() if v is not None}, separators=(",", ":"))
 
 
+def decision_line(rec: DecisionRecord, *, now: float | None = None) -> str:
+    """decision_line_reference's bytes, about 3x cheaper: no dict, no generic encoder dispatch.
+
+    json.dumps escapes strings with this same C function (ensure_ascii) and writes ints with
+    int.__repr__, so fixed keys in the same order give the same line. Enum members are read
+    through ``_value_``, the plain attribute behind the ``value`` descriptor (~1 us a read).
+    """
+    d = rec.decision
+    q = _quote
+    parts = [
+        '{"ts":"',
+        _iso(time.time() if now is None else now),
+        '","msg":"egress decision","decision":',
+        q(d.verdict._value_),
+        ',"reason":',
+        q(d.reason._value_),
+    ]
+    if d.rule is not None:
+        parts += ',"rule":', q(d.rule)
+    parts += ',"capture":', q(rec.capture._value_), ',"protocol":', q(rec.protocol)
+    if rec.host is not None:
+        parts += ',"host":', q(rec.host)
+    parts += ',"port":', int.__repr__(rec.port)
+    address = rec.peer_address or rec.original_address
+    if address is not None:
+        parts += ',"address":', q(address)
+    if rec.method is not None:
+        parts += ',"method":', q(rec.method)
+    if rec.url is not None:
+        parts += ',"url":', q(rec.url)
+    if rec.status_code is not None:
+        parts += ',"status":', int.__repr__(rec.status_code)
+    if rec.client_address is not None:
+        parts += ',"client":', q(rec.client_address)
+    parts += (
+        ',"policy_source":',
+        q(rec.policy_source),
+        ',"policy_version":',
+        q(rec.policy_version),
+        ',"mode":',
+        q(rec.mode),
+    )
+    if d.detail:
+        parts += ',"detail":', q(d.detail)
+    if rec.error:
+        parts += ',"error":', q(rec.error)
+    parts.append("}")
+    return "".join(parts)
+
+
+# Decision lines leave at most this long after being written (tests and `kubectl logs -f` read
+# them live), or sooner when this many characters are waiting.
+FLUSH_INTERVAL_S = 0.02
+FLUSH_AT_CHARS = 64 * 1024
+
+
 class DecisionLog:
+    """Decision lines on stdout, written in batches: one write+flush per ~20 ms, not per line.
+
+    A flush per line cost ~9 us of a decision's ~90 us. Lines written from an event loop are
+    buffered and flushed by a call_later on that loop; from outside any loop (a CLI, a test) they
+    go out at once. flush() (called at exit, after the drain) writes whatever is left.
+    """
+
     def __init__(self, stream: IO[str] | None = None) -> None:
         self._stream = stream or sys.stdout
+        self._pending: list[str] = []
+        self._chars = 0
+        self._scheduled = False
+        self._lock = threading.Lock()  # write() may come from a thread (mitmproxy's, tests')
+        atexit.register(self.flush)
 
     def write(self, rec: DecisionRecord) -> None:
-        self._stream.write(decision_line(rec) + "\n")
-        self._stream.flush()
+        line = decision_line(rec) + "\n"
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            self._pending.append(line)
+            self._chars += len(line)
+            if loop is not None and self._chars < FLUSH_AT_CHARS:
+                if not self._scheduled:
+                    self._scheduled = True
+                    loop.call_later(FLUSH_INTERVAL_S, self._flush_scheduled)
+                return
+        self.flush()
+
+    def _flush_scheduled(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._pending:
+                return
+            text = "".join(self._pending)
+            self._pending.clear()
+            self._chars = 0
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):  # stdout closed or gone at exit: nothing to tell
+                pass
+
+
+# [(second, its text)]: one tuple, so that threads logging at once never pair a stale text with
+# a newer second.
+_iso_cache: list[tuple[int, str]] = [(-1, "")]
 
 
 def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+    # strftime+gmtime was most of the cost; the second changes rarely, so cache its text.
+    second = int(ts)
+    cached = _iso_cache[0]
+    if cached[0] == second:
+        prefix = cached[1]
+    else:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+        _iso_cache[0] = (second, prefix)
+    return prefix + f".{int(ts % 1 * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

@@ -67,6 +67,12 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.spans_dropped = Counter(
+            "egress_trace_spans_dropped",
+            "Spans dropped because the export queue was full (collector slow or unreachable).",
+            registry=self.registry,
+        )
+
     def set_policy_info(self, source: str, version: str) -> None:
         """Exactly one egress_policy_info series: the version in force."""
         self.policy_info.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
@@ -27,6 +28,9 @@ class Reporter:
         self._spans = spans
         self._log = log
         self._metrics = metrics
+        # labels(...) validates and looks up its child each call (~17 us); the label tuples are
+        # few (decision x reason x capture), so keep the children.
+        self._counters: dict[tuple[str, str, str], Any] = {}
 
     def begin(
         self, rec: DecisionRecord, *, parent: Context | None = None, start_ns: int | None = None
@@ -40,9 +44,13 @@ class Reporter:
         rec = open_decision.record
         self._spans.finish(open_decision.span, rec)
         self._log.write(rec)
-        self._metrics.decisions.labels(
-            decision=rec.verdict.value, reason=rec.decision.reason.value, capture=rec.capture.value
-        ).inc()
+        d = rec.decision
+        # _value_: the plain attribute behind Enum.value (a descriptor costing ~1 us a read).
+        key = (d.verdict._value_, d.reason._value_, rec.capture._value_)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self._metrics.decisions.labels(*key)
+        counter.inc()
 
     def report(self, rec: DecisionRecord, *, start_ns: int | None = None) -> None:
         self.end(self.begin(rec, start_ns=start_ns))

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
     from sidecar.fastpath.accept import AcceptGate, OpenFiles
+    from sidecar.telemetry.lean import LeanTracerProvider
 
 log = logging.getLogger("sidecar.run")
 # The head limits' defaults, written once (sidecar.proxy.headlimits is pure and small).
@@ -336,6 +337,7 @@ async def _serve(
     from sidecar.policy.store import PolicyStore
     from sidecar.reporter import Reporter
     from sidecar.sources import SourceConfigError, SourceSpec, open_source
+    from sidecar.telemetry.lean import LeanTracerProvider
     from sidecar.telemetry.setup import TelemetryConfigError, build_tracer_provider
     from sidecar.telemetry.spans import DecisionSpans
 
@@ -357,10 +359,11 @@ async def _serve(
         return 2
     trace.set_tracer_provider(provider)
     metrics = Metrics()
+    if isinstance(provider, LeanTracerProvider):
+        provider.count_drops(metrics.spans_dropped.inc)
     store = PolicyStore(Mode(args.mode) if args.mode else None)
-    reporter = Reporter(
-        DecisionSpans(provider.get_tracer("egress-sidecar")), DecisionLog(), metrics
-    )
+    decision_log = DecisionLog()
+    reporter = Reporter(DecisionSpans(provider.get_tracer("egress-sidecar")), decision_log, metrics)
     configmaps = tuple(p.strip() for p in (args.configmap or "").split(",") if p.strip())
     spec = SourceSpec(
         allowlist_file=args.allowlist_file,
@@ -450,13 +453,14 @@ async def _serve(
         source.stop()
         health.shutdown()
         health.server_close()
-        if isinstance(provider, TracerProvider):
+        decision_log.flush()  # the lines of the last ~20 ms, before anything that can hang
+        if isinstance(provider, TracerProvider | LeanTracerProvider):
             _flush_spans(provider, args.flush_timeout)
         log.info("stopped")
     return 0 if not front.failed else 1
 
 
-def _flush_spans(provider: TracerProvider, timeout: float) -> None:
+def _flush_spans(provider: TracerProvider | LeanTracerProvider, timeout: float) -> None:
     """Shut the tracer provider down (flushing the batch processors), bounded by ``timeout``.
 
     The SDK's own shutdown waits up to 30 s for the batch processor, then the exporter's timeout:

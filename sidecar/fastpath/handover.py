@@ -35,7 +35,7 @@ class SecondTier:
         self._store = store
         self._reporter = reporter
         self._proxy: Proxy | None = None
-        self._loading: asyncio.Future[Proxy] | None = None
+        self._loading: asyncio.Task[Proxy] | None = None
         self._run: asyncio.Task[None] | None = None
         self._instances: dict[tuple[str, ListenSpec], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -85,18 +85,20 @@ class SecondTier:
             instance = self._instances[(kind, conn.listen)] = proxy.instance(kind, conn.listen)
         await instance.handle_stream(reader, writer)
 
+    async def load(self, why: str) -> None:
+        """Load mitmproxy now (the mitmproxy engine does at start: no first call waits for it)."""
+        await self._load(why)
+
     async def _load(self, why: str) -> Proxy:
         if self._proxy is not None:
             return self._proxy
-        if self._loading is None:
-            self._loading = asyncio.get_running_loop().create_future()
-            try:
-                self._loading.set_result(await self._start(why))
-            except BaseException as err:
-                self._loading.set_exception(err)
-                self._loading = None
-                raise
-        return await asyncio.shield(self._loading)
+        loading = self._loading
+        if loading is None or (
+            loading.done() and (loading.cancelled() or loading.exception() is not None)
+        ):
+            # One start for every connection that waits on it; a failed one is tried again.
+            loading = self._loading = asyncio.get_running_loop().create_task(self._start(why))
+        return await asyncio.shield(loading)
 
     async def _start(self, why: str) -> Proxy:
         started = time.monotonic()

@@ -83,6 +83,8 @@ class FrontDoor:
     async def start(self) -> bool:
         """Listen on every configured address; False (and ``failed`` says why) if one failed."""
         loop = asyncio.get_running_loop()
+        if self.engine is Engine.MITMPROXY:
+            await self.services.second_tier.load("engine mitmproxy")
         for capture, specs in (
             (Capture.EXPLICIT, self.config.explicit),
             (Capture.TRANSPARENT, self.config.transparent),

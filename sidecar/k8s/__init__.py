@@ -1,5 +1,6 @@
 """Kubernetes adapters: client configuration, the ConfigMap watcher, the Event recorder.
 
-Every import of the ``kubernetes`` client lives here or in ``sidecar.sources``; the policy core
-never sees it.
+They speak the API's HTTP themselves (sidecar.k8s.client): the official ``kubernetes`` package
+is kept out of the sidecar's process (an import-linter contract says so); the policy core never
+sees any of it.
 """

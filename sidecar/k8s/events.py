@@ -27,14 +27,12 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client as k8s
-from kubernetes.client.exceptions import ApiException
-
-from sidecar.k8s.client import KubeClient
+from sidecar.k8s.client import ApiError, KubeClient
 
 log = logging.getLogger(__name__)
 
 HTTP_CONFLICT = 409
+TIMEOUT = (5.0, 10.0)  # (connect, read) seconds: an Event is never worth a long wait
 MAX_MESSAGE = 1024  # the API server rejects longer Event messages
 COMPONENT = "egress-sidecar"
 
@@ -114,13 +112,12 @@ class EventRecorder:
             )
 
     def _run(self) -> None:
-        api = self._client.core_v1()
         while True:
             request = self._queue.get()
             if request is None:
                 return
             try:
-                self.record(api, request)
+                self.record(request)
                 self.posted += 1
             except Exception as err:
                 self.failed += 1
@@ -133,52 +130,60 @@ class EventRecorder:
                     },
                 )
 
-    def record(self, api: Any, request: EventRequest) -> str:
+    def body(self, request: EventRequest, now: datetime.datetime) -> dict[str, Any]:
+        """The core/v1 Event, as the API server's JSON spells it."""
+        obj = request.obj
+        stamp = _stamp(now)
+        source = {"component": COMPONENT}
+        if self._host:
+            source["host"] = self._host
+        return {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": event_name(obj, request.reason), "namespace": obj.namespace},
+            "involvedObject": {
+                "kind": obj.kind,
+                "apiVersion": obj.api_version,
+                "namespace": obj.namespace,
+                "name": obj.name,
+                "uid": obj.uid,
+                "resourceVersion": obj.resource_version,
+            },
+            "reason": request.reason,
+            "message": truncate_message(request.message),
+            "type": request.type,
+            "source": source,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+            "reportingComponent": COMPONENT,
+            "reportingInstance": self._instance,
+        }
+
+    def record(self, request: EventRequest) -> str:
         """Create the Event, or bump the count of the one another sidecar created."""
         obj = request.obj
         name = event_name(obj, request.reason)
         now = _now()
-        body = k8s.CoreV1Event(
-            metadata=k8s.V1ObjectMeta(name=name, namespace=obj.namespace),
-            involved_object=k8s.V1ObjectReference(
-                kind=obj.kind,
-                api_version=obj.api_version,
-                namespace=obj.namespace,
-                name=obj.name,
-                uid=obj.uid,
-                resource_version=obj.resource_version,
-            ),
-            reason=request.reason,
-            message=truncate_message(request.message),
-            type=request.type,
-            source=k8s.V1EventSource(component=COMPONENT, host=self._host),
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-            reporting_component=COMPONENT,
-            reporting_instance=self._instance,
-        )
         try:
-            api.create_namespaced_event(obj.namespace, body, _request_timeout=(5, 10))
+            self._client.create_event(obj.namespace, self.body(request, now), timeout=TIMEOUT)
             return name
-        except ApiException as err:
+        except ApiError as err:
             if err.status != HTTP_CONFLICT:
                 raise
         # Without `get` on events (least privilege): the first patch returns the current count.
-        merge = "application/merge-patch+json"
-        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-        current = api.patch_namespaced_event(
-            name,
-            obj.namespace,
-            {"lastTimestamp": stamp},
-            _content_type=merge,
-            _request_timeout=(5, 10),
+        current = self._client.patch_event(
+            obj.namespace, name, {"lastTimestamp": _stamp(now)}, timeout=TIMEOUT
         )
-        api.patch_namespaced_event(
-            name,
+        count = current.get("count")
+        self._client.patch_event(
             obj.namespace,
-            {"count": int(current.count or 1) + 1},
-            _content_type=merge,
-            _request_timeout=(5, 10),
+            name,
+            {"count": (count if isinstance(count, int) and count > 0 else 1) + 1},
+            timeout=TIMEOUT,
         )
         return name
+
+
+def _stamp(when: datetime.datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")

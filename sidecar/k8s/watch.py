@@ -1,4 +1,4 @@
-"""List-then-watch of one ConfigMap, by name, through the official client.
+"""List-then-watch of one ConfigMap, by name, through the sidecar's own API client.
 
 The loop, per ConfigMap (one thread each):
 
@@ -25,7 +25,7 @@ The listener is called from the watcher's thread; it must not block for long.
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
 import random
 import threading
@@ -34,15 +34,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kubernetes import watch as _k8s_watch
-from kubernetes.client.exceptions import ApiException
-
-from sidecar.k8s.client import KubeClient
+from sidecar.k8s.client import ApiError, KubeClient, WatchLineTooLongError, WatchStream
 from sidecar.k8s.refs import ConfigMapRef
 
 log = logging.getLogger(__name__)
-
-Watch: Any = _k8s_watch.Watch  # unannotated in the client
 
 HTTP_GONE = 410
 HTTP_UNAUTHORIZED = 401
@@ -50,8 +45,8 @@ HEALTHY_WATCH_SECONDS = 1.0  # a watch open this long proves the server works
 
 
 class CorruptWatchEventError(ValueError):
-    """A watch stream line that is not a watch event (the official client yields None for a
-    line that is not JSON, and raises KeyError/TypeError/ValueError for other malformed ones)."""
+    """A watch stream line that is not a watch event: not JSON, not an object, no ``type`` or
+    no ``object`` mapping, or longer than any event could be."""
 
     def __init__(self, ref: ConfigMapRef, detail: str) -> None:
         super().__init__(f"corrupt watch event for ConfigMap {ref}: {detail}")
@@ -134,7 +129,7 @@ class ConfigMapWatcher:
         self._rng = rng or random.Random()
         self._backoff = Backoff(self.tuning.backoff_initial, self.tuning.backoff_max, self._rng)
         self._stop = threading.Event()
-        self._watch: Any = None
+        self._stream: WatchStream | None = None
         self._thread: threading.Thread | None = None
         self.resource_version: str | None = None  # where the next watch resumes; None: LIST
         self.lists = 0  # LIST requests made (tests and status read these)
@@ -153,28 +148,27 @@ class ConfigMapWatcher:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        watch = self._watch
-        if watch is not None:
-            watch.stop()  # shuts the socket down: unblocks a read in progress
+        stream = self._stream
+        if stream is not None:
+            stream.abort()  # shuts the socket down: unblocks a read in progress
         if self._thread is not None:
             self._thread.join(timeout)
 
     # -- the loop -------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        api = self.client.core_v1()
         while not self._stop.is_set():
             try:
                 if self.resource_version is None:
-                    self._list(api)
-                self._watch_once(api)
+                    self._list()
+                self._watch_once()
             except CorruptWatchEventError as err:
                 if self._stop.is_set():
                     break
                 # What the bad line carried is unknown (perhaps an edit of ours): LIST again.
                 self.resource_version = None
                 self._pause(str(err))
-            except ApiException as err:
+            except ApiError as err:
                 if self._stop.is_set():
                     break
                 if err.status == HTTP_GONE:
@@ -195,7 +189,7 @@ class ConfigMapWatcher:
                     continue
                 if err.status == HTTP_UNAUTHORIZED:
                     self.client.refresh_credentials()
-                self._pause(f"HTTP {err.status}: {_reason(err)}")
+                self._pause(str(err))
             except Exception as err:  # connection refused/reset, read timeout, bad response
                 if self._stop.is_set():
                     break
@@ -210,74 +204,68 @@ class ConfigMapWatcher:
         self.listener.on_connection(self.ref, ok=False, error=error)
         self._stop.wait(delay)
 
-    def _list(self, api: Any) -> None:
+    @property
+    def _selector(self) -> str:
+        # RBAC resourceNames authorizes list and watch only when they select the name.
+        return f"metadata.name={self.ref.name}"
+
+    def _list(self) -> None:
         self.lists += 1
-        result = api.list_namespaced_config_map(
+        result = self.client.list_configmaps(
             self.ref.namespace,
-            field_selector=f"metadata.name={self.ref.name}",
-            _request_timeout=(self.tuning.connect_timeout, self.tuning.list_timeout),
+            field_selector=self._selector,
+            timeout=(self.tuning.connect_timeout, self.tuning.list_timeout),
         )
         self.listener.on_connection(self.ref, ok=True, error=None)
-        list_rv = str(result.metadata.resource_version)
-        items = [i for i in (result.items or []) if i.metadata.name == self.ref.name]
+        list_rv = str((result.get("metadata") or {}).get("resourceVersion") or "")
+        items = [
+            i
+            for i in (result.get("items") or [])
+            if isinstance(i, Mapping) and (i.get("metadata") or {}).get("name") == self.ref.name
+        ]
         if items:
-            item = items[0]
-            self._report(
-                ConfigMapObject(
-                    ref=self.ref,
-                    uid=str(item.metadata.uid or ""),
-                    resource_version=str(item.metadata.resource_version or ""),
-                    data=dict(item.data or {}),
-                )
-            )
+            self._report(_to_object(self.ref, items[0]))
         else:
             self._report_absent(list_rv, deleted=False)
         self.resource_version = list_rv
 
-    def _watch_once(self, api: Any) -> None:
+    def _watch_once(self) -> None:
         timeout = self._rng.randint(self.tuning.watch_timeout_min, self.tuning.watch_timeout_max)
-        watch = Watch()
-        self._watch = watch
         if self._stop.is_set():
             return
         self.watches += 1
-        opened: list[float] = []  # when the server accepted the watch
+        opened: float | None = None  # when the server accepted the watch
         events = 0
-
-        @functools.wraps(api.list_namespaced_config_map)
-        def open_watch(*args: Any, **kwargs: Any) -> Any:
-            response = api.list_namespaced_config_map(*args, **kwargs)
-            opened.append(time.monotonic())
-            # The server accepted the watch (a non-2xx raised above): reachable again, even if
-            # no event or bookmark comes for minutes.
-            self.listener.on_connection(self.ref, ok=True, error=None)
-            return response
-
         try:
-            # timeout_seconds also turns off Watch.stream's own retry, so that a 410 reaches us.
-            stream = watch.stream(
-                open_watch,
+            stream = self.client.watch_configmaps(
                 self.ref.namespace,
-                field_selector=f"metadata.name={self.ref.name}",
+                field_selector=self._selector,
                 resource_version=self.resource_version,
-                allow_watch_bookmarks=True,
                 timeout_seconds=timeout,
-                _request_timeout=(
-                    self.tuning.connect_timeout,
-                    timeout + self.tuning.read_grace,
-                ),
+                # A silent dead peer is noticed a little after the server's own timeout.
+                timeout=(self.tuning.connect_timeout, timeout + self.tuning.read_grace),
             )
-            for event in _checked(stream, self.ref):
-                if self._stop.is_set():
-                    break
-                self._handle(event)
-                events += 1
+            opened = time.monotonic()
+            self._stream = stream
+            try:
+                if self._stop.is_set():  # stop() ran before the stream was known to it
+                    return
+                # The server accepted the watch (a non-2xx raised above): reachable again,
+                # even if no event or bookmark comes for minutes.
+                self.listener.on_connection(self.ref, ok=True, error=None)
+                for event in _events(stream, self.ref):
+                    if self._stop.is_set():
+                        break
+                    self._handle(event)
+                    events += 1
+            finally:
+                self._stream = None
+                stream.close()
         finally:
-            self._watch = None
             # However it ended, a watch that delivered something or stayed open proves the
             # server healthy: the next failure starts the backoff from its first step again.
             healthy = events > 0 or (
-                bool(opened) and time.monotonic() - opened[0] >= HEALTHY_WATCH_SECONDS
+                opened is not None and time.monotonic() - opened >= HEALTHY_WATCH_SECONDS
             )
             if healthy:
                 self._backoff.reset()
@@ -287,7 +275,7 @@ class ConfigMapWatcher:
 
     def _handle(self, event: Mapping[str, Any]) -> None:
         kind = event.get("type")
-        raw = event.get("raw_object")
+        raw = event.get("object")
         if not isinstance(kind, str) or not isinstance(raw, Mapping):
             raise CorruptWatchEventError(self.ref, f"type {kind!r}, object {_excerpt(raw)}")
         rv = str((raw.get("metadata") or {}).get("resourceVersion") or "")
@@ -295,8 +283,8 @@ class ConfigMapWatcher:
             if rv:
                 self.resource_version = rv
             return
-        if kind == "ERROR":  # Watch.stream raises for these; kept for safety
-            raise ApiException(status=int(raw.get("code") or 500), reason=str(raw.get("reason")))
+        if kind == "ERROR":  # a Status: 410 Gone when our version was compacted
+            raise ApiError.from_status(500, raw)
         name = (raw.get("metadata") or {}).get("name")
         if name != self.ref.name:
             return
@@ -321,15 +309,20 @@ class ConfigMapWatcher:
         self.listener.on_absent(self.ref, rv, deleted=deleted)
 
 
-def _checked(stream: Iterator[Any], ref: ConfigMapRef) -> Iterator[Mapping[str, Any]]:
-    """The stream's events; a line the client could not decode becomes CorruptWatchEventError."""
+def _events(stream: WatchStream, ref: ConfigMapRef) -> Iterator[Mapping[str, Any]]:
+    """The stream's events, one JSON object a line; anything else is CorruptWatchEventError."""
+    lines = stream.lines()
     while True:
         try:
-            event = next(stream)
+            line = next(lines)
         except StopIteration:
             return
-        except (KeyError, TypeError, ValueError) as err:  # raised while decoding a line
-            raise CorruptWatchEventError(ref, f"{type(err).__name__}: {err}") from err
+        except WatchLineTooLongError as err:
+            raise CorruptWatchEventError(ref, str(err)) from err
+        try:
+            event = json.loads(line)
+        except ValueError as err:  # not JSON, or truncated
+            raise CorruptWatchEventError(ref, f"{err}: {_excerpt(line)}") from err
         if not isinstance(event, Mapping):
             raise CorruptWatchEventError(ref, "a line that is not a JSON object")
         yield event
@@ -338,11 +331,3 @@ def _checked(stream: Iterator[Any], ref: ConfigMapRef) -> Iterator[Mapping[str, 
 def _excerpt(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _reason(err: ApiException) -> str:
-    body = getattr(err, "body", None)
-    if body:
-        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
-        return f"{err.reason}: {text[:300]}"
-    return str(err.reason)

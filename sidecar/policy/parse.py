@@ -8,7 +8,6 @@ A ConfigMap manifest is accepted too: its ``data["allowlist.yaml"]`` is parsed, 
 
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
 import ipaddress
@@ -212,6 +211,8 @@ def _describe(node: Node) -> str:
 def _suggest(word: str, choices: tuple[str, ...]) -> str:
     if len(word) > 64:
         return ""  # no key is that long; difflib's cost grows with the word
+    import difflib  # only for a document with a typo: not loaded in every sidecar (~0.2 MiB)
+
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""
 

@@ -15,9 +15,24 @@ ALWAYS_KEPT = frozenset({"deny", "audit"})
 ALWAYS_KEPT_RELOADS = frozenset({"invalid", "deleted"})
 
 
+def always_kept(attributes: Attributes) -> bool:
+    """A denial, an audit, a rejected or deleted policy: sampled whatever the sampler says."""
+    if not attributes:
+        return False
+    decision = attributes.get("egress.decision")
+    reload = attributes.get("egress.policy.reload.result")
+    return (isinstance(decision, str) and decision in ALWAYS_KEPT) or (
+        isinstance(reload, str) and reload in ALWAYS_KEPT_RELOADS
+    )
+
+
 class DecisionSampler(Sampler):
     def __init__(self, delegate: Sampler) -> None:
         self._delegate = delegate
+
+    @property
+    def delegate(self) -> Sampler:
+        return self._delegate
 
     def should_sample(  # noqa: PLR0917 (the SDK's signature)
         self,
@@ -29,10 +44,7 @@ class DecisionSampler(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: TraceState | None = None,
     ) -> SamplingResult:
-        if attributes and (
-            attributes.get("egress.decision") in ALWAYS_KEPT
-            or attributes.get("egress.policy.reload.result") in ALWAYS_KEPT_RELOADS
-        ):
+        if always_kept(attributes):
             parent_state = get_current_span(parent_context).get_span_context().trace_state
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, parent_state)
         return self._delegate.should_sample(

@@ -13,21 +13,19 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
 from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
 from opentelemetry.trace import NoOpTracerProvider
 
 from sidecar import contract
-from sidecar.telemetry.file_exporter import OtlpJsonLinesExporter
+from sidecar.telemetry.lean import LeanTracerProvider, lean_settings
 from sidecar.telemetry.sampling import DecisionSampler
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +94,11 @@ def pod_resource(env: Mapping[str, str]) -> Resource:
     return Resource.create({k: v for k, v in defaults.items() if k not in from_env})
 
 
-def _otlp_exporter(plan: ExportPlan) -> SpanExporter:
+def _otlp_exporter(plan: ExportPlan, env: Mapping[str, str]) -> SpanExporter:
     # The exporters read their endpoint, headers, timeout, compression and TLS variables
     # themselves; HTTP appends v1/traces to OTEL_EXPORTER_OTLP_ENDPOINT, as the spec says.
+    # Each protocol's exporter is imported only when chosen: the gRPC one loads grpc
+    # (+13 MiB, measured).
     if plan.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter as GrpcExporter,
@@ -109,24 +109,66 @@ def _otlp_exporter(plan: ExportPlan) -> SpanExporter:
         OTLPSpanExporter as HttpExporter,
     )
 
-    return HttpExporter()
+    # The transport is the exporter's private hook (a keyword and a base class it may rename):
+    # if either moves, its default transport (requests) still exports, ~6 MiB heavier.
+    try:
+        from sidecar.telemetry.transport import HttpClientTransport
+
+        return HttpExporter(_transport=HttpClientTransport(**_tls_options(env)))
+    except (ImportError, TypeError) as err:
+        log.warning("OTLP/HTTP export through the exporter's default transport (requests): %s", err)
+        return HttpExporter()
+
+
+def _tls_options(env: Mapping[str, str]) -> dict[str, Any]:
+    """The certificate variables the exporter would read for its default transport."""
+
+    def first(*names: str) -> str | None:
+        return next((env[n] for n in names if env.get(n)), None)
+
+    ca = first("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE")
+    key = first("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY")
+    cert = first(
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"
+    )
+    return {
+        "verify": ca or True,
+        "cert": (cert, key) if cert and key else cert,
+    }
 
 
 def build_tracer_provider(
     env: Mapping[str, str] | None = None, *, console: bool = False, file: Path | None = None
-) -> tuple[TracerProvider | NoOpTracerProvider, ExportPlan]:
+) -> tuple[TracerProvider | LeanTracerProvider | NoOpTracerProvider, ExportPlan]:
     env = os.environ if env is None else env
     plan = plan_export(env, console=console, file=file)
     if plan.protocol is None and not plan.console and plan.file is None:
         # Nothing would receive a span: don't build any (about 7 % of per-request CPU), and
         # leave the caller's traceparent untouched instead of naming spans that exist nowhere.
         return NoOpTracerProvider(), plan
-    provider = TracerProvider(
-        resource=pod_resource(env), sampler=DecisionSampler(_get_from_env_or_default())
+    sampler = DecisionSampler(_get_from_env_or_default())
+    if plan.protocol == "http/protobuf" and not plan.console and plan.file is None:
+        # The production configuration: the lean pipeline (sidecar.telemetry.lean says why),
+        # unless the variables ask for something only the SDK exporter does.
+        assert plan.endpoint is not None
+        settings = lean_settings(env, plan.endpoint)
+        if settings is not None:
+            return LeanTracerProvider(settings, pod_resource(env).attributes, sampler), plan
+    # The SDK's pipeline is imported only by the configurations that use it.
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SimpleSpanProcessor,
     )
+
+    provider = TracerProvider(resource=pod_resource(env), sampler=sampler)
     if plan.protocol is not None:
-        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(plan)))
+        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(plan, env)))
     if plan.file is not None:
+        # Only with --trace-file: it loads protobuf's JSON formatting.
+        from sidecar.telemetry.file_exporter import OtlpJsonLinesExporter
+
         provider.add_span_processor(BatchSpanProcessor(OtlpJsonLinesExporter(plan.file)))
     if plan.console:
         # stderr: stdout carries exactly one JSON line per decision and nothing else.

@@ -6,7 +6,7 @@ from collections.abc import Mapping, MutableMapping
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import NoOpTracer, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -40,11 +40,11 @@ def decision_attributes(rec: DecisionRecord) -> dict[str, AttributeValue]:
     """Attributes known when the decision is made (the sampler sees these)."""
     d = rec.decision
     attrs: dict[str, AttributeValue] = {
-        "egress.decision": d.verdict.value,
-        "egress.reason": d.reason.value,
+        "egress.decision": d.verdict._value_,
+        "egress.reason": d.reason._value_,
         "egress.policy.source": rec.policy_source,
         "egress.policy.version": rec.policy_version,
-        "egress.capture": rec.capture.value,
+        "egress.capture": rec.capture._value_,
         "egress.tls.passthrough": rec.tls_passthrough,
         "egress.mode": rec.mode,
     }
@@ -86,10 +86,16 @@ def inject_context(span: Span, headers: MutableMapping[str, str]) -> None:
 class DecisionSpans:
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
+        # Export off: no span is ever recorded, so the attributes (~8 us) would be thrown away.
+        self._noop = isinstance(tracer, NoOpTracer)
 
     def start(
         self, rec: DecisionRecord, *, parent: Context | None = None, start_ns: int | None = None
     ) -> Span:
+        if self._noop:
+            # Still through the tracer: with a parent it hands back the caller's span, so the
+            # upstream's traceparent stays the caller's (none of ours exists).
+            return self._tracer.start_span(rec.protocol, context=parent)
         return self._tracer.start_span(
             rec.protocol,
             context=parent,
@@ -99,6 +105,8 @@ class DecisionSpans:
         )
 
     def finish(self, span: Span, rec: DecisionRecord, *, end_ns: int | None = None) -> None:
+        if not span.is_recording():
+            return  # not sampled, or export off: nothing would keep what is set here
         if rec.peer_address:
             span.set_attribute("network.peer.address", rec.peer_address)
         if rec.status_code is not None:

@@ -1,11 +1,13 @@
 """The benchmark harness end to end in a tiny configuration: every scenario yields numbers.
 
-Runs the real thing (nginx, Squid, the sidecar, wrk, hey, curl) with 1-second scenarios and a
-1 MB download: it checks the harness, not the performance.
+Runs the real thing (nginx, Squid, the sidecar, wrk, hey, curl, the OTLP receiver, network
+namespaces with iptables as root) with 1-second scenarios, a 1 MB download, 100 idle tunnels and
+a 1,000-rule allowlist: it checks the harness, not the performance.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -28,7 +30,22 @@ LABELS = [
     "added p99 latency, c=1, ms",
     "RSS idle, MiB",
     "RSS peak under load, MiB",
+    "RSS with 100 idle tunnels, MiB",
+    "RSS per idle tunnel, KiB",
+    "RSS peak through the whole bench, MiB",
 ]
+# The sidecar-only table: label -> whether the reference cell is a number (with its name)
+SIDECAR_LABELS = [
+    "CPU-s per 10k HTTP requests, span export on",
+    "HTTP keep-alive req/s, c=4, span export on",
+    "transparent HTTP keep-alive req/s, c=4",
+    "CPU-s per 10k transparent HTTP requests",
+    "transparent new TLS connections/s, c=4",
+    "CPU-s per 10k transparent new TLS connections",
+    "HTTP keep-alive req/s, c=4, 1,000-rule allowlist",
+    "CPU-s per 10k HTTP requests, 1,000-rule allowlist",
+]
+RSS_PAIR = re.compile(r"^[\d,]+\.\d / [\d,]+\.\d")
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
 
 
@@ -53,7 +70,7 @@ def test_help_names_the_scenarios_and_the_packages() -> None:
     assert "apt-get install squid nginx-light wrk hey curl" in out
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_tiny_run_gives_numbers_for_every_scenario(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -67,7 +84,10 @@ def test_tiny_run_gives_numbers_for_every_scenario(
             "--idle-seconds=0.2",
             "--connections=4",
             "--big-mb=1",
+            "--idle-connections=100",
+            "--rules=1000",
             f"--out={out}",
+            f"--json={tmp_path / 'results.json'}",
         ]
     )
     err = capsys.readouterr().err
@@ -83,4 +103,21 @@ def test_tiny_run_gives_numbers_for_every_scenario(
             assert float(ours.replace(",", "")) > 0, (label, ours)
             assert ratio.endswith("x"), (label, ratio)
     assert _cells(table, "errors (non-2xx, socket)")[2:4] == ["0", "0"]
+    for label in SIDECAR_LABELS:
+        _, ours, reference, ratio = _cells(table, label)
+        assert NUMBER.match(ours), (label, ours)
+        assert NUMBER.match(reference.split(" (")[0]), (label, reference)
+        assert ratio.endswith("x"), (label, ratio)
+    spans, of = _cells(table, "spans received by the OTLP receiver")[1].split(" of ")
+    assert int(spans.replace(",", "")) > 0, spans  # export happened
+    assert of.endswith(" requests"), of
+    for label in ("span export on", "transparent", "1,000-rule allowlist"):
+        assert RSS_PAIR.match(_cells(table, f"RSS idle / peak, MiB, {label}")[1]), label
+    figures = json.loads((tmp_path / "results.json").read_text())
+    assert {row["scenario"] for row in figures["table"]} >= set(LABELS)
+    assert len(figures["sidecar_scenarios"]) == len(SIDECAR_LABELS) + 4  # spans, 3 RSS rows
+    assert figures["run"]["sidecar"]["idle"]["held"] == 100
+    assert figures["run"]["export"]["spans"] > 0
+    assert figures["run"]["transparent"]["decisions"] > 0
+    assert not any("not measured" in n for n in figures["run"]["notes"])
     assert os.sched_getaffinity(0) == affinity  # the run gave pytest its CPUs back

@@ -11,15 +11,6 @@ from sidecar.k8s.client import ClientOptions, KubeClient
 from tests.support.kubeapi import FakeKubeAPI
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _warm_kubernetes_client() -> None:
-    """The first CoreV1Api of a process costs ~2.5 s (pydantic builds its validators); pay it
-    once here so that the tests' time limits measure the sidecar, not the client's start-up."""
-    from kubernetes import client as k8s
-
-    k8s.CoreV1Api(k8s.ApiClient())
-
-
 @pytest.fixture
 def kubeapi() -> Iterator[FakeKubeAPI]:
     api = FakeKubeAPI(bookmark_interval=0.2)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import random
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from sidecar.k8s.client import (
 from sidecar.k8s.refs import ConfigMapRef
 from sidecar.k8s.watch import ConfigMapWatcher, WatchTuning
 from tests.k8s.test_k8s_watch import Listener
-from tests.support.kubeapi import FakeKubeAPI, wait_until
+from tests.support.kubeapi import FakeKubeAPI, RecordedRequest, wait_until
 
 REF = ConfigMapRef("shop", "egress-allowlist")
 
@@ -93,26 +93,33 @@ def test_in_cluster_config_over_https_survives_a_token_rotation(
 def test_the_client_rereads_the_token_file_when_it_is_due(
     tls_api: FakeKubeAPI, serviceaccount: Path
 ) -> None:
-    """The official loader's own refresh (try_refresh_token): the token is re-read once it is
-    older than the refresh period; here the period is made due at once."""
+    """The token file is re-read once it is older than the refresh period (a minute, as
+    client-go's); here the period is made due at once."""
     env = in_cluster_env(tls_api, serviceaccount)
     client = KubeClient(ClientOptions(), env)
     try:
-        api = client.core_v1()
-        api.list_namespaced_config_map("shop")
+        client.list_configmaps("shop")
         write_atomically(serviceaccount / "token", "token-2")
         tls_api.rotate_token("token-2", keep_old=True)
-        assert client.configuration.refresh_api_key_hook is not None
-        api.list_namespaced_config_map("shop")
-        assert tls_api.requests[-1].authorization == "bearer token-1"  # not due yet (1 min)
-        # The hook re-reads once the loader's expiry has passed; move that expiry to the past.
-        loader = client.incluster_loader
-        loader.token_expires_at = datetime.datetime.now() - datetime.timedelta(seconds=1)
-        api.list_namespaced_config_map("shop")
-        last = tls_api.requests[-1]
+        token_file = client.access.token_file
+        assert token_file is not None
+        last = list_and_record(client, tls_api)
+        assert last.authorization is not None
+        assert last.authorization.lower() == "bearer token-1"  # not due yet (1 min)
+        # The token is re-read once its expiry has passed; move that expiry to the past.
+        token_file.expires_at = time.monotonic() - 1
+        last = list_and_record(client, tls_api)
         assert last.authorization is not None and last.authorization.lower() == "bearer token-2"
     finally:
         client.close()
+
+
+def list_and_record(client: KubeClient, api: FakeKubeAPI) -> RecordedRequest:
+    """List, and the server's record of that request (made just after it answered)."""
+    before = len(api.requests)
+    client.list_configmaps("shop")
+    wait_until(lambda: len(api.requests) > before)
+    return api.requests[before]
 
 
 def test_https_with_a_wrong_ca_fails_loudly(
@@ -124,7 +131,7 @@ def test_https_with_a_wrong_ca_fails_loudly(
     client = KubeClient(ClientOptions(), in_cluster_env(tls_api, serviceaccount))
     try:
         with pytest.raises(Exception, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
-            client.core_v1().list_namespaced_config_map("shop", _request_timeout=(2, 2))
+            client.list_configmaps("shop", timeout=(2, 2))
     finally:
         client.close()
 
@@ -136,8 +143,8 @@ def test_kubeconfig_over_https(tls_api: FakeKubeAPI, tmp_path: Path) -> None:
     try:
         assert client.mode == "kubeconfig"
         tls_api.put_configmap("dev", "x", {"a": "b"})
-        items = client.core_v1().list_namespaced_config_map("dev").items
-        assert [i.metadata.name for i in items] == ["x"]
+        items = client.list_configmaps("dev")["items"]
+        assert [i["metadata"]["name"] for i in items] == ["x"]
     finally:
         client.close()
     assert default_namespace(opts, {}) == "dev"
@@ -188,3 +195,20 @@ def test_missing_configuration_is_a_clear_error(
 ) -> None:
     with pytest.raises(KubeConfigError, match=message):
         KubeClient(opts, env)
+
+
+def test_a_token_file_missing_when_due_keeps_the_last_token(
+    tls_api: FakeKubeAPI, serviceaccount: Path
+) -> None:
+    """Mid-rotation (or a mount hiccup) the file may be absent for a moment: the request goes
+    out with the token we have instead of failing; the next due re-read picks the new one up."""
+    client = KubeClient(ClientOptions(), in_cluster_env(tls_api, serviceaccount))
+    token_file = client.access.token_file
+    assert token_file is not None
+    (serviceaccount / "token").unlink()
+    token_file.expires_at = time.monotonic() - 1
+    assert (list_and_record(client, tls_api).authorization or "").lower() == "bearer token-1"
+    write_atomically(serviceaccount / "token", "token-2")
+    tls_api.rotate_token("token-2")
+    token_file.expires_at = time.monotonic() - 1
+    assert (list_and_record(client, tls_api).authorization or "").lower() == "bearer token-2"

@@ -1,8 +1,13 @@
-"""Warning Events on the ConfigMap, through the official client, against the test API server."""
+"""Warning Events on the ConfigMap, through the sidecar's API client, against the test API server;
+read back through the official client, as `kubectl describe` would."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 
 from sidecar.k8s.client import KubeClient
 from sidecar.k8s.events import (
@@ -19,15 +24,14 @@ CM = InvolvedObject("ConfigMap", "v1", "shop", "egress-allowlist", "uid-1", "205
 
 
 def test_one_event_per_rejected_version_counted_across_sidecars(
-    kubeapi: FakeKubeAPI, kube_client: KubeClient
+    kubeapi: FakeKubeAPI, kube_client: KubeClient, tmp_path: Path
 ) -> None:
-    api = kube_client.core_v1()
     kubeapi.event_verbs = {"create", "patch"}  # the sidecar's RBAC: no get, no list
     first = EventRecorder(kube_client, instance="web-1", host="node-a")
     second = EventRecorder(kube_client, instance="web-2", host="node-b")
     request = EventRequest(CM, "InvalidAllowlist", "allowlist.yaml line 3: bad")
-    name = first.record(api, request)
-    assert second.record(api, request) == name  # 409 AlreadyExists, then a patch
+    name = first.record(request)
+    assert second.record(request) == name  # 409 AlreadyExists, then a patch
     (event,) = kubeapi.events_for("shop", "egress-allowlist")
     assert event["count"] == 2
     assert event["type"] == "Warning" and event["reason"] == "InvalidAllowlist"
@@ -47,14 +51,16 @@ def test_one_event_per_rejected_version_counted_across_sidecars(
     assert patches and all(p.status == 200 for p in patches)
     assert kubeapi.requests_matching(lambda r: r.status == 403) == []
     assert third_count(kube_client, request, kubeapi) == 3
-    # What `kubectl describe cm` reads: a core/v1 list of the namespace's Events.
+    # What `kubectl describe cm` reads: a core/v1 list of the namespace's Events, here through
+    # the official client (the kube_client fixture's kubeconfig), which must decode ours.
     kubeapi.event_verbs = None
-    listed = api.list_namespaced_event("shop").items
+    official = k8s_config.new_client_from_config(config_file=str(tmp_path / "kubeconfig"))
+    listed = k8s.CoreV1Api(official).list_namespaced_event("shop").items
     assert [(e.reason, e.count) for e in listed] == [("InvalidAllowlist", 3)]
 
 
 def third_count(client: KubeClient, request: EventRequest, kubeapi: FakeKubeAPI) -> int:
-    EventRecorder(client, instance="web-3").record(client.core_v1(), request)
+    EventRecorder(client, instance="web-3").record(request)
     (event,) = kubeapi.events_for("shop", "egress-allowlist")
     return int(event["count"])
 

@@ -437,7 +437,14 @@ def test_file_flips_under_load_give_no_wrong_decision(
             t.join(seconds + 30)
         stop.set()
         assert not any(t.is_alive() for t in threads)
-        decisions = {d["url"]: d for d in sidecar.decisions() if d.get("url")}
+        # Decision lines leave in batches (every ~20 ms): wait for the last ones, bounded.
+        wanted = {url for url, _, _ in results}
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            decisions = {d["url"]: d for d in sidecar.decisions() if d.get("url")}
+            if wanted <= decisions.keys():
+                break
+            time.sleep(0.1)
     finally:
         code = sidecar.stop()
     wrong: list[str] = []

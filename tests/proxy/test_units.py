@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sidecar.fastpath.config import ListenSpec
 from sidecar.policy.model import Decision, Reason, Verdict
 from sidecar.proxy.denial import denial_body
 from sidecar.proxy.hostnames import address_of, redact_url
-from sidecar.fastpath.config import ListenSpec
 from sidecar.record import Capture, DecisionRecord
 from sidecar.wire.first_flight import http_prefix
 

@@ -9,9 +9,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tests.k8s.conftest import _warm_kubernetes_client, kube_client, kubeapi
+from tests.k8s.conftest import kube_client, kubeapi
 
-__all__ = ["_warm_kubernetes_client", "kube_client", "kubeapi"]
+__all__ = ["kube_client", "kubeapi"]
 
 
 @pytest.fixture

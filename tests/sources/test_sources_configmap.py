@@ -355,7 +355,8 @@ def test_open_source_in_a_pod_uses_the_service_account_and_its_namespace(
         rv = api.put_configmap(NS, A.name, allow("api.test"))
         wait_until(source.ready)
         assert source.status()["policy"] == {"source": A.source, "version": rv}
-        assert all(r.authorization == "bearer sa-token" for r in api.requests)
+        # The auth scheme is case-insensitive (RFC 7235); client-go and we send "Bearer".
+        assert all((r.authorization or "").lower() == "bearer sa-token" for r in api.requests)
     finally:
         source.stop()
         api.stop()

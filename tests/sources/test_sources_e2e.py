@@ -276,7 +276,14 @@ def test_load_while_the_configmap_flips(world: World) -> None:
     stop.set()
     assert not any(t.is_alive() for t in threads)
 
-    decisions = {d["url"]: d for d in world.sidecar.decisions() if d.get("url")}
+    # Decision lines leave in batches (every ~20 ms): wait for the last ones, bounded.
+    wanted = {s.url for s in sent}
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        decisions = {d["url"]: d for d in world.sidecar.decisions() if d.get("url")}
+        if wanted <= decisions.keys():
+            break
+        time.sleep(0.1)
     write_time = {rv: mono for mono, _, rv in writes}
     problems: list[str] = []
     for s in sent:

@@ -1,0 +1,182 @@
+"""The bench's new pieces on their own: the generated allowlists (read by the sidecar's own
+policy core), the OTLP span counter (fed by the SDK's real http/protobuf exporter), the idle
+tunnels' arithmetic and the sidecar-only table."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+import urllib.error
+import urllib.request
+
+import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from bench.configs import big_allowlist_yaml, named_allowlist_yaml
+from bench.idle import IdleResult
+from bench.loadgen import Download, LoadResult
+from bench.otlp import SpanCounter
+from bench.report import (
+    Direct,
+    ExportRun,
+    ProxyRun,
+    Report,
+    RulesRun,
+    Settings,
+    TransparentRun,
+    markdown,
+    sidecar_rows,
+    to_json,
+)
+from sidecar.policy import parse_allowlist
+from sidecar.policy.model import Destination, Verdict
+
+HOST = "api-0042.payments.rules.bench.test"
+
+
+def test_the_big_allowlist_has_every_rule_and_allows_the_target_by_its_host_rule() -> None:
+    policy = parse_allowlist(big_allowlist_yaml(10_000, HOST, 8080), source="bench")
+    host_rules = [r for r in policy.allow_rules if r.host is not None and not r.wildcard]
+    assert len(host_rules) == 10_000
+    assert sum(r.wildcard for r in policy.allow_rules) == 100
+    assert sum(r.network is not None for r in policy.allow_rules) == 100
+    allowed = policy.decide(Destination(host=HOST, port=8080))
+    assert allowed.verdict is Verdict.ALLOW and allowed.rule is not None
+    assert HOST in allowed.rule
+    denied = policy.decide(Destination(host="blocked-007.rules.bench.test", port=8080))
+    assert denied.verdict is Verdict.DENY
+
+
+def test_the_small_allowlist_allows_only_the_target_on_its_port() -> None:
+    policy = parse_allowlist(named_allowlist_yaml(HOST, 8080), source="bench")
+    assert policy.decide(Destination(host=HOST, port=8080)).verdict is Verdict.ALLOW
+    assert policy.decide(Destination(host=HOST, port=443)).verdict is Verdict.DENY
+
+
+def test_span_counter_counts_what_the_sdk_exporter_sends() -> None:
+    counter = SpanCounter()
+    try:
+        provider = TracerProvider()
+        exporter = OTLPSpanExporter(endpoint=f"{counter.endpoint}/v1/traces")
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        tracer = provider.get_tracer("bench-test")
+        for i in range(7):
+            with tracer.start_as_current_span(f"span-{i}"):
+                pass
+        assert counter.wait_for(7, timeout=10) == 7
+        assert counter.exports == 7 and counter.refused == 0
+        provider.shutdown()
+    finally:
+        counter.stop()
+
+
+def test_span_counter_refuses_what_is_not_an_export() -> None:
+    counter = SpanCounter()
+    try:
+        for path, body in (("/v1/metrics", b""), ("/v1/traces", gzip.compress(b"\xff\xff"))):
+            request = urllib.request.Request(
+                counter.endpoint + path,
+                data=body,
+                headers={"content-encoding": "gzip"},
+                method="POST",
+            )
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(request, timeout=5)
+            assert err.value.code == 400
+        assert (counter.spans, counter.exports, counter.refused) == (0, 0, 2)
+        # nothing arrives: the wait ends after the quiet time, not the timeout
+        assert counter.wait_for(1, timeout=10, quiet=0.2) == 0
+    finally:
+        counter.stop()
+
+
+def test_idle_kib_per_connection() -> None:
+    r = IdleResult(2000, 2000, 0, 30.0, 80.0, 3.0)
+    assert r.kib_per_connection == pytest.approx(50 * 1024 / 2000)
+    assert math.isnan(IdleResult(10, 0, 10, 30.0, 30.0, 1.0).kib_per_connection)
+
+
+def _load(ok: int, seconds: float = 1.0) -> LoadResult:
+    return LoadResult(ok=ok, errors=0, seconds=seconds, p50_ms=1.0, p99_ms=2.0)
+
+
+def _proxy(name: str, http_ok: int, http_cpu: float, idle: IdleResult | None) -> ProxyRun:
+    return ProxyRun(
+        name=name,
+        http=_load(http_ok),
+        http_cpu_s=http_cpu,
+        latency=_load(100),
+        new_tunnels=_load(400),
+        new_tunnels_cpu_s=1.0,
+        long_tunnels=_load(1000),
+        download=Download(200, 1_000_000, 0.01),
+        download_cpu_s=0.01,
+        rss_idle_mib=30.0,
+        rss_peak_mib=35.0,
+        load_seconds=10.0,
+        cpu_wait_s=0.0,
+        idle=idle,
+        rss_peak_all_mib=90.0,
+    )
+
+
+def _report() -> Report:
+    return Report(
+        when="now",
+        machine="m",
+        upstream="u",
+        load="l",
+        pinning="p",
+        settings=Settings(connections=16),
+        direct=Direct(_load(1), _load(1), _load(1), _load(1), Download(200, 1, 1.0)),
+        baseline=_proxy("Squid", 10_000, 0.6, IdleResult(2000, 2000, 0, 27.0, 90.0, 2.0)),
+        sidecar=_proxy("sidecar", 10_000, 1.0, IdleResult(2000, 2000, 0, 30.0, 70.0, 2.0)),
+        export=ExportRun(
+            _load(10_000), 1.2, _load(12_000), 1.2, 10_016, 10_000, 0.4, 33.0, 38.0, 31.0, 36.0
+        ),
+        transparent=TransparentRun(_load(5000), 0.5, _load(200), 0.4, 31.0, 120.0, 5200),
+        rules=RulesRun(10_000, _load(8000), 0.8, _load(7900), 0.79, 30.0, 31.0, 41.0, 42.0),
+    )
+
+
+def test_sidecar_rows_compare_each_scenario_with_its_reference() -> None:
+    rows = {label: (ours, ref, ratio) for label, ours, ref, ratio in sidecar_rows(_report())}
+    assert rows["CPU-s per 10k HTTP requests, span export on ↓"] == (
+        "1.20",
+        "1.00 (export off, same rounds)",
+        "1.20x",
+    )
+    assert rows["RSS idle / peak, MiB, span export on ↓"][1] == "31.0 / 36.0 (export off)"
+    assert rows["spans received by the OTLP receiver"][0] == "10,016 of 10,000 requests"
+    assert rows["CPU-s per 10k transparent new TLS connections ↓"] == (
+        "20.00",
+        "25.00 (new CONNECT tunnels)",
+        "0.80x",
+    )
+    assert rows["CPU-s per 10k HTTP requests, 10,000-rule allowlist ↓"][2] == "1.00x"
+    assert rows["RSS idle / peak, MiB, transparent ↓"][0] == "31.0 / 120.0"
+
+
+def test_the_whole_bench_peak_is_the_highest_of_every_sidecar_process() -> None:
+    report = _report()
+    assert report.sidecar_peak_mib() == 120.0  # the transparent instance's
+    table = markdown(report)
+    assert "| RSS peak through the whole bench, MiB ↓ | - | 90.0 | 120.0 | 1.33x |" in table
+    assert "| RSS per idle tunnel, KiB ↓ | - | 32.3 | 20.5 | 0.63x |" in table
+    without = dataclasses.replace(report, export=None, transparent=None, rules=None)
+    assert sidecar_rows(without) == []
+    assert "sidecar scenario" not in markdown(without)
+
+
+def test_json_has_both_tables_and_no_nan() -> None:
+    report = dataclasses.replace(
+        _report(), sidecar=_proxy("sidecar", 0, 1.0, None), transparent=None
+    )
+    data = to_json(report)
+    cpu = next(r for r in data["table"] if r["scenario"] == "CPU-s per 10k HTTP requests")
+    assert cpu["sidecar"] is None  # NaN (no request succeeded) is null, not NaN
+    assert data["run"]["sidecar"]["idle"] is None
+    assert len(data["sidecar_scenarios"]) == len(sidecar_rows(report))
