@@ -73,9 +73,9 @@ CLIENT_DISCONNECTED = "client_disconnected"
 UPSTREAM_DISCONNECTED = "upstream_disconnected"
 
 # Hop-by-hop fields end at this proxy (RFC 9110 7.6.1), as Decider._drop_hop_by_hop drops them.
-_ANSWERED_HERE = frozenset({b"expect"})  # 100-continue: the fast path answers it
 _TRACE_FIELDS = frozenset({b"traceparent", b"tracestate"})
-_HOP_BY_HOP = frozenset({b"proxy-connection", b"keep-alive"})
+_HOP_BY_HOP = frozenset({b"proxy-connection", b"keep-alive", b"expect"})  # expect: answered here
+_PROXY_CREDENTIALS = frozenset({b"proxy-authorization"})
 _KEPT_CONNECTION_OPTIONS = frozenset(
     {b"close", b"keep-alive", b"upgrade", b"transfer-encoding", b"host"}
 )
@@ -451,12 +451,15 @@ class HttpPhase:
         rec.method = method
         rec.original_address = original_address
         url_host = target.host or original_address or "-"
-        rec.url = redact_url(
+        url = (
             f"{target.scheme}://{url_host if ':' not in url_host else f'[{url_host}]'}"
             f":{target.port}{target.path}"
         )
+        # Only a query, userinfo or fragment can carry what redact_url removes; without them it
+        # returns the URL as it is (and costs as much as the decision).
+        rec.url = redact_url(url) if "?" in url or "@" in url or "#" in url else url
         opened = ex.opened = services.reporter.begin(
-            rec, parent=_parent(head.headers), start_ns=self._head_ns
+            rec, parent=_parent(head.special), start_ns=self._head_ns
         )
         if not vetted.decision.permits or vetted.address is None:
             rec.status_code = 403
@@ -515,24 +518,22 @@ class HttpPhase:
     def _upstream_head(self, ex: Exchange, target: Target, opened: OpenDecision) -> bytes:
         """The request head the upstream sees: re-serialized from the parsed fields."""
         head = ex.head
+        special = head.special
         headers = head.headers
-        listed = {
-            token.strip().lower()
-            for name, value in headers
-            if name.lower() == b"connection"
-            for token in value.split(b",")
-        } - _KEPT_CONNECTION_OPTIONS
-        dropped = _HOP_BY_HOP | listed | _ANSWERED_HERE
+        listed = head.connection_tokens - _KEPT_CONNECTION_OPTIONS
+        dropped = listed | _HOP_BY_HOP
         if self._conn.capture is Capture.EXPLICIT:
-            dropped = dropped | {b"proxy-authorization"}  # credentials for this proxy
+            dropped = dropped | _PROXY_CREDENTIALS  # credentials for this proxy
         if target.host is not None:
-            headers = _align_host(headers, target.host, target.port, target.scheme)
+            headers = _align_host(headers, special.get(b"host"), target)
         carrier: dict[str, str] = {}
         inject_context(opened.span, carrier)
         for key, value in carrier.items():
-            headers = _set_field(headers, key.encode("latin-1"), value.encode("latin-1"))
-        kept = [(n, v) for n, v in headers if n.lower() not in dropped]
-        return serialize_request_head(head.method, target.path, head.version, kept)
+            name = key.encode("latin-1")
+            headers = _set_field(headers, name, value.encode("latin-1"), name in special)
+        if listed or not dropped.isdisjoint(special):
+            headers = [(n, v) for n, v in headers if n.lower() not in dropped]
+        return serialize_request_head(head.method, target.path, head.version, headers)
 
     # -- sending the request body --------------------------------------------------------------
 
@@ -615,7 +616,7 @@ class HttpPhase:
             closing = self._s.front.draining or ex.client_close
             if framing is not None and not framing.chunked and framing.length is None:
                 ex.client_close = closing = True  # close-delimited: the client sees the end
-            if closing and not resp.has_token(b"connection", b"close"):
+            if closing and b"close" not in resp.connection_tokens:
                 raw = raw[:-2] + b"connection: close\r\n\r\n"
                 ex.client_close = True
             ex.resp_started = True
@@ -803,21 +804,25 @@ def _authority_text(target: str) -> str:
     return target.partition("://")[2].partition("/")[0]
 
 
-def _parent(headers: list[tuple[bytes, bytes]]) -> Context | None:
+def _parent(special: dict[bytes, list[bytes]]) -> Context | None:
     """The incoming trace context (the parent of our span), if the request carries one."""
+    if b"traceparent" not in special:
+        return None
     carrier = {
-        name.decode("latin-1").lower(): value.decode("latin-1")
-        for name, value in headers
-        if name.lower() in _TRACE_FIELDS
+        name.decode("latin-1"): values[0].decode("latin-1")
+        for name, values in special.items()
+        if name in _TRACE_FIELDS
     }
-    return extract_parent(carrier) if carrier else None
+    return extract_parent(carrier)
 
 
 def _set_field(
-    headers: list[tuple[bytes, bytes]], name: bytes, value: bytes
+    headers: list[tuple[bytes, bytes]], name: bytes, value: bytes, present: bool
 ) -> list[tuple[bytes, bytes]]:
     """``name`` set to ``value``: in place of the first such field (the others removed), else
     appended (as mitmproxy's Headers do: the differential test compares the bytes)."""
+    if not present:
+        return [*headers, (name, value)]
     lowered = name.lower()
     out: list[tuple[bytes, bytes]] = []
     placed = False
@@ -834,11 +839,13 @@ def _set_field(
 
 
 def _align_host(
-    headers: list[tuple[bytes, bytes]], host: str, port: int, scheme: str
+    headers: list[tuple[bytes, bytes]], hosts: list[bytes] | None, target: Target
 ) -> list[tuple[bytes, bytes]]:
     """Host names the host that was decided (see Decider._align_host_header: a server hosting
     several sites must not route by a Host the policy never saw); an agreeing one is kept."""
-    current = next((v for n, v in headers if n.lower() == b"host"), None)
+    assert target.host is not None
+    host, port = target.host, target.port
+    current = hosts[0] if hosts else None
     if current is not None and current.decode("latin-1") == format_hostport(host, port, 80):
         return headers  # names the decided host as the target did: agrees, byte for byte
     if current is not None:
@@ -851,6 +858,6 @@ def _align_host(
         ascii_host = normalize_host(host)
     except InvalidHost:
         ascii_host = host
-    default = 443 if scheme == "https" else 80
+    default = 443 if target.scheme == "https" else 80
     value = format_hostport(ascii_host, port, default).encode("latin-1")
-    return _set_field(headers, b"Host", value)
+    return _set_field(headers, b"Host", value, current is not None)

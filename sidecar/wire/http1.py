@@ -14,7 +14,7 @@ HTTP/1.0.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httptools
 
@@ -40,22 +40,50 @@ class MessageError(ValueError):
     """A message the fast path refuses (a request: 400; a response: 502)."""
 
 
-@dataclass(slots=True)
+# Fields whose values the proxy reads: collected by lowercase name while the head is parsed, so
+# nothing walks the whole field list again to find them.
+SPECIAL_FIELDS = frozenset(
+    {
+        b"connection",
+        b"content-length",
+        b"expect",
+        b"host",
+        b"keep-alive",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"traceparent",
+        b"tracestate",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
 class _Fields:
-    url: bytearray = field(default_factory=bytearray)
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    reason: bytes = b""
-    complete: bool = False
+    """httptools' callbacks: the target, the fields in order, the special ones by name."""
+
+    __slots__ = ("complete", "headers", "special", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.special: dict[bytes, list[bytes]] = {}
+        self.complete = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
-    def on_status(self, status: bytes) -> None:
-        self.reason += status
-
     def on_header(self, name: bytes, value: bytes) -> None:
         # llhttp strips the leading whitespace of a value, not the trailing (RFC 9112 5: OWS).
-        self.headers.append((name, value.rstrip(_OWS)))
+        value = value.rstrip(_OWS)
+        self.headers.append((name, value))
+        low = name.lower()
+        if low in SPECIAL_FIELDS:
+            found = self.special.get(low)
+            if found is None:
+                self.special[low] = [value]
+            else:
+                found.append(value)
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -75,12 +103,16 @@ class RequestHead:
     target: str
     version: str  # "1.0" or "1.1"
     headers: list[tuple[bytes, bytes]]  # as received: name casing and order kept
+    special: dict[bytes, list[bytes]]  # SPECIAL_FIELDS' values by lowercase name
     framing: Framing
     keep_alive: bool  # what the client asked for (its version and Connection)
     upgrade: bool  # an Upgrade field: not for the fast path
     expect: bytes | None  # the Expect field's value, lowercased (None: none)
+    connection_tokens: set[bytes]  # the Connection field's options, lowercased
 
     def values(self, name: bytes) -> list[bytes]:
+        if name in SPECIAL_FIELDS:
+            return self.special.get(name, [])
         return [v for n, v in self.headers if n.lower() == name]
 
     def first(self, name: bytes) -> str | None:
@@ -88,18 +120,17 @@ class RequestHead:
         return found[0].decode("latin-1") if found else None
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+def _connection_tokens(special: dict[bytes, list[bytes]]) -> set[bytes]:
     return {
         token.strip().lower()
-        for name, value in headers
-        if name.lower() == b"connection"
+        for value in special.get(b"connection", ())
         for token in value.split(b",")
     }
 
 
-def _framing(headers: list[tuple[bytes, bytes]], version: str) -> Framing:
-    te = [v for n, v in headers if n.lower() == b"transfer-encoding"]
-    cl = [v for n, v in headers if n.lower() == b"content-length"]
+def _framing(special: dict[bytes, list[bytes]], version: str) -> Framing:
+    te = special.get(b"transfer-encoding")
+    cl = special.get(b"content-length")
     if te and cl:
         raise MessageError("message with both transfer-encoding and content-length headers")
     if te:
@@ -137,23 +168,23 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise MessageError("incomplete request head")
     method = parser.get_method().decode("ascii")
     version = parser.get_http_version()
-    headers = fields.headers
-    tokens = _connection_tokens(headers)
+    special = fields.special
+    tokens = _connection_tokens(special)
     keep_alive = (
         b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
     ) and method != "CONNECT"
-    upgrade = upgrade or any(n.lower() == b"upgrade" for n, _ in headers)
-    expects = [v.strip().lower() for n, v in headers if n.lower() == b"expect"]
-    expect = b", ".join(expects) if expects else None
+    expects = special.get(b"expect")
     return RequestHead(
         method=method,
         target=fields.url.decode("latin-1"),
         version=version,
-        headers=headers,
-        framing=_framing(headers, version),
+        headers=fields.headers,
+        special=special,
+        framing=_framing(special, version),
         keep_alive=keep_alive,
-        upgrade=upgrade,
-        expect=expect,
+        upgrade=upgrade or b"upgrade" in special,
+        expect=b", ".join(v.strip().lower() for v in expects) if expects else None,
+        connection_tokens=tokens,
     )
 
 
@@ -175,15 +206,9 @@ class ResponseHead:
     status: int
     version: str
     headers: list[tuple[bytes, bytes]]
+    special: dict[bytes, list[bytes]]  # SPECIAL_FIELDS' values by lowercase name
     keep_alive: bool  # the server keeps the connection open after this response
-
-    def has_token(self, name: bytes, token: bytes) -> bool:
-        return any(
-            t.strip().lower() == token
-            for n, v in self.headers
-            if n.lower() == name
-            for t in v.split(b",")
-        )
+    connection_tokens: set[bytes]
 
 
 def response_head_end(buf: bytes | bytearray, limit: int) -> int:
@@ -212,20 +237,18 @@ def parse_response_head(head: bytes) -> ResponseHead:
     if not fields.complete:
         raise MessageError("incomplete response head")
     version = parser.get_http_version()
-    tokens = _connection_tokens(fields.headers)
+    tokens = _connection_tokens(fields.special)
     keep_alive = b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
-    return ResponseHead(parser.get_status_code(), version, fields.headers, keep_alive)
+    return ResponseHead(
+        parser.get_status_code(), version, fields.headers, fields.special, keep_alive, tokens
+    )
 
 
 def response_framing(head: ResponseHead, request_method: str) -> Framing | None:
     """The response body's framing (RFC 9112 6.3); None: no body at all."""
     if request_method == "HEAD" or head.status < 200 or head.status in (204, 304):
         return None
-    try:
-        framing = _framing(head.headers, head.version)
-    except MessageError:
-        raise
-    return framing
+    return _framing(head.special, head.version)
 
 
 # -- chunked bodies -----------------------------------------------------------------------------
