@@ -13,9 +13,12 @@ request is decided and its upstream is up; the field is not passed on).
 Handed to mitmproxy with every byte read from the request on, before any of it went upstream:
 an ``Upgrade`` field (WebSocket, h2c), an ``Expect`` other than 100-continue, and a
 CONNECT (on the explicit port, one after plain requests; on the transparent port, mitmproxy
-refuses it as the reference does). Refused with 400 (nothing sent upstream): every head
-sidecar.wire.http1 refuses (smuggling shapes, versions other than 1.0/1.1, ...), an invalid
-authority or Host, a request-target neither absolute- nor origin-form.
+refuses it as the reference does), and a request line outside the strict reading (a lowercase
+method, tabs, bare LF, a version other than 1.0/1.1: no smuggling shape, and the reference
+decides them by their Host). Refused with 400 (nothing sent upstream): every other head
+sidecar.wire.http1 refuses (TE+CL, duplicate framing, obs-fold, invalid field names or values:
+the smuggling and header-abuse shapes), an invalid authority or Host, a request-target neither
+absolute- nor origin-form.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from sidecar.wire.http1 import (
     Framing,
     MessageError,
     RequestHead,
+    RequestLineError,
     ResponseHead,
     chunk,
     parse_request_head,
@@ -328,6 +332,11 @@ class HttpPhase:
     def _start_request(self, raw: bytes) -> None:
         try:
             head = parse_request_head(raw)
+        except RequestLineError:
+            # Not the fast path's strict reading, not a smuggling shape either: the reference
+            # engine reads it and decides it (e.g. ``get`` or tabs: denied by Host, not 400).
+            self._hand_over("request line")
+            return
         except MessageError as err:
             self._refuse(HeadRejection(400, Reason.INVALID_REQUEST, str(err)), raw)
             return

@@ -145,6 +145,10 @@ class HttpPool:
         loop = asyncio.get_running_loop()
         up.idle_since = loop.time()
         idle.append(up)
+        if up.transport is not None:
+            # Paused while a slow client read the response: an idle connection must read, or
+            # its EOF goes unseen and a dead connection is handed out.
+            up.transport.resume_reading()
         if self._sweeper is None:
             self._sweeper = loop.call_later(self.idle_seconds / 2, self._sweep)
 

@@ -40,6 +40,11 @@ class MessageError(ValueError):
     """A message the fast path refuses (a request: 400; a response: 502)."""
 
 
+class RequestLineError(MessageError):
+    """A request line outside the fast path's strict reading (a lowercase or unknown method,
+    tabs, bare LF, another version): the reference engine may read it, and decides it."""
+
+
 # Fields whose values the proxy reads: collected by lowercase name while the head is parsed, so
 # nothing walks the whole field list again to find them.
 SPECIAL_FIELDS = frozenset(
@@ -153,7 +158,7 @@ def parse_request_head(head: bytes) -> RequestHead:
     head = head.lstrip(b"\r\n")
     line_end = head.find(b"\r\n")
     if line_end < 0 or not _REQUEST_LINE_RE.fullmatch(head, 0, line_end):
-        raise MessageError(f"invalid request line {head[: max(0, min(line_end, 80))]!r}")
+        raise RequestLineError(f"invalid request line {head[: max(0, min(line_end, 80))]!r}")
     fields = _Fields()
     parser = httptools.HttpRequestParser(fields)
     upgrade = False
@@ -161,6 +166,8 @@ def parse_request_head(head: bytes) -> RequestHead:
         parser.feed_data(head)
     except httptools.HttpParserUpgrade:
         upgrade = True  # CONNECT, or Connection: upgrade with Upgrade: read, then refused
+    except httptools.HttpParserInvalidMethodError as err:
+        raise RequestLineError(str(err)) from None
     except httptools.HttpParserError as err:
         message = str(err) or type(err).__name__
         raise MessageError(_MESSAGES.get(message, message)) from None

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from sidecar.wire.http1 import (
     ChunkedDecoder,
     MessageError,
+    RequestLineError,
     chunk,
     parse_request_head,
     parse_response_head,
@@ -129,3 +130,17 @@ def test_chunked_bodies_decode_whatever_the_reads(body: list[bytes], reads: list
 def test_chunked_framing_it_cannot_follow_is_an_error(wire: bytes) -> None:
     with pytest.raises(MessageError):
         _decode(wire, [len(wire)])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"get / HTTP/1.1\r\n\r\n",
+        b"GET\t/\tHTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\n\n",
+        b"GET / HTTP/2.0\r\n\r\n",
+    ],
+)
+def test_request_lines_outside_the_strict_reading_go_to_the_reference(raw: bytes) -> None:
+    with pytest.raises(RequestLineError):
+        parse_request_head(raw)
