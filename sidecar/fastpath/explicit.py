@@ -27,12 +27,19 @@ class FirstHead:
     def __init__(self, conn: ClientConnection, services: Services) -> None:
         self._conn = conn
         self._services = services
-        self._buf = bytearray()
+        # Bytes while the head came in one piece (the usual case: nothing copied), a bytearray
+        # once it arrives in several.
+        self._buf: bytes | bytearray = b""
         self._scanner = HeadScanner(services.config.head_limits)
         self._timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        self._buf += data
+        if not self._buf:
+            self._buf = data
+        elif isinstance(self._buf, bytes):
+            self._buf = bytearray(self._buf) + data
+        else:
+            self._buf += data
         scanner = self._scanner
         rejection = scanner.scan(self._buf)
         if rejection is not None:

@@ -9,6 +9,7 @@ import asyncio
 
 from sidecar.answers import denial_bytes
 from sidecar.fastpath.connection import ClientConnection
+from sidecar.fastpath.relay import shut_write
 from sidecar.fastpath.services import Services
 from sidecar.policy.model import Decision, Verdict
 from sidecar.policy.target import InvalidTarget, parse_request_target
@@ -74,8 +75,8 @@ def refuse_head(
     if conn.eof or not transport.can_write_eof():
         transport.close()
         return
-    transport.write_eof()
-    conn.switch(Lingering(conn))
+    if shut_write(transport):
+        conn.switch(Lingering(conn))
 
 
 class Lingering:

@@ -98,6 +98,23 @@ class Upstream(asyncio.Protocol):
             self.transport.abort()
 
 
+def shut_write(transport: asyncio.WriteTransport) -> bool:
+    """Send an EOF (the writes before it go first). False when the peer is gone already: the
+    shutdown fails (ENOTCONN after a reset asyncio has not read yet), the transport is aborted
+    and its protocol's connection_lost follows."""
+    try:
+        transport.write_eof()
+    except OSError:
+        transport.abort()
+        return False
+    return True
+
+
+def _has_room(transport: asyncio.WriteTransport) -> bool:
+    """Whether ``transport`` takes more writes without its protocol being paused."""
+    return transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]
+
+
 class _Direction:
     """Bytes read from ``source`` are written to ``sink``; the source's protocol delegates here.
 
@@ -153,23 +170,32 @@ class Relay:
     def start(self, to_server: bytes = b"", to_client: bytes = b"") -> None:
         """Relay from now on, ``to_server`` (the client's first flight) and ``to_client`` (what
         the server said first) passed on before anything else."""
-        client, server = self.conn.transport, self.upstream_side.transport
+        conn, upstream = self.conn, self.upstream_side
+        client, server = conn.transport, upstream.transport
         assert client is not None and server is not None
-        self.conn.switch(self.upstream)
+        # Both phases first, and reading paused while the tunnel or stream was being set up
+        # resumed: a write below that crosses a high-water mark pauses the right side again.
+        conn.switch(self.upstream)
+        to_client += upstream.take_early()  # what the server sent while it had no phase
+        upstream.phase = self.downstream
+        if _has_room(server):
+            client.resume_reading()
+        if _has_room(client):  # else its resume_writing resumes the server, as in the relay
+            server.resume_reading()
         if to_client:
             client.write(to_client)
         if to_server:
             server.write(to_server)
-        if self.conn.closed:
+        if conn.closed:
             self.lost(self.upstream, None)
             return
-        if self.conn.eof:
-            self.eof(self.upstream)  # the client half-closed before the relay started
-        if self._done:
+        if upstream.closed:
+            self.lost(self.downstream, upstream.exc)
             return
-        client.resume_reading()
-        # Replays what the server sent meanwhile (after to_client), its EOF, its loss.
-        self.upstream_side.switch(self.downstream)
+        if conn.eof:
+            self.eof(self.upstream)  # the client half-closed before the relay started
+        if upstream.eof and not self._done:
+            self.eof(self.downstream)  # so did the server
 
     def eof(self, direction: _Direction) -> bool:
         direction.eof = True
@@ -181,7 +207,7 @@ class Relay:
             direction.source.close()
             return False
         if direction.sink.can_write_eof() and not direction.sink.is_closing():
-            direction.sink.write_eof()
+            shut_write(direction.sink)
         return True  # the other direction goes on
 
     def lost(self, direction: _Direction, exc: Exception | None) -> None:

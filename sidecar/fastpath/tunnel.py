@@ -29,7 +29,7 @@ from sidecar.answers import (
 )
 from sidecar.fastpath.connection import ClientConnection
 from sidecar.fastpath.refusal import Lingering
-from sidecar.fastpath.relay import EARLY_LIMIT, Relay, Upstream
+from sidecar.fastpath.relay import EARLY_LIMIT, Relay, Upstream, shut_write
 from sidecar.fastpath.services import Services
 from sidecar.fastpath.upstream import UpstreamError, dial
 from sidecar.fastpath.vetting import same_host, vet
@@ -219,8 +219,8 @@ class Tunnel:
         if conn.eof or not conn.transport.can_write_eof():
             conn.close()
             return
-        conn.transport.write_eof()
-        conn.switch(Lingering(conn))
+        if shut_write(conn.transport):
+            conn.switch(Lingering(conn))
 
     # -- the first flight ---------------------------------------------------------------------
 
@@ -228,14 +228,14 @@ class Tunnel:
         upstream = self.upstream
         assert upstream is not None
         self._peeking = True
-        if self.conn.eof:
-            # Half-closed before its first flight: the reference closes such a client.
+        upstream.switch(_ServerWhilePeeking(self))
+        if self._peeking and self._flight:
+            self._peek()  # sent along with the CONNECT
+        if self._peeking and self.conn.eof:
+            # Half-closed before its first flight was whole: the reference closes such a client.
             self._report()
             self._close_both()
             return
-        upstream.switch(_ServerWhilePeeking(self))
-        if self._peeking and self._flight:
-            self._peek()
         if self._peeking:
             # A partial first flight is refused at the bound; a silent tunnel waits as it would
             # in the reference (settling it by timer would let a ClientHello sent later pass

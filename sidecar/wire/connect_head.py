@@ -10,6 +10,7 @@ than 1.0 or 1.1, a body (Content-Length other than 0, Transfer-Encoding), a seco
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -91,20 +92,27 @@ def parse_connect_head(head: bytes) -> ConnectRequest:
 def _reference_authority(raw: bytes, line: bytes) -> tuple[str, int]:
     """Host and port as mitmproxy reads a CONNECT target (the record's host is this host, for
     both engines to write the same decision line); its refusals are "Bad HTTP request line"."""
-    bad = HeadError(Reason.INVALID_REQUEST, f"Bad HTTP request line: {line!r}")
+    read = _read_authority(raw)
+    if read is None:
+        raise HeadError(Reason.INVALID_REQUEST, f"Bad HTTP request line: {line!r}")
+    return read
+
+
+@functools.lru_cache(maxsize=1024)  # an app dials the same few targets over and over
+def _read_authority(raw: bytes) -> tuple[str, int] | None:
     try:
         text = raw.decode("ascii")
         match = _AUTHORITY_RE.fullmatch(text)
         if match is None or not match["port"]:
-            raise bad
+            return None
         host = match["host"].encode("ascii").decode("idna")
         port = int(match["port"])
     except (UnicodeError, ValueError):
-        raise bad from None
+        return None
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not 0 < port <= 65535 or not _valid_host(host):
-        raise bad
+        return None
     return host, port
 
 

@@ -16,9 +16,6 @@ import struct
 from dataclasses import dataclass
 from enum import StrEnum
 
-# mitmproxy's Kaitai Struct description of a ClientHello (kaitaistruct only, no proxy code).
-from mitmproxy.contrib.kaitaistruct.tls_client_hello import TlsClientHello
-
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host, parse_ip
 
@@ -38,6 +35,7 @@ _HANDSHAKE = 0x16
 _RECORD_TYPES = frozenset(range(0x14, 0x19))
 _CLIENT_HELLO = 0x01
 _SNI_EXTENSION = 0x0000
+_ALPN_EXTENSION = 0x0010
 _HOST_NAME = 0x00
 
 # RFC 9110 5.6.2: the characters of a token, which is what a method is.
@@ -207,23 +205,78 @@ def _classify_tls(data: bytes) -> FirstFlight | None:
     return None
 
 
+class EndOfStreamError(EOFError):
+    """A ClientHello field runs past the end of the message (kaitaistruct's name for it, which
+    the decision records have always carried)."""
+
+
+def _end(body: bytes, pos: int, size: int) -> int:
+    end = pos + size
+    if end > len(body):
+        raise EndOfStreamError(f"requested {size} bytes, but only {len(body) - pos} available")
+    return end
+
+
+def _u1(body: bytes, pos: int) -> int:
+    _end(body, pos, 1)
+    return body[pos]
+
+
+def _u2(body: bytes, pos: int) -> int:
+    _end(body, pos, 2)
+    return (body[pos] << 8) | body[pos + 1]
+
+
+def server_name_extensions(body: bytes) -> list[list[tuple[int, bytes]]]:
+    """The server_name extensions of a ClientHello body (after its 4-byte handshake header):
+    for each, its (name type, name) entries. Read as mitmproxy's Kaitai Struct description
+    (tls_client_hello.ksy) reads it, field by field, without building an object per field:
+    the same messages are read, and the same ones raise EndOfStreamError. Every extension's
+    frame is checked; the bodies of server_name and ALPN ones are read to their end."""
+    pos = _end(body, 0, 2 + 32)  # legacy version, random
+    pos = _end(body, pos + 1, _u1(body, pos))  # session id
+    pos = _end(body, pos + 2, _u2(body, pos) // 2 * 2)  # cipher suites, two bytes each
+    pos = _end(body, pos + 1, _u1(body, pos))  # compression methods
+    found: list[list[tuple[int, bytes]]] = []
+    if pos >= len(body):
+        return found  # no extensions at all
+    pos = _end(body, pos, 2)  # the extensions' total length: not relied on, as the .ksy
+    while pos < len(body):
+        kind = _u2(body, pos)
+        size = _u2(body, pos + 2)
+        start = pos + 4
+        pos = _end(body, start, size)
+        ext = body[start:pos]
+        if kind == _SNI_EXTENSION:
+            names = []
+            at = _end(ext, 0, 2)  # the list's length: not relied on either
+            while at < len(ext):
+                name_type = _u1(ext, at)
+                length = _u2(ext, at + 1)
+                end = _end(ext, at + 3, length)
+                names.append((name_type, ext[at + 3 : end]))
+                at = end
+            found.append(names)
+        elif kind == _ALPN_EXTENSION:
+            at = _end(ext, 0, 2)
+            while at < len(ext):
+                at = _end(ext, at + 1, _u1(ext, at))
+    return found
+
+
 def _parse_hello(body: bytes) -> FirstFlight:
     try:
-        hello = TlsClientHello.from_bytes(body)
-    except (EOFError, ValueError) as exc:  # kaitaistruct's stream errors subclass these
+        extensions = server_name_extensions(body)
+    except EOFError as exc:
         return _unreadable(f"malformed ClientHello ({type(exc).__name__})")
-    extensions = getattr(hello, "extensions", None)
-    names = [
-        ext for ext in (extensions.extensions if extensions else []) if ext.type == _SNI_EXTENSION
-    ]
-    if not names:
+    if not extensions:
         return FirstFlight(Flight.TLS)
-    if len(names) > 1:
+    if len(extensions) > 1:
         return _unreadable("more than one server_name extension")
-    server_names = getattr(names[0].body, "server_names", None) or []
-    if len(server_names) != 1 or server_names[0].name_type != _HOST_NAME:
+    server_names = extensions[0]
+    if len(server_names) != 1 or server_names[0][0] != _HOST_NAME:
         return _unreadable("a server_name extension that is not exactly one host name")
-    raw = server_names[0].host_name
+    raw = server_names[0][1]
     try:
         sni = _without_port(raw.decode("ascii"))
         if parse_ip(sni) is None:
