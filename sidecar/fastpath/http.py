@@ -34,6 +34,7 @@ from sidecar.answers import denial_bytes, failure_bytes, failure_status
 from sidecar.fastpath.connection import ClientConnection
 from sidecar.fastpath.http_pool import Upstream
 from sidecar.fastpath.refusal import HEAD_SAMPLE, Lingering, refuse_head
+from sidecar.fastpath.relay import shut_write
 from sidecar.fastpath.services import Services
 from sidecar.fastpath.upstream import UpstreamError, dial
 from sidecar.fastpath.vetting import Vetted, same_host, vet, vet_now
@@ -804,8 +805,8 @@ class HttpPhase:
         if self._conn.eof or not transport.can_write_eof():
             transport.close()
             return
-        transport.write_eof()
-        self._conn.switch(Lingering(self._conn))
+        if shut_write(transport):  # False: the client is gone already (aborted)
+            self._conn.switch(Lingering(self._conn))
 
 
 def _authority_text(target: str) -> str:
