@@ -446,6 +446,7 @@ class HttpPhase:
         head = ex.head
         method = head.method.upper()
         original_address = self._original[0] if self._original is not None else None
+        peer = str(vetted.address) if vetted.address is not None else None  # once: str() costs
         rec = ex.rec = DecisionRecord(
             decision=vetted.decision,
             capture=conn.capture,
@@ -455,7 +456,7 @@ class HttpPhase:
             policy_source=snap.source,
             policy_version=snap.version,
             mode=snap.mode.value,
-            peer_address=str(vetted.address) if vetted.address is not None else None,
+            peer_address=peer,
             client_address=conn.peer if not conn.closed else None,
         )
         rec.method = method
@@ -480,7 +481,8 @@ class HttpPhase:
             self._fail("Client disconnected.", CLIENT_DISCONNECTED)
             return
         upstream_head = self._upstream_head(ex, target, opened)
-        key = (str(vetted.address), target.port)
+        assert peer is not None
+        key = (peer, target.port)
         up = services.http_pool.take(key)
         if up is not None:
             self._send_head(ex, up, upstream_head)
