@@ -334,3 +334,41 @@ def test_big_bodies_stream_both_ways_without_buffering(
     # 32 MiB each way (curl's 100-continue uploads included) never held in the proxy.
     assert peak[0] - before < 12 << 20, (before >> 20, peak[0] >> 20)
     assert not [line for line in sidecar.stderr if "loaded mitmproxy" in line]
+
+
+def test_a_pooled_connection_the_upstream_closed_is_not_reused(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The upstream answers keep-alive, then closes its side while idle (as servers do at
+    their keep-alive timeout): the next request goes on a fresh connection, nothing fails."""
+    sock = socket.create_server((RAW, 0))
+    port = int(sock.getsockname()[1])
+    accepted = [0]
+
+    def count(_: socket.socket) -> None:
+        accepted[0] += 1
+
+    def answer_then_close(conn: socket.socket) -> None:
+        with conn:
+            recv_head(conn)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            time.sleep(0.1)  # idle, then the server's keep-alive timeout
+
+    serve_each(sock, answer_then_close, on_accept=count)
+    sidecar = start_sidecar(
+        tmp_path_factory.mktemp("fast-http-stale"),
+        allowlist=f"allow:\n  - host: raw.test\n    ports: [{port}]\n",
+        hosts={"raw.test": RAW},
+        args=["--allow-private-range", "127.0.0.0/8"],
+    )
+    try:
+        for _ in range(3):
+            with requests.Session() as session:
+                session.proxies = {"http": sidecar.proxy_url}
+                r = session.get(f"http://raw.test:{port}/s", timeout=5)
+                assert (r.status_code, r.text) == (200, "ok")
+            time.sleep(0.4)
+    finally:
+        assert sidecar.stop() == 0, sidecar.stderr[-20:]
+        sock.close()
+    assert accepted[0] == 3
