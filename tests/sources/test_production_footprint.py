@@ -95,7 +95,7 @@ def test_the_production_configuration_loads_no_unused_library(production: Produc
     assert span.resource.get("service.name")
     # What it loaded to do so.
     modules = imported(sidecar)
-    assert "sidecar.k8s.watch" in modules and "sidecar.telemetry.transport" in modules
+    assert "sidecar.k8s.watch" in modules and "sidecar.telemetry.lean" in modules
     unwanted = sorted(m for m in modules if m.split(".")[0] in NEVER_IMPORTED)
     assert unwanted == [], unwanted
     maps = Path(f"/proc/{sidecar.proc.pid}/maps").read_text()

@@ -28,7 +28,9 @@ def _provider(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> TracerPro
     # The exporter reads its endpoint and options from os.environ itself.
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    provider, plan = build_tracer_provider()
+    # With the console exporter too: the SDK pipeline (OTLP/HTTP alone takes the lean one, which
+    # has its own transport; sidecar.telemetry.lean), whose exporter this transport serves.
+    provider, plan = build_tracer_provider(console=True)
     assert isinstance(provider, TracerProvider) and plan.protocol == "http/protobuf"
     return provider
 
@@ -39,7 +41,7 @@ def _export(provider: TracerProvider, name: str) -> None:
 
 
 def _transport(provider: TracerProvider) -> Any:
-    (processor,) = provider._active_span_processor._span_processors
+    processor = provider._active_span_processor._span_processors[0]  # OTLP first, then console
     return processor._batch_processor._exporter._client._transport  # type: ignore[attr-defined]
 
 
