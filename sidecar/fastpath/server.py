@@ -153,6 +153,7 @@ class FrontDoor:
         self._close_servers()
         for conn in list(self._conns):
             conn.abort()
+        self.services.http_pool.close_all()
         await self.services.second_tier.stop()
 
     # -- the drain --------------------------------------------------------------------------
@@ -169,6 +170,8 @@ class FrontDoor:
         """Stop accepting, wait up to ``timeout`` s for in-flight work, cut what is left."""
         started = time.monotonic()
         self.draining = True
+        self.services.front.draining = True  # responses from now on say connection: close
+        self.services.http_pool.close_all()
         self._close_servers()
         second = self.services.second_tier.drain
         in_flight = len(self._own_busy()) + (second.begin() if second is not None else 0)

@@ -48,6 +48,22 @@ async def vet(resolver: Resolver, snap: Snapshot, dest: Destination) -> Vetted:
     return Vetted(decision, address)
 
 
+def vet_now(snap: Snapshot, dest: Destination) -> Vetted | None:
+    """``vet`` without waiting, where no name has to be resolved (a literal, or a decision that
+    needs no address); None: ``vet`` must resolve. The same reading as ``vet``'s first steps:
+    the fast path decides most requests without a task."""
+    literal = address_of(dest.host) if dest.host is not None else None
+    if dest.host is None or literal is not None:
+        address = dest.address or literal
+        raw = snap.decide_raw(Destination(None, dest.port, address, dest.method, dest.path))
+        return Vetted(apply_mode(raw, snap.mode), address)
+    by_name = snap.decide_raw(dest)
+    audited = by_name.verdict is Verdict.DENY and apply_mode(by_name, snap.mode).permits
+    if not (snap.needs_address(dest, by_name) or audited):
+        return Vetted(apply_mode(by_name, snap.mode), None)
+    return None
+
+
 def stream_decision(
     snap: Snapshot, sni: str | None, address: IPAddress | None, port: int
 ) -> Decision:
