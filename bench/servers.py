@@ -33,9 +33,22 @@ class ServerError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports: the probe sockets stay bound until all are
+    picked (one closed before the next bind may hand the same port out twice)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((LOOPBACK, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _tail(path: Path, chars: int = 1500) -> str:
@@ -145,7 +158,7 @@ def start_nginx(
             left -= f.write(chunk[: min(left, len(chunk))])
     cert, key = workdir / "upstream.crt", workdir / "upstream.key"
     write_self_signed(cert, key)
-    ports = ports or UpstreamPorts(http=free_port(), https=free_port())
+    ports = ports or UpstreamPorts(*free_ports(2))
     conf = workdir / "nginx.conf"
     conf.write_text(nginx_conf(workdir, ports, cert, key, address))
     server = _spawn(

@@ -36,10 +36,23 @@ def sidecar_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports: the probe sockets stay bound until all are picked (one
+    closed before the next bind may hand the same port out twice)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -154,7 +167,7 @@ def start_sidecar(
     """`egress-sidecar run` on 127.0.0.1: on ``ports`` (explicit, transparent, health) when
     given, else on free ones; ``preexec_fn`` runs in the child before exec."""
     workdir.mkdir(parents=True, exist_ok=True)
-    explicit, transparent, health = ports or (free_port(), free_port(), free_port())
+    explicit, transparent, health = ports or tuple(free_ports(3))
     argv = [
         str(BIN / "egress-sidecar"),
         "run",
