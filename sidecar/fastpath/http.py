@@ -423,7 +423,7 @@ class HttpPhase:
                 None,
             )
         else:
-            vetted = vet_now(snap, dest)
+            vetted = vet_now(snap, dest, self._s.resolver)
         if vetted is not None:
             self._decided(ex, target, snap, vetted)
         else:

@@ -12,7 +12,7 @@ from sidecar.policy.hosts import normalize_host
 from sidecar.policy.model import Decision, Destination, IPAddress, Reason, Verdict
 from sidecar.policy.store import Snapshot, apply_mode
 from sidecar.proxy.hostnames import address_of
-from sidecar.proxy.resolver import Resolver
+from sidecar.proxy.resolver import Resolution, Resolver
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,12 @@ async def vet(resolver: Resolver, snap: Snapshot, dest: Destination) -> Vetted:
     if not (snap.needs_address(dest, by_name) or audited):
         return Vetted(apply_mode(by_name, snap.mode), None)
     resolution = await resolver.resolve(dest.host, dest.port)
+    return _resolved(snap, dest, by_name, audited, resolution)
+
+
+def _resolved(
+    snap: Snapshot, dest: Destination, by_name: Decision, audited: bool, resolution: Resolution
+) -> Vetted:
     if not resolution.addresses:
         if by_name.permits or audited:
             # Allowed by name, but nowhere to connect: fail closed, say why.
@@ -48,10 +54,10 @@ async def vet(resolver: Resolver, snap: Snapshot, dest: Destination) -> Vetted:
     return Vetted(decision, address)
 
 
-def vet_now(snap: Snapshot, dest: Destination) -> Vetted | None:
-    """``vet`` without waiting, where no name has to be resolved (a literal, or a decision that
-    needs no address); None: ``vet`` must resolve. The same reading as ``vet``'s first steps:
-    the fast path decides most requests without a task."""
+def vet_now(snap: Snapshot, dest: Destination, resolver: Resolver | None = None) -> Vetted | None:
+    """``vet`` without waiting, where no name has to be resolved (a literal, a decision that
+    needs no address, or a name whose answer ``resolver`` still has cached); None: ``vet`` must
+    resolve. The same reading as ``vet``: the fast path decides most requests without a task."""
     literal = address_of(dest.host) if dest.host is not None else None
     if dest.host is None or literal is not None:
         address = dest.address or literal
@@ -61,6 +67,8 @@ def vet_now(snap: Snapshot, dest: Destination) -> Vetted | None:
     audited = by_name.verdict is Verdict.DENY and apply_mode(by_name, snap.mode).permits
     if not (snap.needs_address(dest, by_name) or audited):
         return Vetted(apply_mode(by_name, snap.mode), None)
+    if resolver is not None and (hit := resolver.cached(dest.host)) is not None:
+        return _resolved(snap, dest, by_name, audited, hit)
     return None
 
 

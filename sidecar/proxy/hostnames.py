@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -14,8 +15,11 @@ _SECRET_QUERY_KEYS = frozenset(
 REDACTED = "REDACTED"
 
 
+@functools.lru_cache(maxsize=4096)
 def address_of(text: str) -> IPAddress | None:
-    """The IP address in ``text`` ("1.2.3.4", "::1", "[::1]"), or None for a name."""
+    """The IP address in ``text`` ("1.2.3.4", "::1", "[::1]"), or None for a name.
+
+    Cached: every request asks it of its host, and a name costs a ValueError to find out."""
     try:
         return ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
     except ValueError:

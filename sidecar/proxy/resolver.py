@@ -51,11 +51,18 @@ class Resolver:
         self._inflight: dict[str, asyncio.Task[Resolution]] = {}
         self.lookups = 0  # queries actually made (for tests and metrics)
 
-    async def resolve(self, host: str, port: int) -> Resolution:
+    def cached(self, host: str) -> Resolution | None:
+        """The answer still cached for ``host`` (a success or a failure), without waiting."""
         key = host.lower()
         for cache in (self._resolved, self._failed):
             if cache is not None and (hit := cache.get(key)) is not None:
                 return hit
+        return None
+
+    async def resolve(self, host: str, port: int) -> Resolution:
+        if (hit := self.cached(host)) is not None:
+            return hit
+        key = host.lower()
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(self._resolve_fqdn(host, port))

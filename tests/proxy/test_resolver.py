@@ -119,3 +119,40 @@ def test_a_slow_resolver_times_out_with_a_reason() -> None:
     resolution = run(Resolver(timeout=0.05, getaddrinfo=dns).resolve("api.test", 443))
     assert resolution.addresses == ()
     assert "timed out" in (resolution.error or "")
+
+
+# -- the fast path's synchronous decision on a cached answer (sidecar.fastpath.vetting) ---------
+
+VET_CASES = [
+    # (allowlist, host, port, DNS answers): a cached success, failure, guard refusal and audit
+    ("allow: [api.test]", "api.test", 443, ["93.184.216.34"]),
+    ("allow: [api.test]", "API.test", 443, ["93.184.216.34", "10.0.0.1"]),
+    ("allow: [api.test]", "api.test", 443, ["10.0.0.1"]),  # private: refused by the guard
+    ("allow: [api.test]", "gone.test", 443, None),  # not allowed: needs no address
+    ("allow: [gone.test]", "gone.test", 443, None),  # allowed but does not resolve
+    ("{mode: audit, allow: [other.test]}", "api.test", 80, ["93.184.216.34"]),
+]
+
+
+@pytest.mark.parametrize(("doc", "host", "port", "answers"), VET_CASES)
+def test_vet_now_decides_a_cached_name_as_vet_does(
+    doc: str, host: str, port: int, answers: list[str] | None
+) -> None:
+    from sidecar.fastpath.vetting import vet, vet_now
+    from sidecar.policy.model import Destination
+    from sidecar.policy.parse import parse_allowlist
+    from sidecar.policy.store import PolicyStore
+
+    snap = PolicyStore().set_policy(parse_allowlist(doc, source="test"))
+    dns = FakeDns({host.lower(): answers} if answers is not None else {})
+    resolver = Resolver(getaddrinfo=dns)
+    dest = Destination(host, port)
+    now = vet_now(snap, dest, resolver)
+    needs_lookup = now is None
+    waited = run(vet(resolver, snap, dest))
+    if needs_lookup:
+        # Not cached before: vet asked DNS; now the cached answer decides without waiting.
+        assert dns.queries == [host]
+        assert vet_now(snap, dest, resolver) == waited
+    else:
+        assert dns.queries == [] and now == waited  # decided by name alone: no lookup at all
