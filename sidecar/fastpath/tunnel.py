@@ -32,9 +32,8 @@ from sidecar.fastpath.refusal import Lingering
 from sidecar.fastpath.relay import EARLY_LIMIT, Relay, Upstream, shut_write
 from sidecar.fastpath.services import Services
 from sidecar.fastpath.upstream import UpstreamError, dial
-from sidecar.fastpath.vetting import same_host, vet
-from sidecar.policy.model import Decision, Destination, Mode, Reason, Verdict
-from sidecar.policy.store import apply_mode
+from sidecar.fastpath.vetting import tunnel_denial, vet
+from sidecar.policy.model import Destination
 from sidecar.record import DecisionRecord
 from sidecar.wire.connect_head import ConnectRequest
 from sidecar.wire.first_flight import MAX_FIRST_FLIGHT, FirstFlight, Flight, classify_tls
@@ -282,23 +281,9 @@ class Tunnel:
             self._timer = None
         rec, upstream = self.rec, self.upstream
         assert rec is not None and upstream is not None
-        denial: Decision | None = None
-        if flight is not None and flight.kind is Flight.UNREADABLE:
-            denial = Decision(
-                Verdict.DENY, Reason.UNREADABLE_FIRST_FLIGHT, rec.decision.rule, flight.problem
-            )
-        elif flight is not None and flight.sni is not None and not same_host(rec.host, flight.sni):
-            denial = Decision(
-                Verdict.DENY,
-                Reason.SNI_MISMATCH,
-                rec.decision.rule,
-                f"ClientHello for {flight.sni} in a tunnel to {rec.host}",
-            )
+        denial = tunnel_denial(rec, flight)
         if denial is not None:
-            # A mismatch is a policy decision (audit lets it through); an unreadable ClientHello
-            # is refused whatever the mode: nothing in it could be decided.
-            unreadable = denial.reason is Reason.UNREADABLE_FIRST_FLIGHT
-            rec.decision = denial if unreadable else apply_mode(denial, Mode(rec.mode))
+            rec.decision = denial
         self._report()
         if not rec.decision.permits:
             self._close_both()

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
-from sidecar.policy.model import Decision, Destination, IPAddress, Reason, Verdict
+from sidecar.policy.model import Decision, Destination, IPAddress, Mode, Reason, Verdict
 from sidecar.policy.store import Snapshot, apply_mode
 from sidecar.proxy.hostnames import address_of
 from sidecar.proxy.resolver import Resolution, Resolver
+from sidecar.record import DecisionRecord
+from sidecar.wire.first_flight import FirstFlight, Flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +25,9 @@ class Vetted:
     address: IPAddress | None
 
 
-async def vet(resolver: Resolver, snap: Snapshot, dest: Destination) -> Vetted:
-    """Decide ``dest`` and find the address to connect to (the one that was checked)."""
+def _without_lookup(snap: Snapshot, dest: Destination) -> Vetted | tuple[str, Decision, bool]:
+    """``dest`` decided where no name has to be resolved (a literal, or a decision that needs no
+    address); else the name to resolve, its decision by name and whether audit lets it pass."""
     literal = address_of(dest.host) if dest.host is not None else None
     if dest.host is None or literal is not None:
         address = dest.address or literal
@@ -34,7 +37,16 @@ async def vet(resolver: Resolver, snap: Snapshot, dest: Destination) -> Vetted:
     audited = by_name.verdict is Verdict.DENY and apply_mode(by_name, snap.mode).permits
     if not (snap.needs_address(dest, by_name) or audited):
         return Vetted(apply_mode(by_name, snap.mode), None)
-    resolution = await resolver.resolve(dest.host, dest.port)
+    return dest.host, by_name, audited
+
+
+async def vet(resolver: Resolver, snap: Snapshot, dest: Destination) -> Vetted:
+    """Decide ``dest`` and find the address to connect to (the one that was checked)."""
+    first = _without_lookup(snap, dest)
+    if isinstance(first, Vetted):
+        return first
+    host, by_name, audited = first
+    resolution = await resolver.resolve(host, dest.port)
     return _resolved(snap, dest, by_name, audited, resolution)
 
 
@@ -58,17 +70,34 @@ def vet_now(snap: Snapshot, dest: Destination, resolver: Resolver | None = None)
     """``vet`` without waiting, where no name has to be resolved (a literal, a decision that
     needs no address, or a name whose answer ``resolver`` still has cached); None: ``vet`` must
     resolve. The same reading as ``vet``: the fast path decides most requests without a task."""
-    literal = address_of(dest.host) if dest.host is not None else None
-    if dest.host is None or literal is not None:
-        address = dest.address or literal
-        raw = snap.decide_raw(Destination(None, dest.port, address, dest.method, dest.path))
-        return Vetted(apply_mode(raw, snap.mode), address)
-    by_name = snap.decide_raw(dest)
-    audited = by_name.verdict is Verdict.DENY and apply_mode(by_name, snap.mode).permits
-    if not (snap.needs_address(dest, by_name) or audited):
-        return Vetted(apply_mode(by_name, snap.mode), None)
-    if resolver is not None and (hit := resolver.cached(dest.host)) is not None:
+    first = _without_lookup(snap, dest)
+    if isinstance(first, Vetted):
+        return first
+    host, by_name, audited = first
+    if resolver is not None and (hit := resolver.cached(host)) is not None:
         return _resolved(snap, dest, by_name, audited, hit)
+    return None
+
+
+def tunnel_denial(rec: DecisionRecord, flight: FirstFlight | None) -> Decision | None:
+    """An allowed tunnel's first flight decided for good (None: it stays allowed; ``flight``
+    None: the server spoke first). A ClientHello whose SNI names another host than the CONNECT
+    is domain fronting (a CDN routes by SNI): ``sni mismatch``, as mode says (audit lets it
+    pass); an unreadable one is refused whatever the mode, as a refused request head is. A
+    CONNECT to an IP literal with an SNI naming a host is refused too: that name was never
+    decided. No SNI, or not TLS: the CONNECT host decided."""
+    if flight is not None and flight.kind is Flight.UNREADABLE:
+        return Decision(
+            Verdict.DENY, Reason.UNREADABLE_FIRST_FLIGHT, rec.decision.rule, flight.problem
+        )
+    if flight is not None and flight.sni is not None and not same_host(rec.host, flight.sni):
+        mismatch = Decision(
+            Verdict.DENY,
+            Reason.SNI_MISMATCH,
+            rec.decision.rule,
+            f"ClientHello for {flight.sni} in a tunnel to {rec.host}",
+        )
+        return apply_mode(mismatch, Mode(rec.mode))
     return None
 
 

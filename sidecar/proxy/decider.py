@@ -29,10 +29,17 @@ from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 from mitmproxy.proxy.mode_specs import TransparentMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from sidecar.fastpath.vetting import Vetted, address_allows, same_host, stream_decision, vet
+from sidecar.fastpath.vetting import (
+    Vetted,
+    address_allows,
+    same_host,
+    stream_decision,
+    tunnel_denial,
+    vet,
+)
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
-from sidecar.policy.model import Decision, Destination, Mode, Reason, Verdict
+from sidecar.policy.model import Decision, Destination, Reason, Verdict
 from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
 from sidecar.policy.target import InvalidTarget, parse_authority, parse_request_target
 from sidecar.proxy.connections import ConnectionInfo, Connections, Kind, Pending
@@ -44,7 +51,7 @@ from sidecar.proxy.tunnels import CONNECT_RECORD, upstream_failure
 from sidecar.record import Capture, DecisionRecord
 from sidecar.reporter import OpenDecision, Reporter
 from sidecar.telemetry.spans import error_type, extract_parent, inject_context
-from sidecar.wire.first_flight import FirstFlight, Flight
+from sidecar.wire.first_flight import FirstFlight
 
 log = logging.getLogger(__name__)
 
@@ -216,36 +223,16 @@ class Decider:
         self._await_upstream(flow.client_conn, rec, (str(vetted.address), port), start_ns)
 
     def settle_tunnel(self, client: connection.Client, flight: FirstFlight | None) -> bool:
-        """Decide an allowed tunnel for good on its first flight (None: the server spoke first).
-
-        A ClientHello whose SNI names another host than the CONNECT is domain fronting (a CDN
-        routes by SNI, not by the address it was reached on): refused, ``sni mismatch``. So is
-        an unreadable one. No SNI, or not TLS: the CONNECT host decided. A CONNECT to an IP
-        literal with an SNI naming a host is refused too: the name was never decided.
-        """
+        """Decide an allowed tunnel for good on its first flight (None: the server spoke first;
+        sidecar.fastpath.vetting.tunnel_denial says how)."""
         pending = self._connections.get(client).tunnel
         if pending is None:
             return True
         self._connections.get(client).tunnel = None
         rec = pending.record
-        denial: Decision | None = None
-        if flight is not None and flight.kind is Flight.UNREADABLE:
-            denial = Decision(
-                Verdict.DENY, Reason.UNREADABLE_FIRST_FLIGHT, rec.decision.rule, flight.problem
-            )
-        elif flight is not None and flight.sni is not None and not same_host(rec.host, flight.sni):
-            denial = Decision(
-                Verdict.DENY,
-                Reason.SNI_MISMATCH,
-                rec.decision.rule,
-                f"ClientHello for {flight.sni} in a tunnel to {rec.host}",
-            )
+        denial = tunnel_denial(rec, flight)
         if denial is not None:
-            # A mismatch is a policy decision (audit lets it through and says so); an unreadable
-            # ClientHello is refused whatever the mode, as a refused request head is: nothing in
-            # it could be decided, so there is nothing to audit.
-            unreadable = denial.reason is Reason.UNREADABLE_FIRST_FLIGHT
-            rec.decision = denial if unreadable else apply_mode(denial, Mode(rec.mode))
+            rec.decision = denial
         self._reporter.report(rec, start_ns=pending.start_ns)
         return rec.decision.permits
 
