@@ -37,10 +37,10 @@ from sidecar.fastpath.refusal import HEAD_SAMPLE, Lingering, refuse_head
 from sidecar.fastpath.relay import shut_write
 from sidecar.fastpath.services import Services
 from sidecar.fastpath.upstream import UpstreamError, dial
-from sidecar.fastpath.vetting import Vetted, same_host, vet, vet_now
+from sidecar.fastpath.vetting import HTTPS_TARGET, Vetted, same_host, vet, vet_now
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
-from sidecar.policy.model import Decision, Destination, Reason, Verdict
+from sidecar.policy.model import Destination, Reason
 from sidecar.policy.store import Snapshot
 from sidecar.policy.target import (
     Authority,
@@ -412,18 +412,7 @@ class HttpPhase:
             ex.head.method.upper(),
             target.path.split("?", 1)[0] or "/",
         )
-        vetted: Vetted | None
-        if target.scheme == "https":
-            vetted = Vetted(
-                Decision(
-                    Verdict.DENY,
-                    Reason.INVALID_DESTINATION,
-                    detail="an https:// request-target: send HTTPS through CONNECT",
-                ),
-                None,
-            )
-        else:
-            vetted = vet_now(snap, dest, self._s.resolver)
+        vetted = HTTPS_TARGET if target.scheme == "https" else vet_now(snap, dest, self._s.resolver)
         if vetted is not None:
             self._decided(ex, target, snap, vetted)
         else:

@@ -12,9 +12,10 @@ from sidecar.fastpath.connection import ClientConnection
 from sidecar.fastpath.relay import shut_write
 from sidecar.fastpath.services import Services
 from sidecar.policy.model import Decision, Verdict
+from sidecar.policy.store import Snapshot
 from sidecar.policy.target import InvalidTarget, parse_request_target
 from sidecar.proxy.headlimits import LINGER_SECONDS, HeadRejection, request_line_start
-from sidecar.record import DecisionRecord
+from sidecar.record import Capture, DecisionRecord
 
 HEAD_SAMPLE = 8 * 1024 + 64  # enough of a refused head to read its method and target
 
@@ -28,7 +29,27 @@ def refusal_record(
 ) -> DecisionRecord:
     """The deny record of a refused head (``original``: the transparent listener's original
     destination, which names the port when the head does not)."""
-    snap = services.store.get()
+    return refused_head_record(
+        services.store.get(),
+        conn.capture,
+        rejection,
+        head,
+        original=original,
+        client_address=conn.peer,
+    )
+
+
+def refused_head_record(
+    snap: Snapshot,
+    capture: Capture,
+    rejection: HeadRejection,
+    head: bytes,
+    *,
+    original: tuple[str, int] | None,
+    client_address: str | None,
+) -> DecisionRecord:
+    """The deny record of a refused head, for both engines: deny whatever the mode (such a
+    head is never passed on), the target read from an absolute-form request line if any."""
     method, target = request_line_start(head)
     host: str | None = None
     port = original[1] if original is not None else 0
@@ -42,7 +63,7 @@ def refusal_record(
             port = parsed.port
     return DecisionRecord(
         decision=Decision(Verdict.DENY, rejection.reason, detail=rejection.detail),
-        capture=conn.capture,
+        capture=capture,
         protocol=method or "HTTP",
         host=host,
         port=port,
@@ -50,7 +71,7 @@ def refusal_record(
         policy_version=snap.version,
         mode=snap.mode.value,
         original_address=original[0] if original is not None else None,
-        client_address=conn.peer,
+        client_address=client_address,
         method=method,
         status_code=rejection.status,
     )

@@ -25,6 +25,18 @@ class Vetted:
     address: IPAddress | None
 
 
+# "GET https://..." to the proxy would make it originate TLS itself: HTTPS goes through CONNECT,
+# end to end, or not at all.
+HTTPS_TARGET = Vetted(
+    Decision(
+        Verdict.DENY,
+        Reason.INVALID_DESTINATION,
+        detail="an https:// request-target: send HTTPS through CONNECT",
+    ),
+    None,
+)
+
+
 def _without_lookup(snap: Snapshot, dest: Destination) -> Vetted | tuple[str, Decision, bool]:
     """``dest`` decided where no name has to be resolved (a literal, or a decision that needs no
     address); else the name to resolve, its decision by name and whether audit lets it pass."""

@@ -29,7 +29,9 @@ from mitmproxy.proxy.layers.http._events import ErrorCode, ResponseProtocolError
 from mitmproxy.proxy.mode_specs import TransparentMode
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
+from sidecar.fastpath.refusal import refused_head_record
 from sidecar.fastpath.vetting import (
+    HTTPS_TARGET,
     Vetted,
     address_allows,
     same_host,
@@ -41,10 +43,10 @@ from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
 from sidecar.policy.model import Decision, Destination, Reason, Verdict
 from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
-from sidecar.policy.target import InvalidTarget, parse_authority, parse_request_target
+from sidecar.policy.target import InvalidTarget, parse_authority
 from sidecar.proxy.connections import ConnectionInfo, Connections, Kind, Pending
 from sidecar.proxy.denial import denial_response, failure_response, failure_status
-from sidecar.proxy.headlimits import HeadRejection, request_line_start
+from sidecar.proxy.headlimits import HeadRejection
 from sidecar.proxy.hostnames import address_of, format_hostport, redact_url
 from sidecar.proxy.resolver import Resolver
 from sidecar.proxy.tunnels import CONNECT_RECORD, upstream_failure
@@ -264,16 +266,7 @@ class Decider:
             path,
         )
         if request.scheme == "https":
-            # "GET https://..." to the proxy would make it originate TLS itself: HTTPS goes
-            # through CONNECT, end to end, or not at all.
-            vetted = Vetted(
-                Decision(
-                    Verdict.DENY,
-                    Reason.INVALID_DESTINATION,
-                    detail="an https:// request-target: send HTTPS through CONNECT",
-                ),
-                None,
-            )
+            vetted = HTTPS_TARGET
         else:
             vetted = await self.vet(snap, dest)
         rec = self._record(
@@ -364,33 +357,11 @@ class Decider:
         snap = self._store.get()
         client = context.client
         capture = _capture(client)
-        method, target = request_line_start(head)
-        host: str | None = None
-        port = 0
-        original: str | None = None
+        original: tuple[str, int] | None = None
         if capture is Capture.TRANSPARENT and context.server.address is not None:
-            original, port = context.server.address[0], context.server.address[1]
-        if target is not None and "://" in target:
-            try:
-                parsed = parse_request_target(target)
-            except InvalidTarget:
-                pass
-            else:
-                host = parsed.authority.host or None
-                port = parsed.port
-        rec = DecisionRecord(
-            decision=Decision(Verdict.DENY, rejection.reason, detail=rejection.detail),
-            capture=capture,
-            protocol=method or "HTTP",
-            host=host,
-            port=port,
-            policy_source=snap.source,
-            policy_version=snap.version,
-            mode=snap.mode.value,
-            original_address=original,
-            client_address=_peer(client),
-            method=method,
-            status_code=rejection.status,
+            original = (context.server.address[0], context.server.address[1])
+        rec = refused_head_record(
+            snap, capture, rejection, head, original=original, client_address=_peer(client)
         )
         self._reporter.report(rec)
         return bytes(http1.assemble_response(denial_response(rec, rejection.status)))
