@@ -20,22 +20,9 @@ from sidecar.decision_log import (
 )
 from sidecar.policy.model import Decision, Reason, Verdict
 from sidecar.record import Capture, DecisionRecord
+from tests.support.records import decision_record
 
-
-def _record(**fields: object) -> DecisionRecord:
-    rec = DecisionRecord(
-        decision=Decision(Verdict.ALLOW, Reason.MATCHED_ALLOW, "web.test"),
-        capture=Capture.EXPLICIT,
-        protocol="GET",
-        host="web.test",
-        port=80,
-        policy_source="file:/etc/egress/allowlist.yaml",
-        policy_version="sha256:abc",
-        mode="enforce",
-    )
-    for name, value in fields.items():
-        setattr(rec, name, value)
-    return rec
+_record = decision_record
 
 
 NOW = 1_764_680_000.123456

@@ -8,25 +8,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from sidecar.policy.model import Decision, Reason, Verdict
-from sidecar.record import Capture, DecisionRecord
 from sidecar.telemetry.spans import DecisionSpans
+from tests.support.records import decision_record
 
-
-def _record(**fields: object) -> DecisionRecord:
-    rec = DecisionRecord(
-        decision=Decision(Verdict.ALLOW, Reason.MATCHED_ALLOW, "web.test"),
-        capture=Capture.EXPLICIT,
-        protocol="GET",
-        host="web.test",
-        port=80,
-        policy_source="test",
-        policy_version="1",
-        mode="enforce",
-    )
-    for name, value in fields.items():
-        setattr(rec, name, value)
-    return rec
+_record = decision_record
 
 
 @pytest.mark.parametrize(
