@@ -418,6 +418,9 @@ async def _serve(
             "mode": store.get().mode.value,
             "listeners": front.addresses,
             "listening": front.all_running and not front.draining,
+            # --allow-private-range / EGRESS_ALLOW_PRIVATE_RANGES: where the guard steps aside
+            # beyond the documents' privateRanges (`kubectl egress` re-decides with them).
+            "extra_private_ranges": [str(n) for n in spec.extra_private_ranges],
             "draining": front.draining,
         }
         ready = source.ready() and front.all_running and not front.draining
