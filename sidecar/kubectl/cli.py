@@ -402,14 +402,17 @@ def cmd_diff(args: argparse.Namespace, cluster: Cluster) -> int:
     except (OSError, UnicodeDecodeError) as err:
         raise PluginError(f"cannot read {args.file}: {err}") from None
     try:
-        new = parse_allowlist(text, source=f"file:{args.file}")
+        new = parse_allowlist(text, source="stdin" if args.file == "-" else f"file:{args.file}")
     except AllowlistError as err:
-        raise PluginError(f"{args.file} is not a valid allowlist:\n{err}") from None
+        name = "stdin" if args.file == "-" else args.file
+        raise PluginError(f"{name} is not a valid allowlist:\n{err}") from None
     workload = cluster.workload(WorkloadRef.parse(args.workload))
     seen, _, ranges = _seen(cluster, workload)
-    changes = plan.diff(seen, new, ranges)
+    annotated = _settings(workload).mode
+    mode = Mode(annotated) if annotated else (new.meta.mode or Mode.ENFORCE)
+    changes = plan.diff(seen, new, ranges, mode)
     shown = changes if args.all else [c for c in changes if c.kind != plan.UNCHANGED]
-    breaking = sum(1 for c in changes if c.kind == plan.ALLOW_TO_DENY)
+    breaking = sum(1 for c in changes if c.kind in (plan.ALLOW_TO_DENY, plan.AUDIT_TO_DENY))
     if args.output in ("json", "yaml"):
         sys.stdout.write(_dump({"items": [c.to_json() for c in shown]}, args.output))
     elif shown:
@@ -535,8 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="which recently seen destinations a new allowlist would decide differently",
         description="Decide every destination the workload's pods recently called under a new "
         "allowlist (a ConfigMap manifest or a bare allowlist; - for stdin) and list those whose "
-        "decision would change, allow→deny first (red on a terminal). Before is what the pod "
-        "decided (audit counts as deny), after the new document's decision by name. Paths are "
+        "decision would change, those that would stop going through first (allow→deny, "
+        "audit→deny: red on a terminal). Before is what the pod decided, after the new "
+        "document's decision in the workload's mode (its annotation, else the document's "
+        "mode:, else enforce), with the address the pod connected to. Paths are "
         "never kept, so a plain-HTTP call that a rule with paths decides is listed as "
         "'depends on path'.",
     )
@@ -544,7 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("-f", "--filename", dest="file", required=True, metavar="FILE")
     diff.add_argument("--all", action="store_true", help="list unchanged destinations too")
     diff.add_argument(
-        "--exit-code", action="store_true", help="exit 1 when an allowed call would be denied"
+        "--exit-code",
+        action="store_true",
+        help="exit 1 when a call that goes through today (allow or audit) would be denied",
     )
     diff.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     diff.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")

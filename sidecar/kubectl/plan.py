@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,8 +19,17 @@ from sidecar.policy.addresses import is_public
 from sidecar.policy.engine import Policy
 from sidecar.policy.errors import AllowlistError
 from sidecar.policy.hosts import parse_ip
-from sidecar.policy.model import Decision, Destination, IPAddress, IPNetwork, Reason, Verdict
+from sidecar.policy.model import (
+    Decision,
+    Destination,
+    IPAddress,
+    IPNetwork,
+    Mode,
+    Reason,
+    Verdict,
+)
 from sidecar.policy.parse import parse_allowlist
+from sidecar.policy.store import apply_mode
 
 # -- workloads ------------------------------------------------------------------------------------
 
@@ -106,7 +116,8 @@ def _key(s: SeenDestination) -> SeenKey:
 
 
 def merge_seen(per_pod: Iterable[Sequence[SeenDestination]]) -> list[SeenDestination]:
-    """One list for a workload: counts added, the earliest first and latest last seen."""
+    """One list for a workload: counts added, the earliest first and latest last seen, and the
+    address filled in where only another entry of the same host knows it."""
     merged: dict[SeenKey, SeenDestination] = {}
     for seen in per_pod:
         for s in seen:
@@ -128,7 +139,20 @@ def merge_seen(per_pod: Iterable[Sequence[SeenDestination]]) -> list[SeenDestina
                 latest.last_seen,
                 latest.address,
             )
-    return sorted(merged.values(), key=lambda s: (s.host, s.port, s.protocol, s.decision))
+    # A call denied by name was never resolved (no address); another call to the same host
+    # that was tells where it would connect, and so whether the guard would stand in the way.
+    resolved: dict[str, SeenDestination] = {}
+    for s in merged.values():
+        host = s.host.lower().rstrip(".")
+        if s.address and (host not in resolved or s.last_seen > resolved[host].last_seen):
+            resolved[host] = s
+    filled = [
+        dataclasses.replace(s, address=resolved[s.host.lower().rstrip(".")].address)
+        if s.address is None and s.host.lower().rstrip(".") in resolved
+        else s
+        for s in merged.values()
+    ]
+    return sorted(filled, key=lambda s: (s.host, s.port, s.protocol, s.decision))
 
 
 _NOT_HTTP: Final = frozenset({"CONNECT", "TLS", "TCP"})
@@ -469,11 +493,24 @@ def configmap_manifest(name: str, namespace: str, document: str, header: Sequenc
 # -- diff -----------------------------------------------------------------------------------------
 
 ALLOW_TO_DENY: Final = "allow→deny"
+AUDIT_TO_DENY: Final = "audit→deny"  # goes through today (audit), would be blocked
 DEPENDS_ON_PATH: Final = "depends on path"
 DENY_TO_ALLOW: Final = "deny→allow"
+AUDIT_TO_ALLOW: Final = "audit→allow"
 RULE_CHANGED: Final = "rule changed"
 UNCHANGED: Final = "unchanged"
-_CHANGE_ORDER: Final = (ALLOW_TO_DENY, DEPENDS_ON_PATH, DENY_TO_ALLOW, RULE_CHANGED, UNCHANGED)
+# Calls that would stop going through first, then the unknown, then the rest.
+_CHANGE_ORDER: Final = (
+    ALLOW_TO_DENY,
+    AUDIT_TO_DENY,
+    DEPENDS_ON_PATH,
+    DENY_TO_ALLOW,
+    AUDIT_TO_ALLOW,
+    "deny→audit",
+    "allow→audit",
+    RULE_CHANGED,
+    UNCHANGED,
+)
 
 
 @dataclass(frozen=True)
@@ -507,24 +544,22 @@ class Change:
         }
 
 
-def classify(seen: SeenDestination, new: Policy) -> Change:
-    """Before: what the pod decided (audit = would have been denied). After: the new document's
-    raw decision (before any audit mode; ``new`` carries the pods' extra private ranges, see
-    ``diff``). A plain-HTTP call the new document can only decide with its path (not kept) is
-    "depends on path", not guessed."""
-    after = new.decide(destination_of(seen))
-    before_allowed = seen.decision == Verdict.ALLOW.value
-    after_allowed = after.verdict is Verdict.ALLOW
-    if after.reason is Reason.L7_NOT_VISIBLE and seen.protocol not in _NOT_HTTP:
-        if before_allowed and seen.rule in {r.text for r in new.allow_rules}:
+def classify(seen: SeenDestination, new: Policy, mode: Mode = Mode.ENFORCE) -> Change:
+    """Before: what the pod decided (allow, audit or deny). After: the new document's decision
+    in ``mode`` (the workload's annotation, else the new document's own, else enforce); ``new``
+    carries the pods' extra private ranges (see ``diff``). A plain-HTTP call the new document
+    could only decide with its path (never kept) is "depends on path", not guessed."""
+    raw = new.decide(destination_of(seen))
+    after = apply_mode(raw, mode)
+    before = seen.decision
+    if raw.reason is Reason.L7_NOT_VISIBLE and seen.protocol not in _NOT_HTTP:
+        if before == Verdict.ALLOW.value and seen.rule in {r.text for r in new.allow_rules}:
             # The rule that allowed it (paths and all) is in the new document as it was.
             return Change(UNCHANGED, seen, Decision(Verdict.ALLOW, Reason.MATCHED_ALLOW, seen.rule))
-        kind = DEPENDS_ON_PATH
-    elif before_allowed and not after_allowed:
-        kind = ALLOW_TO_DENY
-    elif after_allowed and not before_allowed:
-        kind = DENY_TO_ALLOW
-    elif after_allowed and seen.rule != after.rule:
+        return Change(DEPENDS_ON_PATH, seen, after)
+    if before != after.verdict.value:
+        kind = f"{before}→{after.verdict.value}"
+    elif after.verdict is Verdict.ALLOW and seen.rule != after.rule:
         kind = RULE_CHANGED
     else:
         kind = UNCHANGED
@@ -532,14 +567,19 @@ def classify(seen: SeenDestination, new: Policy) -> Change:
 
 
 def diff(
-    seen: Sequence[SeenDestination], new: Policy, extra_ranges: Sequence[IPNetwork] = ()
+    seen: Sequence[SeenDestination],
+    new: Policy,
+    extra_ranges: Sequence[IPNetwork] = (),
+    mode: Mode = Mode.ENFORCE,
 ) -> list[Change]:
-    """Every seen destination classified; allow→deny first, then by count (most first)."""
+    """Every seen destination classified; what would stop going through first, then by count
+    (most calls first)."""
     policy = new.with_extra_private_ranges(extra_ranges)
-    changes = [classify(s, policy) for s in seen]
+    changes = [classify(s, policy, mode) for s in seen]
+    order = {kind: i for i, kind in enumerate(_CHANGE_ORDER)}
     return sorted(
         changes,
-        key=lambda c: (_CHANGE_ORDER.index(c.kind), -c.seen.count, c.seen.host, c.seen.port),
+        key=lambda c: (order.get(c.kind, len(order)), -c.seen.count, c.seen.host, c.seen.port),
     )
 
 
@@ -549,7 +589,13 @@ RED: Final = "\x1b[31m"
 GREEN: Final = "\x1b[32m"
 YELLOW: Final = "\x1b[33m"
 RESET: Final = "\x1b[0m"
-CHANGE_COLORS: Final = {ALLOW_TO_DENY: RED, DEPENDS_ON_PATH: YELLOW, DENY_TO_ALLOW: GREEN}
+CHANGE_COLORS: Final = {
+    ALLOW_TO_DENY: RED,
+    AUDIT_TO_DENY: RED,
+    DEPENDS_ON_PATH: YELLOW,
+    DENY_TO_ALLOW: GREEN,
+    AUDIT_TO_ALLOW: GREEN,
+}
 
 
 def render_table(

@@ -11,6 +11,7 @@ import yaml
 from sidecar.destinations import SeenDestination
 from sidecar.kubectl import plan
 from sidecar.kubectl.plan import UsageError, WorkloadRef
+from sidecar.policy.model import Mode
 from sidecar.policy.parse import parse_allowlist
 
 T1, T2, T3 = "2026-12-02T10:00:00Z", "2026-12-02T11:00:00Z", "2026-12-02T12:00:00Z"
@@ -106,6 +107,16 @@ def test_merge_adds_counts_and_keeps_the_widest_window() -> None:
     assert len(merged) == 2
     [m] = [s for s in merged if s.decision == "audit"]
     assert (m.count, m.first_seen, m.last_seen, m.address) == (5, T1, T3, "93.184.215.2")
+
+
+def test_merge_fills_the_address_of_a_call_denied_by_name() -> None:
+    by_name = seen("db.internal", 5432, decision="deny", address=None, last_seen=T3)
+    resolved = seen("db.internal", 5432, reason="private address", address="10.1.2.3")
+    merged = plan.merge_seen([[by_name], [resolved]])
+    assert {s.address for s in merged} == {"10.1.2.3"}
+    s = plan.suggest(None, None, merged)
+    assert s.added == []  # private: left out, whichever entry is looked at
+    assert [p.text for p in s.proposals] == ["{cidr: 10.1.2.3/32, ports: [5432]}"]
 
 
 # -- suggest ------------------------------------------------------------------------------------
@@ -296,10 +307,11 @@ allow:
     [
         (seen("api.stripe.com", decision="allow", rule="api.stripe.com"), plan.RULE_CHANGED),
         (seen("api.stripe.com", 80, decision="allow", rule="api.stripe.com"), plan.ALLOW_TO_DENY),
-        (seen("api.github.com"), plan.DENY_TO_ALLOW),
+        (seen("api.github.com"), plan.AUDIT_TO_ALLOW),
         (seen("api.github.com", decision="deny"), plan.DENY_TO_ALLOW),
         (seen("api.github.com", decision="allow", rule="api.github.com"), plan.UNCHANGED),
-        (seen("other.example"), plan.UNCHANGED),
+        (seen("other.example"), plan.AUDIT_TO_DENY),
+        (seen("other.example", decision="deny"), plan.UNCHANGED),
         # Plain HTTP under a rule with paths: the path is not kept, so it is not guessed.
         (seen("web.example", 80, protocol="GET"), plan.DEPENDS_ON_PATH),
         (
@@ -315,15 +327,27 @@ allow:
         # Through a tunnel the paths are not visible: a real deny.
         (seen("web.example", 80, decision="allow", rule="web.example"), plan.ALLOW_TO_DENY),
         # The guard: a private address stays denied unless the pod's ranges cover it.
-        (seen("api.github.com", reason="private address", address="10.0.0.5"), plan.UNCHANGED),
+        (
+            seen("api.github.com", decision="deny", reason="private address", address="10.0.0.5"),
+            plan.UNCHANGED,
+        ),
     ],
 )
 def test_diff_classification(destination: SeenDestination, kind: str) -> None:
     assert plan.classify(destination, parse_allowlist(NEW, source="new")).kind == kind
 
 
+def test_the_new_documents_mode_counts() -> None:
+    new = parse_allowlist(NEW, source="new")
+    d = seen("other.example")
+    assert plan.classify(d, new, Mode.AUDIT).kind == plan.UNCHANGED
+    assert plan.classify(d, new, Mode.ENFORCE).kind == plan.AUDIT_TO_DENY
+    allowed = seen("api.stripe.com", 80, decision="allow", rule="api.stripe.com")
+    assert plan.classify(allowed, new, Mode.AUDIT).kind == "allow→audit"
+
+
 def test_the_pods_own_private_ranges_count() -> None:
-    d = seen("api.github.com", reason="private address", address="10.0.0.5")
+    d = seen("api.github.com", decision="deny", reason="private address", address="10.0.0.5")
     new = parse_allowlist(NEW, source="new")
     assert plan.diff([d], new)[0].kind == plan.UNCHANGED
     assert plan.diff([d], new, [ipaddress.ip_network("10.0.0.0/8")])[0].kind == plan.DENY_TO_ALLOW
@@ -343,14 +367,16 @@ def test_diff_orders_breaking_changes_first_then_by_calls() -> None:
             seen("api.github.com", count=50),
             seen("a.example", decision="allow", rule="a.example", count=1),
             seen("b.example", decision="allow", rule="b.example", count=9),
-            seen("zzz.example"),
+            seen("zzz.example", decision="deny"),
+            seen("yyy.example"),
         ],
         new,
     )
     assert [(c.kind, c.seen.host) for c in changes] == [
         (plan.ALLOW_TO_DENY, "b.example"),
         (plan.ALLOW_TO_DENY, "a.example"),
-        (plan.DENY_TO_ALLOW, "api.github.com"),
+        (plan.AUDIT_TO_DENY, "yyy.example"),
+        (plan.AUDIT_TO_ALLOW, "api.github.com"),
         (plan.UNCHANGED, "zzz.example"),
     ]
 

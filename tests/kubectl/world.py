@@ -143,7 +143,7 @@ def build_world(workdir: Path) -> World:
     api.start()
     kubeconfig = api.write_kubeconfig(workdir / "kubeconfig", namespace=NS)
     ups = [
-        UpstreamServer(addr, label=label).start()
+        UpstreamServer(addr, PORTS[label], label=label).start()
         for addr, label in ((WEB, "web"), (API, "api"), (CDN, "cdn"), (DB, "db"))
     ]
     world = World(api, kubeconfig, workdir, ups[0], ups[1], ups[2], ups[3])

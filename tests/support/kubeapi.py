@@ -300,6 +300,11 @@ class FakeKubeAPI:
             self._objects[(resource, namespace, name)] = stored
             return copy.deepcopy(stored)
 
+    def delete_object(self, resource: str, namespace: str, name: str) -> None:
+        with self._lock:
+            self._rv += 1
+            self._objects.pop((resource, "" if resource == "namespaces" else namespace, name))
+
     def serve_pod_port(self, namespace: str, pod: str, port: int, target: str) -> None:
         """The pod proxy forwards ``pods/POD:PORT/proxy/...`` to ``target`` (http://host:port),
         as the API server would dial the pod's IP and port."""
@@ -1041,6 +1046,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _configmaps(self, ns: str, name: str | None, query: dict[str, str]) -> None:
         api = self.api
+        verb = "get" if name else "watch" if query.get("watch") in ("true", "1") else "list"
+        if self._refuse("configmaps", verb, ns, "", name):
+            return
         if name is not None:  # GET one
             if not api._may_read(ns, name):
                 self._forbidden("get", ns)
