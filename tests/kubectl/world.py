@@ -33,6 +33,13 @@ HOSTS = {
     "fonts.cdn.test": CDN,
     "db.test": DB,
     "never.test": API,
+    # The names docs/kubectl-egress.md uses.
+    "api.stripe.com": API,
+    "api.github.com": API,
+    "img.shopcdn.net": CDN,
+    "js.shopcdn.net": CDN,
+    "css.shopcdn.net": CDN,
+    "db.shop.internal": DB,
 }
 STATUS = json.dumps(
     {
