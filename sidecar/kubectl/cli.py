@@ -76,6 +76,12 @@ def _load_policy(
                 f"ConfigMap {ns}/{name} holds an invalid allowlist (the sidecars keep "
                 f"enforcing their last good version):\n{err}"
             ) from None
+    missing_refs = [source for source, text in texts.items() if text is None]
+    if policies and missing_refs:
+        _warn(
+            f"{', '.join(missing_refs)} does not exist: the other allowlists decide (a call "
+            "only the missing one allowed is denied)"
+        )
     if not policies:
         missing = ", ".join(f"{ns}/{name}" for ns, name in refs)
         raise PluginError(
@@ -210,7 +216,7 @@ def _pod_row(cluster: Cluster, workload: Workload, pod: JSON) -> JSON:
         current: str | None = None
         if source.startswith("configmap:"):
             ns, _, cm_name = source.removeprefix("configmap:").rpartition("/")
-            obj = cluster.configmap(ns, cm_name)
+            obj = cluster.configmap_cached(ns, cm_name)
             current = str((obj.get("metadata") or {}).get("resourceVersion")) if obj else "deleted"
             in_sync = in_sync and current == src.get("version")
             if current == src.get("rejected_version") and src.get("rejected_problem"):
@@ -373,6 +379,9 @@ def cmd_suggest(args: argparse.Namespace, cluster: Cluster) -> int:
         ),
         "Review, then: kubectl apply -f THIS-FILE",
     ]
+    if len(refs) > 1:
+        others = ", ".join(f"{o_ns}/{o_name}" for o_ns, o_name in refs[1:])
+        header.insert(2, f"The workload's other allowlists ({others}) stay as they are.")
     manifest = plan.configmap_manifest(name, ns, suggestion.document, header)
     if args.output == "table":
         sys.stdout.write(plan.suggestion_table(suggestion))

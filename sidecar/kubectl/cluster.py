@@ -88,6 +88,7 @@ class Cluster:
         self.core = client.CoreV1Api(self.api)
         self.apps = client.AppsV1Api(self.api)
         self._namespace_labels: dict[str, str | None] = {}
+        self._configmaps: dict[tuple[str, str], JSON | None] = {}
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -197,6 +198,13 @@ class Cluster:
             if err.status == 404:
                 return None
             raise PluginError(str(err)) from None
+
+    def configmap_cached(self, namespace: str, name: str) -> JSON | None:
+        """``configmap`` read once per command (status asks for it once per pod)."""
+        key = (namespace, name)
+        if key not in self._configmaps:
+            self._configmaps[key] = self.configmap(namespace, name)
+        return self._configmaps[key]
 
     def _get(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> JSON:
         try:
