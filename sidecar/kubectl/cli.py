@@ -461,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
             "called, and what an edit would change.\n\n"
             "Reads each sidecar's health port (:15021) through the API server's pod proxy: "
             "needs RBAC get on pods/proxy, list on pods and apps workloads, get on configmaps.\n\n"
-            "exit codes: 0 ok; 1 check: denied, diff --exit-code: an allow would become a deny;"
-            " 2 an error (said on stderr)"
+            "exit codes: 0 ok; 1 check: denied, diff --exit-code: a call that goes through "
+            "today would be blocked; 2 an error (said on stderr)"
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -477,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ConfigMaps' current version.",
     )
     status.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
-    status.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    status.add_argument(
+        "-o", "--output", choices=["table", "json", "yaml"], default="table", help="(default table)"
+    )
     status.set_defaults(func=cmd_status)
 
     check = sub.add_parser(
@@ -494,7 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("target", metavar="URL|HOST[:PORT]")
     check.add_argument("--method", "-X", help="HTTP method for http:// URLs (default GET)")
     check.add_argument("--address", metavar="IP", help="decide as if the host resolved to IP")
-    check.add_argument("-o", "--output", choices=["text", "table", "json", "yaml"], default="text")
+    check.add_argument(
+        "-o",
+        "--output",
+        choices=["text", "table", "json", "yaml"],
+        default="text",
+        help="(default text: decision, reason, detail, rule, policy)",
+    )
     check.set_defaults(func=cmd_check)
 
     suggest = sub.add_parser(
@@ -555,15 +563,29 @@ def build_parser() -> argparse.ArgumentParser:
         "'depends on path'.",
     )
     diff.add_argument("workload", metavar="KIND/NAME", help="e.g. deploy/web")
-    diff.add_argument("-f", "--filename", dest="file", required=True, metavar="FILE")
+    diff.add_argument(
+        "-f",
+        "--filename",
+        dest="file",
+        required=True,
+        metavar="FILE",
+        help="the new allowlist: a ConfigMap manifest or a bare allowlist; - reads stdin",
+    )
     diff.add_argument("--all", action="store_true", help="list unchanged destinations too")
     diff.add_argument(
         "--exit-code",
         action="store_true",
         help="exit 1 when a call that goes through today (allow or audit) would be denied",
     )
-    diff.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    diff.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    diff.add_argument(
+        "--color",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="colour the rows (auto: when stdout is a terminal)",
+    )
+    diff.add_argument(
+        "-o", "--output", choices=["table", "json", "yaml"], default="table", help="(default table)"
+    )
     diff.set_defaults(func=cmd_diff)
     return parser
 

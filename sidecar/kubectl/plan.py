@@ -275,7 +275,9 @@ class Suggestion:
 
 def flow(value: Any) -> str:
     """One YAML node on one line (flow style), quoted where YAML needs it (``'*.x.com'``)."""
-    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 20)
+    text = yaml.safe_dump(
+        value, default_flow_style=True, sort_keys=False, width=1 << 20, allow_unicode=True
+    )
     return text.removesuffix("\n...\n").rstrip("\n")
 
 

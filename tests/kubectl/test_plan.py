@@ -414,3 +414,31 @@ def test_diff_table_is_red_only_where_asked() -> None:
     )
     assert plan.RED in plan.diff_table(changes, color=True)
     assert "\x1b" not in plan.diff_table(changes, color=False)
+
+
+RICH = """\
+allow:
+  - host: web.example
+    ports: [80]
+    paths: ["/v1/*", '/status']
+    methods: [GET, HEAD]
+  - cidr: 203.0.113.0/24
+    ports: [5432]
+  - "bücher.example"
+  - host: "*.svc.example"
+    ports: [8443]
+  - api.example.com:8080
+deny:
+  - cidr: 10.0.0.0/8
+privateRanges: [10.20.0.0/16]
+"""
+
+
+def test_every_rule_shape_survives_the_merge_as_written() -> None:
+    old = parse_allowlist(RICH, source="old")
+    s = plan.suggest(RICH, old, [seen("api.github.com")])
+    assert '  - "bücher.example"' not in s.document and "  - bücher.example" in s.document
+    new = parse_allowlist(s.document, source="new")
+    assert [r.text for r in new.allow_rules][:-1] == [r.text for r in old.allow_rules]
+    assert [r.text for r in new.deny_rules] == [r.text for r in old.deny_rules]
+    assert new.private_ranges == old.private_ranges
