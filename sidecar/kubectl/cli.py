@@ -35,6 +35,10 @@ ERROR_EXIT = 2
 # -- the workload's policy ------------------------------------------------------------------------
 
 
+class NoAllowlistError(PluginError):
+    """None of the workload's allowlist ConfigMaps exists (suggest then proposes a first one)."""
+
+
 def _settings(workload: Workload) -> Any:
     from injector.config import InjectorConfig
     from injector.mutate import read_settings
@@ -84,7 +88,7 @@ def _load_policy(
         )
     if not policies:
         missing = ", ".join(f"{ns}/{name}" for ns, name in refs)
-        raise PluginError(
+        raise NoAllowlistError(
             f"{workload.ref}'s allowlist ConfigMap {missing} does not exist: its sidecars deny "
             "every call until it does"
         )
@@ -236,7 +240,7 @@ def _yes_no(value: Any) -> str:
 def cmd_status(args: argparse.Namespace, cluster: Cluster) -> int:
     namespace = None if args.all_namespaces else cluster.namespace
     rows: list[JSON] = []
-    for workload in cluster.workloads(namespace):
+    for workload in cluster.workloads(namespace, _warn):
         pods = cluster.pods(workload)
         if not pods:
             rows.append(
@@ -349,9 +353,7 @@ def cmd_suggest(args: argparse.Namespace, cluster: Cluster) -> int:
     policy: Policy | None
     try:
         policy, _, texts, _ = _load_policy(cluster, workload)
-    except PluginError as err:
-        if "does not exist" not in str(err):
-            raise
+    except NoAllowlistError:
         policy, texts = None, {}  # no allowlist yet: propose a first one
     ns, name = refs[0]
     current_text = texts.get(f"configmap:{ns}/{name}")

@@ -9,7 +9,7 @@ Every failure becomes a ``PluginError`` with a message a person can act on.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,10 +134,13 @@ class Cluster:
             raise PluginError(str(err)) from None
         return Workload(ref, ns, obj)
 
-    def workloads(self, namespace: str | None) -> Iterator[Workload]:
-        """Every Deployment, StatefulSet and DaemonSet of a namespace (None: of all)."""
+    def workloads(self, namespace: str | None, warn: Callable[[str], None]) -> Iterator[Workload]:
+        """Every Deployment, StatefulSet and DaemonSet of a namespace (None: of all). A kind
+        RBAC hides is skipped with a warning (many users may list only some); all hidden is
+        an error."""
         from sidecar.kubectl.plan import WORKLOAD_KINDS
 
+        refused: list[str] = []
         for kind in WORKLOAD_KINDS:
             method = {
                 "deployments": "deployment",
@@ -150,7 +153,16 @@ class Cluster:
                 fn = getattr(self.apps, f"list_namespaced_{method}")
             else:
                 fn = getattr(self.apps, f"list_{method}_for_all_namespaces")
-            listing = self._get(f"list {kind.resource} {where}", fn, *args)
+            try:
+                listing = self._get(f"list {kind.resource} {where}", fn, *args)
+            except PluginError as err:
+                if not str(err).startswith("forbidden"):
+                    raise
+                refused.append(str(err))
+                if len(refused) == len(WORKLOAD_KINDS):
+                    raise PluginError("; ".join(refused)) from None
+                warn(f"{kind.resource} skipped: {err}")
+                continue
             for obj in listing.get("items") or []:
                 meta = obj.get("metadata") or {}
                 yield Workload(WorkloadRef(kind, meta["name"]), meta["namespace"], obj)

@@ -203,7 +203,6 @@ def test_an_invalid_new_allowlist_is_refused_with_its_line(world: World) -> None
             'cannot get resource "pods" subresource "proxy"',
         ),
         ("pods", "list", ["diff", "deploy/web", "-f", "-"], "RBAC: you need to list pods"),
-        ("deployments", "list", ["status"], 'cannot list resource "deployments"'),
         ("deployments", "get", ["check", "deploy/web", "x.test"], "forbidden"),
         ("configmaps", "get", ["check", "deploy/web", "x.test"], "forbidden"),
     ],
@@ -218,6 +217,31 @@ def test_rbac_refusals_are_said(
         world.api.forbidden.discard((resource, verb))
     assert out.returncode == 2
     assert "forbidden" in out.stderr and message in out.stderr, out.stderr
+
+
+def test_status_skips_the_kinds_rbac_hides_and_fails_when_it_hides_all(world: World) -> None:
+    world.api.forbid("deployments", "list")
+    try:
+        out = world.run("status")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == ""  # only Deployments here
+        assert (
+            'deployments skipped: forbidden: deployments is forbidden: User "alice" cannot '
+            'list resource "deployments" in API group "apps"'
+        ) in out.stderr
+        world.api.forbid("statefulsets", "list")
+        world.api.forbid("daemonsets", "list")
+        refused = world.run("status", "-A")
+        assert refused.returncode == 2
+        error = refused.stderr.splitlines()[-1]
+        assert error.startswith("kubectl egress status: error: forbidden")
+        assert all(
+            f'resource "{kind}"' in error for kind in ("deployments", "statefulsets", "daemonsets")
+        )
+        assert "at the cluster scope" in refused.stderr
+    finally:
+        for kind in ("deployments", "statefulsets", "daemonsets"):
+            world.api.forbidden.discard((kind, "list"))
 
 
 def test_a_kubeconfig_that_does_not_load(world: World, tmp_path: Path) -> None:
