@@ -312,3 +312,28 @@ def test_turned_off_it_is_not_served(tmp_path: Path) -> None:
         assert sidecar.health("/debug/destinations")[0] == 404
     finally:
         assert sidecar.stop() == 0
+
+
+def test_the_mitmproxy_engine_feeds_it_too(tmp_path: Path) -> None:
+    """Both tiers report through the same Reporter: the reference engine's decisions count."""
+    web = UpstreamServer(WEB, label="web").start()
+    sidecar = start_sidecar(
+        tmp_path,
+        allowlist=f"allow:\n  - host: web.test\n    ports: [{web.port}]\n",
+        hosts={"web.test": WEB},
+        args=["--allow-private-range", "127.0.0.0/8", "--engine", "mitmproxy"],
+    )
+    try:
+        proxies = {"http": sidecar.proxy_url}
+        for _ in range(2):
+            r = requests.get(f"http://web.test:{web.port}/x?k=v", proxies=proxies, timeout=20)
+            assert r.status_code == 200
+        sidecar.wait_decisions(count=2)
+        rows = _destinations(sidecar)["destinations"]
+        assert isinstance(rows, list)
+        assert [(d["host"], d["protocol"], d["decision"], d["count"]) for d in rows] == [
+            ("web.test", "GET", "allow", 2)
+        ]
+    finally:
+        assert sidecar.stop() == 0
+        web.stop()
