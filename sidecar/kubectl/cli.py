@@ -2,7 +2,7 @@
 
 Installed as the console script `kubectl-egress`, which kubectl finds on PATH as a plugin.
 Exit codes: 0 success (check: the call would go through), 1 check: denied / diff --exit-code:
-some destination would go from allow to deny, 2 an error (said on stderr).
+a call that goes through today (allow or audit) would be denied, 2 an error (said on stderr).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -28,6 +28,9 @@ from sidecar.policy.model import IPNetwork, Mode
 from sidecar.policy.parse import parse_allowlist
 from sidecar.policy.store import apply_mode
 
+if TYPE_CHECKING:
+    from injector.mutate import Settings
+
 PROG = "kubectl egress"
 ERROR_EXIT = 2
 
@@ -39,7 +42,7 @@ class NoAllowlistError(PluginError):
     """None of the workload's allowlist ConfigMaps exists (suggest then proposes a first one)."""
 
 
-def _settings(workload: Workload) -> Any:
+def _settings(workload: Workload) -> Settings:
     from injector.config import InjectorConfig
     from injector.mutate import read_settings
 
