@@ -12,6 +12,7 @@ import ipaddress
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,11 +102,19 @@ def _load_policy(
     return policy, mode, texts, refs
 
 
-def _seen(
-    cluster: Cluster, workload: Workload
-) -> tuple[list[SeenDestination], int, list[IPNetwork]]:
-    """What the workload's injected pods saw, merged; how many pods answered; and the private
-    ranges their sidecars were started with (--allow-private-range, in their ready body)."""
+@dataclass
+class Seen:
+    """What a workload's injected pods saw, merged."""
+
+    destinations: list[SeenDestination]
+    pods: int  # how many answered
+    since: str | None  # the latest start among them: every pod saw what came after
+    ranges: list[IPNetwork]  # where their guard steps aside (--allow-private-range)
+
+
+def _seen(cluster: Cluster, workload: Workload) -> Seen:
+    """What the workload's injected pods saw; a warning for each pod that could not be read and
+    each whose summary was full (it evicted destinations: a proposal may miss them)."""
     pods = cluster.pods(workload)
     if not pods:
         raise PluginError(f"{workload.ref} in namespace {workload.namespace} has no pods")
@@ -119,13 +128,23 @@ def _seen(
     lists: list[list[SeenDestination]] = []
     failures: list[str] = []
     ranges: dict[IPNetwork, None] = {}
+    starts: list[str] = []
     for pod in injected:
         name = pod["metadata"]["name"]
         try:
-            lists.append(cluster.destinations(workload.namespace, name))
+            summary = cluster.destinations(workload.namespace, name)
         except PodUnreachable as err:
             failures.append(f"{name}: {err}")
             continue
+        lists.append(summary.seen)
+        if summary.since:
+            starts.append(summary.since)
+        if summary.evicted:
+            _warn(
+                f"{name}'s summary was full and let {summary.evicted} least recently seen "
+                "destinations go: what they were is not known here (the sidecar's "
+                "--destinations-max-entries keeps more)"
+            )
         body = cluster.readiness(workload.namespace, name).body or {}
         for text in body.get("extra_private_ranges") or []:
             try:
@@ -139,7 +158,7 @@ def _seen(
             f"no sidecar of {workload.ref} answered {contract.DEBUG_DESTINATIONS_PATH}: "
             + "; ".join(failures)
         )
-    return plan.merge_seen(lists), len(lists), list(ranges)
+    return Seen(plan.merge_seen(lists), len(lists), max(starts, default=None), list(ranges))
 
 
 def _injection(cluster: Cluster, workload: Workload, pod: JSON) -> tuple[bool, str, JSON]:
@@ -351,7 +370,8 @@ def cmd_check(args: argparse.Namespace, cluster: Cluster) -> int:
 
 def cmd_suggest(args: argparse.Namespace, cluster: Cluster) -> int:
     workload = cluster.workload(WorkloadRef.parse(args.workload))
-    seen, pods, ranges = _seen(cluster, workload)
+    observed = _seen(cluster, workload)
+    seen, pods, ranges = observed.destinations, observed.pods, observed.ranges
     refs = _configmap_refs(workload)
     policy: Policy | None
     try:
@@ -372,11 +392,13 @@ def cmd_suggest(args: argparse.Namespace, cluster: Cluster) -> int:
     for warning in suggestion.warnings:
         _warn(warning)
     added = len(suggestion.added)
+    calls = f"{len(seen)} destination{'s' if len(seen) != 1 else ''}"
     header = [
         f"Proposed by kubectl egress suggest {workload.ref} -n {workload.namespace}: {added} "
         f"rule{'s' if added != 1 else ''} added",
-        f"from {len(seen)} destination{'s' if len(seen) != 1 else ''} seen by {pods} "
-        f"pod{'s' if pods != 1 else ''}, merged over "
+        f"from the {calls} its {pods} pod{'s' if pods != 1 else ''} saw"
+        + (f" since {observed.since}," if observed.since else ","),
+        "merged over "
         + (
             f"the current {ns}/{name}."
             if current_text is not None
@@ -386,7 +408,7 @@ def cmd_suggest(args: argparse.Namespace, cluster: Cluster) -> int:
     ]
     if len(refs) > 1:
         others = ", ".join(f"{o_ns}/{o_name}" for o_ns, o_name in refs[1:])
-        header.insert(2, f"The workload's other allowlists ({others}) stay as they are.")
+        header.insert(3, f"The workload's other allowlists ({others}) stay as they are.")
     manifest = plan.configmap_manifest(name, ns, suggestion.document, header)
     if args.output == "table":
         sys.stdout.write(plan.suggestion_table(suggestion))
@@ -421,7 +443,8 @@ def cmd_diff(args: argparse.Namespace, cluster: Cluster) -> int:
         name = "stdin" if args.file == "-" else args.file
         raise PluginError(f"{name} is not a valid allowlist:\n{err}") from None
     workload = cluster.workload(WorkloadRef.parse(args.workload))
-    seen, _, ranges = _seen(cluster, workload)
+    observed = _seen(cluster, workload)
+    seen, ranges = observed.destinations, observed.ranges
     annotated = _settings(workload).mode
     mode = Mode(annotated) if annotated else (new.meta.mode or Mode.ENFORCE)
     changes = plan.diff(seen, new, ranges, mode)

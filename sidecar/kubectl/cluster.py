@@ -264,15 +264,31 @@ class Cluster:
             return PodHealth(error=str(err))
         return PodHealth(ready=status == 200 and bool(body.get("ready")), body=body)
 
-    def destinations(self, namespace: str, pod: str) -> list[SeenDestination]:
+    def destinations(self, namespace: str, pod: str) -> PodSummary:
         status, body = self.pod_health(namespace, pod, contract.DEBUG_DESTINATIONS_PATH)
         items = body.get("destinations")
         if status != 200 or not isinstance(items, list):
             raise PodUnreachable(f"HTTP {status} from {contract.DEBUG_DESTINATIONS_PATH}")
         try:
-            return [SeenDestination.from_json(item) for item in items]
+            seen = [SeenDestination.from_json(item) for item in items]
         except ValueError as err:
             raise PodUnreachable(f"{contract.DEBUG_DESTINATIONS_PATH}: {err}") from None
+        evicted = body.get("evicted")
+        since = body.get("since")
+        return PodSummary(
+            seen,
+            since if isinstance(since, str) else None,
+            evicted if isinstance(evicted, int) else 0,
+        )
+
+
+@dataclass(frozen=True)
+class PodSummary:
+    """One sidecar's /debug/destinations: what it saw since ``since``, less ``evicted``."""
+
+    seen: list[SeenDestination]
+    since: str | None
+    evicted: int
 
 
 class NotFound(Exception):  # noqa: N818 (an API answer, not a bug)

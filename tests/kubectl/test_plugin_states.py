@@ -107,3 +107,16 @@ def test_an_api_server_that_does_not_answer(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert f"cannot reach the API server http://127.0.0.1:{api.port}" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_full_summary_is_said(world: World) -> None:
+    small = "web-7d9f-66666"
+    world.add_injected_pod(small, extra_args=("--destinations-max-entries", "8"))
+    for port in range(1, 13):  # 12 destinations, nothing listens: audit lets them fail (502)
+        assert world.connect(small, f"api.test:{port}").startswith(b"HTTP/1.1 502")
+    world.sidecars[small].wait_decisions(count=12)
+    out = world.run("suggest", "deploy/web", "-o", "table")
+    assert out.returncode == 0, out.stderr
+    assert f"{small}'s summary was full and let" in out.stderr
+    assert "--destinations-max-entries keeps more" in out.stderr
+    assert f"{POD}'s summary" not in out.stderr

@@ -95,7 +95,9 @@ class World:
     def allowlist(self, mode: str = "audit", extra: str = "") -> str:
         return f"mode: {mode}\nallow:\n  - host: web.test\n    ports: [{self.web.port}]\n{extra}"
 
-    def add_injected_pod(self, name: str, app: str = "web") -> Sidecar:
+    def add_injected_pod(
+        self, name: str, app: str = "web", extra_args: tuple[str, ...] = ()
+    ) -> Sidecar:
         sidecar = start_sidecar(
             self.workdir / name,
             hosts=HOSTS,
@@ -106,6 +108,7 @@ class World:
                 str(self.kubeconfig),
                 "--allow-private-range",
                 PRIVATE_RANGE,
+                *extra_args,
             ],
             env={"POD_NAMESPACE": NS, "POD_NAME": name},
         )
