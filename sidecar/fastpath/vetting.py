@@ -37,7 +37,47 @@ HTTPS_TARGET = Vetted(
 )
 
 
-def _without_lookup(snap: Snapshot, dest: Destination) -> Vetted | tuple[str, Decision, bool]:
+# Readings kept per snapshot (Snapshot.memo) before the memo starts over: a pod calls a few
+# destinations again and again, and deciding one afresh costs as much as the rest of a request.
+MEMO_LIMIT = 4096
+
+
+class _Lookup:
+    """A destination whose decision needs its name resolved: the by-name reading, and the last
+    answer it was decided against (the resolver hands out the same answer until it expires)."""
+
+    __slots__ = ("audited", "by_name", "host", "resolution", "vetted")
+
+    def __init__(self, host: str, by_name: Decision, audited: bool) -> None:
+        self.host = host
+        self.by_name = by_name
+        self.audited = audited
+        self.resolution: Resolution | None = None
+        self.vetted: Vetted | None = None
+
+    def resolved(self, snap: Snapshot, dest: Destination, resolution: Resolution) -> Vetted:
+        # Identity, not equality: the entry holds the answer, so its id cannot be reused.
+        if resolution is self.resolution and self.vetted is not None:
+            return self.vetted
+        vetted = _resolved(snap, dest, self.by_name, self.audited, resolution)
+        self.resolution, self.vetted = resolution, vetted
+        return vetted
+
+
+def _first(snap: Snapshot, dest: Destination) -> Vetted | _Lookup:
+    """``_without_lookup``, read once per snapshot and destination."""
+    memo = snap.memo
+    key = (dest.host, dest.port, dest.address, dest.method, dest.path)
+    entry = memo.get(key)
+    if entry is None:
+        entry = _without_lookup(snap, dest)
+        if len(memo) >= MEMO_LIMIT:
+            memo.clear()
+        memo[key] = entry
+    return entry  # type: ignore[return-value]  # only this module writes the memo
+
+
+def _without_lookup(snap: Snapshot, dest: Destination) -> Vetted | _Lookup:
     """``dest`` decided where no name has to be resolved (a literal, or a decision that needs no
     address); else the name to resolve, its decision by name and whether audit lets it pass."""
     literal = address_of(dest.host) if dest.host is not None else None
@@ -49,17 +89,15 @@ def _without_lookup(snap: Snapshot, dest: Destination) -> Vetted | tuple[str, De
     audited = by_name.verdict is Verdict.DENY and apply_mode(by_name, snap.mode).permits
     if not (snap.needs_address(dest, by_name) or audited):
         return Vetted(apply_mode(by_name, snap.mode), None)
-    return dest.host, by_name, audited
+    return _Lookup(dest.host, by_name, audited)
 
 
 async def vet(resolver: Resolver, snap: Snapshot, dest: Destination) -> Vetted:
     """Decide ``dest`` and find the address to connect to (the one that was checked)."""
-    first = _without_lookup(snap, dest)
+    first = _first(snap, dest)
     if isinstance(first, Vetted):
         return first
-    host, by_name, audited = first
-    resolution = await resolver.resolve(host, dest.port)
-    return _resolved(snap, dest, by_name, audited, resolution)
+    return first.resolved(snap, dest, await resolver.resolve(first.host, dest.port))
 
 
 def _resolved(
@@ -82,12 +120,11 @@ def vet_now(snap: Snapshot, dest: Destination, resolver: Resolver | None = None)
     """``vet`` without waiting, where no name has to be resolved (a literal, a decision that
     needs no address, or a name whose answer ``resolver`` still has cached); None: ``vet`` must
     resolve. The same reading as ``vet``: the fast path decides most requests without a task."""
-    first = _without_lookup(snap, dest)
+    first = _first(snap, dest)
     if isinstance(first, Vetted):
         return first
-    host, by_name, audited = first
-    if resolver is not None and (hit := resolver.cached(host)) is not None:
-        return _resolved(snap, dest, by_name, audited, hit)
+    if resolver is not None and (hit := resolver.cached(first.host)) is not None:
+        return first.resolved(snap, dest, hit)
     return None
 
 
