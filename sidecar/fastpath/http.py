@@ -432,7 +432,7 @@ class HttpPhase:
         head = ex.head
         method = head.method.upper()
         original_address = self._original[0] if self._original is not None else None
-        peer = str(vetted.address) if vetted.address is not None else None  # once: str() costs
+        peer = vetted.peer
         rec = ex.rec = DecisionRecord(
             decision=vetted.decision,
             capture=conn.capture,

@@ -343,7 +343,7 @@ class Stream:
             policy_source=snap.source,
             policy_version=snap.version,
             mode=snap.mode.value,
-            peer_address=str(vetted.address) if vetted.address is not None else None,
+            peer_address=vetted.peer,
             client_address=self.conn.peer,
         )
         rec.original_address = self.original[0]

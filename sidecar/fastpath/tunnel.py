@@ -164,7 +164,7 @@ class Tunnel:
             policy_source=snap.source,
             policy_version=snap.version,
             mode=snap.mode.value,
-            peer_address=str(vetted.address) if vetted.address is not None else None,
+            peer_address=vetted.peer,
             client_address=conn.peer,
             method="CONNECT",
         )

@@ -191,7 +191,7 @@ class Decider:
             policy_source=snap.source,
             policy_version=snap.version,
             mode=snap.mode.value,
-            peer_address=str(vetted.address) if vetted.address is not None else None,
+            peer_address=vetted.peer,
             client_address=_peer(client),
         )
 
