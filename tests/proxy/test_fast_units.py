@@ -246,3 +246,41 @@ def test_a_real_clienthello_is_read_alike() -> None:
 def _handshake_body(flight: bytes) -> bytes:
     """A one-record ClientHello's handshake body (after the record and handshake headers)."""
     return flight[5 + 4 :]
+
+
+# -- a request's target and Host, read once (sidecar.fastpath.http._read_target) --------------
+
+TARGET_CASES = [
+    # (request-target, Host, original destination) -> (host, port, path, Host the upstream sees)
+    ("http://api.test/x?q=1", "api.test", None, ("api.test", 80, "/x?q=1", None)),
+    ("http://api.test:8080/", "api.test:8080", None, ("api.test", 8080, "/", None)),
+    ("http://api.test/", "other.test", None, ("api.test", 80, "/", b"api.test")),
+    ("http://API.test/", "api.TEST:80", None, ("API.test", 80, "/", None)),  # the same host
+    ("http://bücher.test/", None, None, ("bücher.test", 80, "/", b"xn--bcher-kva.test")),
+    ("/p", "api.test:81", None, ("api.test", 81, "/p", None)),
+    ("/p", "api.test", ("198.18.0.7", 8080), ("api.test", 8080, "/p", None)),  # same host
+    ("/p", None, ("198.18.0.7", 80), (None, 80, "/p", None)),  # transparent, by address
+]
+
+
+@pytest.mark.parametrize(("text", "host", "original", "expected"), TARGET_CASES)
+def test_a_target_and_its_host_are_read_as_before(
+    text: str,
+    host: str | None,
+    original: tuple[str, int] | None,
+    expected: tuple[str | None, int, str, bytes | None],
+) -> None:
+    from sidecar.fastpath.http import _read_target
+
+    target = _read_target(text, host, original)
+    assert (target.host, target.port, target.path, target.aligned_host) == expected
+
+
+def test_a_target_neither_absolute_nor_origin_form_is_not_read() -> None:
+    from sidecar.fastpath.http import _read_target
+    from sidecar.wire.http1 import MessageError
+
+    with pytest.raises(MessageError):
+        _read_target("*", "api.test", None)
+    with pytest.raises(MessageError):
+        _read_target("/p", None, None)  # no Host and no original destination
