@@ -85,6 +85,15 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the transparent-capture scenario (network namespaces, needs root)",
     )
+    p.add_argument(
+        "--sidecar-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the sidecar from this image root filesystem (chroot: the image's interpreter "
+        "and code, as a pod runs it) instead of this venv's; `make bench-image` builds the "
+        "image, mounts it and passes this. Implies --no-transparent (root)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument(
         "--out",
@@ -121,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         max_requests=args.max_requests,
         idle_connections=args.idle_connections,
         rules=args.rules,
-        transparent=not args.no_transparent,
+        transparent=not args.no_transparent and args.sidecar_root is None,
+        sidecar_root=args.sidecar_root,
     )
 
     def log(msg: str) -> None:

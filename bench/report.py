@@ -6,6 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.idle import IdleResult
@@ -25,6 +26,9 @@ class Settings:
     idle_connections: int = 2000  # idle CONNECT tunnels held at once, per proxy
     rules: int = 10_000  # host rules of the large allowlist
     transparent: bool = True  # the network-namespace scenario (root)
+    # An image's root filesystem: the sidecar runs from it (chroot), the image's interpreter and
+    # code, as in a pod (None: this venv's sidecar).
+    sidecar_root: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -424,6 +428,8 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
     return value
 
 

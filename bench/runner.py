@@ -82,9 +82,12 @@ def squid_name(squid: str) -> str:
         return "Squid"
 
 
-def sidecar_name() -> str:
+def sidecar_name(root: Path | None = None) -> str:
+    """The sidecar's column: version and engine, and with ``root`` the image's interpreter."""
     # EGRESS_ENGINE (inherited by the sidecar: `run --engine`'s default) names the engine.
     engine = os.environ.get("EGRESS_ENGINE", "fast")
+    if root is not None:
+        return f"egress-sidecar image ({image_python(root)}; {engine} engine)"
     try:
         ours = importlib.metadata.version("egress-sidecar")
         mitm = importlib.metadata.version("mitmproxy")
@@ -93,6 +96,21 @@ def sidecar_name() -> str:
         return f"egress-sidecar {ours} (fast path; mitmproxy {mitm} as second tier)"
     except importlib.metadata.PackageNotFoundError:
         return "egress-sidecar"
+
+
+def image_python(root: Path) -> str:
+    """The image's interpreter, as `python3 --version` inside it says (chroot)."""
+    try:
+        out = subprocess.run(
+            ["chroot", str(root), "/opt/venv/bin/python", "--version"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"{root} is not an egress-sidecar image's filesystem: {err}") from err
+    return out.stdout.strip()
 
 
 @dataclass(frozen=True)
@@ -334,9 +352,11 @@ def measure_export(ctx: Context, workdir: Path) -> ExportRun:
         "OTEL_BSP_SCHEDULE_DELAY": "500",
     }
     try:
-        off = start_sidecar(ctx.pinning.proxy, workdir / "off", ctx.up)
+        off = start_sidecar(ctx.pinning.proxy, workdir / "off", ctx.up, root=ctx.s.sidecar_root)
         try:
-            on = start_sidecar(ctx.pinning.proxy, workdir / "on", ctx.up, env=env)
+            on = start_sidecar(
+                ctx.pinning.proxy, workdir / "on", ctx.up, env=env, root=ctx.s.sidecar_root
+            )
             try:
                 a, b = Arm("export off", off), Arm("export on", on, after=drained)
                 _paired(ctx, a, b, warmed)
@@ -389,6 +409,7 @@ def measure_rules(ctx: Context, workdir: Path) -> RulesRun:
             up,
             allowlist=big_allowlist_yaml(n, RULES_HOST, up.http),
             names=names,
+            root=ctx.s.sidecar_root,
         )
         try:
             a, b = Arm("1 rule", small, RULES_HOST), Arm(f"{n} rules", large, RULES_HOST)
@@ -466,10 +487,10 @@ def run(
                 )
             finally:
                 squid.stop()
-            sidecar = start_sidecar(pinning.proxy, work / "sidecar", up)
+            sidecar = start_sidecar(pinning.proxy, work / "sidecar", up, root=settings.sidecar_root)
             try:
                 ours = measure_proxy(
-                    name=sidecar_name(),
+                    name=sidecar_name(settings.sidecar_root),
                     server=sidecar.server,
                     port=sidecar.port,
                     gen=gen,
@@ -486,7 +507,12 @@ def run(
         finally:
             nginx.stop()
         transparent: TransparentRun | None = None
-        if settings.transparent:
+        if settings.sidecar_root is not None:
+            notes.append(
+                "transparent capture not measured with --sidecar-root (the namespace harness "
+                "starts this venv's sidecar): see `make bench`"
+            )
+        elif settings.transparent:
             try:
                 transparent = measure_transparent(
                     tools, settings, CpuPlan(pinning.proxy_cpu, pinning.load), log, notes
