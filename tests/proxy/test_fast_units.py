@@ -284,3 +284,19 @@ def test_a_target_neither_absolute_nor_origin_form_is_not_read() -> None:
         _read_target("*", "api.test", None)
     with pytest.raises(MessageError):
         _read_target("/p", None, None)  # no Host and no original destination
+
+
+def test_a_connect_head_read_again_is_read_the_same_and_refusals_are_never_kept() -> None:
+    from sidecar.wire import connect_head
+
+    head = b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n"
+    first = parse_connect_head(head)
+    assert parse_connect_head(head) is first  # kept: the same reading
+    bad = b"CONNECT api.test:443 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
+    for _ in range(2):
+        with pytest.raises(HeadError):
+            parse_connect_head(bad)
+    assert bad not in connect_head._READ
+    for n in range(connect_head._READ_LIMIT + 5):
+        parse_connect_head(b"CONNECT h%d.test:443 HTTP/1.1\r\n\r\n" % n)
+    assert len(connect_head._READ) <= connect_head._READ_LIMIT
