@@ -221,6 +221,8 @@ def sidecar_argv(allowlist: Path, workdir: Path) -> tuple[list[str], int, int]:
         f"{LOOPBACK}:{transparent}",
         "--transparent-listen6",
         "off",
+        "--dns-listen",
+        "off",
         "--health-listen",
         f"{LOOPBACK}:{health}",
         "--confdir",
