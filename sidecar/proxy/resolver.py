@@ -17,6 +17,7 @@ from typing import Any
 
 from cachetools import TTLCache
 
+from sidecar.policy.dns import LearnedAddresses
 from sidecar.policy.model import IPAddress
 
 
@@ -39,8 +40,12 @@ class Resolver:
         negative_ttl: float = 1.0,
         max_entries: int = 4096,
         getaddrinfo: GetAddrInfo | None = None,
+        learned: LearnedAddresses | None = None,
     ) -> None:
         self.timeout = timeout
+        # The other direction: addresses the pod's own DNS answers gave it, by name (the DNS
+        # listener fills it; transparent raw streams are decided by it). None: no DNS listener.
+        self.learned = learned
         self._getaddrinfo = getaddrinfo
         self._resolved: TTLCache[str, Resolution] | None = (
             TTLCache(max_entries, cache_ttl) if cache_ttl > 0 else None
