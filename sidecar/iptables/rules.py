@@ -336,9 +336,18 @@ def _nat_table(opts: CaptureOptions, family: Family) -> TableRules:
 
 def _filter_table(opts: CaptureOptions, family: Family) -> TableRules:
     """UDP and ICMP echo: what TCP capture cannot see, so it may not leave unless opened."""
+    servers = _same_family(opts.dns_servers, family)
+    here = "127.0.0.1/32" if family is Family.IPV4 else "::1/128"
     main = [
         *_owner_returns(opts),
         "-o lo -j RETURN",
+        # The app's DNS the nat table redirected to the sidecar: this table sees it with its
+        # new destination but the output device chosen before the REDIRECT (not lo).
+        *(
+            [f"-d {here} -p udp -m udp --dport {opts.dns_port} -j RETURN"]
+            if servers and opts.dns_port is not None
+            else []
+        ),
         # Replies of a flow someone else began (a UDP server in the pod) are not egress.
         "-m conntrack --ctstate ESTABLISHED -j RETURN",
         *(f"-d {net} -j RETURN" for net in _same_family(opts.exclude_cidrs, family)),
@@ -357,7 +366,6 @@ def _filter_table(opts: CaptureOptions, family: Family) -> TableRules:
         # UDP-Lite, SCTP, raw IP protocols: nothing the proxy could see either.
         f"-j REJECT --reject-with {family.reject_echo_with}",
     ]
-    servers = _same_family(opts.dns_servers, family)
     dns = [
         *(f"-d {addr}/{addr.max_prefixlen} -j RETURN" for addr in servers),
         f"-j REJECT --reject-with {family.reject_with}",
