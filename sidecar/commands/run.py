@@ -582,7 +582,16 @@ def _dns_server(
     from sidecar.dns.resolvconf import ResolvConf
     from sidecar.policy.dns import InternalNames
 
-    resolv = ResolvConf.read(args.dns_resolv_conf)
+    try:
+        resolv = ResolvConf.read(args.dns_resolv_conf)
+    except FileNotFoundError:
+        # As the C library without one: nothing to forward to (allowed queries get SERVFAIL),
+        # and the sidecar still serves everything else.
+        log.warning(
+            "no resolv.conf: DNS queries cannot be forwarded",
+            extra={"path": str(args.dns_resolv_conf)},
+        )
+        resolv = ResolvConf((), ())
     extra = list(args.dns_internal_domain) + [
         part.strip()
         for part in os.environ.get(ENV_DNS_INTERNAL_DOMAINS, "").split(",")

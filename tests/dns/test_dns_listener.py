@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import random
 import re
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -355,5 +357,78 @@ def test_unreachable_resolver_is_servfail_with_the_error(tmp_path: Path) -> None
         assert response.rcode() == dns.rcode.SERVFAIL
         [line] = dns_decision(sidecar, "api.allowed.test")
         assert line["decision"] == "allow" and line["error"]
+    finally:
+        sidecar.stop()
+
+
+def test_reload_applies_to_the_next_query_and_rechecks_learned(tmp_path: Path) -> None:
+    s = _start(tmp_path, ALLOWLIST)
+    try:
+        assert addresses(ask(s.port, "db.allowed.test")) == {"93.184.216.40"}
+        assert addresses(ask(s.port, "api.allowed.test")) == {"93.184.216.34"}
+        before = _learned(s.sidecar)
+        assert before >= 2
+        path = tmp_path / "sidecar" / "allowlist.yaml"
+        path.write_text("allow:\n  - api.allowed.test\n")  # db.allowed.test no longer
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if ask(s.port, "db.allowed.test").rcode() == dns.rcode.NXDOMAIN:
+                break
+            time.sleep(0.2)
+        assert ask(s.port, "db.allowed.test").rcode() == dns.rcode.NXDOMAIN
+        assert _learned(s.sidecar) == before - 1  # db's address forgotten, api's kept
+        assert addresses(ask(s.port, "api.allowed.test")) == {"93.184.216.34"}
+    finally:
+        s.sidecar.stop()
+        s.auth.proc.kill()
+
+
+def _learned(sidecar: Sidecar) -> float:
+    found = re.search(r"^egress_dns_learned_addresses (\S+)$", _metrics(sidecar), re.MULTILINE)
+    assert found
+    return float(found.group(1))
+
+
+def test_queries_in_flight_are_bounded(tmp_path: Path) -> None:
+    """A resolver that never answers: with --dns-max-inflight 2, a third query at once gets
+    SERVFAIL at once instead of queueing."""
+    silent = _loopback_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as blackhole:
+        blackhole.bind((silent, 53))  # receives, never answers
+        resolv = tmp_path / "resolv.conf"
+        resolv.write_text(f"nameserver {silent}\n")
+        port = free_port()
+        sidecar = start_sidecar(
+            tmp_path / "sidecar",
+            allowlist=ALLOWLIST,
+            args=["--dns-listen", f"127.0.0.1:{port}", "--dns-resolv-conf", str(resolv),
+                  "--dns-max-inflight", "2", "--dns-timeout", "3"],
+        )  # fmt: skip
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                slow = [pool.submit(ask, port, "api.allowed.test") for _ in range(2)]
+                time.sleep(0.5)  # both are being forwarded
+                started = time.monotonic()
+                third = ask(port, "alias.allowed.test")
+                assert third.rcode() == dns.rcode.SERVFAIL
+                assert time.monotonic() - started < 1.0
+                assert all(f.result().rcode() == dns.rcode.SERVFAIL for f in slow)
+            [line] = dns_decision(sidecar, "alias.allowed.test")
+            assert line["error"] == "more than 2 queries in flight"
+        finally:
+            sidecar.stop()
+
+
+def test_missing_resolv_conf_still_serves(tmp_path: Path) -> None:
+    port = free_port()
+    sidecar = start_sidecar(
+        tmp_path / "sidecar",
+        allowlist=ALLOWLIST,
+        args=["--dns-listen", f"127.0.0.1:{port}", "--dns-resolv-conf", str(tmp_path / "none")],
+    )
+    try:
+        assert ask(port, "api.allowed.test").rcode() == dns.rcode.SERVFAIL
+        assert ask(port, "unlisted.test").rcode() == dns.rcode.NXDOMAIN
+        assert sidecar.health("/healthz/ready")[0] == 200
     finally:
         sidecar.stop()
