@@ -19,11 +19,11 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 
-import dns.asyncquery
 import dns.edns
 import dns.exception
 import dns.flags
@@ -57,6 +57,7 @@ DNS_PORT = 53
 CHAIN_LIMIT = 16  # CNAME links followed in an answer (a loop or a long chain ends there)
 UDP_PLAIN_LIMIT = 512  # a client without EDNS accepts no more over UDP (RFC 1035)
 ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+TC_BIT = 0x02  # in the header's third byte: the answer was truncated
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ class DnsServer:
             return _Outcome(_reply(query, dns.rcode.SERVFAIL, tcp), rec)
         self.inflight += 1
         try:
-            response, server = await self._forward(query, tcp)
+            raw, response, server = await self._forward(wire, query, tcp)
         except ForwardError as err:
             rec.error = str(err)
             return _Outcome(_reply(query, dns.rcode.SERVFAIL, tcp), rec)
@@ -225,29 +226,34 @@ class DnsServer:
             self.inflight -= 1
         rec.peer_address = server
         if verdict.internal or response.rcode() != dns.rcode.NOERROR:
-            return _Outcome(_to_wire(query, response, tcp), rec)
-        decision = self._screen(snap, verdict, response)
+            return _Outcome(_passed(query, raw, response, tcp), rec)
+        decision, changed = self._screen(snap, verdict, response)
         rec.decision = _with_type(decision, qtype)
         if not decision.permits:
             return _Outcome(_blocked(query, decision, tcp), rec)
-        return _Outcome(_to_wire(query, response, tcp), rec)
+        if changed:
+            return _Outcome(_to_wire(query, response, tcp), rec)
+        return _Outcome(_passed(query, raw, response, tcp), rec)
 
     def _screen(
         self, snap: Snapshot, verdict: QueryVerdict, response: dns.message.Message
-    ) -> Decision:
+    ) -> tuple[Decision, bool]:
         """The guard over an allowed name's answer (rebinding), then what the pod learns. An
         answer whose asked name is left with no address is denied; other removed addresses
-        (another record, glue) just go. Audit mode records the denial and changes nothing."""
+        (another record, glue) just go. Audit mode records the denial and changes nothing.
+        Also whether ``response`` was changed."""
         filtered = filter_addresses(snap, _addresses(response.answer, response.additional))
         chain, ttl = _chain(response)
         kept = set(filtered.kept)
         decision = verdict.decision
+        changed = False
         if filtered.removed:
             denial = apply_mode(answer_denial(filtered, verdict.name), snap.mode)
             if chain and not any(a in kept for a in chain):
-                return denial
+                return denial, False
             if denial.verdict is Verdict.DENY:
                 _remove(response, {a for a, _ in filtered.removed})
+                changed = True
                 gone = "; ".join(why for _, why in filtered.removed[:4])
                 decision = replace(decision, detail=f"removed from the answer: {gone}")
         if decision.verdict is Verdict.ALLOW and ttl is not None:
@@ -255,29 +261,40 @@ class DnsServer:
             if learnable:
                 self.learned.learn(verdict.name, learnable, ttl)
                 self.metrics.dns_learned.set(len(self.learned))
-        return decision
+        return decision, changed
 
     async def _forward(
-        self, query: dns.message.Message, tcp: bool
-    ) -> tuple[dns.message.Message, str]:
+        self, wire: bytes, query: dns.message.Message, tcp: bool
+    ) -> tuple[bytes, dns.message.Message, str]:
+        """The client's own query bytes to each name server in turn (a fresh socket, so a
+        fresh source port, per query); the first answer to this very question wins. UDP
+        answers cut short (TC) are asked again over TCP, within the same time budget."""
         errors: list[str] = []
         port, timeout = self.config.upstream_port, self.config.timeout
         for server in self.config.upstreams:
             where = str(server)
             try:
-                if tcp:
-                    response = await dns.asyncquery.tcp(query, where, timeout, port)
-                else:
-                    response, _ = await dns.asyncquery.udp_with_fallback(
-                        query, where, timeout, port
-                    )
-            except dns.exception.Timeout:
+                async with asyncio.timeout(timeout):
+                    if tcp:
+                        raw = await _tcp_exchange(wire, where, port)
+                    else:
+                        raw = await _udp_exchange(wire, where, port, server.version)
+                        if len(raw) > 2 and raw[2] & TC_BIT:
+                            raw = await _tcp_exchange(wire, where, port)
+                response = dns.message.from_wire(raw)
+            except TimeoutError:
                 errors.append(f"{where}: no answer within {timeout:g}s")
                 continue
-            except (OSError, dns.exception.DNSException, EOFError) as err:
+            except (OSError, EOFError, asyncio.IncompleteReadError) as err:
                 errors.append(f"{where}: {err or type(err).__name__}")
                 continue
-            return response, where
+            except dns.exception.DNSException as err:
+                errors.append(f"{where}: unreadable answer ({err})")
+                continue
+            if not query.is_response(response):
+                errors.append(f"{where}: an answer to another question")
+                continue
+            return raw, response, where
         if not errors:
             raise ForwardError("no name server in resolv.conf")
         raise ForwardError("; ".join(errors))
@@ -400,6 +417,45 @@ def _remove(response: dns.message.Message, gone: set[IPAddress]) -> None:
                 section[index] = dns.rrset.from_rdata_list(rrset.name, rrset.ttl, left)
 
 
+async def _udp_exchange(wire: bytes, server: str, port: int, version: int) -> bytes:
+    """One datagram out, the reply with the query's id back (a connected socket takes
+    datagrams from the server's address only)."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect((server, port))
+        await loop.sock_sendall(sock, wire)
+        while True:
+            reply = await loop.sock_recv(sock, 65535)
+            if reply[:2] == wire[:2]:
+                return reply
+
+
+async def _tcp_exchange(wire: bytes, server: str, port: int) -> bytes:
+    reader, writer = await asyncio.open_connection(server, port)
+    try:
+        writer.write(len(wire).to_bytes(2) + wire)
+        await writer.drain()
+        size = int.from_bytes(await reader.readexactly(2))
+        return await reader.readexactly(size)
+    finally:
+        writer.close()
+
+
+def _passed(
+    query: dns.message.Message, raw: bytes, response: dns.message.Message, tcp: bool
+) -> bytes:
+    """The name server's own bytes when they fit what the client takes, else re-rendered."""
+    if tcp or len(raw) <= _udp_limit(query):
+        return raw
+    return _to_wire(query, response, tcp)
+
+
+def _udp_limit(query: dns.message.Message) -> int:
+    return max(UDP_PLAIN_LIMIT, query.payload if query.edns >= 0 else 0)
+
+
 def _reply(query: dns.message.Message, rcode: dns.rcode.Rcode, tcp: bool) -> bytes:
     response = dns.message.make_response(query, recursion_available=True)
     response.set_rcode(rcode)
@@ -422,7 +478,7 @@ def _blocked(query: dns.message.Message, decision: Decision, tcp: bool) -> bytes
 def _to_wire(query: dns.message.Message, response: dns.message.Message, tcp: bool) -> bytes:
     """The answer, within what a UDP client accepts; too big: truncated (TC), so the client
     asks again over TCP."""
-    limit = 65535 if tcp else max(UDP_PLAIN_LIMIT, query.payload if query.edns >= 0 else 0)
+    limit = 65535 if tcp else _udp_limit(query)
     try:
         return response.to_wire(max_size=limit)
     except dns.exception.TooBig:
