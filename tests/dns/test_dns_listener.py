@@ -432,3 +432,18 @@ def test_missing_resolv_conf_still_serves(tmp_path: Path) -> None:
         assert sidecar.health("/healthz/ready")[0] == 200
     finally:
         sidecar.stop()
+
+
+def test_the_listener_does_not_pull_in_dnspythons_transports() -> None:
+    """dns.query / dns.asyncquery import httpx and aioquic (DNS over HTTPS and QUIC): +24 MiB
+    and a second of start-up in every pod. The listener uses dnspython for the wire only."""
+    code = (
+        "import sys, sidecar.dns.listener, sidecar.commands.run\n"
+        "bad = [m for m in ('httpx', 'aioquic', 'dns.query', 'dns.asyncquery') "
+        "if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert out.strip() == ""
