@@ -22,7 +22,8 @@ def parser() -> argparse.ArgumentParser:
         "req/s, new CONNECT tunnels/s, long-lived tunnels req/s, one big download through a "
         "tunnel, added latency at c=1, RSS and CPU per 10k requests, RSS per idle tunnel; and "
         "for the sidecar alone: span export on, transparent capture in network namespaces "
-        "(root), a large allowlist. Needs squid, nginx, wrk, hey and curl (Debian: apt-get "
+        "(root), a large allowlist, DNS queries/s and added latency per query through the DNS "
+        "listener against direct (root). Needs squid, nginx, wrk, hey and curl (Debian: apt-get "
         "install squid nginx-light wrk hey curl). A full run takes about 3 minutes; it prints "
         "Markdown tables and writes them to --out, and the figures as JSON to --json.",
     )
@@ -92,7 +93,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="run the sidecar from this image root filesystem (chroot: the image's interpreter "
         "and code, as a pod runs it) instead of this venv's; `make bench-image` builds the "
-        "image, mounts it and passes this. Implies --no-transparent (root)",
+        "image, mounts it and passes this. Implies --no-transparent and --no-dns (root)",
+    )
+    p.add_argument(
+        "--no-dns",
+        action="store_true",
+        help="skip the DNS listener's scenario (a test server on port 53, needs root)",
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument(
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         idle_connections=args.idle_connections,
         rules=args.rules,
         transparent=not args.no_transparent and args.sidecar_root is None,
+        dns=not args.no_dns and args.sidecar_root is None,
         sidecar_root=args.sidecar_root,
     )
 

@@ -1,5 +1,5 @@
 """One benchmark run: upstream, direct baseline, Squid, the sidecar, then the sidecar-only
-scenarios (span export, allowlist size, transparent capture); each scenario bounded."""
+scenarios (span export, allowlist size, transparent capture, DNS); each scenario bounded."""
 
 from __future__ import annotations
 
@@ -23,11 +23,21 @@ from bench.configs import (
     big_allowlist_yaml,
     named_allowlist_yaml,
 )
+from bench.dns import DnsUnavailableError, measure_dns
 from bench.idle import hold_idle_tunnels, raise_nofile
 from bench.loadgen import Download, Generators, LoadResult, checked
 from bench.otlp import SpanCounter
 from bench.procstat import PeakRss, cpu_seconds, rss_mib, runqueue_wait_seconds
-from bench.report import Direct, ExportRun, ProxyRun, Report, RulesRun, Settings, TransparentRun
+from bench.report import (
+    Direct,
+    DnsRun,
+    ExportRun,
+    ProxyRun,
+    Report,
+    RulesRun,
+    Settings,
+    TransparentRun,
+)
 from bench.servers import Server, Sidecar, start_nginx, start_sidecar, start_squid
 from bench.tools import Tools
 from bench.transparent import CpuPlan, TransparentUnavailableError, measure_transparent
@@ -506,11 +516,24 @@ def run(
             rules = measure_rules(ctx, work / "rules") if settings.rules > 0 else None
         finally:
             nginx.stop()
+        dns: DnsRun | None = None
+        if settings.dns:
+            try:
+                dns = measure_dns(
+                    settings,
+                    proxy_prefix=pinning.proxy,
+                    load_prefix=pinning.load,
+                    workdir=work / "dns",
+                    log=log,
+                    notes=notes,
+                )
+            except DnsUnavailableError as err:
+                notes.append(f"DNS not measured: {err}")
         transparent: TransparentRun | None = None
         if settings.sidecar_root is not None:
             notes.append(
-                "transparent capture not measured with --sidecar-root (the namespace harness "
-                "starts this venv's sidecar): see `make bench`"
+                "transparent capture and DNS not measured with --sidecar-root (their harnesses "
+                "start this venv's sidecar): see `make bench`"
             )
         elif settings.transparent:
             try:
@@ -534,5 +557,6 @@ def run(
         export=export,
         transparent=transparent,
         rules=rules,
+        dns=dns,
         notes=notes,
     )

@@ -227,6 +227,8 @@ def sidecar_argv(
         f"{LOOPBACK}:{transparent}",
         "--transparent-listen6",
         "off",
+        "--dns-listen",
+        "off",
         "--health-listen",
         f"{LOOPBACK}:{health}",
         "--confdir",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sidecar.policy.dns import LearnedAddresses, learned_stream
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
 from sidecar.policy.model import Decision, Destination, IPAddress, Mode, Reason, Verdict
@@ -19,13 +20,15 @@ from sidecar.wire.first_flight import FirstFlight, Flight
 
 @dataclass(frozen=True, slots=True)
 class Vetted:
-    """A decision (mode applied) and the address to connect to when it permits."""
+    """A decision (mode applied) and the address to connect to when it permits; ``host``: the
+    name a raw stream was decided by, when a learned address stood for it."""
 
     decision: Decision
     address: IPAddress | None
+    host: str | None = None
     # The address as text, once: str() of an ipaddress costs ~3 us, and a memoized Vetted
     # serves many requests.
-    peer: str | None = field(init=False, compare=False, repr=False)
+    peer: str | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peer", str(self.address) if self.address is not None else None)
@@ -71,7 +74,8 @@ class _Lookup:
 
 
 def _first(snap: Snapshot, dest: Destination) -> Vetted | _Lookup:
-    """``_without_lookup``, read once per snapshot and destination."""
+    """``_without_lookup``, read once per snapshot and destination (never with learned
+    addresses: those change with every DNS answer)."""
     memo = snap.memo
     key = (dest.host, dest.port, dest.address, dest.method, dest.path)
     entry = memo.get(key)
@@ -83,10 +87,28 @@ def _first(snap: Snapshot, dest: Destination) -> Vetted | _Lookup:
     return entry  # type: ignore[return-value]  # only this module writes the memo
 
 
-def _without_lookup(snap: Snapshot, dest: Destination) -> Vetted | _Lookup:
+def address_vetted(
+    snap: Snapshot, address: IPAddress | None, port: int, learned: LearnedAddresses | None
+) -> Vetted:
+    """A raw stream (no name seen) to ``address``: by the cidr rules, else by a name the pod's
+    DNS answers gave it (a host rule with explicit ports: sidecar.policy.dns)."""
+    raw = snap.decide_raw(Destination(None, port, address))
+    if not raw.permits:
+        granted = learned_stream(snap, learned, address, port)
+        if granted is not None:
+            return Vetted(granted[0], address, granted[1])
+    return Vetted(apply_mode(raw, snap.mode), address)
+
+
+def _without_lookup(
+    snap: Snapshot, dest: Destination, learned: LearnedAddresses | None = None
+) -> Vetted | _Lookup:
     """``dest`` decided where no name has to be resolved (a literal, or a decision that needs no
-    address); else the name to resolve, its decision by name and whether audit lets it pass."""
+    address); else the name to resolve, its decision by name and whether audit lets it pass.
+    ``learned``: a transparent raw stream, which addresses learned from DNS may allow."""
     literal = address_of(dest.host) if dest.host is not None else None
+    if dest.host is None and learned is not None and dest.method is None:
+        return address_vetted(snap, dest.address, dest.port, learned)
     if dest.host is None or literal is not None:
         address = dest.address or literal
         raw = snap.decide_raw(Destination(None, dest.port, address, dest.method, dest.path))
@@ -98,9 +120,16 @@ def _without_lookup(snap: Snapshot, dest: Destination) -> Vetted | _Lookup:
     return _Lookup(dest.host, by_name, audited)
 
 
-async def vet(resolver: Resolver, snap: Snapshot, dest: Destination) -> Vetted:
-    """Decide ``dest`` and find the address to connect to (the one that was checked)."""
-    first = _first(snap, dest)
+async def vet(
+    resolver: Resolver,
+    snap: Snapshot,
+    dest: Destination,
+    *,
+    learned: LearnedAddresses | None = None,
+) -> Vetted:
+    """Decide ``dest`` and find the address to connect to (the one that was checked);
+    ``learned`` for a transparent raw stream (``address_vetted``)."""
+    first = _first(snap, dest) if learned is None else _without_lookup(snap, dest, learned)
     if isinstance(first, Vetted):
         return first
     return first.resolved(snap, dest, await resolver.resolve(first.host, dest.port))
@@ -165,12 +194,34 @@ def stream_decision(
     return apply_mode(snap.decide_raw(Destination(sni, port, address)), snap.mode)
 
 
-def address_allows(snap: Snapshot, address: IPAddress | None, port: int) -> bool:
-    """A cidr rule allows ``address`` itself (the raw decision: audit mode lets everything
-    through, yet names should still be seen and decided)."""
+def held_vetted(
+    snap: Snapshot,
+    sni: str | None,
+    address: IPAddress | None,
+    port: int,
+    learned: LearnedAddresses | None,
+) -> Vetted:
+    """A held stream decided on its first flight: by its SNI (``stream_decision``), or, when it
+    showed none, as a raw stream (``address_vetted``: a learned address may allow it)."""
+    if sni is None:
+        return address_vetted(snap, address, port, learned)
+    return Vetted(stream_decision(snap, sni, address, port), address)
+
+
+def address_allows(
+    snap: Snapshot,
+    address: IPAddress | None,
+    port: int,
+    learned: LearnedAddresses | None = None,
+) -> bool:
+    """A cidr rule allows ``address`` itself, or a host rule by a name the pod learned for it
+    (the raw decision: audit mode lets everything through, yet names should still be seen and
+    decided): the upstream may be opened before the client speaks."""
     if address is None:
         return False
-    return snap.decide_raw(Destination(None, port, address)).permits
+    if snap.decide_raw(Destination(None, port, address)).permits:
+        return True
+    return learned_stream(snap, learned, address, port) is not None
 
 
 def same_host(a: str | None, b: str) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.policy.dns import LearnedAddresses
 from sidecar.policy.model import IPAddress
 
 
@@ -76,8 +77,12 @@ class Resolver:
         negative_ttl: float = 1.0,
         max_entries: int = 4096,
         getaddrinfo: GetAddrInfo | None = None,
+        learned: LearnedAddresses | None = None,
     ) -> None:
         self.timeout = timeout
+        # The other direction: addresses the pod's own DNS answers gave it, by name (the DNS
+        # listener fills it; transparent raw streams are decided by it). None: no DNS listener.
+        self.learned = learned
         self._getaddrinfo = getaddrinfo
         self._resolved: _Expiring | None = (
             _Expiring(max_entries, cache_ttl) if cache_ttl > 0 else None
