@@ -3,13 +3,14 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test pytest lint bench soak venv clean help image image-test e2e-kind
+.PHONY: run test pytest lint bench bench-image soak venv clean help image image-test e2e-kind
 
 help:
 	@echo "make run    - run the sidecar locally on examples/allowlist.yaml (explicit proxy 127.0.0.1:15001)"
 	@echo "make test   - lint (ruff, mypy --strict, import contracts) and the whole test suite"
 	@echo "make lint   - only the linters"
 	@echo "make bench  - throughput/latency/memory benchmark against Squid"
+	@echo "make bench-image - the same with the sidecar run from the image (its interpreter), as in a pod"
 	@echo "make soak   - 500 clients for 5 min while the allowlist flips; exit 1 on a wrong decision or a leak"
 	@echo "              (SOAK_ARGS=\"--duration 30\" for a quick run; python -m bench.soak --help)"
 	@echo "make image  - build the container image (docker build, or buildah without a Docker engine)"
@@ -37,6 +38,11 @@ test: lint pytest
 
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The same bench with the sidecar as a pod runs it: chrooted into the image built from these
+# sources (its interpreter: Debian's python3.13, built with PGO and LTO). Root and buildah.
+bench-image: venv image
+	IMAGE=$(IMAGE) scripts/bench-image $(BENCH_ARGS)
 
 # Not part of `make test`: minutes of load. Loopback only; bounded in time and requests.
 soak: venv

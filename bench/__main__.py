@@ -22,7 +22,8 @@ def parser() -> argparse.ArgumentParser:
         "req/s, new CONNECT tunnels/s, long-lived tunnels req/s, one big download through a "
         "tunnel, added latency at c=1, RSS and CPU per 10k requests, RSS per idle tunnel; and "
         "for the sidecar alone: span export on, transparent capture in network namespaces "
-        "(root), a large allowlist. Needs squid, nginx, wrk, hey and curl (Debian: apt-get "
+        "(root), a large allowlist, DNS queries/s and added latency per query through the DNS "
+        "listener against direct (root). Needs squid, nginx, wrk, hey and curl (Debian: apt-get "
         "install squid nginx-light wrk hey curl). A full run takes about 3 minutes; it prints "
         "Markdown tables and writes them to --out, and the figures as JSON to --json.",
     )
@@ -85,6 +86,20 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the transparent-capture scenario (network namespaces, needs root)",
     )
+    p.add_argument(
+        "--sidecar-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the sidecar from this image root filesystem (chroot: the image's interpreter "
+        "and code, as a pod runs it) instead of this venv's; `make bench-image` builds the "
+        "image, mounts it and passes this. Implies --no-transparent and --no-dns (root)",
+    )
+    p.add_argument(
+        "--no-dns",
+        action="store_true",
+        help="skip the DNS listener's scenario (a test server on port 53, needs root)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument(
         "--out",
@@ -121,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         max_requests=args.max_requests,
         idle_connections=args.idle_connections,
         rules=args.rules,
-        transparent=not args.no_transparent,
+        transparent=not args.no_transparent and args.sidecar_root is None,
+        dns=not args.no_dns and args.sidecar_root is None,
+        sidecar_root=args.sidecar_root,
     )
 
     def log(msg: str) -> None:

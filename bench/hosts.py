@@ -41,3 +41,43 @@ def with_hosts(hosts: Path, argv: Sequence[str], unshare: str = "unshare") -> li
         str(hosts),
         *argv,
     ]
+
+
+# An image's root filesystem as the sidecar's root: the bench's work directory bind-mounted at
+# the same path inside it, /proc and /dev, and (when given) the hosts file and its companions
+# over the image's own. `exec chroot` keeps the PID the caller samples the sidecar's.
+IN_ROOT = (
+    "r=$0 w=$1 h=$2; shift 2; "
+    'mkdir -p "$r$w" "$r/proc" "$r/dev" && mount --bind "$w" "$r$w" && '
+    'mount -t proc proc "$r/proc" && mount --rbind /dev "$r/dev" && '
+    'if [ -n "$h" ]; then for f in hosts nsswitch.conf resolv.conf; do '
+    'touch "$r/etc/$f" && mount --bind "$(dirname "$h")/$f" "$r/etc/$f" || exit 1; done; '
+    "fi; "
+    'exec chroot "$r" "$@"'
+)
+
+# What the image's ENV sets for its commands (Dockerfile).
+IMAGE_ENV = {
+    "PATH": "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def in_root(root: Path, workdir: Path, argv: Sequence[str], hosts: Path | None = None) -> list[str]:
+    """argv run chrooted in ``root`` (an image's filesystem), in its own mount namespace, with
+    ``workdir`` visible at its own path and, when given, /etc/hosts from ``hosts`` (hosts_file
+    wrote its nsswitch.conf and resolv.conf beside it)."""
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        IN_ROOT,
+        str(root),
+        str(workdir),
+        str(hosts) if hosts is not None else "",
+        *argv,
+    ]

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.idle import IdleResult
@@ -25,6 +26,10 @@ class Settings:
     idle_connections: int = 2000  # idle CONNECT tunnels held at once, per proxy
     rules: int = 10_000  # host rules of the large allowlist
     transparent: bool = True  # the network-namespace scenario (root)
+    dns: bool = True  # the DNS listener's scenario (root: a test server on port 53)
+    # An image's root filesystem: the sidecar runs from it (chroot), the image's interpreter and
+    # code, as in a pod (None: this venv's sidecar).
+    sidecar_root: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,22 @@ class TransparentRun:
 
 
 @dataclass(frozen=True)
+class DnsRun:
+    """UDP queries to the DNS listener (bench.dns): forwarded (an allowed name) and answered by
+    the sidecar itself (NXDOMAIN for an unlisted name), against the server asked directly."""
+
+    direct: LoadResult
+    allowed: LoadResult
+    allowed_cpu_s: float
+    denied: LoadResult
+    denied_cpu_s: float
+    direct_latency: LoadResult  # c=1
+    latency: LoadResult  # c=1, through the sidecar, allowed name
+    rss_idle_mib: float
+    rss_peak_mib: float
+
+
+@dataclass(frozen=True)
 class RulesRun:
     """The plain-HTTP scenario to a named host, allowed by a one-rule allowlist and by one rule
     of ``rules`` (two sidecar processes, the same load in alternating segments)."""
@@ -149,6 +170,7 @@ class Report:
     export: ExportRun | None = None
     transparent: TransparentRun | None = None
     rules: RulesRun | None = None
+    dns: DnsRun | None = None
     notes: list[str] = field(default_factory=list)
 
     def sidecar_peak_mib(self) -> float:
@@ -160,6 +182,8 @@ class Report:
             peaks.append(self.transparent.rss_peak_mib)
         if self.rules is not None:
             peaks += [self.rules.small_rss_peak_mib, self.rules.large_rss_peak_mib]
+        if self.dns is not None:
+            peaks.append(self.dns.rss_peak_mib)
         return max(peaks)
 
 
@@ -367,7 +391,49 @@ def sidecar_rows(report: Report) -> list[SidecarRow]:
                 "",
             ),
         ]
+    n = report.dns
+    if n is not None:
+        out += dns_rows(n, c, row)
     return out
+
+
+def dns_rows(
+    n: DnsRun, c: int, row: Callable[[str, float, float, str, int], SidecarRow]
+) -> list[SidecarRow]:
+    """The DNS listener against the same server asked directly (UDP, one query in flight per
+    client)."""
+    return [
+        row(f"DNS queries/s, c={c}, allowed name ↑", n.allowed.rate, n.direct.rate, "direct", 0),
+        row(
+            f"DNS queries/s, c={c}, unlisted name (NXDOMAIN by the sidecar) ↑",
+            n.denied.rate,
+            n.direct.rate,
+            "direct",
+            0,
+        ),
+        row(
+            "CPU-s per 10k DNS queries, allowed / unlisted ↓",
+            per_10k(n.allowed_cpu_s, n.allowed),
+            per_10k(n.denied_cpu_s, n.denied),
+            "unlisted",
+            2,
+        ),
+        row(
+            "DNS added p50 latency per query, c=1, ms ↓",
+            n.latency.p50_ms - n.direct_latency.p50_ms,
+            n.direct_latency.p50_ms,
+            "direct p50",
+            3,
+        ),
+        row(
+            "DNS added p99 latency per query, c=1, ms ↓",
+            n.latency.p99_ms - n.direct_latency.p99_ms,
+            n.direct_latency.p99_ms,
+            "direct p99",
+            3,
+        ),
+        ("RSS idle / peak, MiB, DNS ↓", _pair(n.rss_idle_mib, n.rss_peak_mib), "", ""),
+    ]
 
 
 def markdown(report: Report) -> str:
@@ -424,6 +490,8 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
     return value
 
 

@@ -1,5 +1,5 @@
 """One benchmark run: upstream, direct baseline, Squid, the sidecar, then the sidecar-only
-scenarios (span export, allowlist size, transparent capture); each scenario bounded."""
+scenarios (span export, allowlist size, transparent capture, DNS); each scenario bounded."""
 
 from __future__ import annotations
 
@@ -23,11 +23,21 @@ from bench.configs import (
     big_allowlist_yaml,
     named_allowlist_yaml,
 )
+from bench.dns import DnsUnavailableError, measure_dns
 from bench.idle import hold_idle_tunnels, raise_nofile
 from bench.loadgen import Download, Generators, LoadResult, checked
 from bench.otlp import SpanCounter
 from bench.procstat import PeakRss, cpu_seconds, rss_mib, runqueue_wait_seconds
-from bench.report import Direct, ExportRun, ProxyRun, Report, RulesRun, Settings, TransparentRun
+from bench.report import (
+    Direct,
+    DnsRun,
+    ExportRun,
+    ProxyRun,
+    Report,
+    RulesRun,
+    Settings,
+    TransparentRun,
+)
 from bench.servers import Server, Sidecar, start_nginx, start_sidecar, start_squid
 from bench.tools import Tools
 from bench.transparent import CpuPlan, TransparentUnavailableError, measure_transparent
@@ -82,9 +92,12 @@ def squid_name(squid: str) -> str:
         return "Squid"
 
 
-def sidecar_name() -> str:
+def sidecar_name(root: Path | None = None) -> str:
+    """The sidecar's column: version and engine, and with ``root`` the image's interpreter."""
     # EGRESS_ENGINE (inherited by the sidecar: `run --engine`'s default) names the engine.
     engine = os.environ.get("EGRESS_ENGINE", "fast")
+    if root is not None:
+        return f"egress-sidecar image ({image_python(root)}; {engine} engine)"
     try:
         ours = importlib.metadata.version("egress-sidecar")
         mitm = importlib.metadata.version("mitmproxy")
@@ -93,6 +106,21 @@ def sidecar_name() -> str:
         return f"egress-sidecar {ours} (fast path; mitmproxy {mitm} as second tier)"
     except importlib.metadata.PackageNotFoundError:
         return "egress-sidecar"
+
+
+def image_python(root: Path) -> str:
+    """The image's interpreter, as `python3 --version` inside it says (chroot)."""
+    try:
+        out = subprocess.run(
+            ["chroot", str(root), "/opt/venv/bin/python", "--version"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"{root} is not an egress-sidecar image's filesystem: {err}") from err
+    return out.stdout.strip()
 
 
 @dataclass(frozen=True)
@@ -334,9 +362,11 @@ def measure_export(ctx: Context, workdir: Path) -> ExportRun:
         "OTEL_BSP_SCHEDULE_DELAY": "500",
     }
     try:
-        off = start_sidecar(ctx.pinning.proxy, workdir / "off", ctx.up)
+        off = start_sidecar(ctx.pinning.proxy, workdir / "off", ctx.up, root=ctx.s.sidecar_root)
         try:
-            on = start_sidecar(ctx.pinning.proxy, workdir / "on", ctx.up, env=env)
+            on = start_sidecar(
+                ctx.pinning.proxy, workdir / "on", ctx.up, env=env, root=ctx.s.sidecar_root
+            )
             try:
                 a, b = Arm("export off", off), Arm("export on", on, after=drained)
                 _paired(ctx, a, b, warmed)
@@ -389,6 +419,7 @@ def measure_rules(ctx: Context, workdir: Path) -> RulesRun:
             up,
             allowlist=big_allowlist_yaml(n, RULES_HOST, up.http),
             names=names,
+            root=ctx.s.sidecar_root,
         )
         try:
             a, b = Arm("1 rule", small, RULES_HOST), Arm(f"{n} rules", large, RULES_HOST)
@@ -466,10 +497,10 @@ def run(
                 )
             finally:
                 squid.stop()
-            sidecar = start_sidecar(pinning.proxy, work / "sidecar", up)
+            sidecar = start_sidecar(pinning.proxy, work / "sidecar", up, root=settings.sidecar_root)
             try:
                 ours = measure_proxy(
-                    name=sidecar_name(),
+                    name=sidecar_name(settings.sidecar_root),
                     server=sidecar.server,
                     port=sidecar.port,
                     gen=gen,
@@ -485,8 +516,26 @@ def run(
             rules = measure_rules(ctx, work / "rules") if settings.rules > 0 else None
         finally:
             nginx.stop()
+        dns: DnsRun | None = None
+        if settings.dns:
+            try:
+                dns = measure_dns(
+                    settings,
+                    proxy_prefix=pinning.proxy,
+                    load_prefix=pinning.load,
+                    workdir=work / "dns",
+                    log=log,
+                    notes=notes,
+                )
+            except DnsUnavailableError as err:
+                notes.append(f"DNS not measured: {err}")
         transparent: TransparentRun | None = None
-        if settings.transparent:
+        if settings.sidecar_root is not None:
+            notes.append(
+                "transparent capture and DNS not measured with --sidecar-root (their harnesses "
+                "start this venv's sidecar): see `make bench`"
+            )
+        elif settings.transparent:
             try:
                 transparent = measure_transparent(
                     tools, settings, CpuPlan(pinning.proxy_cpu, pinning.load), log, notes
@@ -508,5 +557,6 @@ def run(
         export=export,
         transparent=transparent,
         rules=rules,
+        dns=dns,
         notes=notes,
     )

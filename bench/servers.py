@@ -24,7 +24,7 @@ from bench.configs import (
     squid_conf,
     write_self_signed,
 )
-from bench.hosts import hosts_file, with_hosts
+from bench.hosts import IMAGE_ENV, hosts_file, in_root, with_hosts
 from bench.loadgen import clean_env
 
 
@@ -204,12 +204,18 @@ class Sidecar:
     health_port: int
 
 
-def sidecar_argv(allowlist: Path, workdir: Path) -> tuple[list[str], int, int]:
+# Where the image installs the sidecar (Dockerfile).
+IMAGE_SIDECAR = "/opt/venv/bin/egress-sidecar"
+
+
+def sidecar_argv(
+    allowlist: Path, workdir: Path, *, image: bool = False
+) -> tuple[list[str], int, int]:
     """`egress-sidecar run` on free loopback ports (no IPv6 listener); the argv, the explicit
-    proxy's port and the health port."""
+    proxy's port and the health port. ``image``: the image's command, not this venv's."""
     port, transparent, health = free_port(), free_port(), free_port()
     argv = [
-        str(Path(sys.executable).parent / "egress-sidecar"),
+        IMAGE_SIDECAR if image else str(Path(sys.executable).parent / "egress-sidecar"),
         "run",
         "--allowlist-file",
         str(allowlist),
@@ -220,6 +226,8 @@ def sidecar_argv(allowlist: Path, workdir: Path) -> tuple[list[str], int, int]:
         "--transparent-listen",
         f"{LOOPBACK}:{transparent}",
         "--transparent-listen6",
+        "off",
+        "--dns-listen",
         "off",
         "--health-listen",
         f"{LOOPBACK}:{health}",
@@ -237,17 +245,25 @@ def start_sidecar(
     allowlist: str | None = None,
     names: Mapping[str, str] | None = None,
     env: Mapping[str, str] | None = None,
+    root: Path | None = None,
 ) -> Sidecar:
     """The sidecar on loopback with ``allowlist`` (default: the upstream's address), host
     ``names`` resolved through a hosts file of its own (bench.hosts) and ``env`` on top of the
-    OTEL-free environment."""
+    OTEL-free environment. ``root``: an image's root filesystem to run the image's sidecar
+    from (chroot: its interpreter, its code), as a pod runs it."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "allowlist.yaml"
     path.write_text(allowlist if allowlist is not None else allowlist_yaml(upstream))
-    argv, port, health = sidecar_argv(path, workdir)
+    argv, port, health = sidecar_argv(path, workdir, image=root is not None)
+    hosts = None
     if names:
         (workdir / "etc").mkdir(exist_ok=True)
-        argv = with_hosts(hosts_file(workdir / "etc" / "hosts", names), argv)
+        hosts = hosts_file(workdir / "etc" / "hosts", names)
+    if root is not None:
+        argv = in_root(root, workdir, argv, hosts)
+        env = {**IMAGE_ENV, **(env or {})}
+    elif hosts is not None:
+        argv = with_hosts(hosts, argv)
     argv = [*prefix, *argv]
     server = _spawn(
         "egress-sidecar",

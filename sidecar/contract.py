@@ -16,6 +16,7 @@ PROXY_GID: Final = 1337
 EXPLICIT_PORT: Final = 15001
 TRANSPARENT_PORT: Final = 15002
 HEALTH_PORT: Final = 15021
+DNS_LISTEN_PORT: Final = 15053  # the sidecar's DNS listener, UDP and TCP (the app's 53 goes here)
 DNS_PORT: Final = 53  # the pod's resolvers; the only UDP transparent capture lets out
 
 DEFAULT_ALLOWLIST_CONFIGMAP: Final = "egress-allowlist"

@@ -67,6 +67,18 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.dns_queries = Counter(
+            "egress_dns_queries",
+            "DNS queries answered by the DNS listener, by decision and reason.",
+            ["decision", "reason"],
+            registry=self.registry,
+        )
+        self.dns_learned = Gauge(
+            "egress_dns_learned_addresses",
+            "(name, address) pairs learned from DNS answers that raw-TCP host rules may use.",
+            registry=self.registry,
+        )
+
         self.spans_dropped = Counter(
             "egress_trace_spans_dropped",
             "Spans dropped because the export queue was full (collector slow or unreachable).",

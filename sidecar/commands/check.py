@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.commands.options import add_policy_options, env_ranges
+from sidecar.policy.dns import InternalNames, answer_denial, decide_query, filter_addresses
 from sidecar.policy.errors import AllowlistError, clip
 from sidecar.policy.model import Destination, IPAddress, Mode
 from sidecar.policy.parse import parse_allowlist
@@ -56,11 +57,30 @@ def add_parser(sub: Any) -> None:
         "denied, 2 on bad input.",
     )
     add_policy_options(parser, file_required=True)
-    parser.add_argument("target", metavar="URL|HOST[:PORT]")
+    parser.add_argument(
+        "target",
+        nargs="+",
+        metavar="URL|HOST[:PORT] | dns NAME [TYPE]",
+        help="a destination, or `dns NAME [TYPE]`: the DNS listener's decision for a query "
+        "(TYPE default A); with --address, whether an answer holding IP would be let through "
+        "(the rebinding filter)",
+    )
+    parser.add_argument(
+        "--internal-domain",
+        metavar="DOMAIN",
+        action="append",
+        default=[],
+        help="dns form: a domain forwarded whatever the policy, as the sidecar's "
+        "--dns-internal-domain and resolv.conf search domains (repeatable; svc.cluster.local "
+        "always is)",
+    )
     parser.add_argument("--method", "-X", help="HTTP method for http:// URLs (default GET)")
     addr = parser.add_mutually_exclusive_group()
     addr.add_argument(
-        "--address", metavar="IP", help="decide as if the host resolved to IP (applies the guard)"
+        "--address",
+        metavar="IP",
+        help="decide as if the host resolved to IP (applies the guard; dns form: an answer "
+        "holding IP)",
     )
     addr.add_argument(
         "--resolve",
@@ -73,10 +93,18 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if len(args.target) > 1 and args.target[0] == "dns":
+        return run_dns(args)
+    if len(args.target) != 1:
+        print(
+            "egress-sidecar check: give one URL or HOST[:PORT], or dns NAME [TYPE]",
+            file=sys.stderr,
+        )
+        return 2
     try:
         text = Path(args.allowlist_file).read_text(encoding="utf-8")
         policy = parse_allowlist(text, source=f"file:{args.allowlist_file}")
-        dest = parse_target(args.target, args.method)
+        dest = parse_target(args.target[0], args.method)
         address: IPAddress | None = ipaddress.ip_address(args.address) if args.address else None
     except (OSError, UnicodeDecodeError) as err:
         print(f"egress-sidecar check: cannot read {args.allowlist_file}: {err}", file=sys.stderr)
@@ -122,6 +150,68 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         print(f"{decision.verdict.value} {target}")
+        print(f"  reason: {decision.reason.value}")
+        if decision.detail:
+            print(f"  detail: {decision.detail}")
+        print(f"  rule:   {decision.rule if decision.rule is not None else '-'}")
+        print(f"  policy: {snap.source} version {snap.version} (mode {snap.mode.value})")
+    return 0 if decision.permits else 1
+
+
+def run_dns(args: argparse.Namespace) -> int:
+    """`check dns NAME [TYPE]`: the DNS listener's decision (sidecar.policy.dns), and with
+    --address the rebinding filter's verdict on an answer holding that address."""
+    if len(args.target) > 3:
+        print("egress-sidecar check: dns NAME [TYPE]", file=sys.stderr)
+        return 2
+    name = args.target[1]
+    qtype = (args.target[2] if len(args.target) == 3 else "A").upper()
+    try:
+        text = Path(args.allowlist_file).read_text(encoding="utf-8")
+        policy = parse_allowlist(text, source=f"file:{args.allowlist_file}")
+        address: IPAddress | None = ipaddress.ip_address(args.address) if args.address else None
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"egress-sidecar check: cannot read {args.allowlist_file}: {err}", file=sys.stderr)
+        return 2
+    except AllowlistError as err:
+        print(f"egress-sidecar check: invalid allowlist:\n{err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"egress-sidecar check: {clip(err, 300)}", file=sys.stderr)
+        return 2
+    if args.resolve:
+        print("egress-sidecar check: --resolve does not apply to the dns form", file=sys.stderr)
+        return 2
+    ranges = list(args.allow_private_range) + env_ranges()
+    store = PolicyStore(Mode(args.mode) if args.mode else None)
+    snap = store.set_policy(policy.with_extra_private_ranges(ranges))
+    verdict = decide_query(snap, name, qtype, InternalNames.build(extra=args.internal_domain))
+    decision = verdict.decision
+    if address is not None and decision.permits and not verdict.internal:
+        filtered = filter_addresses(snap, [address])
+        if filtered.emptied:
+            decision = apply_mode(answer_denial(filtered, verdict.name), snap.mode)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "decision": decision.verdict.value,
+                    "reason": decision.reason.value,
+                    "rule": decision.rule,
+                    "detail": decision.detail,
+                    "name": verdict.name,
+                    "type": qtype,
+                    "internal": verdict.internal,
+                    "address": str(address) if address else None,
+                    "answer": "forwarded" if decision.permits else "NXDOMAIN",
+                    "policy_source": snap.source,
+                    "policy_version": snap.version,
+                }
+            )
+        )
+    else:
+        answer = "forwarded" if decision.permits else "answered NXDOMAIN"
+        print(f"{decision.verdict.value} dns {verdict.name} {qtype} ({answer})")
         print(f"  reason: {decision.reason.value}")
         if decision.detail:
             print(f"  detail: {decision.detail}")

@@ -33,6 +33,8 @@ ENV_FLUSH_TIMEOUT = "EGRESS_FLUSH_TIMEOUT"
 # Drain plus flush stay below the 30 s grace period even when the collector is a blackhole (the
 # SDK would otherwise wait up to 30 s for the batch processor, plus the exporter's own timeout).
 DEFAULT_FLUSH_TIMEOUT = 5.0
+ENV_DNS_LISTEN = "EGRESS_DNS_LISTEN"  # HOST:PORT[,...] or off
+ENV_DNS_INTERNAL_DOMAINS = "EGRESS_DNS_INTERNAL_DOMAINS"  # comma-separated
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -121,6 +123,69 @@ def add_parser(sub: Any) -> None:
         default=os.environ.get(contract.ENV_CAPTURE, "") == "explicit",
         help="explicit capture only: no transparent listener "
         f"(env {contract.ENV_CAPTURE}=explicit)",
+    )
+    dns = parser.add_argument_group(
+        "DNS (the app's port 53 is redirected here in transparent capture)"
+    )
+    dns.add_argument(
+        "--dns-listen",
+        metavar="HOST:PORT",
+        action="append",
+        help=f"DNS listener, UDP and TCP (default 127.0.0.1:{contract.DNS_LISTEN_PORT} in "
+        f"transparent capture; 'off' to disable; env {ENV_DNS_LISTEN})",
+    )
+    dns.add_argument(
+        "--dns-listen6",
+        metavar="HOST:PORT",
+        default=None,
+        help=f"IPv6 DNS listener (default ::1:{contract.DNS_LISTEN_PORT} with the DNS listener "
+        "when the host has IPv6 loopback; 'off' to disable)",
+    )
+    dns.add_argument(
+        "--dns-resolv-conf",
+        metavar="PATH",
+        type=Path,
+        default=Path("/etc/resolv.conf"),
+        help="read at start: its name servers are where allowed queries go, its search domains "
+        "are internal names (default %(default)s)",
+    )
+    dns.add_argument(
+        "--dns-internal-domain",
+        metavar="DOMAIN",
+        action="append",
+        default=[],
+        help="names equal to or under DOMAIN are forwarded whatever the policy, like the "
+        "search domains and svc.cluster.local (repeatable; env "
+        f"{ENV_DNS_INTERNAL_DOMAINS}, comma-separated)",
+    )
+    dns.add_argument(
+        "--dns-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="per name server; when none answers the client gets SERVFAIL (default %(default)s)",
+    )
+    dns.add_argument(
+        "--dns-max-inflight",
+        type=int,
+        default=256,
+        metavar="N",
+        help="queries forwarded at once; more are answered SERVFAIL (default %(default)s)",
+    )
+    dns.add_argument(
+        "--dns-min-ttl",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a learned address (raw TCP to a host rule's ports) is kept at least this long, "
+        "whatever the answer's TTL (default %(default)s)",
+    )
+    dns.add_argument(
+        "--dns-learned-max",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="most (name, address) pairs kept; the least recently learned go (default %(default)s)",
     )
     listen.add_argument(
         "--health-listen",
@@ -309,6 +374,7 @@ def run(args: argparse.Namespace) -> int:
             if v6 and v6 != "off":
                 transparent += (ListenSpec.parse(v6),)
         health = ListenSpec.parse(args.health_listen)
+        dns_specs = _dns_specs(args)
     except ValueError as err:
         print(f"egress-sidecar run: {err}", file=sys.stderr)
         return 2
@@ -323,7 +389,31 @@ def run(args: argparse.Namespace) -> int:
     files = OpenFiles.raise_soft_limit()
     gate = AcceptGate(connection_limit(files.soft, open_fds()))
     with asyncio.Runner(loop_factory=lambda: GatedEventLoop(gate)) as runner:
-        return runner.run(_serve(args, explicit, transparent, health, files=files, gate=gate))
+        return runner.run(
+            _serve(args, explicit, transparent, health, files=files, gate=gate, dns=dns_specs)
+        )
+
+
+def _dns_specs(args: argparse.Namespace) -> tuple[Any, ...]:
+    """The DNS listeners: --dns-listen (or its env), by default 127.0.0.1:15053 in transparent
+    capture, plus ::1:15053 when the host has IPv6 loopback and no address was given."""
+    from sidecar.fastpath.config import ListenSpec
+
+    given = args.dns_listen or (
+        [os.environ[ENV_DNS_LISTEN]] if os.environ.get(ENV_DNS_LISTEN) else None
+    )
+    if given is None:
+        given = [] if args.no_transparent else [f"127.0.0.1:{contract.DNS_LISTEN_PORT}"]
+    items = [part.strip() for text in given for part in text.split(",") if part.strip()]
+    specs = tuple(ListenSpec.parse(item) for item in items if item != "off")
+    if not specs:
+        return ()
+    v6 = args.dns_listen6
+    if v6 is None and args.dns_listen is None and _ipv6_loopback():
+        v6 = f"::1:{contract.DNS_LISTEN_PORT}"
+    if v6 and v6 != "off":
+        specs += (ListenSpec.parse(v6),)
+    return specs
 
 
 async def _serve(
@@ -334,6 +424,7 @@ async def _serve(
     *,
     files: OpenFiles,
     gate: AcceptGate,
+    dns: tuple[Any, ...] = (),
 ) -> int:
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
@@ -344,6 +435,7 @@ async def _serve(
     from sidecar.fastpath.server import Engine, FrontDoor
     from sidecar.health import HealthServer
     from sidecar.metrics import Metrics
+    from sidecar.policy.dns import LearnedAddresses
     from sidecar.policy.model import Mode
     from sidecar.policy.store import PolicyStore
     from sidecar.reporter import Reporter
@@ -397,6 +489,16 @@ async def _serve(
     except SourceConfigError as err:
         print(f"egress-sidecar run: {err}", file=sys.stderr)
         return 2
+    learned = LearnedAddresses(max(1, args.dns_learned_max), min_ttl=max(0.0, args.dns_min_ttl))
+    dns_server = None
+    if dns:
+        try:
+            dns_server = _dns_server(
+                args, dns, store=store, reporter=reporter, metrics=metrics, learned=learned
+            )
+        except (OSError, ValueError) as err:
+            print(f"egress-sidecar run: DNS: {err}", file=sys.stderr)
+            return 2
     config = ProxyConfig(
         explicit=explicit,
         transparent=transparent,
@@ -406,8 +508,12 @@ async def _serve(
         first_byte_timeout=args.first_byte_timeout,
         connect_timeout=args.connect_timeout,
         head_limits=head_limits,
+        learned=learned if dns_server is not None else None,
     )
     front = FrontDoor(config, store, reporter, engine=Engine(args.engine))
+
+    def dns_running() -> bool:
+        return dns_server is None or dns_server.running
 
     def readiness() -> tuple[bool, dict[str, Any]]:
         # Ready = every source had a good version (a deleted ConfigMap is a policy being
@@ -416,14 +522,14 @@ async def _serve(
         body: dict[str, Any] = {
             **source.status(),
             "mode": store.get().mode.value,
-            "listeners": front.addresses,
-            "listening": front.all_running and not front.draining,
+            "listeners": front.addresses + (dns_server.addresses if dns_server else []),
+            "listening": front.all_running and dns_running() and not front.draining,
             # --allow-private-range / EGRESS_ALLOW_PRIVATE_RANGES: where the guard steps aside
             # beyond the documents' privateRanges (`kubectl egress` re-decides with them).
             "extra_private_ranges": [str(n) for n in spec.extra_private_ranges],
             "draining": front.draining,
         }
-        ready = source.ready() and front.all_running and not front.draining
+        ready = source.ready() and front.all_running and dns_running() and not front.draining
         body["ready"] = ready
         return ready, body
 
@@ -470,9 +576,11 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        if await front.start():
+        if (dns_server is None or await dns_server.start()) and await front.start():
             await front.wait_stopped()
     finally:
+        if dns_server is not None:
+            dns_server.close()
         await front.shutdown()
         source.stop()
         health.shutdown()
@@ -481,7 +589,48 @@ async def _serve(
         if isinstance(provider, TracerProvider | LeanTracerProvider):
             _flush_spans(provider, args.flush_timeout)
         log.info("stopped")
-    return 0 if not front.failed else 1
+    return 0 if not front.failed and not (dns_server and dns_server.failed) else 1
+
+
+def _dns_server(
+    args: argparse.Namespace,
+    specs: tuple[Any, ...],
+    *,
+    store: Any,
+    reporter: Any,
+    metrics: Any,
+    learned: Any,
+) -> Any:
+    """The DNS listener, configured from the pod's resolv.conf (read now, once)."""
+    from sidecar.dns.listener import DnsConfig, DnsServer
+    from sidecar.dns.resolvconf import ResolvConf
+    from sidecar.policy.dns import InternalNames
+
+    try:
+        resolv = ResolvConf.read(args.dns_resolv_conf)
+    except FileNotFoundError:
+        # As the C library without one: nothing to forward to (allowed queries get SERVFAIL),
+        # and the sidecar still serves everything else.
+        log.warning(
+            "no resolv.conf: DNS queries cannot be forwarded",
+            extra={"path": str(args.dns_resolv_conf)},
+        )
+        resolv = ResolvConf((), ())
+    extra = list(args.dns_internal_domain) + [
+        part.strip()
+        for part in os.environ.get(ENV_DNS_INTERNAL_DOMAINS, "").split(",")
+        if part.strip()
+    ]
+    if args.dns_max_inflight < 1 or not args.dns_timeout > 0:
+        raise ValueError("--dns-max-inflight must be >= 1 and --dns-timeout > 0")
+    config = DnsConfig(
+        listen=specs,
+        upstreams=resolv.nameservers,
+        internal=InternalNames.build(resolv.search, extra),
+        timeout=args.dns_timeout,
+        max_inflight=args.dns_max_inflight,
+    )
+    return DnsServer(config, store, reporter, metrics, learned)
 
 
 def _flush_spans(provider: TracerProvider | LeanTracerProvider, timeout: float) -> None:

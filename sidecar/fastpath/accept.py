@@ -183,9 +183,35 @@ class GatedEventLoop(asyncio.SelectorEventLoop):
                 return
             slot = self.gate.admit()
             peer = {"peername": addr}
-            self.create_task(
-                self._accept_gated(slot, protocol_factory, conn, (peer, sslcontext, server, *rest))
+            if sslcontext is None:
+                self._accept_plain(slot, protocol_factory, conn, peer, server)
+            else:
+                self.create_task(
+                    self._accept_gated(
+                        slot, protocol_factory, conn, (peer, sslcontext, server, *rest)
+                    )
+                )
+
+    def _accept_plain(
+        self,
+        slot: _Slot,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        conn: socket.socket,
+        extra: dict[str, Any],
+        server: Any,
+    ) -> None:
+        """A plain TCP connection's transport, made here: asyncio's _accept_connection2 does the
+        same in a task of its own per connection, only to await the transport's waiter (a
+        tenth of a new tunnel's CPU). connection_made comes on the next loop turn, as there."""
+        try:
+            self._make_socket_transport(  # type: ignore[attr-defined]
+                conn, _counted(slot, protocol_factory), extra=extra, server=server
             )
+        except BaseException:
+            conn.close()
+            if not slot.made:
+                slot.release()
+            raise
 
     async def _accept_gated(
         self,
@@ -195,25 +221,32 @@ class GatedEventLoop(asyncio.SelectorEventLoop):
         args: tuple[Any, ...],  # extra, sslcontext, server, then asyncio's timeouts
     ) -> None:
         def counted() -> asyncio.BaseProtocol:
-            protocol = protocol_factory()
-            made, lost = protocol.connection_made, protocol.connection_lost
-
-            def connection_made(transport: asyncio.BaseTransport) -> None:
-                slot.made = True
-                made(transport)
-
-            def connection_lost(exc: Exception | None) -> None:
-                try:
-                    lost(exc)
-                finally:
-                    slot.release()
-
-            protocol.connection_made = connection_made  # type: ignore[method-assign]
-            protocol.connection_lost = connection_lost  # type: ignore[method-assign]
-            return protocol
+            return _counted(slot, protocol_factory)
 
         try:
             await self._accept_connection2(counted, conn, *args)  # type: ignore[attr-defined]
         finally:
             if not slot.made:  # the transport never came up: no connection_lost will follow
                 slot.release()
+
+
+def _counted(
+    slot: _Slot, protocol_factory: Callable[[], asyncio.BaseProtocol]
+) -> asyncio.BaseProtocol:
+    """``protocol_factory``'s protocol, its connection held in ``slot`` until it is lost."""
+    protocol = protocol_factory()
+    made, lost = protocol.connection_made, protocol.connection_lost
+
+    def connection_made(transport: asyncio.BaseTransport) -> None:
+        slot.made = True
+        made(transport)
+
+    def connection_lost(exc: Exception | None) -> None:
+        try:
+            lost(exc)
+        finally:
+            slot.release()
+
+    protocol.connection_made = connection_made  # type: ignore[method-assign]
+    protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+    return protocol

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sidecar.policy.dns import LearnedAddresses
 from sidecar.proxy.headlimits import HeadLimits
 
 
@@ -39,3 +40,6 @@ class ProxyConfig:
     first_byte_timeout: float = 10.0
     connect_timeout: float = 10.0  # an upstream connect that takes longer fails (CONNECT: 504)
     head_limits: HeadLimits = field(default_factory=HeadLimits)  # plain-HTTP request heads
+    # Addresses the pod learned from the DNS listener (raw TCP by host rules); None: no DNS
+    # listener. State shared by both engines' resolvers, not a setting: not compared.
+    learned: LearnedAddresses | None = field(default=None, compare=False)

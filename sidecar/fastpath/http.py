@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from opentelemetry.context import Context
 
@@ -100,7 +100,7 @@ def start_transparent(
     HttpPhase(conn, services, original).begin(data)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Target:
     """Where a request goes, as it was read (before the decision)."""
 
@@ -108,6 +108,18 @@ class Target:
     host: str | None  # the name or literal decided (None: transparent, by address)
     port: int
     path: str  # origin-form, query included
+    # The Host value the upstream must see instead of the client's (None: the client's agrees).
+    aligned_host: bytes | None = None
+
+    @property
+    def policy_path(self) -> str:
+        return self.path.split("?", 1)[0] or "/"
+
+
+# Request targets read before (target, Host, original destination) → Target, bounded: a pod
+# sends the same few again and again, and reading one costs as much as its decision.
+_TARGETS: dict[tuple[str, str | None, tuple[str, int] | None], Target] = {}
+_TARGETS_LIMIT = 4096
 
 
 class _State:
@@ -372,29 +384,14 @@ class HttpPhase:
             joined = b", ".join(hosts).decode("latin-1")
             raise InvalidTarget(joined, "more than one Host field")
         host_header = hosts[0].decode("latin-1") if hosts else None
-        text = head.target
-        absolute = parse_request_target(text) if "://" in text else None
-        if absolute is not None and host_header == _authority_text(text):
-            host_authority: Authority | None = absolute.authority  # the same text: one reading
-        else:
-            host_authority = parse_authority(host_header) if host_header is not None else None
-        if absolute is None and not text.startswith("/"):
-            raise MessageError("a request-target neither absolute- nor origin-form")
-        if self._original is not None:
-            host = absolute.authority.host if absolute is not None else None
-            if host is None and host_authority is not None:
-                host = host_authority.host
-            return Target(
-                absolute.scheme if absolute is not None else "http",
-                host,
-                self._original[1],
-                absolute.path if absolute is not None else text,
-            )
-        if absolute is not None:
-            return Target(absolute.scheme, absolute.authority.host, absolute.port, absolute.path)
-        if host_authority is None:
-            raise MessageError("HTTP request has no host header, destination unknown.")
-        return Target("http", host_authority.host, host_authority.port or 80, text)
+        key = (head.target, host_header, self._original)
+        target = _TARGETS.get(key)
+        if target is None:
+            target = _read_target(head.target, host_header, self._original)
+            if len(_TARGETS) >= _TARGETS_LIMIT:
+                _TARGETS.clear()
+            _TARGETS[key] = target
+        return target
 
     # -- deciding and connecting -------------------------------------------------------------
 
@@ -410,7 +407,7 @@ class HttpPhase:
             if target.host is None and original_address is not None
             else None,
             ex.head.method.upper(),
-            target.path.split("?", 1)[0] or "/",
+            target.policy_path,
         )
         vetted = HTTPS_TARGET if target.scheme == "https" else vet_now(snap, dest, self._s.resolver)
         if vetted is not None:
@@ -435,7 +432,7 @@ class HttpPhase:
         head = ex.head
         method = head.method.upper()
         original_address = self._original[0] if self._original is not None else None
-        peer = str(vetted.address) if vetted.address is not None else None  # once: str() costs
+        peer = vetted.peer
         rec = ex.rec = DecisionRecord(
             decision=vetted.decision,
             capture=conn.capture,
@@ -525,8 +522,8 @@ class HttpPhase:
         dropped = listed | _HOP_BY_HOP
         if self._conn.capture is Capture.EXPLICIT:
             dropped = dropped | _PROXY_CREDENTIALS  # credentials for this proxy
-        if target.host is not None:
-            headers = _align_host(headers, special.get(b"host"), target)
+        if target.aligned_host is not None:
+            headers = _set_field(headers, b"Host", target.aligned_host, b"host" in special)
         carrier: dict[str, str] = {}
         inject_context(opened.span, carrier)
         for key, value in carrier.items():
@@ -800,6 +797,36 @@ class HttpPhase:
             self._conn.switch(Lingering(self._conn))
 
 
+def _read_target(text: str, host_header: str | None, original: tuple[str, int] | None) -> Target:
+    """A request-target and its Host read (see HttpPhase._target)."""
+    absolute = parse_request_target(text) if "://" in text else None
+    if absolute is not None and host_header == _authority_text(text):
+        host_authority: Authority | None = absolute.authority  # the same text: one reading
+    else:
+        host_authority = parse_authority(host_header) if host_header is not None else None
+    if absolute is None and not text.startswith("/"):
+        raise MessageError("a request-target neither absolute- nor origin-form")
+    if original is not None:
+        host = absolute.authority.host if absolute is not None else None
+        if host is None and host_authority is not None:
+            host = host_authority.host
+        target = Target(
+            absolute.scheme if absolute is not None else "http",
+            host,
+            original[1],
+            absolute.path if absolute is not None else text,
+        )
+    elif absolute is not None:
+        target = Target(absolute.scheme, absolute.authority.host, absolute.port, absolute.path)
+    elif host_authority is None:
+        raise MessageError("HTTP request has no host header, destination unknown.")
+    else:
+        target = Target("http", host_authority.host, host_authority.port or 80, text)
+    if target.host is None:
+        return target
+    return replace(target, aligned_host=_aligned_host(host_header, target))
+
+
 def _authority_text(target: str) -> str:
     """The authority of an absolute-form target, as written (parse_request_target's cut)."""
     return target.partition("://")[2].partition("/")[0]
@@ -839,20 +866,18 @@ def _set_field(
     return out
 
 
-def _align_host(
-    headers: list[tuple[bytes, bytes]], hosts: list[bytes] | None, target: Target
-) -> list[tuple[bytes, bytes]]:
+def _aligned_host(current: str | None, target: Target) -> bytes | None:
     """Host names the host that was decided (see Decider._align_host_header: a server hosting
-    several sites must not route by a Host the policy never saw); an agreeing one is kept."""
+    several sites must not route by a Host the policy never saw); None: the client's agrees and
+    is kept, byte for byte."""
     assert target.host is not None
     host, port = target.host, target.port
-    current = hosts[0] if hosts else None
-    if current is not None and current.decode("latin-1") == format_hostport(host, port, 80):
-        return headers  # names the decided host as the target did: agrees, byte for byte
+    if current is not None and current == format_hostport(host, port, 80):
+        return None  # names the decided host as the target did: agrees, byte for byte
     if current is not None:
         try:
-            if same_host(parse_authority(current.decode("latin-1")).host, host):
-                return headers
+            if same_host(parse_authority(current).host, host):
+                return None
         except InvalidTarget:
             pass
     try:
@@ -860,5 +885,4 @@ def _align_host(
     except InvalidHost:
         ascii_host = host
     default = 443 if target.scheme == "https" else 80
-    value = format_hostport(ascii_host, port, default).encode("latin-1")
-    return _set_field(headers, b"Host", value, current is not None)
+    return format_hostport(ascii_host, port, default).encode("latin-1")

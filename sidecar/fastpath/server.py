@@ -61,7 +61,9 @@ class FrontDoor:
             config,
             store,
             reporter,
-            Resolver(config.resolve_timeout, cache_ttl=config.dns_cache_ttl),
+            Resolver(
+                config.resolve_timeout, cache_ttl=config.dns_cache_ttl, learned=config.learned
+            ),
             second_tier,
         )
         self._servers: list[asyncio.Server] = []

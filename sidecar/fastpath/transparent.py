@@ -31,9 +31,16 @@ from sidecar.fastpath.connection import ClientConnection
 from sidecar.fastpath.relay import Relay, Upstream
 from sidecar.fastpath.services import Services
 from sidecar.fastpath.upstream import UpstreamError, dial
-from sidecar.fastpath.vetting import Vetted, address_allows, stream_decision, vet
+from sidecar.fastpath.vetting import (
+    Vetted,
+    address_allows,
+    address_vetted,
+    held_vetted,
+    stream_decision,
+    vet,
+)
 from sidecar.policy.model import Decision, Destination, IPAddress, Reason, Verdict
-from sidecar.policy.store import Snapshot, apply_mode
+from sidecar.policy.store import Snapshot
 from sidecar.proxy.hostnames import address_of
 from sidecar.record import Capture, DecisionRecord
 from sidecar.wire.first_flight import (
@@ -210,7 +217,7 @@ class Stream:
         self.conn.switch(self)
         self.conn.cutter = self
         snap = self.services.store.get()
-        if address_allows(snap, self.address, self.original[1]):
+        if address_allows(snap, self.address, self.original[1], self.services.resolver.learned):
             self._held = True
             self._connecting = True
             self._task = asyncio.get_running_loop().create_task(self._hold())
@@ -338,12 +345,12 @@ class Stream:
             decision=vetted.decision,
             capture=Capture.TRANSPARENT,
             protocol=kind,
-            host=sni if kind == "TLS" else None,
+            host=(sni if kind == "TLS" else None) or vetted.host,
             port=self.original[1],
             policy_source=snap.source,
             policy_version=snap.version,
             mode=snap.mode.value,
-            peer_address=str(vetted.address) if vetted.address is not None else None,
+            peer_address=vetted.peer,
             client_address=self.conn.peer,
         )
         rec.original_address = self.original[0]
@@ -354,11 +361,12 @@ class Stream:
         """A held connection, decided on what its first flight revealed (Decider.decide_held)."""
         snap = self.services.store.get()
         by_sni = sni if kind == "TLS" else None
-        decision = stream_decision(snap, by_sni, self.address, self.original[1])
-        self.rec = self._record(snap, Vetted(decision, self.address), kind, by_sni)
+        learned = self.services.resolver.learned
+        vetted = held_vetted(snap, by_sni, self.address, self.original[1], learned)
+        self.rec = self._record(snap, vetted, kind, by_sni)
         self.rec.error = self._held_error
         self._report()
-        if not decision.permits:
+        if not vetted.decision.permits:
             self._close_both()
             return
         self._relay_now()
@@ -388,7 +396,8 @@ class Stream:
         elif by_sni:
             vetted = await vet(services.resolver, snap, Destination(sni, port))
         else:
-            vetted = await vet(services.resolver, snap, Destination(None, port, self.address))
+            raw = Destination(None, port, self.address)
+            vetted = await vet(services.resolver, snap, raw, learned=services.resolver.learned)
         rec = self.rec = self._record(snap, vetted, kind, sni)
         if not vetted.decision.permits or vetted.address is None:
             if rec.peer_address is None:
@@ -432,9 +441,9 @@ class Stream:
         decision by the original address, as raw TCP (Decider._report_unsent)."""
         snap = self.services.store.get()
         port = self.original[1]
-        raw = snap.decide_raw(Destination(None, port, self.address))
-        decision = apply_mode(raw, snap.mode)
-        rec = self.rec = self._record(snap, Vetted(decision, None), "TCP", None)
+        vetted = address_vetted(snap, self.address, port, self.services.resolver.learned)
+        decision = vetted.decision
+        rec = self.rec = self._record(snap, Vetted(decision, None, vetted.host), "TCP", None)
         rec.peer_address = self.original[0]
         if decision.permits:
             rec.error = self._held_error or (None if self._held else "client sent no data")

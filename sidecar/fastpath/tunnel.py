@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from sidecar.answers import (
     answer_headers,
@@ -31,9 +32,10 @@ from sidecar.fastpath.connection import ClientConnection
 from sidecar.fastpath.refusal import Lingering
 from sidecar.fastpath.relay import EARLY_LIMIT, Relay, Upstream, shut_write
 from sidecar.fastpath.services import Services
-from sidecar.fastpath.upstream import UpstreamError, dial
-from sidecar.fastpath.vetting import tunnel_denial, vet
+from sidecar.fastpath.upstream import Connect, UpstreamError
+from sidecar.fastpath.vetting import Vetted, tunnel_denial, vet, vet_now
 from sidecar.policy.model import Destination
+from sidecar.policy.store import Snapshot
 from sidecar.record import DecisionRecord
 from sidecar.wire.connect_head import ConnectRequest
 from sidecar.wire.first_flight import MAX_FIRST_FLIGHT, FirstFlight, Flight, classify_tls
@@ -88,6 +90,7 @@ class Tunnel:
     and its cutter for as long as it lasts."""
 
     __slots__ = (
+        "_connect",
         "_dialing",
         "_flight",
         "_held",
@@ -126,35 +129,51 @@ class Tunnel:
         self._peeking = False
         self._relay: Relay | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # resolving a name first
+        self._connect: Connect[Upstream] | None = None
 
     def open(self) -> None:
         conn = self.conn
         conn.busy = True  # being decided, connected, then relayed: a drain waits for it
         conn.cutter = self
         conn.switch(self)
-        self._task = asyncio.get_running_loop().create_task(self._setup())
+        services, request = self.services, self.request
+        snap = services.store.get()
+        dest = Destination(request.host, request.port)
+        vetted = vet_now(snap, dest, services.resolver)
+        if vetted is not None:
+            self._guarded(self._decided, snap, vetted)  # decided without waiting: no task
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._resolve(snap, dest))
 
     # -- decision and connect -----------------------------------------------------------------
 
-    async def _setup(self) -> None:
+    async def _resolve(self, snap: Snapshot, dest: Destination) -> None:
+        """A name to resolve before the decision (none cached)."""
         try:
-            await self._decide_and_dial()
+            vetted = await vet(self.services.resolver, snap, dest)
         except asyncio.CancelledError:
-            # The client left (or the sidecar is stopping) while the upstream was dialled.
-            if self.upstream is not None:
-                self.upstream.abort()
-            self._report()
+            self._report()  # the client left (or the sidecar is stopping) meanwhile
             raise
+        except Exception:
+            log.exception("a CONNECT tunnel failed")
+            self._close_both(abort=True)
+            return
+        self._task = None
+        self._guarded(self._decided, snap, vetted)
+
+    def _guarded[*A](self, step: Callable[[*A], None], *args: *A) -> None:
+        """A step of the setup run from a callback: whatever goes wrong ends this tunnel (as the
+        task's handler did), never the loop's turn."""
+        try:
+            step(*args)
         except Exception:
             log.exception("a CONNECT tunnel failed")
             self._report()
             self._close_both(abort=True)
 
-    async def _decide_and_dial(self) -> None:
+    def _decided(self, snap: Snapshot, vetted: Vetted) -> None:
         services, request, conn = self.services, self.request, self.conn
-        snap = services.store.get()
-        vetted = await vet(services.resolver, snap, Destination(request.host, request.port))
         rec = self.rec = DecisionRecord(
             decision=vetted.decision,
             capture=conn.capture,
@@ -164,11 +183,11 @@ class Tunnel:
             policy_source=snap.source,
             policy_version=snap.version,
             mode=snap.mode.value,
-            peer_address=str(vetted.address) if vetted.address is not None else None,
+            peer_address=vetted.peer,
             client_address=conn.peer,
             method="CONNECT",
         )
-        if not vetted.decision.permits or vetted.address is None:
+        if not vetted.decision.permits or vetted.peer is None:
             rec.status_code = 403
             self._report()
             self._answer(denial_bytes(rec))
@@ -178,29 +197,33 @@ class Tunnel:
             self._report()  # the client left while it was decided
             return
         self._dialing = True
-        try:
-            await dial(
-                str(vetted.address),
-                request.port,
-                self._new_upstream,
-                services.config.connect_timeout,
-            )
-        except UpstreamError as err:
+        self._connect = Connect(
+            vetted.peer,
+            request.port,
+            self._new_upstream,
+            services.config.connect_timeout,
+            lambda error: self._guarded(self._dialled, error),
+        )
+
+    def _dialled(self, error: UpstreamError | None) -> None:
+        self._dialing = False
+        self._connect = None
+        rec, conn = self.rec, self.conn
+        assert rec is not None
+        if error is not None:
             # Allowed, but the destination could not be reached: the span says so.
-            rec.error = err.message
-            rec.status_code = failure_status(err.error_type)
+            rec.error = error.message
+            rec.status_code = failure_status(error.error_type)
             self._report()
-            self._answer(failure_answer(rec, err))
+            self._answer(failure_answer(rec, error))
             return
-        finally:
-            self._dialing = False
         rec.status_code = 200
         if conn.closed:
             self._report()
             self._close_both()
             return
         assert conn.transport is not None
-        conn.transport.write(established(request.http_version))
+        conn.transport.write(established(self.request.http_version))
         self._start_peeking()
 
     def _new_upstream(self) -> Upstream:
@@ -319,13 +342,13 @@ class Tunnel:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._dialing and self._task is not None:
-            self._task.cancel()  # reports as it stood
+        if self._dialing:
+            self._stop_dialling()  # reports as it stood
         elif self._peeking:
             self._peeking = False
             self._report()
             self._close_both()
-        # Still being decided: _decide_and_dial sees the connection closed once it is.
+        # Still being decided (a name resolving): _decided sees the connection closed.
 
     def pause_writing(self) -> None:
         pass  # only the answer is written before the relay
@@ -365,5 +388,16 @@ class Tunnel:
             return
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._dialing:
+            self._stop_dialling()
         self._report()
         self._close_both(abort=True)
+
+    def _stop_dialling(self) -> None:
+        """The connect in progress abandoned (the client left, or the sidecar stops): reported
+        as it stood."""
+        self._dialing = False
+        if self._connect is not None:
+            self._connect.cancel()
+            self._connect = None
+        self._report()

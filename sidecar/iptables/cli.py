@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from sidecar.contract import PROXY_UID, TRANSPARENT_PORT
+from sidecar.contract import DNS_LISTEN_PORT, PROXY_UID, TRANSPARENT_PORT
 from sidecar.iptables import apply as adapter
 from sidecar.iptables import rules
 from sidecar.iptables.rules import CaptureOptions, Family, RuleOptionError
@@ -131,6 +131,19 @@ def _rule_options(p: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument(
+        "--dns-port",
+        type=int,
+        default=DNS_LISTEN_PORT,
+        help="the sidecar's DNS listener: the app's DNS (UDP and TCP 53) to the name servers "
+        f"is redirected there (default {DNS_LISTEN_PORT})",
+    )
+    p.add_argument(
+        "--no-dns-redirect",
+        dest="dns_redirect",
+        action="store_false",
+        help="do not redirect DNS to the sidecar; only let UDP 53 out to the name servers",
+    )
+    p.add_argument(
         "--resolv-conf",
         default=RESOLV_CONF,
         metavar="PATH",
@@ -195,11 +208,17 @@ def options_from_args(
             args.exclude_outbound_udp_ports, option="--exclude-outbound-udp-ports"
         ),
         dns_servers=servers,
+        dns_port=args.dns_port if args.dns_redirect else None,
     )
 
 
-def dns_note(servers: tuple[rules.Address, ...], source: str) -> str:
+def dns_note(servers: tuple[rules.Address, ...], source: str, dns_port: int | None = None) -> str:
     shown = ", ".join(map(str, servers)) or "none"
+    if servers and dns_port is not None:
+        return (
+            f"# DNS (UDP and TCP 53) to: {shown} (from {source}) redirected to port {dns_port} "
+            "(the sidecar's DNS listener)\n"
+        )
     return f"# DNS (UDP 53) let out to: {shown} (from {source})\n"
 
 
@@ -219,7 +238,7 @@ def _cmd_print(args: argparse.Namespace) -> int:
     except RuleOptionError as exc:
         print(f"egress-sidecar iptables print: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    note = dns_note(servers, source)
+    note = dns_note(servers, source, opts.dns_port)
     sys.stdout.write(note + render_print(opts, adapter.families(args.ipv6)))
     return EXIT_OK
 
@@ -248,7 +267,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if not args.dry_run:
         done = ", ".join(f"{fam.value} ({tools.restore})" for fam, tools, _ in plans)
         print(f"egress-sidecar iptables: capture rules applied for {done}", file=sys.stderr)
-        print(f"egress-sidecar iptables: {dns_note(servers, source)[2:]}", end="", file=sys.stderr)
+        note = dns_note(servers, source, opts.dns_port)[2:]
+        print(f"egress-sidecar iptables: {note}", end="", file=sys.stderr)
     return EXIT_OK
 
 

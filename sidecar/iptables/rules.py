@@ -26,8 +26,13 @@ filter ``OUTPUT`` (everything but TCP) → ``EGRESS_SIDECAR_OUTPUT``:
     sockets, which ``-p udp`` does not match, and a root app with CAP_NET_RAW sends any IP
     protocol or ICMP message (an echo reply or a forged error carries a payload as well).
 
-The DNS allowance is its own chain on purpose: redirecting the app's DNS to the sidecar later
-changes that chain (and adds a nat rule), nothing else.
+nat ``OUTPUT`` (UDP and TCP port 53) → ``EGRESS_SIDECAR_DNS`` (before the TCP jump):
+    RETURN for the proxy; REDIRECT ``--to-ports <dns port>`` (the sidecar's DNS listener,
+    15053) for DNS to the pod's name servers, so every query the app makes is decided there.
+    DNS to any other server is not redirected: over UDP the filter table's DNS chain rejects it,
+    over TCP it is captured like any TCP connection and decided by the proxy (denied unless a
+    cidr rule allows that address on port 53). Redirected queries reach the filter table on
+    ``lo``, which returns them.
 
 Rules are written in the canonical form ``iptables-save`` prints (``-m tcp`` after ``-p tcp``,
 networks normalised, our chains in name order), so that what ``print`` shows is line for line
@@ -47,7 +52,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
-from sidecar.contract import DNS_PORT, PROXY_UID, TRANSPARENT_PORT
+from sidecar.contract import DNS_LISTEN_PORT, DNS_PORT, PROXY_UID, TRANSPARENT_PORT
 
 CHAIN_PREFIX: Final = "EGRESS_SIDECAR_"
 OUTPUT_CHAIN: Final = CHAIN_PREFIX + "OUTPUT"
@@ -154,6 +159,9 @@ class CaptureOptions:
     exclude_udp_cidrs: tuple[Network, ...] = ()
     exclude_udp_ports: tuple[PortRange, ...] = ()
     dns_servers: tuple[Address, ...] = ()
+    # The sidecar's DNS listener: the app's DNS to the pod's name servers (UDP and TCP 53) is
+    # redirected there (None: not redirected, only let through to those servers).
+    dns_port: int | None = DNS_LISTEN_PORT
 
     def __post_init__(self) -> None:
         for name, value in (("proxy uid", self.proxy_uid), ("proxy gid", self.proxy_gid)):
@@ -161,6 +169,8 @@ class CaptureOptions:
                 raise RuleOptionError(f"bad {name} {value}: need 0 <= id < 4294967295")
         if not (1 <= self.proxy_port <= 65535):
             raise RuleOptionError(f"bad proxy port {self.proxy_port}: need 1..65535")
+        if self.dns_port is not None and not (1 <= self.dns_port <= 65535):
+            raise RuleOptionError(f"bad DNS port {self.dns_port}: need 1..65535")
 
     def udp_open_ports(self) -> tuple[PortRange, ...]:
         quic = () if self.quic_reject else (PortRange(QUIC_PORT, QUIC_PORT),)
@@ -300,14 +310,44 @@ def _nat_table(opts: CaptureOptions, family: Family) -> TableRules:
         nat += [f"-p tcp -m tcp --dport {r.spec()} {redirect}" for r in opts.include_ports]
     else:
         nat.append(f"-p tcp {redirect}")
-    return TableRules("nat", ("-p tcp -j " + OUTPUT_CHAIN,), ((OUTPUT_CHAIN, tuple(nat)),))
+    jumps: list[str] = []
+    chains: list[tuple[str, tuple[str, ...]]] = []
+    servers = _same_family(opts.dns_servers, family) if opts.dns_port is not None else []
+    if servers:
+        # Before the TCP jump and its RETURNs (the cluster DNS service is usually inside an
+        # excluded CIDR): the app's queries to the pod's name servers go to the sidecar.
+        dns = [
+            *_owner_returns(opts),
+            *(
+                f"-d {addr}/{addr.max_prefixlen} -p {proto} -m {proto} --dport {DNS_PORT} "
+                f"-j REDIRECT --to-ports {opts.dns_port}"
+                for addr in servers
+                for proto in ("udp", "tcp")
+            ),
+        ]
+        jumps += [
+            f"-p {proto} -m {proto} --dport {DNS_PORT} -j {DNS_CHAIN}" for proto in ("udp", "tcp")
+        ]
+        chains.append((DNS_CHAIN, tuple(dns)))
+    jumps.append("-p tcp -j " + OUTPUT_CHAIN)
+    chains.append((OUTPUT_CHAIN, tuple(nat)))
+    return TableRules("nat", tuple(jumps), tuple(chains))
 
 
 def _filter_table(opts: CaptureOptions, family: Family) -> TableRules:
     """UDP and ICMP echo: what TCP capture cannot see, so it may not leave unless opened."""
+    servers = _same_family(opts.dns_servers, family)
+    here = "127.0.0.1/32" if family is Family.IPV4 else "::1/128"
     main = [
         *_owner_returns(opts),
         "-o lo -j RETURN",
+        # The app's DNS the nat table redirected to the sidecar: this table sees it with its
+        # new destination but the output device chosen before the REDIRECT (not lo).
+        *(
+            [f"-d {here} -p udp -m udp --dport {opts.dns_port} -j RETURN"]
+            if servers and opts.dns_port is not None
+            else []
+        ),
         # Replies of a flow someone else began (a UDP server in the pod) are not egress.
         "-m conntrack --ctstate ESTABLISHED -j RETURN",
         *(f"-d {net} -j RETURN" for net in _same_family(opts.exclude_cidrs, family)),
@@ -326,7 +366,6 @@ def _filter_table(opts: CaptureOptions, family: Family) -> TableRules:
         # UDP-Lite, SCTP, raw IP protocols: nothing the proxy could see either.
         f"-j REJECT --reject-with {family.reject_echo_with}",
     ]
-    servers = _same_family(opts.dns_servers, family)
     dns = [
         *(f"-d {addr}/{addr.max_prefixlen} -j RETURN" for addr in servers),
         f"-j REJECT --reject-with {family.reject_with}",

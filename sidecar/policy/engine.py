@@ -486,6 +486,42 @@ class Policy:
             return _deny(Reason.PRIVATE_ADDRESS, detail=describe(address, cls))
         return _missed(failure, f"no allow rule matches {address}")
 
+    # -- names alone (the DNS listener: sidecar.policy.dns) ------------------------------------
+
+    def decide_name(self, host: str) -> Decision:
+        """Whether any call to ``host`` could be allowed, by name alone (``host`` normalized).
+
+        A deny rule that applies to every port and request (no ports, methods or paths) denies
+        the name; any allow rule naming the host allows it, whatever its ports; else no rule
+        matches. cidr rules do not make a name resolvable: they allow addresses, not names.
+        """
+        for rule in self._deny_hosts.lookup(host):
+            if rule.ports is None and rule.methods is None and rule.paths is None:
+                return _deny(Reason.MATCHED_DENY, rule)
+        for rule in self._allow_hosts.lookup(host):
+            return _allow(rule)
+        return _deny(Reason.NO_MATCH, detail=f"no allow rule names {host}")
+
+    def stream_host_rule(self, host: str, port: int) -> Rule | None:
+        """A host allow rule that names explicit ``ports`` including ``port`` and no L7
+        conditions: the only kind that allows raw TCP to an address learned for ``host``."""
+        for rule in self._allow_hosts.lookup(host):
+            if (
+                rule.ports is not None
+                and port in rule.ports
+                and rule.methods is None
+                and rule.paths is None
+            ):
+                return rule
+        return None
+
+    def guard_permits(self, address: IPAddress) -> bool:
+        """The address guard lets ``address`` through for some port: it is public, in
+        privateRanges, or a cidr allow rule covers it (which then decides each call)."""
+        if classify(address) is AddressClass.PUBLIC or self._private.contains(address):
+            return True
+        return any(rule is not None for rule in self._allow_cidr.lookup(address))
+
     def needs_address(self, dest: Destination, by_name: Decision) -> bool:
         """Whether resolving ``dest.host`` could change or confirm ``by_name``.
 

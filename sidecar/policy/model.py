@@ -39,6 +39,10 @@ class Reason(StrEnum):
     HEAD_TOO_LARGE = "request head too large"
     HEAD_TIMEOUT = "request head timeout"
     INVALID_REQUEST = "invalid request"  # a head HTTP/1 forbids (smuggling shapes, bad framing)
+    # DNS queries (sidecar.policy.dns): names under the pod's search domains and the configured
+    # internal domains are forwarded whatever the policy; zone transfers and ANY never are.
+    CLUSTER_INTERNAL = "cluster-internal name"
+    QUERY_TYPE = "query type not allowed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ never lock.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from sidecar.policy.model import (
@@ -53,6 +53,9 @@ class Snapshot:
     # allowed is denied with POLICY_DELETED until that source comes back.
     live: Policy | None = None
     deleted_sources: tuple[str, ...] = ()
+    # Readings of this snapshot kept by its callers (sidecar.fastpath.vetting): a snapshot never
+    # changes, so what was decided with it once stays decided. Bounded by its users.
+    memo: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def meta(self) -> PolicyMeta | None:

@@ -34,6 +34,8 @@ from sidecar.fastpath.vetting import (
     HTTPS_TARGET,
     Vetted,
     address_allows,
+    address_vetted,
+    held_vetted,
     same_host,
     stream_decision,
     tunnel_denial,
@@ -42,7 +44,7 @@ from sidecar.fastpath.vetting import (
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
 from sidecar.policy.model import Decision, Destination, Reason, Verdict
-from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
+from sidecar.policy.store import PolicyStore, Snapshot
 from sidecar.policy.target import InvalidTarget, parse_authority
 from sidecar.proxy.connections import ConnectionInfo, Connections, Kind, Pending
 from sidecar.proxy.denial import denial_response, failure_response, failure_status
@@ -167,9 +169,11 @@ class Decider:
 
     # -- deciding -------------------------------------------------------------------------------
 
-    async def vet(self, snap: Snapshot, dest: Destination) -> Vetted:
-        """Decide ``dest`` and find the address to connect to (the one that was checked)."""
-        return await vet(self._resolver, snap, dest)
+    async def vet(self, snap: Snapshot, dest: Destination, *, stream: bool = False) -> Vetted:
+        """Decide ``dest`` and find the address to connect to (the one that was checked);
+        ``stream``: a transparent raw stream, which addresses learned from DNS may allow."""
+        learned = self._resolver.learned if stream else None
+        return await vet(self._resolver, snap, dest, learned=learned)
 
     def _record(
         self,
@@ -191,7 +195,7 @@ class Decider:
             policy_source=snap.source,
             policy_version=snap.version,
             mode=snap.mode.value,
-            peer_address=str(vetted.address) if vetted.address is not None else None,
+            peer_address=vetted.peer,
             client_address=_peer(client),
         )
 
@@ -403,7 +407,7 @@ class Decider:
         elif by_sni:
             vetted = await self.vet(snap, Destination(sni, port))
         else:
-            vetted = await self.vet(snap, Destination(None, port, original))
+            vetted = await self.vet(snap, Destination(None, port, original), stream=True)
         rec = self._stream_record(
             snap, vetted, client, kind=kind, sni=sni, original_ip=original_ip, port=port
         )
@@ -436,7 +440,7 @@ class Decider:
             vetted,
             capture=Capture.TRANSPARENT,
             protocol="TLS" if kind is Kind.TLS else "TCP",
-            host=sni if kind is Kind.TLS else None,
+            host=(sni if kind is Kind.TLS else None) or vetted.host,
             port=port,
             client=client,
         )
@@ -452,7 +456,8 @@ class Decider:
         held until ``decide_held`` decides them."""
         info = self._connections.get(client)
         info.original = original
-        if not address_allows(self._store.get(), address_of(original[0]), original[1]):
+        snap, learned = self._store.get(), self._resolver.learned
+        if not address_allows(snap, address_of(original[0]), original[1], learned):
             return False
         info.held = True
         info.vetted.add(original)
@@ -467,10 +472,11 @@ class Decider:
         snap = self._store.get()
         original = address_of(original_ip)
         by_sni = sni if kind is Kind.TLS else None
-        decision = stream_decision(snap, by_sni, original, port)
+        vetted = held_vetted(snap, by_sni, original, port, self._resolver.learned)
+        decision = vetted.decision
         rec = self._stream_record(
             snap,
-            Vetted(decision, original),
+            vetted,
             client,
             kind=kind,
             sni=by_sni,
@@ -587,14 +593,15 @@ class Decider:
         self, client: connection.Client, info: ConnectionInfo, original: tuple[str, int]
     ) -> None:
         snap = self._store.get()
-        raw = snap.decide_raw(Destination(None, original[1], address_of(original[0])))
-        decision = apply_mode(raw, snap.mode)
+        learned = self._resolver.learned
+        vetted = address_vetted(snap, address_of(original[0]), original[1], learned)
+        decision = vetted.decision
         rec = self._record(
             snap,
             Vetted(decision, None),
             capture=Capture.TRANSPARENT,
             protocol="TCP",
-            host=None,
+            host=vetted.host,
             port=original[1],
             client=client,
         )

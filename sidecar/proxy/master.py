@@ -61,7 +61,7 @@ def build_master(config: ProxyConfig, store: PolicyStore, reporter: Reporter) ->
     decider = Decider(
         store,
         reporter,
-        Resolver(config.resolve_timeout, cache_ttl=config.dns_cache_ttl),
+        Resolver(config.resolve_timeout, cache_ttl=config.dns_cache_ttl, learned=config.learned),
         connections,
         config.connect_timeout,
     )

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cachetools import TTLCache
-
+from sidecar.policy.dns import LearnedAddresses
 from sidecar.policy.model import IPAddress
 
 
@@ -30,6 +30,44 @@ class Resolution:
 type GetAddrInfo = Callable[..., Awaitable[list[tuple[Any, ...]]]]
 
 
+class _Expiring:
+    """Answers by name, each for ``ttl`` seconds, at most ``max_entries`` (the oldest go first).
+
+    A dict and one clock read: a cached answer is read on every request to a named host, and a
+    generic TTL cache (cachetools') cost as much as the rest of that request's decision.
+    """
+
+    __slots__ = ("_entries", "_max", "_ttl")
+
+    def __init__(self, max_entries: int, ttl: float) -> None:
+        self._entries: dict[str, tuple[float, Resolution]] = {}
+        self._max = max_entries
+        self._ttl = ttl
+
+    def get(self, key: str) -> Resolution | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] > time.monotonic():
+            return entry[1]
+        del self._entries[key]
+        return None
+
+    def __setitem__(self, key: str, value: Resolution) -> None:
+        entries = self._entries
+        entries.pop(key, None)  # re-inserted: now the newest
+        if len(entries) >= self._max:
+            now = time.monotonic()
+            for stale in [k for k, (deadline, _) in entries.items() if deadline <= now]:
+                del entries[stale]
+            while len(entries) >= self._max:
+                del entries[next(iter(entries))]
+        entries[key] = (time.monotonic() + self._ttl, value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class Resolver:
     def __init__(
         self,
@@ -39,14 +77,18 @@ class Resolver:
         negative_ttl: float = 1.0,
         max_entries: int = 4096,
         getaddrinfo: GetAddrInfo | None = None,
+        learned: LearnedAddresses | None = None,
     ) -> None:
         self.timeout = timeout
+        # The other direction: addresses the pod's own DNS answers gave it, by name (the DNS
+        # listener fills it; transparent raw streams are decided by it). None: no DNS listener.
+        self.learned = learned
         self._getaddrinfo = getaddrinfo
-        self._resolved: TTLCache[str, Resolution] | None = (
-            TTLCache(max_entries, cache_ttl) if cache_ttl > 0 else None
+        self._resolved: _Expiring | None = (
+            _Expiring(max_entries, cache_ttl) if cache_ttl > 0 else None
         )
-        self._failed: TTLCache[str, Resolution] | None = (
-            TTLCache(max_entries, negative_ttl) if negative_ttl > 0 and cache_ttl > 0 else None
+        self._failed: _Expiring | None = (
+            _Expiring(max_entries, negative_ttl) if negative_ttl > 0 and cache_ttl > 0 else None
         )
         self._inflight: dict[str, asyncio.Task[Resolution]] = {}
         self.lookups = 0  # queries actually made (for tests and metrics)

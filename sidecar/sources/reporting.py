@@ -18,6 +18,7 @@ from enum import StrEnum
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from sidecar.memory import LARGE_POLICY_RULES, release_freed_memory
 from sidecar.metrics import Metrics
 from sidecar.policy.errors import Problem
 
@@ -118,6 +119,8 @@ class ReloadReporter:
             },
         )
         self._span(source, version, ReloadResult.APPLIED).end()
+        if rules >= LARGE_POLICY_RULES:
+            release_freed_memory()  # the parse's garbage, held by the allocator otherwise
 
     def rejected(self, rejection: Rejection, error: BaseException | None = None) -> None:
         source, version = rejection.source, rejection.version

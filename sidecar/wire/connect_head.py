@@ -52,9 +52,28 @@ def is_connect(head: bytes | bytearray) -> bool:
     return line.startswith(CONNECT) and line[len(CONNECT) : len(CONNECT) + 1] in (b" ", b"\t")
 
 
+# Heads read before, by their bytes: a client sends the same CONNECT head for the same
+# destination again and again (curl's, a JVM's, a Go client's do not vary), and reading one costs
+# as much as the tunnel's decision. Only short heads are kept, and only ones that were accepted.
+_READ: dict[bytes, ConnectRequest] = {}
+_READ_LIMIT = 1024
+_READ_MAX_HEAD = 1024
+
+
 def parse_connect_head(head: bytes) -> ConnectRequest:
     """Read ``head`` (the request line to the blank line included, leading empty lines
     allowed); raises HeadError."""
+    request = _READ.get(head)
+    if request is None:
+        request = _parse_connect_head(head)
+        if len(head) <= _READ_MAX_HEAD:
+            if len(_READ) >= _READ_LIMIT:
+                _READ.clear()
+            _READ[head] = request
+    return request
+
+
+def _parse_connect_head(head: bytes) -> ConnectRequest:
     body = head.lstrip(b"\r\n")
     if not body.endswith(b"\r\n\r\n"):
         raise HeadError(Reason.INVALID_REQUEST, "a request head must end with CRLF CRLF")

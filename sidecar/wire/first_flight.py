@@ -11,6 +11,7 @@ caller refuses it rather than deciding it as nameless TLS.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -241,11 +242,20 @@ def server_name_extensions(body: bytes) -> list[list[tuple[int, bytes]]]:
     if pos >= len(body):
         return found  # no extensions at all
     pos = _end(body, pos, 2)  # the extensions' total length: not relied on, as the .ksy
-    while pos < len(body):
-        kind = _u2(body, pos)
-        size = _u2(body, pos + 2)
+    n = len(body)
+    while pos < n:
+        # Each extension's frame read inline (a dozen per ClientHello: the helpers' calls were
+        # most of this function); the same frames raise as _u2 and _end would.
         start = pos + 4
-        pos = _end(body, start, size)
+        if start > n:
+            raise EndOfStreamError(f"requested 4 bytes, but only {n - pos} available")
+        kind = (body[pos] << 8) | body[pos + 1]
+        size = (body[pos + 2] << 8) | body[pos + 3]
+        pos = start + size
+        if pos > n:
+            raise EndOfStreamError(f"requested {size} bytes, but only {n - start} available")
+        if kind not in (_SNI_EXTENSION, _ALPN_EXTENSION):
+            continue
         ext = body[start:pos]
         if kind == _SNI_EXTENSION:
             names = []
@@ -276,14 +286,22 @@ def _parse_hello(body: bytes) -> FirstFlight:
     server_names = extensions[0]
     if len(server_names) != 1 or server_names[0][0] != _HOST_NAME:
         return _unreadable("a server_name extension that is not exactly one host name")
-    raw = server_names[0][1]
+    sni = _sni(server_names[0][1])
+    if sni is None:
+        return _unreadable(f"SNI {server_names[0][1][:80]!r} is not a valid host name")
+    return FirstFlight(Flight.TLS, sni=sni)
+
+
+@functools.lru_cache(maxsize=1024)  # a pod's tunnels name the same few hosts
+def _sni(raw: bytes) -> str | None:
+    """The host an SNI names (None: not a valid host name)."""
     try:
         sni = _without_port(raw.decode("ascii"))
         if parse_ip(sni) is None:
             normalize_host(sni)
     except (UnicodeDecodeError, InvalidHost):
-        return _unreadable(f"SNI {raw[:80]!r} is not a valid host name")
-    return FirstFlight(Flight.TLS, sni=sni)
+        return None
+    return sni
 
 
 def _without_port(sent: str) -> str:

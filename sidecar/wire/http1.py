@@ -94,6 +94,29 @@ class _Fields:
         self.complete = True
 
 
+class _SpecialFields:
+    """A response's callbacks: only the fields the proxy reads (the head passes as it came)."""
+
+    __slots__ = ("complete", "special")
+
+    def __init__(self) -> None:
+        self.special: dict[bytes, list[bytes]] = {}
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        low = name.lower()
+        if low in SPECIAL_FIELDS:
+            value = value.rstrip(_OWS)
+            found = self.special.get(low)
+            if found is None:
+                self.special[low] = [value]
+            else:
+                found.append(value)
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
 @dataclass(slots=True)
 class Framing:
     """How a message's body is delimited."""
@@ -212,7 +235,6 @@ def serialize_request_head(
 class ResponseHead:
     status: int
     version: str
-    headers: list[tuple[bytes, bytes]]
     special: dict[bytes, list[bytes]]  # SPECIAL_FIELDS' values by lowercase name
     keep_alive: bool  # the server keeps the connection open after this response
     connection_tokens: set[bytes]
@@ -233,7 +255,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     line_end = head.find(b"\r\n")
     if line_end < 0 or not _STATUS_LINE_RE.fullmatch(head, 0, line_end):
         raise MessageError(f"invalid status line {head[: max(0, min(line_end, 80))]!r}")
-    fields = _Fields()
+    fields = _SpecialFields()
     parser = httptools.HttpResponseParser(fields)
     try:
         parser.feed_data(head)
@@ -246,9 +268,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     version = parser.get_http_version()
     tokens = _connection_tokens(fields.special)
     keep_alive = b"close" not in tokens if version == "1.1" else b"keep-alive" in tokens
-    return ResponseHead(
-        parser.get_status_code(), version, fields.headers, fields.special, keep_alive, tokens
-    )
+    return ResponseHead(parser.get_status_code(), version, fields.special, keep_alive, tokens)
 
 
 def response_framing(head: ResponseHead, request_method: str) -> Framing | None:

@@ -44,6 +44,11 @@ SIDECAR_LABELS = [
     "CPU-s per 10k transparent new TLS connections",
     "HTTP keep-alive req/s, c=4, 1,000-rule allowlist",
     "CPU-s per 10k HTTP requests, 1,000-rule allowlist",
+    "DNS queries/s, c=4, allowed name",
+    "DNS queries/s, c=4, unlisted name (NXDOMAIN by the sidecar)",
+    "CPU-s per 10k DNS queries, allowed / unlisted",
+    "DNS added p50 latency per query, c=1, ms",
+    "DNS added p99 latency per query, c=1, ms",
 ]
 RSS_PAIR = re.compile(r"^[\d,]+\.\d / [\d,]+\.\d")
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
@@ -111,11 +116,11 @@ def test_tiny_run_gives_numbers_for_every_scenario(
     spans, of = _cells(table, "spans received by the OTLP receiver")[1].split(" of ")
     assert int(spans.replace(",", "")) > 0, spans  # export happened
     assert of.endswith(" requests"), of
-    for label in ("span export on", "transparent", "1,000-rule allowlist"):
+    for label in ("span export on", "transparent", "1,000-rule allowlist", "DNS"):
         assert RSS_PAIR.match(_cells(table, f"RSS idle / peak, MiB, {label}")[1]), label
     figures = json.loads((tmp_path / "results.json").read_text())
     assert {row["scenario"] for row in figures["table"]} >= set(LABELS)
-    assert len(figures["sidecar_scenarios"]) == len(SIDECAR_LABELS) + 4  # spans, 3 RSS rows
+    assert len(figures["sidecar_scenarios"]) == len(SIDECAR_LABELS) + 5  # spans, 4 RSS rows
     assert figures["run"]["sidecar"]["idle"]["held"] == 100
     assert figures["run"]["export"]["spans"] > 0
     assert figures["run"]["transparent"]["decisions"] > 0

@@ -26,6 +26,7 @@ def _match(path: str, pattern: str) -> str:
     [
         ("Makefile", r"^IMAGE \?= (\S+)$"),
         ("scripts/build-image", r"^IMAGE=\$\{IMAGE:-(\S+)\}$"),
+        ("scripts/bench-image", r"^image=\$\{IMAGE:-(\S+)\}$"),
         ("scripts/e2e-kind", r"^IMAGE=(\S+)$"),
         ("config/injector/deployment.yaml", r"^\s+image: (\S+)$"),
     ],

@@ -54,6 +54,8 @@ CASES: dict[str, list[str]] = {
     ],
     "dns_servers_override": ["--ipv6", "on", "--dns-servers", "198.18.0.2,fd00:e5::2"],
     "dns_servers_none": ["--ipv6", "off", "--dns-servers", ""],
+    "no_dns_redirect": ["--ipv6", "on", "--no-dns-redirect"],
+    "dns_port_gid": ["--ipv6", "off", "--dns-port", "16053", "--proxy-gid", "2001"],
 }
 
 

@@ -463,7 +463,8 @@ def test_clean_of_nothing_is_empty() -> None:
 
 
 def test_saved_form_matches_what_save_shows_after_a_fresh_apply() -> None:
-    opts = CaptureOptions(dns_servers=rules.parse_addresses("198.18.0.2"))
+    # Without the DNS redirect (recorded before it existed; tests/netns applies both forms).
+    opts = CaptureOptions(dns_servers=rules.parse_addresses("198.18.0.2"), dns_port=None)
     text = rules.render_rules(opts, Family.IPV4)
     # What iptables-save printed after loading exactly this text (nft and legacy agree).
     save = (
@@ -523,3 +524,52 @@ def test_apply_over_own_rules_deletes_every_old_jump(
     old_jumps = [line for lines in first.values() for line in lines if line.startswith("-A OUTPUT")]
     assert len(deleted) == len(old_jumps) == 2  # nat: TCP; filter: everything but TCP
     assert sum(line.startswith("-I OUTPUT ") for line in again) == 2
+
+
+def test_saved_form_of_the_dns_redirect_matches_what_save_shows() -> None:
+    opts = CaptureOptions(dns_servers=rules.parse_addresses("198.18.0.2"))
+    text = rules.render_rules(opts, Family.IPV4)
+    # What iptables-save (1.8.9, nf_tables) printed of the nat table after loading this text.
+    save = (
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        ":POSTROUTING ACCEPT [0:0]\n:EGRESS_SIDECAR_DNS - [0:0]\n:EGRESS_SIDECAR_OUTPUT - [0:0]\n"
+        "-A OUTPUT -p udp -m udp --dport 53 -j EGRESS_SIDECAR_DNS\n"
+        "-A OUTPUT -p tcp -m tcp --dport 53 -j EGRESS_SIDECAR_DNS\n"
+        "-A OUTPUT -p tcp -j EGRESS_SIDECAR_OUTPUT\n"
+        "-A EGRESS_SIDECAR_DNS -m owner --uid-owner 1337 -j RETURN\n"
+        "-A EGRESS_SIDECAR_DNS -d 198.18.0.2/32 -p udp -m udp --dport 53 -j REDIRECT "
+        "--to-ports 15053\n"
+        "-A EGRESS_SIDECAR_DNS -d 198.18.0.2/32 -p tcp -m tcp --dport 53 -j REDIRECT "
+        "--to-ports 15053\n"
+        "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -o lo -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -d 127.0.0.0/8 -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -p tcp -j REDIRECT --to-ports 15002\n"
+        "COMMIT\n"
+    )
+    assert rules.ours_in_save(save)["nat"] == rules.saved_form(text)["nat"]
+
+
+@pytest.mark.parametrize("family", [Family.IPV4, Family.IPV6])
+def test_dns_redirect_only_to_the_pods_name_servers_and_never_for_the_proxy(
+    family: Family,
+) -> None:
+    servers = rules.parse_addresses("10.96.0.10, fd00:10:96::a")
+    nat = rules.desired_tables(CaptureOptions(dns_servers=servers), family)[0]
+    dns = dict(nat.chains)[rules.DNS_CHAIN]
+    assert dns[0] == "-m owner --uid-owner 1337 -j RETURN"
+    server = "10.96.0.10/32" if family is Family.IPV4 else "fd00:10:96::a/128"
+    assert dns[1:] == (
+        f"-d {server} -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053",
+        f"-d {server} -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053",
+    )
+    # Before the TCP capture jump, whose RETURNs (excluded CIDRs) would otherwise win.
+    assert nat.jumps[-1] == "-p tcp -j EGRESS_SIDECAR_OUTPUT"
+    assert nat.jumps[:2] == (
+        "-p udp -m udp --dport 53 -j EGRESS_SIDECAR_DNS",
+        "-p tcp -m tcp --dport 53 -j EGRESS_SIDECAR_DNS",
+    )
+    off = rules.desired_tables(CaptureOptions(dns_servers=servers, dns_port=None), family)[0]
+    assert rules.DNS_CHAIN not in dict(off.chains)
+    none = rules.desired_tables(CaptureOptions(), family)[0]
+    assert none.jumps == ("-p tcp -j EGRESS_SIDECAR_OUTPUT",)

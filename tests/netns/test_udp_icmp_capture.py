@@ -143,6 +143,9 @@ def pod(
         "--exclude-outbound-cidrs", f"{EXCLUDED['ipv4']}/32,{EXCLUDED['ipv6']}/128",
         "--exclude-outbound-udp-ports", str(OPEN_PORT),
         "--exclude-outbound-udp-cidrs", f"{UDP_OPEN_NET['ipv4']}/32,{UDP_OPEN_NET['ipv6']}/128",
+        # What the filter table lets through, without the sidecar's DNS listener in the way
+        # (the redirect to it: tests/netns/test_dns_capture.py).
+        "--no-dns-redirect",
     ]  # fmt: skip
     # apply reads /etc/resolv.conf, as egress-init does in the pod: here a bind mount.
     proc = world.pod.run(

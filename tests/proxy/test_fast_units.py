@@ -246,3 +246,57 @@ def test_a_real_clienthello_is_read_alike() -> None:
 def _handshake_body(flight: bytes) -> bytes:
     """A one-record ClientHello's handshake body (after the record and handshake headers)."""
     return flight[5 + 4 :]
+
+
+# -- a request's target and Host, read once (sidecar.fastpath.http._read_target) --------------
+
+TARGET_CASES = [
+    # (request-target, Host, original destination) -> (host, port, path, Host the upstream sees)
+    ("http://api.test/x?q=1", "api.test", None, ("api.test", 80, "/x?q=1", None)),
+    ("http://api.test:8080/", "api.test:8080", None, ("api.test", 8080, "/", None)),
+    ("http://api.test/", "other.test", None, ("api.test", 80, "/", b"api.test")),
+    ("http://API.test/", "api.TEST:80", None, ("API.test", 80, "/", None)),  # the same host
+    ("http://bücher.test/", None, None, ("bücher.test", 80, "/", b"xn--bcher-kva.test")),
+    ("/p", "api.test:81", None, ("api.test", 81, "/p", None)),
+    ("/p", "api.test", ("198.18.0.7", 8080), ("api.test", 8080, "/p", None)),  # same host
+    ("/p", None, ("198.18.0.7", 80), (None, 80, "/p", None)),  # transparent, by address
+]
+
+
+@pytest.mark.parametrize(("text", "host", "original", "expected"), TARGET_CASES)
+def test_a_target_and_its_host_are_read_as_before(
+    text: str,
+    host: str | None,
+    original: tuple[str, int] | None,
+    expected: tuple[str | None, int, str, bytes | None],
+) -> None:
+    from sidecar.fastpath.http import _read_target
+
+    target = _read_target(text, host, original)
+    assert (target.host, target.port, target.path, target.aligned_host) == expected
+
+
+def test_a_target_neither_absolute_nor_origin_form_is_not_read() -> None:
+    from sidecar.fastpath.http import _read_target
+    from sidecar.wire.http1 import MessageError
+
+    with pytest.raises(MessageError):
+        _read_target("*", "api.test", None)
+    with pytest.raises(MessageError):
+        _read_target("/p", None, None)  # no Host and no original destination
+
+
+def test_a_connect_head_read_again_is_read_the_same_and_refusals_are_never_kept() -> None:
+    from sidecar.wire import connect_head
+
+    head = b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n"
+    first = parse_connect_head(head)
+    assert parse_connect_head(head) is first  # kept: the same reading
+    bad = b"CONNECT api.test:443 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
+    for _ in range(2):
+        with pytest.raises(HeadError):
+            parse_connect_head(bad)
+    assert bad not in connect_head._READ
+    for n in range(connect_head._READ_LIMIT + 5):
+        parse_connect_head(b"CONNECT h%d.test:443 HTTP/1.1\r\n\r\n" % n)
+    assert len(connect_head._READ) <= connect_head._READ_LIMIT

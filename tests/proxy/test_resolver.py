@@ -156,3 +156,63 @@ def test_vet_now_decides_a_cached_name_as_vet_does(
         assert vet_now(snap, dest, resolver) == waited
     else:
         assert dns.queries == [] and now == waited  # decided by name alone: no lookup at all
+
+
+def test_a_remembered_reading_follows_a_new_answer() -> None:
+    """Snapshot.memo keeps a destination's reading, never its answer: once the cached answer
+    expires and DNS says otherwise, the next call is decided on the new addresses."""
+    from sidecar.fastpath.vetting import vet, vet_now
+    from sidecar.policy.model import Destination, Reason, Verdict
+    from sidecar.policy.parse import parse_allowlist
+    from sidecar.policy.store import PolicyStore
+
+    snap = PolicyStore().set_policy(parse_allowlist("allow: [api.test]", source="test"))
+    dns = FakeDns({"api.test": ["93.184.216.34"]})
+    resolver = Resolver(cache_ttl=0.1, getaddrinfo=dns)
+    dest = Destination("api.test", 443)
+    first = run(vet(resolver, snap, dest))
+    assert first.decision.verdict is Verdict.ALLOW and first.peer == "93.184.216.34"
+    assert vet_now(snap, dest, resolver) is first  # the same answer: the same reading
+    dns.table["api.test"] = ["10.0.0.1"]  # rebinding to a private address
+    run(asyncio.sleep(0.15))
+    assert vet_now(snap, dest, resolver) is None  # expired: must be asked again
+    second = run(vet(resolver, snap, dest))
+    assert second.decision.reason is Reason.PRIVATE_ADDRESS and second.address is None
+
+
+def test_a_new_policy_is_read_afresh_and_the_memo_is_bounded() -> None:
+    from sidecar.fastpath.vetting import MEMO_LIMIT, vet_now
+    from sidecar.policy.model import Destination, Verdict
+    from sidecar.policy.parse import parse_allowlist
+    from sidecar.policy.store import PolicyStore
+
+    store = PolicyStore()
+    old = store.set_policy(parse_allowlist("allow: [{cidr: 198.18.0.0/15}]", source="test"))
+    dest = Destination("198.18.0.7", 80)
+    allowed = vet_now(old, dest)
+    assert allowed is not None and allowed.decision.verdict is Verdict.ALLOW
+    new = store.set_policy(parse_allowlist("allow: [api.test]", source="test"))
+    denied = vet_now(new, dest)
+    assert denied is not None and denied.decision.verdict is Verdict.DENY
+    assert vet_now(old, dest) is allowed  # a request decided with the old snapshot keeps it
+    for n in range(MEMO_LIMIT + 10):
+        vet_now(new, Destination(f"198.19.{n // 256}.{n % 256}", 80))
+    assert 0 < len(new.memo) <= MEMO_LIMIT
+
+
+def test_the_answer_cache_is_bounded_oldest_first() -> None:
+    dns = FakeDns({f"n{i}.test": ["198.18.0.1"] for i in range(5)})
+    resolver = Resolver(max_entries=3, getaddrinfo=dns)
+
+    async def scenario() -> None:
+        for i in range(5):
+            await resolver.resolve(f"n{i}.test", 80)
+
+    run(scenario())
+    assert [resolver.cached(f"n{i}.test") is not None for i in range(5)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]

@@ -177,6 +177,9 @@ def start_sidecar(
         f"127.0.0.1:{transparent}",
         "--transparent-listen6",
         "off",
+        # Not 127.0.0.1:15053: sidecars run side by side here (a test gives --dns-listen).
+        "--dns-listen",
+        "off",
         "--health-listen",
         f"127.0.0.1:{health}",
         "--confdir",
