@@ -16,9 +16,10 @@ from publicsuffixlist import PublicSuffixList
 
 from sidecar.destinations import SeenDestination
 from sidecar.policy.addresses import is_public
+from sidecar.policy.dns import rule_name
 from sidecar.policy.engine import Policy
-from sidecar.policy.errors import AllowlistError
-from sidecar.policy.hosts import parse_ip
+from sidecar.policy.errors import AllowlistError, InvalidHost
+from sidecar.policy.hosts import normalize_host, parse_ip
 from sidecar.policy.model import (
     Decision,
     Destination,
@@ -306,6 +307,33 @@ def _host_rule(host: str, ports: set[int]) -> str | dict[str, Any]:
     return {"host": host, "ports": sorted(ports)}
 
 
+DNS: Final = "DNS"  # the protocol of the DNS listener's query decisions (port 53)
+# Query decisions no allowlist changes: internal names are forwarded whatever the policy,
+# zone transfers and ANY are refused whatever it says.
+_DNS_FIXED: Final = frozenset({Reason.CLUSTER_INTERNAL.value, Reason.QUERY_TYPE.value})
+
+
+def _norm(host: str) -> str:
+    return host.lower().rstrip(".")
+
+
+def decide_query_name(seen: SeenDestination, policy: Policy) -> Decision:
+    """A DNS query decided again by its name (an SRV query's service labels dropped), as the
+    DNS listener decides it; the internal names and refused types are not known here (see
+    ``_DNS_FIXED``)."""
+    try:
+        host = normalize_host(rule_name(seen.host, "SRV"))
+    except InvalidHost as err:
+        return Decision(Verdict.DENY, Reason.INVALID_DESTINATION, detail=str(err))
+    return policy.decide_name(host)
+
+
+def _dns_denied_now(seen: SeenDestination, current: Policy | None) -> bool:
+    if seen.decision == Verdict.ALLOW.value or seen.reason in _DNS_FIXED:
+        return False
+    return current is None or not decide_query_name(seen, current).permits
+
+
 def _needs_rule(seen: SeenDestination, current: Policy | None) -> tuple[bool, str | None]:
     """Whether a seen destination needs a new rule; else why not (None: silently fine)."""
     if seen.decision == Verdict.ALLOW.value:
@@ -340,7 +368,21 @@ def propose(
     warnings: list[str] = []
     by_host: dict[str, list[SeenDestination]] = {}
     by_cidr: dict[str, list[SeenDestination]] = {}
+    connected = {_norm(s.host) for s in seen if s.protocol != DNS}
     for s in seen:
+        if s.protocol == DNS:
+            # A query is allowed by any rule naming the host: the rule proposed for the
+            # connection that followed does it. A denied query with no connection after it
+            # (NXDOMAIN ends the call) leaves the port unknown: said, not guessed.
+            if _norm(s.host) not in connected and _dns_denied_now(s, current):
+                skipped.append(
+                    Skipped(
+                        f"{s.host} (DNS)",
+                        "its DNS query was denied, so the app never connected and the port "
+                        "is unknown: add HOST:PORT if it needs it",
+                    )
+                )
+            continue
         needed, why = _needs_rule(s, current)
         if not needed:
             if why:
@@ -403,6 +445,15 @@ def propose(
                 )
             )
         proposals.append(proposal)
+        named = sorted({_norm(s.host) for s in sources if parse_ip(s.host) is None})
+        if private and include_private:
+            # A cidr rule allows the address, not the name: the DNS listener answers only names
+            # a rule names (transparent capture), so the name gets its rule too (the guard
+            # still applies to it; the cidr rule is what lets the address through).
+            for name in named:
+                mine = tuple(s for s in sources if _norm(s.host) == name)
+                ports = {s.port for s in mine}
+                proposals.append(Proposal(_host_rule(name, ports), mine, private=True))
     return proposals, skipped, warnings
 
 
@@ -551,9 +602,12 @@ def classify(seen: SeenDestination, new: Policy, mode: Mode = Mode.ENFORCE) -> C
     in ``mode`` (the workload's annotation, else the new document's own, else enforce); ``new``
     carries the pods' extra private ranges (see ``diff``). A plain-HTTP call the new document
     could only decide with its path (never kept) is "depends on path", not guessed."""
-    raw = new.decide(destination_of(seen))
-    after = apply_mode(raw, mode)
     before = seen.decision
+    if seen.protocol == DNS and seen.reason in _DNS_FIXED:
+        fixed = Decision(Verdict(before), Reason(seen.reason), seen.rule)
+        return Change(UNCHANGED, seen, fixed)
+    raw = decide_query_name(seen, new) if seen.protocol == DNS else new.decide(destination_of(seen))
+    after = apply_mode(raw, mode)
     if raw.reason is Reason.L7_NOT_VISIBLE and seen.protocol not in _NOT_HTTP:
         if before == Verdict.ALLOW.value and seen.rule in {r.text for r in new.allow_rules}:
             # The rule that allowed it (paths and all) is in the new document as it was.

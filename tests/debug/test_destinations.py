@@ -337,3 +337,44 @@ def test_the_mitmproxy_engine_feeds_it_too(tmp_path: Path) -> None:
     finally:
         assert sidecar.stop() == 0
         web.stop()
+
+
+def test_the_dns_listeners_query_decisions_are_summarised(tmp_path: Path) -> None:
+    """A query no rule names is answered NXDOMAIN without reaching a resolver; the summary
+    holds it (protocol DNS, port 53) and `kubectl egress suggest` says it cannot guess a port."""
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    from sidecar.kubectl import plan
+    from tests.support.sidecar import free_port
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.13.53\n")  # never asked: the query is denied by name
+    port = free_port()
+    sidecar = start_sidecar(
+        tmp_path / "sidecar",
+        allowlist="allow: [web.test]\n",
+        args=["--dns-listen", f"127.0.0.1:{port}", "--dns-resolv-conf", str(resolv)],
+    )
+    try:
+        query = dns.message.make_query("unknown.example", "A")
+        answer = dns.query.udp(query, "127.0.0.1", timeout=5, port=port)
+        assert answer.rcode() == dns.rcode.NXDOMAIN
+        sidecar.wait_decisions(lambda d: d.get("protocol") == "DNS")
+        rows = _destinations(sidecar)["destinations"]
+        assert isinstance(rows, list)
+        [row] = rows
+        assert (row["host"], row["port"], row["capture"], row["protocol"], row["decision"]) == (
+            "unknown.example",
+            53,
+            "transparent",
+            "DNS",
+            "deny",
+        )
+        seen = [SeenDestination.from_json(r) for r in rows]
+        suggestion = plan.suggest(None, None, plan.merge_seen([seen]))
+        assert suggestion.added == []
+        assert [s.destination for s in suggestion.skipped] == ["unknown.example (DNS)"]
+    finally:
+        assert sidecar.stop() == 0

@@ -191,7 +191,7 @@ def test_what_suggest_proposes(
 def test_private_destinations_are_added_with_a_warning_when_asked() -> None:
     d = seen("db.internal", 5432, reason="private address", address="10.1.2.3")
     s = plan.suggest(CURRENT, parse_allowlist(CURRENT, source="t"), [d], include_private=True)
-    assert [p.text for p in s.added] == ["{cidr: 10.1.2.3/32, ports: [5432]}"]
+    assert [p.text for p in s.added] == ["{cidr: 10.1.2.3/32, ports: [5432]}", "db.internal:5432"]
     assert s.warnings == [
         "db.internal is a private address (10.1.2.3/32): added as a cidr rule (--private); it "
         "lifts the private-address guard there"
@@ -442,3 +442,67 @@ def test_every_rule_shape_survives_the_merge_as_written() -> None:
     assert [r.text for r in new.allow_rules][:-1] == [r.text for r in old.allow_rules]
     assert [r.text for r in new.deny_rules] == [r.text for r in old.deny_rules]
     assert new.private_ranges == old.private_ranges
+
+
+# -- DNS query decisions (the DNS listener reports them: protocol DNS, port 53) -----------------
+
+
+def dns(host: str, **kw: Any) -> SeenDestination:
+    return seen(host, 53, capture="transparent", protocol="DNS", address=None, **kw)
+
+
+def test_a_query_followed_by_a_connection_needs_only_the_connections_rule() -> None:
+    s = plan.suggest(None, None, [dns("api.github.com"), seen("api.github.com")])
+    assert [p.text for p in s.added] == ["api.github.com:443"]
+    assert s.skipped == []
+    proposed = parse_allowlist(s.document, source="p")
+    assert plan.decide_query_name(dns("api.github.com"), proposed).permits
+
+
+def test_a_denied_query_alone_is_said_not_guessed() -> None:
+    s = plan.suggest(
+        CURRENT,
+        parse_allowlist(CURRENT, source="t"),
+        [
+            dns("unknown.example", decision="deny"),
+            dns("api.stripe.com", decision="deny"),  # allowed by now: nothing to say
+            dns(
+                "kubernetes.default.svc.cluster.local",
+                decision="allow",
+                reason="cluster-internal name",
+            ),
+            dns("zone.example", decision="deny", reason="query type not allowed"),
+        ],
+    )
+    assert s.added == []
+    assert [k.destination for k in s.skipped] == ["unknown.example (DNS)"]
+    assert "port is unknown" in s.skipped[0].reason
+
+
+@pytest.mark.parametrize(
+    ("destination", "kind"),
+    [
+        (dns("api.github.com", decision="deny"), plan.DENY_TO_ALLOW),
+        (dns("_ldap._tcp.api.github.com", decision="deny"), plan.DENY_TO_ALLOW),
+        (dns("api.stripe.com", decision="allow", rule="api.stripe.com"), plan.RULE_CHANGED),
+        (dns("gone.example", decision="allow", rule="gone.example"), plan.ALLOW_TO_DENY),
+        (
+            dns("x.svc.cluster.local", decision="allow", reason="cluster-internal name"),
+            plan.UNCHANGED,
+        ),
+        (dns("x.example", decision="deny", reason="query type not allowed"), plan.UNCHANGED),
+    ],
+)
+def test_diff_decides_queries_by_name(destination: SeenDestination, kind: str) -> None:
+    assert plan.classify(destination, parse_allowlist(NEW, source="new")).kind == kind
+
+
+def test_private_named_hosts_get_a_host_rule_too_when_added() -> None:
+    d = seen("db.internal", 5432, reason="private address", address="10.1.2.3")
+    s = plan.suggest(None, None, [d], include_private=True)
+    assert [p.text for p in s.added] == ["{cidr: 10.1.2.3/32, ports: [5432]}", "db.internal:5432"]
+    proposed = parse_allowlist(s.document, source="p")
+    assert proposed.decide(plan.destination_of(d)).permits
+    assert plan.decide_query_name(dns("db.internal"), proposed).permits
+    left_out = plan.suggest(None, None, [d])
+    assert left_out.added == [] and len(left_out.proposals) == 1
