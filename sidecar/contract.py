@@ -50,3 +50,4 @@ ENV_WORKLOAD_NAME: Final = "EGRESS_WORKLOAD_NAME"  # e.g. web
 HEALTH_LIVE_PATH: Final = "/healthz/live"
 HEALTH_READY_PATH: Final = "/healthz/ready"
 METRICS_PATH: Final = "/metrics"
+DEBUG_DESTINATIONS_PATH: Final = "/debug/destinations"  # read-only summary of what was decided

@@ -1,4 +1,4 @@
-"""Health and metrics on :15021 — /healthz/live, /healthz/ready, /metrics.
+"""Health and metrics on :15021 — /healthz/live, /healthz/ready, /metrics, /debug/destinations.
 
 A plain thread with the standard library's server: kubelet probes must be answered even when the
 proxy's event loop is busy, and this needs no framework.
@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from sidecar import contract
+from sidecar.destinations import DestinationSummary
 from sidecar.metrics import CONTENT_TYPE_LATEST, Metrics
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200 if ready else 503, payload, "application/json")
         elif path == contract.METRICS_PATH:
             self._send(200, self.server.metrics.render(), CONTENT_TYPE_LATEST)
+        elif path == contract.DEBUG_DESTINATIONS_PATH and self.server.destinations is not None:
+            # Hosts, ports and decisions only: never paths or query strings (no secrets).
+            summary = json.dumps(self.server.destinations.to_json(), indent=1).encode() + b"\n"
+            self._send(200, summary, "application/json")
         else:
             self._send(404, b"not found\n", "text/plain; charset=utf-8")
 
@@ -64,10 +69,15 @@ class HealthServer(ThreadingHTTPServer):
     request_queue_size = HEALTH_BACKLOG
 
     def __init__(
-        self, address: tuple[str, int], readiness: ReadinessProbe, metrics: Metrics
+        self,
+        address: tuple[str, int],
+        readiness: ReadinessProbe,
+        metrics: Metrics,
+        destinations: DestinationSummary | None = None,
     ) -> None:
         self.readiness = readiness
         self.metrics = metrics
+        self.destinations = destinations
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)

@@ -9,6 +9,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
 from sidecar.decision_log import DecisionLog
+from sidecar.destinations import DestinationSummary
 from sidecar.metrics import Metrics
 from sidecar.record import DecisionRecord
 from sidecar.telemetry.spans import DecisionSpans
@@ -24,10 +25,18 @@ class OpenDecision:
 
 
 class Reporter:
-    def __init__(self, spans: DecisionSpans, log: DecisionLog, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        spans: DecisionSpans,
+        log: DecisionLog,
+        metrics: Metrics,
+        destinations: DestinationSummary | None = None,
+    ) -> None:
         self._spans = spans
         self._log = log
         self._metrics = metrics
+        # /debug/destinations: fed here because every decision passes through end().
+        self._destinations = destinations
         # labels(...) validates and looks up its child each call (~17 us); the label tuples are
         # few (decision x reason x capture), so keep the children.
         self._counters: dict[tuple[str, str, str], Any] = {}
@@ -51,6 +60,8 @@ class Reporter:
         if counter is None:
             counter = self._counters[key] = self._metrics.decisions.labels(*key)
         counter.inc()
+        if self._destinations is not None:
+            self._destinations.add(rec)
 
     def report(self, rec: DecisionRecord, *, start_ns: int | None = None) -> None:
         self.end(self.begin(rec, start_ns=start_ns))

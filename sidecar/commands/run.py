@@ -201,6 +201,16 @@ def add_parser(sub: Any) -> None:
         type=Path,
         help="also append spans to PATH as OTLP JSON lines (Jaeger's UI can load the file)",
     )
+    out.add_argument(
+        "--destinations-max-entries",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="keep a summary of up to N destinations decided since start (host or address, port, "
+        "decision, reason, rule, count, first and last seen; least recently seen evicted "
+        f"first), served read-only at {contract.DEBUG_DESTINATIONS_PATH} on the health port "
+        "for `kubectl egress suggest|diff`; 0 turns it off (default %(default)s)",
+    )
     out.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
         "--confdir",
@@ -420,6 +430,7 @@ async def _serve(
     from opentelemetry.sdk.trace import TracerProvider
 
     from sidecar.decision_log import DecisionLog
+    from sidecar.destinations import DestinationSummary
     from sidecar.fastpath.config import ProxyConfig
     from sidecar.fastpath.server import Engine, FrontDoor
     from sidecar.health import HealthServer
@@ -455,7 +466,15 @@ async def _serve(
         provider.count_drops(metrics.spans_dropped.inc)
     store = PolicyStore(Mode(args.mode) if args.mode else None)
     decision_log = DecisionLog()
-    reporter = Reporter(DecisionSpans(provider.get_tracer("egress-sidecar")), decision_log, metrics)
+    if args.destinations_max_entries < 0:
+        print("egress-sidecar run: --destinations-max-entries must be >= 0", file=sys.stderr)
+        return 2
+    destinations = (
+        DestinationSummary(args.destinations_max_entries) if args.destinations_max_entries else None
+    )
+    reporter = Reporter(
+        DecisionSpans(provider.get_tracer("egress-sidecar")), decision_log, metrics, destinations
+    )
     configmaps = tuple(p.strip() for p in (args.configmap or "").split(",") if p.strip())
     spec = SourceSpec(
         allowlist_file=args.allowlist_file,
@@ -505,6 +524,9 @@ async def _serve(
             "mode": store.get().mode.value,
             "listeners": front.addresses + (dns_server.addresses if dns_server else []),
             "listening": front.all_running and dns_running() and not front.draining,
+            # --allow-private-range / EGRESS_ALLOW_PRIVATE_RANGES: where the guard steps aside
+            # beyond the documents' privateRanges (`kubectl egress` re-decides with them).
+            "extra_private_ranges": [str(n) for n in spec.extra_private_ranges],
             "draining": front.draining,
         }
         ready = source.ready() and front.all_running and dns_running() and not front.draining
@@ -512,7 +534,9 @@ async def _serve(
         return ready, body
 
     try:
-        health = HealthServer((health_spec.host, health_spec.port), readiness, metrics)
+        health = HealthServer(
+            (health_spec.host, health_spec.port), readiness, metrics, destinations
+        )
     except OSError as err:
         print(f"egress-sidecar run: health listener {health_spec}: {err}", file=sys.stderr)
         return 1

@@ -8,7 +8,12 @@ optionally over HTTPS with its own CA:
   ``timeoutSeconds`` (the watch then ends normally), ``allowWatchBookmarks`` (BOOKMARK events),
   410 Gone for compacted versions (as an ERROR event in the stream, or as an HTTP 410),
 - core/v1 and events.k8s.io/v1 Events: create (409 when the name exists), patch, get, list,
-- bearer-token checks (401), an RBAC-like name restriction (403), Status bodies for errors.
+- bearer-token checks (401), an RBAC-like name restriction (403), Status bodies for errors,
+- what `kubectl egress` reads: namespaces, pods (``labelSelector``, all namespaces), apps/v1
+  Deployments, StatefulSets and DaemonSets (get, list), the pod proxy subresource
+  ``/api/v1/namespaces/NS/pods/NAME[:PORT]/proxy/PATH`` (forwarded to a test-registered local
+  address, status and body passed through, 503 Status when the pod cannot be reached), and
+  per-resource RBAC refusals (403 Status, the API server's wording) via ``forbid``.
 
 One global resourceVersion counter, as in etcd. Test controls change ConfigMaps, compact the
 history, restart the server on the same port and rotate the accepted token. The sidecar code is
@@ -25,7 +30,9 @@ import socket
 import ssl
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -134,6 +141,13 @@ class FakeKubeAPI:
         self._history: list[HistoryEntry] = []
         self.events: dict[tuple[str, str], JSON] = {}  # (namespace, name) -> core/v1 Event
         self.requests: list[RecordedRequest] = []
+        # (resource, namespace, name) -> object; namespaces use namespace "".
+        self._objects: dict[tuple[str, str, str], JSON] = {}
+        # (namespace, pod, port) -> "http://127.0.0.1:PORT": where the pod proxy forwards.
+        self._pod_ports: dict[tuple[str, str, int], str] = {}
+        # (resource, verb) pairs RBAC refuses, e.g. ("pods/proxy", "get"), ("deployments", "list").
+        self.forbidden: set[tuple[str, str]] = set()
+        self.user = "alice"
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._generation = _Generation()
@@ -264,6 +278,42 @@ class FakeKubeAPI:
         with self._lock:
             obj = self._configmaps.get((namespace, name))
             return copy.deepcopy(obj) if obj is not None else None
+
+    def put_object(self, resource: str, obj: JSON) -> JSON:
+        """Create or replace a namespace, pod, deployment, statefulset or daemonset (given as a
+        manifest); returns the stored object (uid, resourceVersion, creationTimestamp set)."""
+        kind, api_version = OBJECT_KINDS[resource]
+        meta = obj.get("metadata") or {}
+        namespace = "" if resource == "namespaces" else str(meta.get("namespace") or "default")
+        name = str(meta["name"])
+        with self._lock:
+            self._rv += 1
+            stored = copy.deepcopy(obj)
+            stored["kind"], stored["apiVersion"] = kind, api_version
+            old = self._objects.get((resource, namespace, name))
+            new_meta = stored.setdefault("metadata", {})
+            new_meta["uid"] = old["metadata"]["uid"] if old else str(uuid.uuid4())
+            new_meta.setdefault("creationTimestamp", _now())
+            new_meta["resourceVersion"] = str(self._rv)
+            if resource != "namespaces":
+                new_meta["namespace"] = namespace
+            self._objects[(resource, namespace, name)] = stored
+            return copy.deepcopy(stored)
+
+    def delete_object(self, resource: str, namespace: str, name: str) -> None:
+        with self._lock:
+            self._rv += 1
+            self._objects.pop((resource, "" if resource == "namespaces" else namespace, name))
+
+    def serve_pod_port(self, namespace: str, pod: str, port: int, target: str) -> None:
+        """The pod proxy forwards ``pods/POD:PORT/proxy/...`` to ``target`` (http://host:port),
+        as the API server would dial the pod's IP and port."""
+        with self._lock:
+            self._pod_ports[(namespace, pod, port)] = target.rstrip("/")
+
+    def forbid(self, resource: str, verb: str) -> None:
+        with self._lock:
+            self.forbidden.add((resource, verb))
 
     def expire_history(self, *, notify_watchers: bool = True) -> None:
         """Compact: every version up to now is gone. Open watches get an ERROR 410 event."""
@@ -577,6 +627,11 @@ def _discovery(host: str, port: int) -> dict[str, JSON]:
         "versions": [{"groupVersion": "events.k8s.io/v1", "version": "v1"}],
         "preferredVersion": {"groupVersion": "events.k8s.io/v1", "version": "v1"},
     }
+    apps_group = {
+        "name": "apps",
+        "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
+        "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"},
+    }
     return {
         "/version": {
             "major": "1",
@@ -591,13 +646,29 @@ def _discovery(host: str, port: int) -> dict[str, JSON]:
                 {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{host}:{port}"}
             ],
         },
-        "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [events_group]},
+        "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [apps_group, events_group]},
         "/api/v1": {
             "kind": "APIResourceList",
             "groupVersion": "v1",
             "resources": [
                 _resource("configmaps", "ConfigMap", ["get", "list", "watch"], ["cm"]),
                 _resource("events", "Event", ["create", "get", "list", "patch"], ["ev"]),
+                _resource("pods", "Pod", ["get", "list"], ["po"]),
+                {**_resource("pods/proxy", "PodProxyOptions", ["get"], []), "singularName": ""},
+                {
+                    **_resource("namespaces", "Namespace", ["get", "list"], ["ns"]),
+                    "namespaced": False,
+                },
+            ],
+        },
+        "/apis/apps/v1": {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": "apps/v1",
+            "resources": [
+                _resource("deployments", "Deployment", ["get", "list"], ["deploy"]),
+                _resource("statefulsets", "StatefulSet", ["get", "list"], ["sts"]),
+                _resource("daemonsets", "DaemonSet", ["get", "list"], ["ds"]),
             ],
         },
         "/apis/events.k8s.io/v1": {
@@ -666,6 +737,67 @@ def _field_name(selector: str | None) -> tuple[str | None, str | None]:
     if len(set(names)) != 1:
         return "", None  # contradictory terms select nothing
     return names[0], None
+
+
+OBJECT_KINDS: dict[str, tuple[str, str]] = {
+    "namespaces": ("Namespace", "v1"),
+    "pods": ("Pod", "v1"),
+    "deployments": ("Deployment", "apps/v1"),
+    "statefulsets": ("StatefulSet", "apps/v1"),
+    "daemonsets": ("DaemonSet", "apps/v1"),
+}
+
+
+def _split_terms(selector: str) -> list[str]:
+    """Split on the commas outside parentheses ("a in (x,y),b" is two terms)."""
+    terms, depth, start = [], 0, 0
+    for i, ch in enumerate(selector):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            terms.append(selector[start:i])
+            start = i + 1
+    terms.append(selector[start:])
+    return [t.strip() for t in terms if t.strip()]
+
+
+def _label_selector(selector: str | None) -> Callable[[dict[str, str]], bool]:
+    """The API server's label selector grammar: =, ==, !=, in, notin, exists, !exists."""
+    reqs: list[tuple[str, str, frozenset[str]]] = []  # (op, key, values)
+    for term in _split_terms(selector or ""):
+        words = term.split(None, 1)
+        if len(words) == 2 and words[1].split("(", 1)[0].strip() in ("in", "notin"):
+            op, _, values_text = words[1].partition("(")
+            if not values_text.endswith(")"):
+                raise ValueError(f"{term!r}: missing ')'")
+            values = frozenset(v.strip() for v in values_text[:-1].split(","))
+            reqs.append((op.strip(), words[0], values))
+        elif "!=" in term:
+            key, value = (x.strip() for x in term.split("!=", 1))
+            reqs.append(("notin", key, frozenset({value})))
+        elif "=" in term:
+            key, value = (x.strip() for x in term.replace("==", "=").split("=", 1))
+            reqs.append(("in", key, frozenset({value})))
+        elif term.startswith("!"):
+            reqs.append(("!exists", term[1:].strip(), frozenset()))
+        elif all(ch.isalnum() or ch in "-_./" for ch in term):
+            reqs.append(("exists", term, frozenset()))
+        else:
+            raise ValueError(f"{term!r}")
+
+    def matches(labels: dict[str, str]) -> bool:
+        for op, key, values in reqs:
+            ok = {
+                "in": labels.get(key) in values,
+                "notin": labels.get(key) not in values,
+                "exists": key in labels,
+                "!exists": key not in labels,
+            }[op]
+            if not ok:
+                return False
+        return True
+
+    return matches
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -759,6 +891,8 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and discovery is not None:  # what kubectl asks first
             self._send_json(200, discovery)
             return
+        if method == "GET" and self._objects_route(parts, query):
+            return
         # /api/v1/namespaces/{ns}/{resource}[/{name}]
         if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (5, 6):
             ns, resource = parts[3], parts[4]
@@ -780,6 +914,128 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._status_reply(404, "NotFound", "the server could not find the requested resource")
 
+    # -- namespaces, pods, workloads, the pod proxy ----------------------------------------------
+
+    def _objects_route(self, raw_parts: list[str], query: dict[str, str]) -> bool:
+        """Serve what `kubectl egress` reads; False when the path is not one of those."""
+        # The API server routes on the decoded path (Go's URL.Path): the client sends the pod
+        # proxy's "NAME:PORT" and "PATH" percent-encoded.
+        parts = [urllib.parse.unquote(p) for p in raw_parts]
+        if parts[:2] == ["api", "v1"]:
+            rest, group = parts[2:], ""
+        elif parts[:3] == ["apis", "apps", "v1"]:
+            rest, group = parts[3:], "apps"
+        else:
+            return False
+        if group == "" and rest[:1] == ["namespaces"] and len(rest) <= 2:
+            self._get_or_list("namespaces", "", rest[1] if len(rest) == 2 else None, query, group)
+            return True
+        if len(rest) == 1:  # across namespaces: /api/v1/pods, /apis/apps/v1/deployments
+            resource, ns, name = rest[0], None, None
+        elif rest[:1] == ["namespaces"] and len(rest) in (3, 4):
+            resource, ns, name = rest[2], rest[1], rest[3] if len(rest) == 4 else None
+        elif rest[:1] == ["namespaces"] and len(rest) >= 5 and rest[2] == "pods" and group == "":
+            if rest[4] != "proxy":
+                return False
+            self._pod_proxy(rest[1], rest[3], "/".join(rest[5:]))
+            return True
+        else:
+            return False
+        wanted = {"": ("pods",), "apps": ("deployments", "statefulsets", "daemonsets")}[group]
+        if resource not in wanted:
+            return False
+        self._get_or_list(resource, ns, name, query, group)
+        return True
+
+    def _refuse(
+        self, resource: str, verb: str, ns: str | None, group: str, name: str | None
+    ) -> bool:
+        if (resource, verb) not in self.api.forbidden:
+            return False
+        what = resource.split("/", maxsplit=1)[0]
+        sub = resource.partition("/")[2]
+        subject = f'{what} "{name}"' if name else what
+        where = f' in the namespace "{ns}"' if ns else " at the cluster scope"
+        self._status_reply(
+            403,
+            "Forbidden",
+            f'{subject} is forbidden: User "{self.api.user}" cannot {verb} resource "{what}"'
+            + (f' subresource "{sub}"' if sub else "")
+            + f' in API group "{group}"{where}',
+        )
+        return True
+
+    def _get_or_list(
+        self, resource: str, ns: str | None, name: str | None, query: dict[str, str], group: str
+    ) -> None:
+        api = self.api
+        verb = "get" if name is not None else "list"
+        if self._refuse(resource, verb, ns, group, name):
+            return
+        with api._lock:
+            if name is not None:
+                obj = api._objects.get((resource, ns or "", name))
+                if obj is None:
+                    self._status_reply(404, "NotFound", f'{resource} "{name}" not found')
+                else:
+                    self._send_json(200, copy.deepcopy(obj))
+                return
+            try:
+                selector = _label_selector(query.get("labelSelector"))
+            except ValueError as err:
+                self._status_reply(400, "BadRequest", f"unable to parse requirement: {err}")
+                return
+            items = [
+                copy.deepcopy(obj)
+                for (res, obj_ns, _), obj in sorted(api._objects.items())
+                if res == resource
+                and (ns is None or obj_ns == ns)
+                and selector((obj.get("metadata") or {}).get("labels") or {})
+            ]
+            kind, api_version = OBJECT_KINDS[resource]
+            body = {
+                "kind": f"{kind}List",
+                "apiVersion": api_version,
+                "metadata": {"resourceVersion": str(api._rv)},
+                "items": items,
+            }
+        self._send_json(200, body)
+
+    def _pod_proxy(self, ns: str, target: str, path: str) -> None:
+        name, _, port_text = target.partition(":")
+        if self._refuse("pods/proxy", "get", ns, "", name):
+            return
+        api = self.api
+        with api._lock:
+            pod = api._objects.get(("pods", ns, name))
+            base = api._pod_ports.get((ns, name, int(port_text or 80)))
+        if pod is None:
+            self._status_reply(404, "NotFound", f'pods "{name}" not found')
+            return
+        url = f"{base}/{path}" if base else None
+        if url is None:
+            self._status_reply(
+                503,
+                "ServiceUnavailable",
+                f"error trying to reach service: dial tcp 10.244.0.7:{port_text or 80}: "
+                "connect: connection refused",
+            )
+            return
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                code, body, ctype = resp.status, resp.read(), resp.headers.get("Content-Type")
+        except urllib.error.HTTPError as err:  # the pod's own error status passes through
+            code, body, ctype = err.code, err.read(), err.headers.get("Content-Type")
+        except OSError as err:
+            self._status_reply(503, "ServiceUnavailable", f"error trying to reach service: {err}")
+            return
+        self.send_response(code)
+        self.send_header("Content-Type", ctype or "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self._status = code
+
     def _forbidden(self, verb: str, ns: str) -> None:
         self._status_reply(
             403,
@@ -790,6 +1046,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _configmaps(self, ns: str, name: str | None, query: dict[str, str]) -> None:
         api = self.api
+        verb = "get" if name else "watch" if query.get("watch") in ("true", "1") else "list"
+        if self._refuse("configmaps", verb, ns, "", name):
+            return
         if name is not None:  # GET one
             if not api._may_read(ns, name):
                 self._forbidden("get", ns)
