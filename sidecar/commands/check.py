@@ -7,15 +7,16 @@ import ipaddress
 import json
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from sidecar.commands.options import add_policy_options, env_ranges
 from sidecar.policy.dns import InternalNames, answer_denial, decide_query, filter_addresses
 from sidecar.policy.errors import AllowlistError, clip
-from sidecar.policy.model import Destination, IPAddress, Mode
+from sidecar.policy.model import Decision, Destination, IPAddress, Mode
 from sidecar.policy.parse import parse_allowlist
-from sidecar.policy.store import PolicyStore, apply_mode
+from sidecar.policy.store import PolicyStore, Snapshot, apply_mode
 from sidecar.policy.target import InvalidTarget, parse_authority, parse_request_target
 from sidecar.proxy.hostnames import format_hostport
 
@@ -130,32 +131,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         decision = snap.decide(Destination(dest.host, dest.port, address, dest.method, dest.path))
     target = format_hostport(dest.host or "-", dest.port)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "decision": decision.verdict.value,
-                    "reason": decision.reason.value,
-                    "rule": decision.rule,
-                    "detail": decision.detail,
-                    "host": dest.host,
-                    "port": dest.port,
-                    "address": str(address) if address else None,
-                    "method": dest.method,
-                    "path": dest.path,
-                    "policy_source": snap.source,
-                    "policy_version": snap.version,
-                }
-            )
-        )
-    else:
-        print(f"{decision.verdict.value} {target}")
-        print(f"  reason: {decision.reason.value}")
-        if decision.detail:
-            print(f"  detail: {decision.detail}")
-        print(f"  rule:   {decision.rule if decision.rule is not None else '-'}")
-        print(f"  policy: {snap.source} version {snap.version} (mode {snap.mode.value})")
-    return 0 if decision.permits else 1
+    fields = {
+        "host": dest.host,
+        "port": dest.port,
+        "address": str(address) if address else None,
+        "method": dest.method,
+        "path": dest.path,
+    }
+    return _report(args.json, decision, snap, f"{decision.verdict.value} {target}", fields)
 
 
 def run_dns(args: argparse.Namespace) -> int:
@@ -191,7 +174,25 @@ def run_dns(args: argparse.Namespace) -> int:
         filtered = filter_addresses(snap, [address])
         if filtered.emptied:
             decision = apply_mode(answer_denial(filtered, verdict.name), snap.mode)
-    if args.json:
+    answer = "forwarded" if decision.permits else "NXDOMAIN"
+    fields = {
+        "name": verdict.name,
+        "type": qtype,
+        "internal": verdict.internal,
+        "address": str(address) if address else None,
+        "answer": answer,
+    }
+    shown = "forwarded" if decision.permits else "answered NXDOMAIN"
+    headline = f"{decision.verdict.value} dns {verdict.name} {qtype} ({shown})"
+    return _report(args.json, decision, snap, headline, fields)
+
+
+def _report(
+    as_json: bool, decision: Decision, snap: Snapshot, headline: str, fields: Mapping[str, object]
+) -> int:
+    """A decision as `check` prints it (JSON: the decision, ``fields``, the policy), and its
+    exit status: 0 when it permits, else 1."""
+    if as_json:
         print(
             json.dumps(
                 {
@@ -199,19 +200,14 @@ def run_dns(args: argparse.Namespace) -> int:
                     "reason": decision.reason.value,
                     "rule": decision.rule,
                     "detail": decision.detail,
-                    "name": verdict.name,
-                    "type": qtype,
-                    "internal": verdict.internal,
-                    "address": str(address) if address else None,
-                    "answer": "forwarded" if decision.permits else "NXDOMAIN",
+                    **fields,
                     "policy_source": snap.source,
                     "policy_version": snap.version,
                 }
             )
         )
     else:
-        answer = "forwarded" if decision.permits else "answered NXDOMAIN"
-        print(f"{decision.verdict.value} dns {verdict.name} {qtype} ({answer})")
+        print(headline)
         print(f"  reason: {decision.reason.value}")
         if decision.detail:
             print(f"  detail: {decision.detail}")
