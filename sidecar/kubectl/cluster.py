@@ -9,6 +9,7 @@ Every failure becomes a ``PluginError`` with a message a person can act on.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,9 @@ def _reason(err: ApiException) -> str:
 class Cluster:
     def __init__(self, kubeconfig: str | None, context: str | None, namespace: str | None) -> None:
         configuration = client.Configuration()
+        # $KUBECONFIG read now, as kubectl reads it (the client library read it once, when it
+        # was imported); a colon-separated list is merged by the library either way.
+        kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
         try:
             config.load_kube_config(
                 config_file=kubeconfig, context=context, client_configuration=configuration

@@ -53,7 +53,7 @@ def test_help_for_every_command(world: World) -> None:
 
 
 def test_status(world: World) -> None:
-    out = world.run("status")
+    out = world.run_process("status")  # the installed script, as the user runs it
     assert out.returncode == 0, out.stderr
     assert_golden("status.txt", out.stdout)
     everywhere = world.run("status", "-A")

@@ -70,7 +70,8 @@ def test_the_proposal_allows_what_it_came_from_and_nothing_else(
     assert world.get(POD, f"http://api.test:{web}/") == 403  # another port
     assert world.get(POD, f"http://fonts.cdn.test:{cdn}/") == (200 if wildcards else 403)
 
-    decisions = world.sidecars[POD].decisions()[-len(learned) - 4 :]
+    # Decision lines leave in batches (~20 ms): wait for all of them before reading the tail.
+    decisions = world.sidecars[POD].wait_decisions(count=6 + len(learned) + 4)[-len(learned) - 4 :]
     allowed = [d for d in decisions if d["decision"] == "allow"]
     assert {d["host"] for d in allowed} >= {"web.test", "api.test", "img.cdn.test"}
 

@@ -4,14 +4,19 @@ upstreams on loopback, and `kubectl-egress` run as the user runs it (a subproces
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from sidecar.kubectl.cli import main as plugin_main
 from tests.support.kubeapi import FakeKubeAPI
 from tests.support.sidecar import BIN, Sidecar, sidecar_env, start_sidecar
 from tests.support.upstream import UpstreamServer
@@ -130,6 +135,36 @@ class World:
     def run(
         self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
+        """`kubectl-egress ARGS` through the function its console script calls, in this process
+        (the interpreter's start-up with the kubernetes client was most of each test's time):
+        its exit status, stdout and stderr. ``run_process`` runs the installed script."""
+        out, err = io.StringIO(), io.StringIO()
+        overrides = {"KUBECONFIG": str(self.kubeconfig), **(env or {})}
+        saved = {key: os.environ.get(key) for key in overrides}
+        os.environ.update(overrides)
+        saved_stdin, sys.stdin = sys.stdin, io.StringIO(stdin or "")
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = plugin_main(list(args))
+                except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+                    code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        finally:
+            sys.stdin = saved_stdin
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        return subprocess.CompletedProcess(
+            ["kubectl-egress", *args], code, out.getvalue(), err.getvalue()
+        )
+
+    def run_process(
+        self, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`kubectl-egress ARGS` as the user runs it: the installed script, a process of its
+        own."""
         return subprocess.run(
             [str(BIN / "kubectl-egress"), *args],
             capture_output=True,
