@@ -185,7 +185,7 @@ def test_a_clienthello_over_the_size_limit_is_unreadable() -> None:
     assert result is not None and result.kind is Flight.UNREADABLE
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     sni=st.sampled_from(["api.test", "a.b.c.example", "xn--bcher-kva.test", None]),
     sizes=st.lists(st.integers(1, 600), max_size=8),
