@@ -31,8 +31,12 @@ lint: venv
 
 # tests/image runs a pod from the built image: it needs the image (and buildah), so `make
 # image-test` runs it, not this target; .ci/run calls both.
+# Two workers, one test module each at a time (module fixtures stay whole): most of the suite
+# waits on processes it started, so two run in about half the time. PYTEST_WORKERS= runs it serially.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
+
 pytest: venv
-	$(BIN)/pytest --ignore=tests/image $(PYTEST_ARGS)
+	$(BIN)/pytest --ignore=tests/image $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test: lint pytest
 

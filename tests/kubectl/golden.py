@@ -12,6 +12,13 @@ _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 
 def normalize(text: str) -> str:
+    """Times as one fixed time, and this worker's upstream ports as the canonical ones (same
+    width: tables keep their alignment)."""
+    from tests.kubectl.world import CANONICAL_PORTS, PORTS
+
+    for label, port in PORTS.items():
+        if port != CANONICAL_PORTS[label]:
+            text = re.sub(rf"(?<!\d){port}(?!\d)", str(CANONICAL_PORTS[label]), text)
     return _TIME.sub("2026-01-01T00:00:00Z", text)
 
 

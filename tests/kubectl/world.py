@@ -27,7 +27,11 @@ NS = "shop"
 # guard step aside on 127.0.13.0/29 only: DB stays a private address, as a cluster-internal
 # database would be.
 WEB, API, CDN, DB = "127.0.13.3", "127.0.13.2", "127.0.13.4", "127.0.13.9"
-PORTS = {"web": 18181, "api": 18182, "cdn": 18183, "db": 18184}
+# The upstreams' ports as the golden files and docs/kubectl-egress.md show them; each pytest-xdist
+# worker serves them 10 higher per worker number (golden.normalize writes them back).
+CANONICAL_PORTS = {"web": 18181, "api": 18182, "cdn": 18183, "db": 18184}
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+PORTS = {label: port + 10 * _WORKER for label, port in CANONICAL_PORTS.items()}
 PRIVATE_RANGE = "127.0.13.0/29"
 HOSTS = {
     "web.test": WEB,

@@ -162,6 +162,7 @@ def test_heys_clienthello_is_read() -> None:
         (sni_flight((0, b"a.test:443:443")), "not a valid host name"),
         (sni_flight((0, b"[::1]x")), "not a valid host name"),
     ],
+    ids=lambda v: "flight" if isinstance(v, bytes) else v,  # HELLO is random: stable ids
 )  # fmt: skip
 def test_what_looks_like_tls_but_cannot_be_read_is_unreadable(data: bytes, problem: str) -> None:
     """A server might read a name from these that the policy never saw: the caller refuses."""

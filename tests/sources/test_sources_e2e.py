@@ -220,7 +220,7 @@ class Sent:
 
 
 def test_load_while_the_configmap_flips(world: World) -> None:
-    seconds, clients, flip_every = 10.0, 4, 0.2  # 50 flips under load
+    seconds, clients, flip_every = 12.0, 4, 0.2  # 60 flips under load
     kubeapi, web_port = world.kubeapi, world.web.port
     docs = {
         "A": {"allowlist.yaml": VERSION_A.format(web=web_port)},
