@@ -207,11 +207,14 @@ class GatedEventLoop(asyncio.SelectorEventLoop):
             self._make_socket_transport(  # type: ignore[attr-defined]
                 conn, _counted(slot, protocol_factory), extra=extra, server=server
             )
+        except (SystemExit, KeyboardInterrupt):
+            raise
         except BaseException:
+            # As asyncio's own accept step: this connection is dropped, the listener goes on.
             conn.close()
             if not slot.made:
                 slot.release()
-            raise
+            log.exception("a connection could not be set up")
 
     async def _accept_gated(
         self,
