@@ -23,63 +23,26 @@ async def dial[P: asyncio.BaseProtocol](
     address: str, port: int, factory: Callable[[], P], timeout: float
 ) -> tuple[asyncio.Transport, P]:
     """Open a TCP connection to ``address`` (an IP literal: names are resolved and vetted before)
-    with ``factory``'s protocol; ``timeout`` <= 0 waits as long as the kernel does.
+    with ``factory``'s protocol; ``timeout`` <= 0 waits as long as the kernel does. ``Connect``
+    awaited: for callers that are coroutines."""
+    finished: asyncio.Future[UpstreamError | None] = asyncio.get_running_loop().create_future()
 
-    The socket is connected here rather than by ``loop.create_connection(host, port)``: that
-    path (address checks, a future per connect, a timeout handle even where the kernel answers
-    at once, as it does on loopback and in-cluster) was a third of a new tunnel's CPU. Errors
-    read as asyncio's do (``Connect call failed (address, port)``)."""
-    loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    def done(error: UpstreamError | None) -> None:
+        if not finished.done():
+            finished.set_result(error)
+
+    connect = Connect(address, port, factory, timeout, done)
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as err:
-        raise UpstreamError(str(err) or type(err).__name__) from err
-    try:
-        sock.setblocking(False)
-        try:
-            sock.connect((address, port))
-        except BlockingIOError:
-            await _connected(loop, sock, (address, port), timeout)
-        # asyncio's TCP transports set TCP_NODELAY themselves: small writes leave at once.
-        transport, protocol = await loop.create_connection(factory, sock=sock)
-    except TimeoutError:
-        sock.close()
-        raise UpstreamError(f"connect timed out after {timeout:g} s") from None
-    except OSError as err:
-        sock.close()
-        raise UpstreamError(str(err) or type(err).__name__) from err
+        error = await finished
     except BaseException:
-        sock.close()  # cancelled: the client left or the sidecar is stopping
+        connect.cancel()  # cancelled: the client left or the sidecar is stopping
         raise
-    assert isinstance(transport, asyncio.Transport)
+    if error is not None:
+        raise error
+    transport = connect.transport
+    assert transport is not None
+    protocol: P = transport.get_protocol()  # type: ignore[assignment]  # factory()'s
     return transport, protocol
-
-
-async def _connected(
-    loop: asyncio.AbstractEventLoop,
-    sock: socket.socket,
-    address: tuple[str, int],
-    timeout: float,
-) -> None:
-    """Wait for a non-blocking connect in progress to finish; OSError as asyncio words it."""
-    done: asyncio.Future[None] = loop.create_future()
-
-    def writable() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    fd = sock.fileno()
-    loop.add_writer(fd, writable)
-    try:
-        # asyncio.timeout, not wait_for: no second task per connect (a new tunnel's CPU).
-        async with asyncio.timeout(timeout if timeout > 0 else None):
-            await done
-    finally:
-        loop.remove_writer(fd)
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, f"Connect call failed {address}")
 
 
 class Connect[P: asyncio.BaseProtocol]:
