@@ -511,6 +511,9 @@ async def _serve(
         learned=learned if dns_server is not None else None,
     )
     front = FrontDoor(config, store, reporter, engine=Engine(args.engine))
+    # Read when scraped: the proxy's hot path updates nothing for these.
+    metrics.open_connections.set_function(lambda: front.open_connections)
+    metrics.open_tunnels.set_function(lambda: reporter.open_tunnels)
 
     def dns_running() -> bool:
         return dns_server is None or dns_server.running
