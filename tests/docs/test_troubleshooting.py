@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sidecar import answers
 from sidecar.policy.model import Reason
 from tests.docs.doc_commands import ROOT, examples, run_examples
 from tests.kubectl.world import NS, deployment
@@ -31,6 +32,7 @@ def _sections() -> dict[str, str]:
 
 def _never_blocking() -> set[str]:
     text = PAGE.read_text(encoding="utf-8").split("### Reasons that never block", 1)[1]
+    text = text.split("\n## ", 1)[0]
     return set(re.findall(r"^- `([^`]+)`", text, flags=re.M))
 
 
@@ -45,6 +47,14 @@ def test_every_reason_the_code_emits_is_on_the_page() -> None:
     assert on_page <= in_code, f"reasons on the page the code never emits: {on_page - in_code}"
     for reason, text in sections.items():
         assert "**What to do:**" in text, f"{reason}: no 'What to do'"
+
+
+def test_every_upstream_failure_phrase_is_on_the_page() -> None:
+    # What x-egress-reason says when an allowed call's upstream failed (sidecar.answers).
+    text = PAGE.read_text(encoding="utf-8").split("## Allowed, but the upstream failed", 1)[1]
+    listed = set(re.findall(r"^- `([^`]+)`", text, flags=re.M))
+    phrases = {*answers._FAILURE_PHRASES.values(), answers.failure_phrase(None)}
+    assert listed == phrases
 
 
 def test_reasons_used_in_the_code_are_all_members() -> None:
