@@ -87,6 +87,11 @@ def test_the_proposal_allows_what_it_came_from_and_nothing_else(
     }
 
 
+def _uncommented(text: str) -> list[str]:
+    """A manifest without its header comment (which names the source: pods or sidecars)."""
+    return [line for line in text.splitlines() if not line.startswith("#")]
+
+
 def test_from_url_proposes_what_the_cluster_path_proposes(world: World, tmp_path: Path) -> None:
     """--from-url reads the same sidecar on its health port directly (no API server) and the
     current allowlist from a file: the same proposal, the same diff."""
@@ -124,8 +129,7 @@ def test_from_url_proposes_what_the_cluster_path_proposes(world: World, tmp_path
             )
             assert len(json.loads(local.stdout)["proposals"]) == 2
         else:
-            strip = lambda text: [x for x in text.splitlines() if not x.startswith("#")]  # noqa: E731
-            assert strip(local.stdout) == strip(via_cluster.stdout)
+            assert _uncommented(local.stdout) == _uncommented(via_cluster.stdout)
             assert "its 1 sidecar saw" in local.stdout
     proposed = tmp_path / "proposed.yaml"
     proposed.write_text(world.run("suggest", "deploy/web").stdout)
