@@ -6,29 +6,33 @@ worth of metrics in one interpreter without collisions.
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import Final, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "call_kind", "tcp_bytes"]
 
 # A call's kind for metric labels: the span name (an HTTP method, CONNECT, TLS, TCP, DNS) folded
 # into five values, so that a client sending made-up methods cannot grow the series.
-_KINDS: Final = {"CONNECT": "connect", "TLS": "tls", "TCP": "tcp", "DNS": "dns"}
+KINDS: Final = {"CONNECT": "connect", "TLS": "tls", "TCP": "tcp", "DNS": "dns"}
 
 
 def call_kind(protocol: str) -> str:
-    return _KINDS.get(protocol, "http")
+    return KINDS.get(protocol, "http")
 
 
 # Linux struct tcp_info: tcpi_bytes_acked (u64) at 120, tcpi_bytes_received (u64) at 128
@@ -62,6 +66,112 @@ def tcp_bytes(sock: _TcpSocket | None) -> tuple[int, int] | None:
     return max(0, int(acked) - 1), int(received)
 
 
+class HistogramSeries:
+    """One label set's buckets: a bisect and two additions per observation."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class LeanHistogram:
+    """A Prometheus histogram for the per-call path: prometheus_client's Histogram takes a lock
+    per bucket and for its sum on every observe (~2.5 us); this one does a bisect and two
+    additions (~0.3 us) without a lock. Observations come from the event loop's thread; the
+    scrape (another thread) copies each series' counts, so it may see one observation's bucket
+    without its sum: off by one call for one scrape, never corrupted."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(float(b) for b in buckets if not math.isinf(b))
+        self._les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        self._series: dict[tuple[str, ...], HistogramSeries] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramSeries:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: labels {self.labelnames}, got {values}")
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = HistogramSeries(self.bounds)
+        return series
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, series in list(self._series.items()):
+            counts, total = list(series.counts), series.total
+            cumulative, running = [], 0
+            for le, count in zip(self._les, counts, strict=True):
+                running += count
+                cumulative.append((le, float(running)))
+            family.add_metric(list(values), cumulative, total)
+        yield family
+
+
+class CounterSeries:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LeanCounter:
+    """A counter for the per-call path, as LeanHistogram: an addition without a lock (~0.1 us
+    against prometheus_client's ~1.3 us); exposed as ``<name>_total``."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], CounterSeries] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> CounterSeries:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: labels {self.labelnames}, got {values}")
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = CounterSeries()
+        return series
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, series in list(self._series.items()):
+            family.add_metric(list(values), series.value)
+        yield family
+
+
 # Seconds. A decision answered from memory takes ~0.1 ms; a resolve or an upstream's response
 # head may take seconds.
 REQUEST_BUCKETS: Final = (
@@ -79,11 +189,12 @@ disable_created_metrics()
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.decisions = Counter(
+        # Updated for every call: the lean kinds (no lock, a few additions).
+        self.decisions = LeanCounter(
             "egress_decisions",
             "Outbound calls decided, by decision, reason and capture mode.",
             ["decision", "reason", "capture"],
-            registry=self.registry,
+            self.registry,
         )
         self.policy_info = Gauge(
             "egress_policy_info",
@@ -136,22 +247,22 @@ class Metrics:
 
         # Per call: from its start (the request head, the CONNECT, the accepted connection) to
         # its report (an HTTP request: its response; a tunnel or stream: decided and connected).
-        self.request_duration = Histogram(
+        self.request_duration = LeanHistogram(
             "egress_request_duration_seconds",
             "Time from a call's start to its decision's report (plain HTTP: the response), "
             "by decision, capture and kind (http, connect, tls, tcp, dns).",
             ["decision", "capture", "kind"],
-            registry=self.registry,
-            buckets=REQUEST_BUCKETS,
+            REQUEST_BUCKETS,
+            self.registry,
         )
         # Per relayed tunnel or stream, when it ends: its whole life.
-        self.tunnel_duration = Histogram(
+        self.tunnel_duration = LeanHistogram(
             "egress_tunnel_duration_seconds",
             "Lifetime of relayed tunnels and transparent streams, from their start to the end "
             "of the relay, by decision, capture and kind (connect, tls, tcp).",
             ["decision", "capture", "kind"],
-            registry=self.registry,
-            buckets=TUNNEL_BUCKETS,
+            TUNNEL_BUCKETS,
+            self.registry,
         )
         self.upstream_sent = Counter(
             "egress_upstream_sent_bytes",

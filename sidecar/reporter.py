@@ -13,9 +13,11 @@ from opentelemetry.trace import Span
 
 from sidecar.decision_log import DecisionLog
 from sidecar.destinations import DestinationSummary
-from sidecar.metrics import Metrics, call_kind, tcp_bytes
+from sidecar.metrics import KINDS, CounterSeries, HistogramSeries, Metrics, call_kind, tcp_bytes
 from sidecar.record import DecisionRecord
 from sidecar.telemetry.spans import DecisionSpans
+
+_kind = KINDS.get  # a call's kind label from its span name (bounded: five values)
 
 
 @dataclass(slots=True)
@@ -41,13 +43,10 @@ class Reporter:
         self._metrics = metrics
         # /debug/destinations: fed here because every decision passes through end().
         self._destinations = destinations
-        # labels(...) validates and looks up its child each call (~17 us); the label tuples are
-        # few (decision x reason x capture), so keep the children.
-        self._counters: dict[tuple[str, str, str], Any] = {}
-        # The same for the histograms' children (decision x capture x kind) and the byte
-        # counters' (kind).
-        self._durations: dict[tuple[str, str, str], Any] = {}
-        self._tunnel_durations: dict[tuple[str, str, str], Any] = {}
+        # labels(...) validates and looks up its child each call; the label sets are few
+        # (decision x reason x capture x kind), so keep each one's counter and histogram series.
+        self._children: dict[tuple[str, str, str, str], tuple[CounterSeries, HistogramSeries]] = {}
+        self._tunnel_durations: dict[tuple[str, str, str], HistogramSeries] = {}
         self._bytes: dict[str, tuple[Any, Any]] = {}
         # Read by the egress_open_tunnels gauge when scraped.
         self.open_tunnels = 0
@@ -68,16 +67,20 @@ class Reporter:
         self._log.write(rec)
         d = rec.decision
         # _value_: the plain attribute behind Enum.value (a descriptor costing ~1 us a read).
-        key = (d.verdict._value_, d.reason._value_, rec.capture._value_)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = self._metrics.decisions.labels(*key)
-        counter.inc()
-        dkey = (key[0], key[2], call_kind(rec.protocol))
-        duration = self._durations.get(dkey)
-        if duration is None:
-            duration = self._durations[dkey] = self._metrics.request_duration.labels(*dkey)
-        duration.observe(max(0, time.time_ns() - open_decision.start_ns) / 1e9)
+        key = (
+            d.verdict._value_,
+            d.reason._value_,
+            rec.capture._value_,
+            _kind(rec.protocol, "http"),
+        )
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self._metrics.decisions.labels(key[0], key[1], key[2]),
+                self._metrics.request_duration.labels(key[0], key[2], key[3]),
+            )
+        children[0].inc()
+        children[1].observe((time.time_ns() - open_decision.start_ns) * 1e-9)
         if self._destinations is not None:
             self._destinations.add(rec)
 
@@ -103,7 +106,7 @@ class Reporter:
         duration = self._tunnel_durations.get(key)
         if duration is None:
             duration = self._tunnel_durations[key] = self._metrics.tunnel_duration.labels(*key)
-        duration.observe(max(0, time.time_ns() - start_ns) / 1e9)
+        duration.observe((time.time_ns() - start_ns) * 1e-9)
         self.upstream_closed(kind, upstream)
 
     def upstream_closed(self, kind: str, upstream: asyncio.BaseTransport | None) -> None:
