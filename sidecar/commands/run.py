@@ -455,15 +455,15 @@ async def _serve(
     except ValueError as err:
         print(f"egress-sidecar run: {err}", file=sys.stderr)
         return 2
+    metrics = Metrics()
     try:
-        provider, plan = build_tracer_provider(console=args.trace_console, file=args.trace_file)
+        provider, plan = build_tracer_provider(
+            console=args.trace_console, file=args.trace_file, on_drop=metrics.spans_dropped.inc
+        )
     except TelemetryConfigError as err:
         print(f"egress-sidecar run: {err}", file=sys.stderr)
         return 2
     trace.set_tracer_provider(provider)
-    metrics = Metrics()
-    if isinstance(provider, LeanTracerProvider):
-        provider.count_drops(metrics.spans_dropped.inc)
     store = PolicyStore(Mode(args.mode) if args.mode else None)
     decision_log = DecisionLog()
     if args.destinations_max_entries < 0:

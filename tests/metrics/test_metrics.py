@@ -246,9 +246,11 @@ def test_denied_tunnel_has_a_request_duration_but_no_tunnel(world: World) -> Non
     assert after.value(t_name, **deny) == before.value(t_name, **deny) == 0
 
 
-def test_spans_dropped_when_the_collector_does_not_answer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_spans_dropped_when_the_collector_does_not_answer(tmp_path: Path, protocol: str) -> None:
     # A collector that accepts connections (the kernel's backlog) and never answers: the
-    # exporter waits on its first batch while the two-span queue fills.
+    # exporter waits on its first batch while the two-span queue fills. http/protobuf is the
+    # lean pipeline, grpc the SDK's BatchSpanProcessor: both count their drops.
     hole = socket.create_server(("127.0.0.1", 0))
     try:
         sidecar = start_sidecar(
@@ -256,6 +258,7 @@ def test_spans_dropped_when_the_collector_does_not_answer(tmp_path: Path) -> Non
             allowlist="allow: []\n",
             env={
                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{hole.getsockname()[1]}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
                 "OTEL_EXPORTER_OTLP_TIMEOUT": "20",
                 "OTEL_BSP_MAX_QUEUE_SIZE": "2",
                 "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "1",
