@@ -239,6 +239,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-ca-bundle", action="store_true", help="print only the base64 caBundle"
     )
     certs.set_defaults(func=cmd_certs)
+
+    from injector.mutate import BUNDLE_PATH, CA_CERT_PATH
+
+    bundle = sub.add_parser(
+        "ca-bundle",
+        help="write system roots + the egress CA certificate (the inspecting pods' init step)",
+        description=(
+            "Write a trust bundle: the system roots (--system; default the first of "
+            "/etc/ssl/certs/ca-certificates.crt and the other usual paths, else certifi's "
+            "Mozilla roots) followed by the namespace's egress CA certificate (--ca). The "
+            "injected init container egress-ca-bundle runs it at pod start into an emptyDir the "
+            "app containers mount read-only (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, "
+            "CURL_CA_BUNDLE point at it). A --ca holding a private key, several certificates or "
+            "a non-CA certificate is refused. The file is replaced at once, mode 0644."
+        ),
+        epilog="exit status: 0 written; 1 a file is missing or unusable (with --optional only "
+        "the system bundle counts).",
+        formatter_class=formatter,
+    )
+    bundle.add_argument(
+        "--ca", default=CA_CERT_PATH, metavar="FILE", help=f"default {CA_CERT_PATH}"
+    )
+    bundle.add_argument("--out", default=BUNDLE_PATH, metavar="FILE", help=f"default {BUNDLE_PATH}")
+    bundle.add_argument("--system", metavar="FILE", help="system roots (default: see above)")
+    bundle.add_argument(
+        "--optional",
+        action="store_true",
+        help="a missing or unusable --ca writes the system roots alone, with a warning, and "
+        "exits 0 (the injected init container: the pod starts, inspected hosts are denied)",
+    )
+    bundle.set_defaults(func=cmd_ca_bundle)
     return parser
 
 
@@ -448,6 +479,25 @@ def _inspect_ca(args: argparse.Namespace) -> int:
         f"kubectl create -f {out / 'egress-ca.yaml'}",
         file=sys.stderr,
     )
+    return 0
+
+
+def cmd_ca_bundle(args: argparse.Namespace) -> int:
+    from injector import cabundle
+
+    system = Path(args.system) if args.system else cabundle.default_system_bundle()
+    out = Path(args.out)
+    try:
+        bundle = cabundle.make(system, Path(args.ca), optional=args.optional)
+        cabundle.write(out, bundle.pem)
+    except cabundle.BundleError as exc:
+        print(f"egress-injector ca-bundle: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"egress-injector ca-bundle: {out}: cannot write: {exc.strerror}", file=sys.stderr)
+        return 1
+    for line in cabundle.describe(bundle, out, system):
+        print(f"egress-injector ca-bundle: {line}", file=sys.stderr)
     return 0
 
 
