@@ -690,6 +690,60 @@ def _add_trust(container: JSON) -> list[str]:
     return warnings
 
 
+def _shows_key(source: Any, name_key: str) -> bool:
+    """A Secret volume or projection of the inspection CA that can show tls.key."""
+    if not isinstance(source, Mapping) or source.get(name_key) != c.INSPECT_CA_SECRET:
+        return False
+    items = source.get("items")
+    if not isinstance(items, list) or not items:
+        return True
+    return any(isinstance(i, Mapping) and i.get("key") == "tls.key" for i in items)
+
+
+def _mappings(value: Any) -> list[Mapping[str, Any]]:
+    """The mappings of a list, for fields the pod shape check does not cover."""
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+
+def _ca_key_warnings(volumes: list[JSON], containers: list[JSON]) -> list[str]:
+    """The app's own ways to the inspection CA's key (a volume of the whole Secret, an env value
+    or envFrom of it): the injector never makes one, but says so when the pod does, since the key
+    lets its holder impersonate every inspected host to the pods that trust the CA."""
+    by_name = {v.get("name"): v for v in _mappings(volumes)}
+    warnings: list[str] = []
+    for container in containers:
+        ways: list[str] = []
+        for mount in _mappings(container.get("volumeMounts")):
+            volume = by_name.get(mount.get("name"))
+            if volume is None:
+                continue
+            projected = volume.get("projected")
+            sources = _mappings(projected.get("sources")) if isinstance(projected, Mapping) else []
+            if _shows_key(volume.get("secret"), "secretName") or any(
+                _shows_key(source.get("secret"), "name") for source in sources
+            ):
+                ways.append(f"volume {volume.get('name')}")
+        for env in _mappings(container.get("env")):
+            value_from = env.get("valueFrom")
+            ref = value_from.get("secretKeyRef") if isinstance(value_from, Mapping) else None
+            if (
+                isinstance(ref, Mapping)
+                and ref.get("name") == c.INSPECT_CA_SECRET
+                and ref.get("key") == "tls.key"
+            ):
+                ways.append(f"env {env.get('name')}")
+        for source in _mappings(container.get("envFrom")):
+            ref = source.get("secretRef")
+            if isinstance(ref, Mapping) and ref.get("name") == c.INSPECT_CA_SECRET:
+                ways.append("envFrom")
+        if ways:
+            warnings.append(
+                f"container {container.get('name')}: {', '.join(ways)} gives it the key of the "
+                f"Secret {c.INSPECT_CA_SECRET} (the HTTPS inspection CA); give it tls.crt alone"
+            )
+    return warnings
+
+
 def _dedupe(items: list[str]) -> list[str]:
     seen: list[str] = []
     for item in items:
@@ -796,6 +850,7 @@ def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> 
     else:
         risks = transparent_risks(spec, user_init + user_containers)
         warnings.extend(risks)
+    warnings.extend(_ca_key_warnings(volumes, user_init + user_containers))
     if settings.inspect_ca:
         for container in user_init + user_containers:
             warnings.extend(_add_trust(container))

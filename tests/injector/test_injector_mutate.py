@@ -761,3 +761,57 @@ def test_inspect_annotation_on_the_workload_reaches_its_pods() -> None:
     assert template["metadata"]["annotations"][c.ANNOTATION_INSPECT_CA] == "true"
     assert CA_BUNDLE_CONTAINER in _containers(template["spec"])
     validate(result.pod)
+
+
+@pytest.mark.parametrize(
+    ("volume", "extra", "way"),
+    [
+        ({"name": "ca", "secret": {"secretName": "egress-ca"}}, {}, "volume ca"),
+        (
+            {"name": "ca", "projected": {"sources": [{"secret": {"name": "egress-ca"}}]}},
+            {},
+            "volume ca",
+        ),
+        (
+            None,
+            {
+                "env": [
+                    {
+                        "name": "CA_KEY",
+                        "valueFrom": {"secretKeyRef": {"name": "egress-ca", "key": "tls.key"}},
+                    }
+                ]
+            },
+            "env CA_KEY",
+        ),
+        (None, {"envFrom": [{"secretRef": {"name": "egress-ca"}}]}, "envFrom"),
+    ],
+)
+@pytest.mark.parametrize("inspect", [True, False])
+def test_an_app_that_takes_the_ca_key_itself_is_warned(
+    volume: dict[str, Any] | None, extra: dict[str, Any], way: str, inspect: bool
+) -> None:
+    src = pod(INSPECT if inspect else INJECT_TRUE)
+    app = src["spec"]["containers"][0]
+    app.update(extra)
+    if volume is not None:
+        src["spec"]["volumes"] = [volume]
+        app["volumeMounts"] = [{"name": volume["name"], "mountPath": "/ca"}]
+    result = inject_pod(src, PodContext(), CFG)
+    assert result.injected  # the deployer is trusted: a warning, not a refusal
+    assert any(w.startswith(f"container app: {way} gives it the key") for w in result.warnings), (
+        result.warnings
+    )
+
+
+def test_the_certificate_alone_is_not_warned_about() -> None:
+    src = pod(INSPECT)
+    src["spec"]["volumes"] = [
+        {
+            "name": "ca",
+            "secret": {"secretName": "egress-ca", "items": [{"key": "tls.crt", "path": "c"}]},
+        }
+    ]
+    src["spec"]["containers"][0]["volumeMounts"] = [{"name": "ca", "mountPath": "/ca"}]
+    result = inject_pod(src, PodContext(), CFG)
+    assert not any("gives it the key" in w for w in result.warnings)
