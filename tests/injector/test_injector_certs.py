@@ -162,6 +162,9 @@ def _signed(
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
+        )
     )
     if ca:
         builder = builder.add_extension(
@@ -191,7 +194,7 @@ def test_inspection_ca_pathlen_0_is_enforced_by_openssl(tmp_path: Path) -> None:
             check=False,
         )
 
-    ok = verify(_pem_file(tmp_path / "leaf.pem", leaf))
+    ok = verify("-x509_strict", _pem_file(tmp_path / "leaf.pem", leaf))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     bad = verify(
         "-untrusted", _pem_file(tmp_path / "sub.pem", sub), _pem_file(tmp_path / "u.pem", under_sub)
