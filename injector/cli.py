@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="egress-injector",
         description=(
             "Inject the egress-sidecar into the pods of workloads that opt in: as a Kubernetes "
-            "mutating admission webhook (serve), into manifest files (inject), and the webhook's "
-            "certificates (certs)."
+            "mutating admission webhook (serve), into manifest files (inject); the webhook's "
+            "certificates or a namespace's HTTPS inspection CA (certs); the trust bundle of "
+            "inspecting pods (ca-bundle, their init step)."
         ),
     )
     parser.add_argument("--version", action="version", version=f"egress-injector {__version__}")
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     certs = sub.add_parser(
         "certs",
-        help="make the webhook's CA and serving certificate",
+        help="make the webhook's CA and serving certificate, or an inspection CA",
         description=(
             "Generate a CA and a serving certificate for the webhook Service's DNS names "
             "(<service>, <service>.<ns>, <service>.<ns>.svc, <service>.<ns>.svc.cluster.local). "
