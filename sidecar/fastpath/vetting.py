@@ -77,7 +77,7 @@ def _first(snap: Snapshot, dest: Destination) -> Vetted | _Lookup:
     """``_without_lookup``, read once per snapshot and destination (never with learned
     addresses: those change with every DNS answer)."""
     memo = snap.memo
-    key = (dest.host, dest.port, dest.address, dest.method, dest.path)
+    key = (dest.host, dest.port, dest.address, dest.method, dest.path, dest.inspected)
     entry = memo.get(key)
     if entry is None:
         entry = _without_lookup(snap, dest)
