@@ -8,6 +8,7 @@ import hashlib
 import json
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,3 +383,103 @@ def test_start_line_says_inspection_is_available(world: World) -> None:
     found = [x for x in lines if x.get("msg") == "HTTPS inspection available"]
     assert found and found[0]["inspection_ca"] == f"CN={EGRESS_CA_NAME}"
     assert str(world.upstream_ca) in found[0]["inspection_upstream_trust"]
+
+
+# -- the CA not available: inspected hosts denied (fail closed), the others unaffected ---------
+
+
+@pytest.mark.parametrize("engine", ["fast", "mitmproxy"])
+def test_ca_missing_denies_inspected_hosts_only(tmp_path: Path, world: World, engine: str) -> None:
+    allowlist = f"""
+allow:
+  - {{host: api.inspected.test, ports: [{world.api.port}], inspect: true, methods: [GET]}}
+  - {{host: plain.test, ports: [{world.plain.port}]}}
+"""
+    sidecar = start_sidecar(
+        tmp_path,
+        allowlist=allowlist,
+        hosts={"api.inspected.test": API, "plain.test": PLAIN},
+        args=[
+            "--allow-private-range",
+            "127.0.0.0/8",
+            "--inspect-ca-dir",
+            str(tmp_path / "no-such-dir"),
+            "--engine",
+            engine,
+        ],
+    )
+    try:
+        before = world.api.seen.connections
+        sock, head = sidecar.connect_tunnel(f"api.inspected.test:{world.api.port}")
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 403"), head
+        assert b"x-egress-reason: inspection CA not available" in head
+        assert world.api.seen.connections == before  # not even connected
+        line = sidecar.wait_decisions(lambda d: d.get("host") == "api.inspected.test")[-1]
+        assert line["reason"] == "inspection CA not available"
+        assert "no-such-dir does not exist" in line["detail"]
+        # A host that is not inspected passes through as ever.
+        sock, head = sidecar.connect_tunnel(f"plain.test:{world.plain.port}")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        with _trusting(world.upstream_ca).wrap_socket(sock, server_hostname="plain.test") as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None and hashlib.sha256(der).hexdigest() == world.plain_fingerprint
+        logs = [json.loads(x) for x in sidecar.stderr if x.startswith("{")]
+        start = [x for x in logs if x.get("msg", "").startswith("HTTPS inspection not available")]
+        assert start and start[0]["level"] == "info"  # no CA directory: not configured
+        assert start[0]["inspection_problem"].endswith("no-such-dir does not exist")
+    finally:
+        assert sidecar.stop() == 0, sidecar.stderr[-20:]
+
+
+def test_an_unusable_ca_is_a_warning_at_start(tmp_path: Path, world: World) -> None:
+    ca_dir = tmp_path / "ca"
+    ca_dir.mkdir()
+    (ca_dir / "tls.crt").write_bytes(world.upstream_ca.read_bytes())  # a key is missing
+    sidecar = start_sidecar(
+        tmp_path, allowlist="allow:\n  - a.test\n", args=["--inspect-ca-dir", str(ca_dir)]
+    )
+    try:
+        logs = [json.loads(x) for x in sidecar.stderr if x.startswith("{")]
+        start = [x for x in logs if x.get("msg", "").startswith("HTTPS inspection not available")]
+        assert start and start[0]["level"] == "warning"
+        assert "cannot read the CA" in start[0]["inspection_problem"]
+    finally:
+        assert sidecar.stop() == 0, sidecar.stderr[-20:]
+
+
+def test_reference_engine_inspects_too(tmp_path: Path, world: World, ca_file: Path) -> None:
+    allowlist = f"""
+allow:
+  - {{host: api.inspected.test, ports: [{world.api.port}], inspect: true, methods: [GET]}}
+"""
+    sidecar = start_sidecar(
+        tmp_path,
+        allowlist=allowlist,
+        hosts={"api.inspected.test": API},
+        args=[
+            "--allow-private-range",
+            "127.0.0.0/8",
+            "--inspect-ca-dir",
+            str(world.ca_dir),
+            "--inspect-upstream-ca-file",
+            str(ca_file),
+            "--engine",
+            "mitmproxy",
+        ],
+    )
+    try:
+        proxies = {"https": sidecar.proxy_url}
+        url = _url("api.inspected.test", world.api.port, "/v1/ref")
+        ok = requests.get(url, proxies=proxies, verify=str(world.egress_ca), timeout=10)
+        assert ok.status_code == 200 and ok.json()["path"] == "/v1/ref"
+        denied = requests.post(url, proxies=proxies, verify=str(world.egress_ca), timeout=10)
+        assert denied.status_code == 403
+        # `ok` keeps its keep-alive connection open: idle between requests, the drain closes it
+        # at once (a tunnel would be waited for).
+        started = time.monotonic()
+        assert sidecar.stop() == 0, sidecar.stderr[-20:]
+        assert time.monotonic() - started < 5
+        assert ok.ok
+    finally:
+        assert sidecar.stop() == 0, sidecar.stderr[-20:]
