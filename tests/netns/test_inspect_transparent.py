@@ -148,3 +148,29 @@ def test_a_host_not_inspected_shows_the_upstreams_own_certificate(pod: Pod) -> N
     assert leaf.fingerprint(hashes.SHA256()).hex() == pod.certs.leaf_der_sha256
     line = pod.decision(lambda d: d["protocol"] == "TLS" and d.get("host") == "plain.test")
     assert "inspected" not in line and line["decision"] == "allow"
+
+
+def test_ca_missing_denies_the_inspected_sni_only(fresh_world: h.World) -> None:
+    w = fresh_world
+    certs = h.make_certs(w.workdir, list(HOSTS), [API4, PLAIN4])
+    upstream = w.start_servers(w.outside, "outside", certs, https=[f"{API4}:443", f"{PLAIN4}:443"])
+    assert iptables(w, "apply").returncode == 0
+    sidecar = h.start_pod_sidecar(
+        w, ALLOWLIST, HOSTS, extra=["--inspect-ca-dir", str(w.workdir / "no-ca")]
+    )
+    pod = Pod(w, certs, upstream, sidecar.out, certs.ca_pem)
+    mark = upstream.mark()
+    code, _, err = pod.curl(
+        "--cacert",
+        str(certs.ca_pem),
+        "--resolve",
+        f"api.inspected.test:443:{API4}",
+        "https://api.inspected.test/v1/items",
+    )
+    assert code != 0, err  # closed before any byte reached the destination
+    line = pod.decision(lambda d: d.get("host") == "api.inspected.test")
+    assert (line["decision"], line["reason"]) == ("deny", "inspection CA not available")
+    time.sleep(0.3)
+    assert not [r for r in upstream.since(mark) if r["local"] == f"{API4}:443"]
+    out = pod.s_client(PLAIN4, "plain.test", certs.ca_pem)
+    assert "Verify return code: 0 (ok)" in out, out
