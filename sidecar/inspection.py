@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,8 @@ _DEBIAN_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 def system_trust_file() -> str:
     """The system trust store's bundle file: what upstream certificates are verified against."""
+    import ssl  # only where inspection is set up
+
     paths = ssl.get_default_verify_paths()
     for candidate in (paths.cafile, paths.openssl_cafile, _DEBIAN_BUNDLE):
         if candidate and os.path.isfile(candidate):
