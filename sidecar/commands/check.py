@@ -36,6 +36,16 @@ def https_request(target: str, method: str | None) -> tuple[str, str] | None:
     return (method or "GET").upper(), parsed.path.split("?", 1)[0] or "/"
 
 
+def inspected_destination(dest: Destination, target: str, method: str | None) -> Destination:
+    """``dest`` (parsed from ``target``) to a host a rule inspects, as the sidecar decides it: an
+    https:// URL is the request inside the inspected TLS (method and path visible), HOST[:PORT]
+    the TLS channel (the rules' methods and paths deferred to its requests)."""
+    inside = https_request(target, method)
+    if inside is not None:
+        return Destination(dest.host, dest.port, dest.address, inside[0], inside[1])
+    return Destination(dest.host, dest.port, dest.address, inspected=True)
+
+
 def parse_target(target: str, method: str | None) -> Destination:
     """A URL (http: decided like a plain-HTTP request, https: like a CONNECT) or HOST[:PORT].
 
@@ -138,12 +148,8 @@ def run(args: argparse.Namespace) -> int:
     store = PolicyStore(Mode(args.mode) if args.mode else None)
     snap = store.set_policy(policy.with_extra_private_ranges(ranges))
     inspected_by = snap.inspection(dest.host, dest.port)
-    if inspected_by is not None and inside is not None:
-        # The request inside the inspected TLS, decided as the sidecar decides each one.
-        dest = Destination(dest.host, dest.port, None, inside[0], inside[1])
-    elif inspected_by is not None:
-        # HOST[:PORT]: the TLS channel, granted on the rules' ports; its requests decide later.
-        dest = Destination(dest.host, dest.port, inspected=True)
+    if inspected_by is not None:
+        dest = inspected_destination(dest, args.target[0], args.method)
     if args.resolve and dest.host is not None:
         try:
             infos = socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)

@@ -305,6 +305,7 @@ class Policy:
         "_deny_cidr",
         "_deny_hosts",
         "_frozen",
+        "_inspects",
         "_private",
         "meta",
         "private_ranges",
@@ -321,6 +322,7 @@ class Policy:
     _private: _NetworkIndex
     _cidr_allow_ports: frozenset[int]
     _frozen: bool
+    _inspects: bool
 
     def __init__(
         self,
@@ -345,6 +347,8 @@ class Policy:
             if rule.network is not None:
                 ports |= rule.allow_ports()
         set_(self, "_cidr_allow_ports", frozenset(ports))
+        # Most policies inspect nothing: every CONNECT and ClientHello asks, so answer at once.
+        set_(self, "_inspects", any(rule.inspect for rule in allow))
         set_(self, "_frozen", True)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -523,6 +527,8 @@ class Policy:
         pattern's rules one that says ``inspect: true`` is enough. ``host`` is normalized here;
         an address or an invalid host is never inspected (a leaf certificate needs a name).
         """
+        if not self._inspects:
+            return None
         try:
             name = normalize_host(host)
         except InvalidHost:
