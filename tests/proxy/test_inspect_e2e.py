@@ -483,3 +483,35 @@ allow:
         assert ok.ok
     finally:
         assert sidecar.stop() == 0, sidecar.stderr[-20:]
+
+
+def test_ca_missing_in_audit_mode_passes_through_uninspected(tmp_path: Path, world: World) -> None:
+    allowlist = f"""
+mode: audit
+allow:
+  - {{host: api.inspected.test, ports: [{world.api.port}], inspect: true, methods: [GET]}}
+"""
+    sidecar = start_sidecar(
+        tmp_path,
+        allowlist=allowlist,
+        hosts={"api.inspected.test": API},
+        args=["--allow-private-range", "127.0.0.0/8", "--inspect-ca-dir", str(tmp_path / "no")],
+    )
+    try:
+        # The upstream's own certificate: nothing was decrypted.
+        cert = _peer_cert_via(sidecar, "api.inspected.test", world.api.port, world.upstream_ca)
+        assert cert.issuer != x509.Name.from_rfc4514_string(f"CN={EGRESS_CA_NAME}")
+        line = sidecar.wait_decisions(lambda d: d.get("host") == "api.inspected.test")[-1]
+        assert (line["decision"], line["reason"]) == ("audit", "inspection CA not available")
+        assert "inspected" not in line
+    finally:
+        assert sidecar.stop() == 0, sidecar.stderr[-20:]
+
+
+def _peer_cert_via(sidecar: Sidecar, host: str, port: int, cafile: Path) -> x509.Certificate:
+    sock, head = sidecar.connect_tunnel(f"{host}:{port}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    with _trusting(cafile).wrap_socket(sock, server_hostname=host) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
