@@ -25,7 +25,7 @@ from tests.support.sidecar import Sidecar, start_sidecar
 from tests.support.tls import TestCA
 from tests.support.upstream import UpstreamServer
 
-API, H2, BAD, PLAIN = "127.0.0.41", "127.0.0.42", "127.0.0.43", "127.0.0.44"
+API, H2, BAD, PLAIN = "127.0.12.1", "127.0.12.2", "127.0.12.3", "127.0.12.4"
 EGRESS_CA_NAME = "egress-sidecar inspection CA (test)"
 
 
