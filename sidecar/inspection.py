@@ -24,14 +24,18 @@ _DEBIAN_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def system_trust_file() -> str:
-    """The system trust store's bundle file: what upstream certificates are verified against."""
+    """The system trust store's bundle file: what upstream certificates are verified against
+    (the image installs Debian's ca-certificates). Without one, certifi's bundle (a dependency
+    of mitmproxy): Mozilla's roots too, rather than verifying against nothing."""
     import ssl  # only where inspection is set up
 
     paths = ssl.get_default_verify_paths()
     for candidate in (paths.cafile, paths.openssl_cafile, _DEBIAN_BUNDLE):
         if candidate and os.path.isfile(candidate):
             return candidate
-    return _DEBIAN_BUNDLE
+    import certifi
+
+    return str(certifi.where())
 
 
 @dataclass(frozen=True, slots=True)
