@@ -14,8 +14,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-ENV_INSPECT_CA_DIR = "EGRESS_INSPECT_CA_DIR"
-DEFAULT_INSPECT_CA_DIR = "/etc/egress-sidecar/ca"
+from sidecar.contract import INSPECT_CA_DIR
+
+# The injector mounts the Secret there (contract.py); one name for both sides.
+DEFAULT_INSPECT_CA_DIR = INSPECT_CA_DIR
 ENV_INSPECT_UPSTREAM_CA_FILE = "EGRESS_INSPECT_UPSTREAM_CA_FILE"
 CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"

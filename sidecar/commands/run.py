@@ -17,7 +17,6 @@ from sidecar import contract
 from sidecar.commands.options import add_policy_options, env_ranges
 from sidecar.inspection import (
     DEFAULT_INSPECT_CA_DIR,
-    ENV_INSPECT_CA_DIR,
     ENV_INSPECT_UPSTREAM_CA_FILE,
     InspectionCA,
 )
@@ -230,11 +229,11 @@ def add_parser(sub: Any) -> None:
     inspect.add_argument(
         "--inspect-ca-dir",
         metavar="DIR",
-        default=os.environ.get(ENV_INSPECT_CA_DIR, DEFAULT_INSPECT_CA_DIR),
+        default=os.environ.get(contract.ENV_INSPECT_CA_DIR, DEFAULT_INSPECT_CA_DIR),
         help="the CA that issues leaf certificates for inspected hosts: tls.crt and tls.key "
         "(PEM; the Secret egress-ca mounted read-only). Missing or unreadable: inspected hosts "
-        f"are denied (inspection CA not available), others unaffected (env {ENV_INSPECT_CA_DIR};"
-        " default %(default)s)",
+        "are denied (inspection CA not available), others unaffected "
+        f"(env {contract.ENV_INSPECT_CA_DIR}; default %(default)s)",
     )
     inspect.add_argument(
         "--inspect-upstream-ca-file",
