@@ -93,6 +93,21 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> Path:
     return path
 
 
+def _warm_up(gen: Generators, https: int, proxy_port: int) -> None:
+    """A second of light load first: mitmproxy loads on the first inspected connection and both
+    proxies fill their leaf caches, so the measured runs see neither."""
+    gen.hey_https(
+        upstream_port=https,
+        proxy_port=proxy_port,
+        connections=2,
+        seconds=1,
+        new_connection_each=False,
+        max_qps_per_worker=50,
+        address=NAME,
+        name=NAME,  # hey: the Host header and the TLS server name, without a port
+    )
+
+
 def _measure(
     gen: Generators, pid: int, port: int, https: int, args: argparse.Namespace
 ) -> list[tuple[str, LoadResult, float]]:
@@ -171,17 +186,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
             },
         )
         servers.append(sidecar.server)
-        # Warm-up: mitmproxy is loaded on the first inspected connection; leaves get cached.
-        gen.hey_https(
-            upstream_port=ports.https,
-            proxy_port=sidecar.port,
-            connections=2,
-            seconds=1,
-            new_connection_each=False,
-            max_qps_per_worker=50,
-            address=NAME,
-            name=NAME,  # hey: the Host header and the TLS server name, without a port
-        )
+        _warm_up(gen, ports.https, sidecar.port)
         for load, result, cpu in _measure(gen, sidecar.server.pid, sidecar.port, ports.https, args):
             rows.append(Row("egress-sidecar (inspect: true)", load, result, cpu))
         sidecar.server.stop()
@@ -214,16 +219,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
         )
         servers.append(squid)
         squid.wait(lambda: port_open(port), 20)
-        gen.hey_https(
-            upstream_port=ports.https,
-            proxy_port=port,
-            connections=2,
-            seconds=1,
-            new_connection_each=False,
-            max_qps_per_worker=50,
-            address=NAME,
-            name=NAME,  # hey: the Host header and the TLS server name, without a port
-        )
+        _warm_up(gen, ports.https, port)
         for load, result, cpu in _measure(gen, squid.pid, port, ports.https, args):
             rows.append(Row("Squid 5.7 ssl-bump (squid-openssl)", load, result, cpu))
         return rows, notes

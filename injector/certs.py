@@ -169,6 +169,21 @@ def generate(
 
 
 def secret_manifest(bundle: CertBundle, name: str, namespace: str) -> dict[str, Any]:
+    return _tls_secret(
+        name,
+        namespace,
+        "egress-injector",
+        cert_pem=bundle.cert_pem,
+        key_pem=bundle.key_pem,
+        ca_pem=bundle.ca_pem,
+    )
+
+
+def _tls_secret(
+    name: str, namespace: str, app: str, *, cert_pem: bytes, key_pem: bytes, ca_pem: bytes
+) -> dict[str, Any]:
+    """A kubernetes.io/tls Secret with the ca.crt key cert-manager also writes."""
+
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode("ascii")
 
@@ -178,14 +193,10 @@ def secret_manifest(bundle: CertBundle, name: str, namespace: str) -> dict[str, 
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "labels": {"app.kubernetes.io/name": "egress-injector"},
+            "labels": {"app.kubernetes.io/name": app},
         },
         "type": "kubernetes.io/tls",
-        "data": {
-            "tls.crt": b64(bundle.cert_pem),
-            "tls.key": b64(bundle.key_pem),
-            "ca.crt": b64(bundle.ca_pem),
-        },
+        "data": {"tls.crt": b64(cert_pem), "tls.key": b64(key_pem), "ca.crt": b64(ca_pem)},
     }
 
 
@@ -225,24 +236,14 @@ def inspection_ca_secret(ca: InspectionCA, namespace: str) -> dict[str, Any]:
     ``ca.crt`` repeats the certificate, as cert-manager writes it for a self-signed CA, so that
     both ways of making the Secret have the same keys."""
 
-    def b64(data: bytes) -> str:
-        return base64.b64encode(data).decode("ascii")
-
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": c.INSPECT_CA_SECRET,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/name": "egress-sidecar"},
-        },
-        "type": "kubernetes.io/tls",
-        "data": {
-            "tls.crt": b64(ca.cert_pem),
-            "tls.key": b64(ca.key_pem),
-            "ca.crt": b64(ca.cert_pem),
-        },
-    }
+    return _tls_secret(
+        c.INSPECT_CA_SECRET,
+        namespace,
+        "egress-sidecar",
+        cert_pem=ca.cert_pem,
+        key_pem=ca.key_pem,
+        ca_pem=ca.cert_pem,
+    )
 
 
 def cabundle_patch(bundle: CertBundle) -> dict[str, Any]:
