@@ -41,9 +41,10 @@ RUN /tmp/pip/bin/pip wheel --no-deps --no-build-isolation --no-index -w /tmp/dis
 
 FROM debian:trixie-slim
 ARG DEBIAN_FRONTEND=noninteractive
-# python3 (the venv's interpreter) and iptables (nft backend) for egress-init; nothing else.
+# python3 (the venv's interpreter), iptables (nft backend) for egress-init, and ca-certificates:
+# the system trust store HTTPS inspection verifies upstreams against; nothing else.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 iptables \
+    && apt-get install -y --no-install-recommends python3 iptables ca-certificates \
     && rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/log/* \
     && groupadd --gid 1337 egress \
     && useradd --uid 1337 --gid 1337 --no-create-home --home-dir /nonexistent \

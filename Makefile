@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test pytest lint bench bench-image soak venv clean help image image-test e2e-kind demo
+.PHONY: run test pytest lint bench bench-image bench-inspect soak venv clean help image image-test e2e-kind demo
 
 help:
 	@echo "make run    - run the sidecar locally on examples/allowlist.yaml (explicit proxy 127.0.0.1:15001)"
@@ -12,6 +12,7 @@ help:
 	@echo "make lint   - only the linters"
 	@echo "make bench  - throughput/latency/memory benchmark against Squid"
 	@echo "make bench-image - the same with the sidecar run from the image (its interpreter), as in a pod"
+	@echo "make bench-inspect - inspected HTTPS (inspect: true) against Squid ssl-bump (needs squid-openssl)"
 	@echo "make soak   - 500 clients for 5 min while the allowlist flips; exit 1 on a wrong decision or a leak"
 	@echo "              (SOAK_ARGS=\"--duration 30\" for a quick run; python -m bench.soak --help)"
 	@echo "make image  - build the container image (docker build, or buildah without a Docker engine)"
@@ -53,6 +54,11 @@ bench: venv
 # sources (its interpreter: Debian's python3.13, built with PGO and LTO). Root and buildah.
 bench-image: venv image
 	IMAGE=$(IMAGE) scripts/bench-image $(BENCH_ARGS)
+
+# HTTPS inspection (mitmproxy's tier) against Squid with ssl-bump: Debian's `squid-openssl` has it,
+# the default GnuTLS `squid` does not (the report says so and measures the sidecar alone).
+bench-inspect: venv
+	$(BIN)/python -m bench.inspect $(BENCH_ARGS)
 
 # Not part of `make test`: minutes of load. Loopback only; bounded in time and requests.
 soak: venv

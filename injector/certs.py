@@ -1,9 +1,14 @@
-"""A CA and a serving certificate for the webhook Service, and the manifests that carry them.
+"""A CA and a serving certificate for the webhook Service, and the manifests that carry them;
+and the per-namespace CA of opt-in HTTPS inspection.
 
 ``egress-injector certs`` writes a ``kubernetes.io/tls`` Secret (tls.crt, tls.key, ca.crt) and a
 kustomize patch setting the webhook's ``caBundle``. The CA's private key signs the serving
 certificate and is then thrown away: renewing means running the command again, which replaces
 both (the cert-manager overlay in config/cert-manager/ renews automatically instead).
+
+``egress-injector certs --inspect-ca --namespace NS`` makes the namespace's inspection CA instead:
+the Secret ``egress-ca`` whose key the sidecar keeps to issue leaf certificates (so this key is
+kept, in the Secret); config/inspect-ca-cert-manager/ is the cert-manager alternative.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -21,7 +27,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sidecar import contract as c
+
 WEBHOOK_CONFIGURATION: Final = "egress-injector"
+_DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 WEBHOOK_NAMES: Final = (
     "namespace.pods.egress-sidecar.io",
     "annotation.pods.egress-sidecar.io",
@@ -91,6 +100,15 @@ class CertificateAuthority:
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
+    @property
+    def key_pem(self) -> bytes:
+        """The CA's private key (PKCS#8 PEM, unencrypted: a Secret is its protection)."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
     def issue(
         self,
         dns_names: Sequence[str],
@@ -151,6 +169,21 @@ def generate(
 
 
 def secret_manifest(bundle: CertBundle, name: str, namespace: str) -> dict[str, Any]:
+    return _tls_secret(
+        name,
+        namespace,
+        "egress-injector",
+        cert_pem=bundle.cert_pem,
+        key_pem=bundle.key_pem,
+        ca_pem=bundle.ca_pem,
+    )
+
+
+def _tls_secret(
+    name: str, namespace: str, app: str, *, cert_pem: bytes, key_pem: bytes, ca_pem: bytes
+) -> dict[str, Any]:
+    """A kubernetes.io/tls Secret with the ca.crt key cert-manager also writes."""
+
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode("ascii")
 
@@ -160,15 +193,57 @@ def secret_manifest(bundle: CertBundle, name: str, namespace: str) -> dict[str, 
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "labels": {"app.kubernetes.io/name": "egress-injector"},
+            "labels": {"app.kubernetes.io/name": app},
         },
         "type": "kubernetes.io/tls",
-        "data": {
-            "tls.crt": b64(bundle.cert_pem),
-            "tls.key": b64(bundle.key_pem),
-            "ca.crt": b64(bundle.ca_pem),
-        },
+        "data": {"tls.crt": b64(cert_pem), "tls.key": b64(key_pem), "ca.crt": b64(ca_pem)},
     }
+
+
+@dataclass(frozen=True)
+class InspectionCA:
+    """A namespace's inspection CA: its certificate and the key the sidecar signs leaves with."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+
+def inspection_ca_name(namespace: str) -> str:
+    # The namespace in the name: a client's "unknown issuer" error then says which CA it met.
+    return f"egress-sidecar inspection CA ({namespace})"
+
+
+def generate_inspection_ca(
+    namespace: str, days: int = 3650, now: dt.datetime | None = None
+) -> InspectionCA:
+    """A fresh P-256 CA for ``namespace``: basicConstraints CA:true with pathlen 0 (it signs
+    leaves only, never another CA) and keyUsage keyCertSign (+ cRLSign, digitalSignature).
+
+    No name constraints: the allowlist decides which names are inspected, and the CA is only
+    trusted by the pods of its namespace."""
+    if not _DNS_LABEL.match(namespace):
+        raise ValueError(f"namespace {namespace!r} is not a namespace name")
+    if days < 1:
+        raise ValueError(f"days must be positive, got {days}")
+    start = (now or dt.datetime.now(dt.UTC)) - dt.timedelta(minutes=5)  # clock skew
+    ca = CertificateAuthority(inspection_ca_name(namespace), start, start + dt.timedelta(days=days))
+    return InspectionCA(cert_pem=ca.cert_pem, key_pem=ca.key_pem)
+
+
+def inspection_ca_secret(ca: InspectionCA, namespace: str) -> dict[str, Any]:
+    """The ``egress-ca`` Secret (kubernetes.io/tls) the injector mounts into the sidecar.
+
+    ``ca.crt`` repeats the certificate, as cert-manager writes it for a self-signed CA, so that
+    both ways of making the Secret have the same keys."""
+
+    return _tls_secret(
+        c.INSPECT_CA_SECRET,
+        namespace,
+        "egress-sidecar",
+        cert_pem=ca.cert_pem,
+        key_pem=ca.key_pem,
+        ca_pem=ca.cert_pem,
+    )
 
 
 def cabundle_patch(bundle: CertBundle) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import yaml
 
 from injector import __version__
 from injector.config import ConfigError, InjectorConfig, config_from_dict
+from sidecar import contract as c
 
 CONFIG_KEY = "config.yaml"
 
@@ -106,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="egress-injector",
         description=(
             "Inject the egress-sidecar into the pods of workloads that opt in: as a Kubernetes "
-            "mutating admission webhook (serve), into manifest files (inject), and the webhook's "
-            "certificates (certs)."
+            "mutating admission webhook (serve), into manifest files (inject); the webhook's "
+            "certificates or a namespace's HTTPS inspection CA (certs); the trust bundle of "
+            "inspecting pods (ca-bundle, their init step)."
         ),
     )
     parser.add_argument("--version", action="version", version=f"egress-injector {__version__}")
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     certs = sub.add_parser(
         "certs",
-        help="make the webhook's CA and serving certificate",
+        help="make the webhook's CA and serving certificate, or an inspection CA",
         description=(
             "Generate a CA and a serving certificate for the webhook Service's DNS names "
             "(<service>, <service>.<ns>, <service>.<ns>.svc, <service>.<ns>.svc.cluster.local). "
@@ -200,20 +202,34 @@ def build_parser() -> argparse.ArgumentParser:
             "webhook-cabundle-patch.yaml (the caBundle for every webhook), a kustomization.yaml "
             "combining them with the install manifests (apply with kubectl apply -k DIR), and "
             "tls.crt, tls.key, ca.crt. Without it, print the Secret and the patch. The CA key is "
-            "not kept: run again to renew (or use config/cert-manager)."
+            "not kept: run again to renew (or use config/cert-manager).\n\n"
+            "With --inspect-ca --namespace NS: instead, the namespace's HTTPS inspection CA, the "
+            "kubernetes.io/tls Secret egress-ca (tls.crt, tls.key, ca.crt; P-256, CA:true, "
+            "pathlen 0, keyCertSign) that pods annotated egress-sidecar.io/inspect-ca=true mount: "
+            "printed, or with --output-dir written as egress-ca.yaml (mode 0600) and ca.crt. Its "
+            "key is kept in the Secret (the sidecar signs leaf certificates with it): create it "
+            "once (kubectl create, which refuses to replace it), or use "
+            "config/inspect-ca-cert-manager."
         ),
         formatter_class=formatter,
     )
-    certs.add_argument("--namespace", default="egress-system", help="default egress-system")
-    certs.add_argument("--service", default="egress-injector", help="default egress-injector")
     certs.add_argument(
-        "--secret-name", default="egress-injector-tls", help="default egress-injector-tls"
+        "--inspect-ca",
+        action="store_true",
+        help="make the namespace's HTTPS inspection CA (Secret egress-ca) instead",
     )
+    certs.add_argument(
+        "-n",
+        "--namespace",
+        help="default egress-system; with --inspect-ca the pods' namespace, required",
+    )
+    certs.add_argument("--service", help="default egress-injector")
+    certs.add_argument("--secret-name", help="default egress-injector-tls")
     certs.add_argument(
         "--dns-name", action="append", default=[], help="extra DNS name (repeatable)"
     )
     certs.add_argument("--ip", action="append", default=[], help="IP address SAN (repeatable)")
-    certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    certs.add_argument("--days", type=int, help="validity (default 365; 3650 with --inspect-ca)")
     certs.add_argument("--output-dir", metavar="DIR", help="write the files here")
     certs.add_argument(
         "--kustomize-base",
@@ -224,6 +240,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-ca-bundle", action="store_true", help="print only the base64 caBundle"
     )
     certs.set_defaults(func=cmd_certs)
+
+    from injector.mutate import BUNDLE_PATH, CA_CERT_PATH
+
+    bundle = sub.add_parser(
+        "ca-bundle",
+        help="write system roots + the egress CA certificate (the inspecting pods' init step)",
+        description=(
+            "Write a trust bundle: the system roots (--system; default the first of "
+            "/etc/ssl/certs/ca-certificates.crt and the other usual paths, else certifi's "
+            "Mozilla roots) followed by the namespace's egress CA certificate (--ca). The "
+            "injected init container egress-ca-bundle runs it at pod start into an emptyDir the "
+            "app containers mount read-only (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, "
+            "CURL_CA_BUNDLE point at it). A --ca holding a private key, several certificates or "
+            "a non-CA certificate is refused. The file is replaced at once, mode 0644."
+        ),
+        epilog="exit status: 0 written; 1 a file is missing or unusable (with --optional only "
+        "the system bundle counts).",
+        formatter_class=formatter,
+    )
+    bundle.add_argument(
+        "--ca", default=CA_CERT_PATH, metavar="FILE", help=f"default {CA_CERT_PATH}"
+    )
+    bundle.add_argument("--out", default=BUNDLE_PATH, metavar="FILE", help=f"default {BUNDLE_PATH}")
+    bundle.add_argument("--system", metavar="FILE", help="system roots (default: see above)")
+    bundle.add_argument(
+        "--optional",
+        action="store_true",
+        help="a missing or unusable --ca writes the system roots alone, with a warning, and "
+        "exits 0 (the injected init container: the pod starts, inspected hosts are denied)",
+    )
+    bundle.set_defaults(func=cmd_ca_bundle)
     return parser
 
 
@@ -334,16 +381,20 @@ def cmd_inject(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     from injector import certs
 
-    names = certs.service_dns_names(args.service, args.namespace) + list(args.dns_name)
+    if args.inspect_ca:
+        return _inspect_ca(args)
+    namespace = args.namespace or "egress-system"
+    service = args.service or "egress-injector"
+    names = certs.service_dns_names(service, namespace) + list(args.dns_name)
     try:
-        bundle = certs.generate(names, args.ip, days=args.days)
+        bundle = certs.generate(names, args.ip, days=365 if args.days is None else args.days)
     except ValueError as exc:
         print(f"egress-injector certs: {exc}", file=sys.stderr)
         return 1
     if args.print_ca_bundle and not args.output_dir:
         print(bundle.ca_bundle)
         return 0
-    secret = certs.secret_manifest(bundle, args.secret_name, args.namespace)
+    secret = certs.secret_manifest(bundle, args.secret_name or "egress-injector-tls", namespace)
     patch = certs.cabundle_patch(bundle)
     if not args.output_dir:
         sys.stdout.write("---\n" + certs.dump(secret) + "---\n" + certs.dump(patch))
@@ -352,8 +403,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # kustomize only accepts a relative path to a base
     base = os.path.relpath(Path(args.kustomize_base or "config").resolve(), out.resolve())
+    # secret.yaml holds the key too: written private from the start, like tls.key
+    _write_private(out / "secret.yaml", certs.dump(secret).encode())
     files = {
-        "secret.yaml": certs.dump(secret),
         "webhook-cabundle-patch.yaml": certs.dump(patch),
         "kustomization.yaml": certs.dump(certs.kustomization(base)),
         "tls.crt": bundle.cert_pem.decode(),
@@ -361,20 +413,92 @@ def cmd_certs(args: argparse.Namespace) -> int:
     }
     for name, content in files.items():
         (out / name).write_text(content, encoding="utf-8")
-    key_path = out / "tls.key"
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(bundle.key_pem)
-    os.chmod(key_path, 0o600)
-    os.chmod(out / "secret.yaml", 0o600)
+    _write_private(out / "tls.key", bundle.key_pem)
     if args.print_ca_bundle:
         print(bundle.ca_bundle)
     else:
         print(
-            f"wrote {', '.join(sorted([*files, 'tls.key']))} to {out}; "
+            f"wrote {', '.join(sorted([*files, 'secret.yaml', 'tls.key']))} to {out}; "
             f"install with: kubectl apply -k {out}",
             file=sys.stderr,
         )
+    return 0
+
+
+def _write_private(path: Path, content: bytes) -> None:
+    """Write a file only its owner can read, even for a moment (it holds a private key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(content)
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+
+
+def _inspect_ca(args: argparse.Namespace) -> int:
+    from injector import certs
+
+    # The webhook's options have no meaning for the inspection CA: refuse rather than ignore.
+    webhook_only = {
+        "--service": args.service,
+        "--secret-name": args.secret_name,
+        "--dns-name": args.dns_name,
+        "--ip": args.ip,
+        "--kustomize-base": args.kustomize_base,
+        "--print-ca-bundle": args.print_ca_bundle,
+    }
+    given = [name for name, value in webhook_only.items() if value]
+    if given:
+        print(
+            f"egress-injector certs: {', '.join(given)} cannot be used with --inspect-ca "
+            f"(the Secret is always {c.INSPECT_CA_SECRET})",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.namespace:
+        print(
+            "egress-injector certs: --inspect-ca needs --namespace (the namespace of the pods "
+            "that inspect: the CA is per namespace)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        ca = certs.generate_inspection_ca(
+            args.namespace, days=3650 if args.days is None else args.days
+        )
+    except ValueError as exc:
+        print(f"egress-injector certs: {exc}", file=sys.stderr)
+        return 1
+    manifest = certs.dump(certs.inspection_ca_secret(ca, args.namespace))
+    if not args.output_dir:
+        sys.stdout.write(manifest)
+        return 0
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_private(out / "egress-ca.yaml", manifest.encode())
+    (out / "ca.crt").write_bytes(ca.cert_pem)
+    print(
+        f"wrote egress-ca.yaml, ca.crt to {out}; install with: "
+        f"kubectl create -f {out / 'egress-ca.yaml'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_ca_bundle(args: argparse.Namespace) -> int:
+    from injector import cabundle
+
+    system = Path(args.system) if args.system else cabundle.default_system_bundle()
+    out = Path(args.out)
+    try:
+        bundle = cabundle.make(system, Path(args.ca), optional=args.optional)
+        cabundle.write(out, bundle.pem)
+    except cabundle.BundleError as exc:
+        print(f"egress-injector ca-bundle: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"egress-injector ca-bundle: {out}: cannot write: {exc.strerror}", file=sys.stderr)
+        return 1
+    for line in cabundle.describe(bundle, out, system):
+        print(f"egress-injector ca-bundle: {line}", file=sys.stderr)
     return 0
 
 

@@ -12,7 +12,11 @@ What is injected (see docs/injector.md):
 - container style (clusters before 1.29): the sidecar is the first regular container with a
   postStart hook that blocks the next containers until it is ready;
 - capture transparent: ``egress-init`` runs ``egress-sidecar iptables apply`` as root with only
-  NET_ADMIN and NET_RAW; capture explicit: HTTP(S)_PROXY/NO_PROXY in every other container.
+  NET_ADMIN and NET_RAW; capture explicit: HTTP(S)_PROXY/NO_PROXY in every other container;
+- HTTPS inspection (annotation ``egress-sidecar.io/inspect-ca: "true"``): the Secret ``egress-ca``
+  whole into the sidecar only; its certificate alone (never the key) and a bundle of system roots
+  + that certificate, built by the init container ``egress-ca-bundle``, into every app container,
+  with the trust-store variables pointing at them.
 """
 
 from __future__ import annotations
@@ -39,6 +43,26 @@ CONFDIR_VOLUME: Final = "egress-sidecar-confdir"
 TMP_VOLUME: Final = "egress-sidecar-tmp"
 TOKEN_VOLUME: Final = "egress-sidecar-token"
 INJECTED_VOLUMES: Final = (CONFDIR_VOLUME, TMP_VOLUME, TOKEN_VOLUME)
+# HTTPS inspection. The Secret's key reaches the sidecar alone: app containers and the bundle
+# step get a volume of the Secret's tls.crt item only.
+CA_VOLUME: Final = "egress-sidecar-ca"  # the whole Secret egress-ca: the sidecar only
+CA_CERT_VOLUME: Final = "egress-sidecar-ca-cert"  # its tls.crt alone, as ca.crt
+BUNDLE_VOLUME: Final = "egress-sidecar-ca-bundle"  # emptyDir: system roots + the CA
+INSPECT_VOLUMES: Final = (CA_VOLUME, CA_CERT_VOLUME, BUNDLE_VOLUME)
+CA_CERT_DIR: Final = "/etc/egress-sidecar/ca-cert"
+CA_CERT_PATH: Final = CA_CERT_DIR + "/ca.crt"
+BUNDLE_DIR: Final = "/etc/egress-sidecar/ca-bundle"
+BUNDLE_PATH: Final = BUNDLE_DIR + "/ca-certificates.crt"
+CA_BUNDLE_CONTAINER: Final = "egress-ca-bundle"
+# What the app containers' TLS libraries read: OpenSSL (Python ssl, Ruby, PHP, Go on Linux, curl
+# built on OpenSSL) SSL_CERT_FILE; Python requests REQUESTS_CA_BUNDLE; curl CURL_CA_BUNDLE; all a
+# whole bundle, replacing the image's. Node adds NODE_EXTRA_CA_CERTS to its built-in roots.
+TRUST_ENV: Final = (
+    ("SSL_CERT_FILE", BUNDLE_PATH),
+    ("REQUESTS_CA_BUNDLE", BUNDLE_PATH),
+    ("CURL_CA_BUNDLE", BUNDLE_PATH),
+    ("NODE_EXTRA_CA_CERTS", CA_CERT_PATH),
+)
 TOKEN_PATH: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Template annotation listing the egress-sidecar.io/* keys that were copied from the workload's
 # own metadata, so that removing one from the workload removes it from the template too.
@@ -124,6 +148,7 @@ class Settings:
     include_ports: tuple[int, ...]
     exclude_udp_ports: tuple[int, ...] = ()
     exclude_udp_cidrs: tuple[str, ...] = ()
+    inspect_ca: bool = False
     warnings: tuple[str, ...] = field(default=())
 
 
@@ -285,6 +310,13 @@ def read_settings(annotations: Mapping[str, str], cfg: InjectorConfig) -> Settin
     if capture == "explicit" and (udp_ports or udp_cidrs):
         # Explicit capture installs no rules: UDP is not restricted there at all.
         warnings.append("outbound UDP annotations only apply to transparent capture; ignored")
+    inspect_raw = annotations.get(c.ANNOTATION_INSPECT_CA)
+    if inspect_raw not in (None, "true", "false"):
+        # Without the CA the sidecar denies the hosts it would inspect: the stricter outcome.
+        warnings.append(
+            f'{c.ANNOTATION_INSPECT_CA}={inspect_raw!r} is neither "true" nor "false"; no '
+            "inspection CA is mounted, so hosts the allowlist inspects are denied"
+        )
     return Settings(
         capture=capture,
         configmaps=tuple(configmaps),
@@ -294,6 +326,7 @@ def read_settings(annotations: Mapping[str, str], cfg: InjectorConfig) -> Settin
         include_ports=tuple(include_ports),
         exclude_udp_ports=tuple(udp_ports),
         exclude_udp_cidrs=tuple(udp_cidrs),
+        inspect_ca=inspect_raw == "true",
         warnings=tuple(warnings),
     )
 
@@ -517,6 +550,11 @@ def sidecar_container(
         "livenessProbe": _probe(c.HEALTH_LIVE_PATH, 10, 3),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if settings.inspect_ca:
+        container["env"].append({"name": c.ENV_INSPECT_CA_DIR, "value": c.INSPECT_CA_DIR})
+        container["volumeMounts"].append(
+            {"name": CA_VOLUME, "mountPath": c.INSPECT_CA_DIR, "readOnly": True}
+        )
     if cfg.sidecar_style == "native":
         container["restartPolicy"] = "Always"
     else:
@@ -564,6 +602,146 @@ def init_container(cfg: InjectorConfig, settings: Settings) -> JSON:
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+
+
+def ca_bundle_container(cfg: InjectorConfig) -> JSON:
+    """The init step writing system roots + the egress CA certificate into the bundle emptyDir.
+
+    It mounts the certificate-only volume, never the key. ``--optional``: without the Secret the
+    bundle holds the system roots alone and the pod starts (the sidecar denies inspected hosts,
+    "inspection CA not available"; every other host works)."""
+    return {
+        "name": CA_BUNDLE_CONTAINER,
+        "image": cfg.image,
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": ["egress-injector", "ca-bundle"],
+        "args": ["--ca", CA_CERT_PATH, "--out", BUNDLE_PATH, "--optional"],
+        "resources": copy.deepcopy(cfg.init_resources),
+        "securityContext": _security_context_sidecar(),  # UID 1337, nothing else
+        "volumeMounts": [
+            {"name": CA_CERT_VOLUME, "mountPath": CA_CERT_DIR, "readOnly": True},
+            {"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR},
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def inspect_volumes() -> list[JSON]:
+    # optional: a pod whose namespace has no egress-ca yet still starts; the sidecar then denies
+    # the inspected hosts (fail closed for them only). 0444: Secret files are root's and the
+    # sidecar and app containers run as other UIDs; the key's volume is mounted by the sidecar
+    # alone, so no other container can read it whatever the mode.
+    return [
+        {
+            "name": CA_VOLUME,
+            "secret": {
+                "secretName": c.INSPECT_CA_SECRET,
+                "optional": True,
+                "defaultMode": 0o444,
+            },
+        },
+        {
+            "name": CA_CERT_VOLUME,
+            "secret": {
+                "secretName": c.INSPECT_CA_SECRET,
+                "optional": True,
+                "defaultMode": 0o444,
+                "items": [{"key": "tls.crt", "path": "ca.crt"}],
+            },
+        },
+        {"name": BUNDLE_VOLUME, "emptyDir": {"sizeLimit": "4Mi"}},
+    ]
+
+
+def _add_trust(container: JSON) -> list[str]:
+    """Mount the CA certificate and the bundle read-only and point the trust-store variables at
+    them, keeping any variable the container sets itself. Returns the warnings."""
+    name = container.get("name")
+    warnings: list[str] = []
+    mounts = container.get("volumeMounts")
+    if not isinstance(mounts, list):
+        mounts = []
+    taken = {m.get("mountPath") for m in mounts if isinstance(m, Mapping)}
+    for volume, path in ((CA_CERT_VOLUME, CA_CERT_DIR), (BUNDLE_VOLUME, BUNDLE_DIR)):
+        if path in taken:
+            warnings.append(
+                f"container {name}: it mounts {path} itself; the egress CA is not there"
+            )
+            continue
+        mounts.append({"name": volume, "mountPath": path, "readOnly": True})
+    container["volumeMounts"] = mounts
+    env = container.get("env")
+    if not isinstance(env, list):
+        env = []
+    present = {e.get("name") for e in env if isinstance(e, Mapping)}
+    kept = [var for var, _ in TRUST_ENV if var in present]
+    env.extend({"name": var, "value": value} for var, value in TRUST_ENV if var not in present)
+    container["env"] = env
+    if kept:
+        warnings.append(
+            f"container {name}: {', '.join(kept)} it sets itself kept; for inspected hosts that "
+            f"trust store must hold the egress CA ({CA_CERT_PATH})"
+        )
+    if container.get("envFrom"):
+        warnings.append(
+            f"container {name}: trust-store variables from envFrom are overridden by the "
+            "injected ones"
+        )
+    return warnings
+
+
+def _shows_key(source: Any, name_key: str) -> bool:
+    """A Secret volume or projection of the inspection CA that can show tls.key."""
+    if not isinstance(source, Mapping) or source.get(name_key) != c.INSPECT_CA_SECRET:
+        return False
+    items = source.get("items")
+    if not isinstance(items, list) or not items:
+        return True
+    return any(isinstance(i, Mapping) and i.get("key") == "tls.key" for i in items)
+
+
+def _mappings(value: Any) -> list[Mapping[str, Any]]:
+    """The mappings of a list, for fields the pod shape check does not cover."""
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+
+def _ca_key_warnings(volumes: list[JSON], containers: list[JSON]) -> list[str]:
+    """The app's own ways to the inspection CA's key (a volume of the whole Secret, an env value
+    or envFrom of it): the injector never makes one, but says so when the pod does, since the key
+    lets its holder impersonate every inspected host to the pods that trust the CA."""
+    by_name = {v.get("name"): v for v in _mappings(volumes)}
+    warnings: list[str] = []
+    for container in containers:
+        ways: list[str] = []
+        for mount in _mappings(container.get("volumeMounts")):
+            volume = by_name.get(mount.get("name"))
+            if volume is None:
+                continue
+            projected = volume.get("projected")
+            sources = _mappings(projected.get("sources")) if isinstance(projected, Mapping) else []
+            if _shows_key(volume.get("secret"), "secretName") or any(
+                _shows_key(source.get("secret"), "name") for source in sources
+            ):
+                ways.append(f"volume {volume.get('name')}")
+        for env in _mappings(container.get("env")):
+            value_from = env.get("valueFrom")
+            ref = value_from.get("secretKeyRef") if isinstance(value_from, Mapping) else None
+            if (
+                isinstance(ref, Mapping)
+                and ref.get("name") == c.INSPECT_CA_SECRET
+                and ref.get("key") == "tls.key"
+            ):
+                ways.append(f"env {env.get('name')}")
+        for source in _mappings(container.get("envFrom")):
+            ref = source.get("secretRef")
+            if isinstance(ref, Mapping) and ref.get("name") == c.INSPECT_CA_SECRET:
+                ways.append("envFrom")
+        if ways:
+            warnings.append(
+                f"container {container.get('name')}: {', '.join(ways)} gives it the key of the "
+                f"Secret {c.INSPECT_CA_SECRET} (the HTTPS inspection CA); give it tls.crt alone"
+            )
+    return warnings
 
 
 def _dedupe(items: list[str]) -> list[str]:
@@ -632,14 +810,19 @@ def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> 
     containers: list[JSON] = list(spec["containers"])
     volumes: list[JSON] = list(spec.get("volumes") or [])
     taken = {x.get("name") for x in init + containers}
-    clash = taken & {c.SIDECAR_CONTAINER, c.INIT_CONTAINER}
+    ours = {c.SIDECAR_CONTAINER, c.INIT_CONTAINER}
+    if settings.inspect_ca:
+        ours.add(CA_BUNDLE_CONTAINER)
+    clash = taken & ours
     if clash:
         return PodResult(
             pod=copy.deepcopy(dict(pod)),
             injected=False,
             reason=f"container name {sorted(str(n) for n in clash)[0]} is already used by the pod",
         )
-    vclash = {v.get("name") for v in volumes} & set(INJECTED_VOLUMES)
+    vclash = {v.get("name") for v in volumes} & (
+        set(INJECTED_VOLUMES) | (set(INSPECT_VOLUMES) if settings.inspect_ca else set())
+    )
     if vclash:
         return PodResult(
             pod=copy.deepcopy(dict(pod)),
@@ -667,11 +850,22 @@ def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> 
     else:
         risks = transparent_risks(spec, user_init + user_containers)
         warnings.extend(risks)
+    warnings.extend(_ca_key_warnings(volumes, user_init + user_containers))
+    if settings.inspect_ca:
+        for container in user_init + user_containers:
+            warnings.extend(_add_trust(container))
+        if spec.get("shareProcessNamespace") is True:
+            warnings.append(
+                "shareProcessNamespace: app containers can reach the sidecar's processes, and "
+                "through them the inspection CA's key; turn it off in pods that inspect"
+            )
 
     sidecar = sidecar_container(meta, ctx, cfg, settings)
     injected_init: list[JSON] = []
     if settings.capture == "transparent":
         injected_init.append(init_container(cfg, settings))
+    if settings.inspect_ca:
+        injected_init.append(ca_bundle_container(cfg))
     if cfg.sidecar_style == "native":
         injected_init.append(sidecar)
         spec["initContainers"] = injected_init + user_init
@@ -693,6 +887,9 @@ def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> 
     volumes.append({"name": CONFDIR_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}})
     volumes.append({"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}})
     injected_volumes = [CONFDIR_VOLUME, TMP_VOLUME]
+    if settings.inspect_ca:
+        volumes.extend(inspect_volumes())
+        injected_volumes.extend(INSPECT_VOLUMES)
     if spec.get("automountServiceAccountToken") is False:
         # The app opted out of an API token, but the sidecar needs one to read its allowlist
         # ConfigMap: give the sidecar alone the volume the ServiceAccount admission would mount.
@@ -703,7 +900,7 @@ def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> 
         injected_volumes.append(TOKEN_VOLUME)
     spec["volumes"] = volumes
 
-    status = {
+    status: JSON = {
         "version": __version__,
         "image": cfg.image,
         "style": cfg.sidecar_style,
@@ -714,6 +911,8 @@ def inject_pod(pod: Mapping[str, Any], ctx: PodContext, cfg: InjectorConfig) -> 
         "containers": [] if cfg.sidecar_style == "native" else [c.SIDECAR_CONTAINER],
         "volumes": injected_volumes,
     }
+    if settings.inspect_ca:
+        status["inspectCA"] = True
     new_annotations = dict(meta.get("annotations") or {})
     new_annotations[c.ANNOTATION_STATUS] = json.dumps(status, separators=(",", ":"))
     meta["annotations"] = new_annotations

@@ -43,6 +43,7 @@ _FAILURE_PHRASES = {
     "timeout": "upstream timeout",
     "host_unreachable": "upstream unreachable",
     "upstream_disconnected": "upstream disconnected",
+    "upstream_certificate_invalid": "upstream certificate invalid",
 }
 
 

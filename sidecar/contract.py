@@ -47,6 +47,14 @@ ENV_NODE_NAME: Final = "NODE_NAME"
 ENV_WORKLOAD_KIND: Final = "EGRESS_WORKLOAD_KIND"  # e.g. Deployment
 ENV_WORKLOAD_NAME: Final = "EGRESS_WORKLOAD_NAME"  # e.g. web
 
+# Opt-in HTTPS inspection (issue 12): the namespace's CA, a kubernetes.io/tls Secret whose tls.crt
+# and tls.key the injector mounts read-only into the sidecar container only, at INSPECT_CA_DIR
+# (the sidecar's --inspect-ca-dir / EGRESS_INSPECT_CA_DIR). Pods opt in with the annotation.
+ANNOTATION_INSPECT_CA: Final = PREFIX + "inspect-ca"
+INSPECT_CA_SECRET: Final = "egress-ca"
+INSPECT_CA_DIR: Final = "/etc/egress-sidecar/ca"
+ENV_INSPECT_CA_DIR: Final = "EGRESS_INSPECT_CA_DIR"
+
 HEALTH_LIVE_PATH: Final = "/healthz/live"
 HEALTH_READY_PATH: Final = "/healthz/ready"
 METRICS_PATH: Final = "/metrics"

@@ -39,6 +39,8 @@ def decision_line_reference(rec: DecisionRecord, *, now: float | None = None) ->
         "policy_version": rec.policy_version,
         "mode": rec.mode,
     }
+    if rec.tls_inspected:
+        entry["inspected"] = True
     if d.detail:
         entry["detail"] = d.detail
     if rec.error:
@@ -88,6 +90,8 @@ def decision_line(rec: DecisionRecord, *, now: float | None = None) -> str:
         ',"mode":',
         q(rec.mode),
     )
+    if rec.tls_inspected:
+        parts.append(',"inspected":true')
     if d.detail:
         parts += ',"detail":', q(d.detail)
     if rec.error:

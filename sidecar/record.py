@@ -34,6 +34,8 @@ class DecisionRecord:
     url: str | None = None  # plain HTTP only, credentials redacted
     status_code: int | None = None
     tls_passthrough: bool = False
+    # The app's TLS was terminated here (inspect: true): the channel, and each request in it.
+    tls_inspected: bool = False
     error: str | None = None  # failure after an allow, e.g. "connection refused"
     # Its low-cardinality category (span error.type), where the adapter knows it better than the
     # message says, e.g. which side ended the exchange; None: derived from ``error``.

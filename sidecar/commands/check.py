@@ -25,6 +25,27 @@ class TargetError(ValueError):
     """The destination given on the command line cannot be understood."""
 
 
+def https_request(target: str, method: str | None) -> tuple[str, str] | None:
+    """(method, path) of an https:// URL: what an inspected host's request is decided by."""
+    if not target.lower().startswith("https://"):
+        return None
+    try:
+        parsed = parse_request_target(target)
+    except InvalidTarget as err:
+        raise TargetError(str(err)) from None
+    return (method or "GET").upper(), parsed.path.split("?", 1)[0] or "/"
+
+
+def inspected_destination(dest: Destination, target: str, method: str | None) -> Destination:
+    """``dest`` (parsed from ``target``) to a host a rule inspects, as the sidecar decides it: an
+    https:// URL is the request inside the inspected TLS (method and path visible), HOST[:PORT]
+    the TLS channel (the rules' methods and paths deferred to its requests)."""
+    inside = https_request(target, method)
+    if inside is not None:
+        return Destination(dest.host, dest.port, dest.address, inside[0], inside[1])
+    return Destination(dest.host, dest.port, dest.address, inspected=True)
+
+
 def parse_target(target: str, method: str | None) -> Destination:
     """A URL (http: decided like a plain-HTTP request, https: like a CONNECT) or HOST[:PORT].
 
@@ -54,7 +75,9 @@ def add_parser(sub: Any) -> None:
         description="Decide one destination against an allowlist, as the proxy would, and print "
         "the decision, reason and rule. An http:// URL is decided like a plain-HTTP request "
         "(method and path visible), an https:// URL or HOST[:PORT] like a CONNECT (port 443 "
-        "when none is given). Exit 0 when the call would go through (allow or audit), 1 when "
+        "when none is given); an https:// URL to a host a rule inspects (inspect: true) like "
+        "the HTTPS request inside the inspected TLS (method and path visible). "
+        "Exit 0 when the call would go through (allow or audit), 1 when "
         "denied, 2 on bad input.",
     )
     add_policy_options(parser, file_required=True)
@@ -75,7 +98,11 @@ def add_parser(sub: Any) -> None:
         "--dns-internal-domain and resolv.conf search domains (repeatable; svc.cluster.local "
         "always is)",
     )
-    parser.add_argument("--method", "-X", help="HTTP method for http:// URLs (default GET)")
+    parser.add_argument(
+        "--method",
+        "-X",
+        help="HTTP method for http:// URLs and https:// URLs to inspected hosts (default GET)",
+    )
     addr = parser.add_mutually_exclusive_group()
     addr.add_argument(
         "--address",
@@ -106,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         text = Path(args.allowlist_file).read_text(encoding="utf-8")
         policy = parse_allowlist(text, source=f"file:{args.allowlist_file}")
         dest = parse_target(args.target[0], args.method)
+        inside = https_request(args.target[0], args.method)
         address: IPAddress | None = ipaddress.ip_address(args.address) if args.address else None
     except (OSError, UnicodeDecodeError) as err:
         print(f"egress-sidecar check: cannot read {args.allowlist_file}: {err}", file=sys.stderr)
@@ -119,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
     ranges = list(args.allow_private_range) + env_ranges()
     store = PolicyStore(Mode(args.mode) if args.mode else None)
     snap = store.set_policy(policy.with_extra_private_ranges(ranges))
+    inspected_by = snap.inspection(dest.host, dest.port)
+    if inspected_by is not None:
+        dest = inspected_destination(dest, args.target[0], args.method)
     if args.resolve and dest.host is not None:
         try:
             infos = socket.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)
@@ -129,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
         raw, address = snap.decide_resolved(dest, addresses)
         decision = apply_mode(raw, snap.mode)
     else:
-        decision = snap.decide(Destination(dest.host, dest.port, address, dest.method, dest.path))
+        decision = snap.decide(
+            Destination(dest.host, dest.port, address, dest.method, dest.path, dest.inspected)
+        )
     target = format_hostport(dest.host or "-", dest.port)
     fields = {
         "host": dest.host,
@@ -137,8 +170,18 @@ def run(args: argparse.Namespace) -> int:
         "address": str(address) if address else None,
         "method": dest.method,
         "path": dest.path,
+        "inspected": inspected_by is not None,
     }
-    return _report(args.json, decision, snap, f"{decision.verdict.value} {target}", fields)
+    extra = {}
+    if inspected_by is not None:
+        how = "requests decided by method and path" if inside else "the TLS channel"
+        extra["tls"] = f"inspected by {inspected_by} ({how})"
+    elif dest.method is None:
+        extra["tls"] = "passthrough (not inspected)"
+    headline = f"{decision.verdict.value} {target}"
+    if inspected_by is not None and inside is not None:
+        headline += f" {dest.method} {dest.path}"
+    return _report(args.json, decision, snap, headline, fields, extra=extra)
 
 
 def run_dns(args: argparse.Namespace) -> int:
@@ -188,7 +231,13 @@ def run_dns(args: argparse.Namespace) -> int:
 
 
 def _report(
-    as_json: bool, decision: Decision, snap: Snapshot, headline: str, fields: Mapping[str, object]
+    as_json: bool,
+    decision: Decision,
+    snap: Snapshot,
+    headline: str,
+    fields: Mapping[str, object],
+    *,
+    extra: Mapping[str, str] | None = None,
 ) -> int:
     """A decision as `check` prints it (JSON: the decision, ``fields``, the policy), and its
     exit status: 0 when it permits, else 1."""
@@ -212,5 +261,7 @@ def _report(
         if decision.detail:
             print(f"  detail: {decision.detail}")
         print(f"  rule:   {decision.rule if decision.rule is not None else '-'}")
+        for name, value in (extra or {}).items():
+            print(f"  {name + ':':<7} {value}")
         print(f"  policy: {snap.source} version {snap.version} (mode {snap.mode.value})")
     return 0 if decision.permits else 1

@@ -15,6 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar import contract
 from sidecar.commands.options import add_policy_options, env_ranges
+from sidecar.inspection import (
+    DEFAULT_INSPECT_CA_DIR,
+    ENV_INSPECT_UPSTREAM_CA_FILE,
+    InspectionCA,
+)
 from sidecar.proxy.headlimits import HeadLimits
 
 if TYPE_CHECKING:
@@ -59,7 +64,7 @@ def add_parser(sub: Any) -> None:
             "Every outbound call is decided against the allowlist, logged as one JSON line on\n"
             "stdout and traced as one OpenTelemetry span (export set by the OTEL_* variables:\n"
             "OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf, ...).\n"
-            "TLS is never decrypted.\n\n"
+            "TLS is never decrypted, except to hosts a rule inspects (inspect: true).\n\n"
             "The open-file soft limit is raised to the hard one at start; the proxy holds at most\n"
             "as many client connections as that leaves room for (the start line's\n"
             "connection_limit), further ones wait in the listen queue. SIGTERM drains (see\n"
@@ -217,6 +222,25 @@ def add_parser(sub: Any) -> None:
         metavar="DIR",
         default=os.environ.get("EGRESS_CONFDIR", "~/.mitmproxy"),
         help="a writable directory for mitmproxy's state (an emptyDir in a pod)",
+    )
+    inspect = parser.add_argument_group(
+        "HTTPS inspection (hosts whose allow rule says inspect: true; see docs/inspection.md)"
+    )
+    inspect.add_argument(
+        "--inspect-ca-dir",
+        metavar="DIR",
+        default=os.environ.get(contract.ENV_INSPECT_CA_DIR, DEFAULT_INSPECT_CA_DIR),
+        help="the CA that issues leaf certificates for inspected hosts: tls.crt and tls.key "
+        "(PEM; the Secret egress-ca mounted read-only). Missing or unreadable: inspected hosts "
+        "are denied (inspection CA not available), others unaffected "
+        f"(env {contract.ENV_INSPECT_CA_DIR}; default %(default)s)",
+    )
+    inspect.add_argument(
+        "--inspect-upstream-ca-file",
+        metavar="PATH",
+        default=os.environ.get(ENV_INSPECT_UPSTREAM_CA_FILE) or None,
+        help="a PEM bundle of private CAs trusted for inspected upstreams besides the system trust "
+        f"store (env {ENV_INSPECT_UPSTREAM_CA_FILE})",
     )
     parser.add_argument(
         "--engine",
@@ -499,6 +523,7 @@ async def _serve(
         except (OSError, ValueError) as err:
             print(f"egress-sidecar run: DNS: {err}", file=sys.stderr)
             return 2
+    inspection = InspectionCA.load(args.inspect_ca_dir, args.inspect_upstream_ca_file)
     config = ProxyConfig(
         explicit=explicit,
         transparent=transparent,
@@ -509,6 +534,7 @@ async def _serve(
         connect_timeout=args.connect_timeout,
         head_limits=head_limits,
         learned=learned if dns_server is not None else None,
+        inspection=inspection,
     )
     front = FrontDoor(config, store, reporter, engine=Engine(args.engine))
     # Read when scraped: the proxy's hot path updates nothing for these.
@@ -555,6 +581,16 @@ async def _serve(
             **({"open_files_raised_from": files.raised_from} if files.raised_from else {}),
             "connection_limit": gate.limit,
         },
+    )
+    # Whether inspect: true rules can be honoured; when not, their hosts are denied. A warning
+    # only for a CA directory that is there but unusable (most pods inspect nothing).
+    broken = not inspection.available and inspection.directory.is_dir()
+    (log.warning if broken else log.info)(
+        "HTTPS inspection available"
+        if inspection.available
+        else "HTTPS inspection not available: hosts whose rule says inspect: true are denied "
+        "(inspection CA not available)",
+        extra=inspection.describe(),
     )
     source.start()
     loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sidecar.inspection import InspectionCA
 from sidecar.policy.dns import LearnedAddresses
 from sidecar.proxy.headlimits import HeadLimits
 
@@ -43,3 +44,9 @@ class ProxyConfig:
     # Addresses the pod learned from the DNS listener (raw TCP by host rules); None: no DNS
     # listener. State shared by both engines' resolvers, not a setting: not compared.
     learned: LearnedAddresses | None = field(default=None, compare=False)
+    # HTTPS inspection's CA (sidecar.inspection), read at start; None: not configured (tests).
+    inspection: InspectionCA | None = field(default=None, compare=False)
+
+    @property
+    def inspection_available(self) -> bool:
+        return self.inspection is not None and self.inspection.available

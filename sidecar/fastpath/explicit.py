@@ -63,6 +63,12 @@ class FirstHead:
         except HeadError as err:
             self._refuse(HeadRejection(400, err.reason, err.detail))
             return
+        if services.config.inspection_available and services.store.get().inspection(
+            request.host, request.port
+        ):
+            # HTTPS inspection (inspect: true) is mitmproxy's: it reads the CONNECT again.
+            services.second_tier.hand_over(conn, bytes(buf), "inspect")
+            return
         # What follows the head is the start of the tunnel's first flight.
         Tunnel(conn, services, request, bytes(buf[end:])).open()
 

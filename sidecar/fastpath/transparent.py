@@ -38,6 +38,7 @@ from sidecar.fastpath.vetting import (
     held_vetted,
     stream_decision,
     vet,
+    without_ca,
 )
 from sidecar.policy.model import Decision, Destination, IPAddress, Reason, Verdict
 from sidecar.policy.store import Snapshot
@@ -177,6 +178,7 @@ class Stream:
         "_dialing",
         "_held",
         "_held_error",
+        "_inspecting",
         "_pending",
         "_relay",
         "_reported",
@@ -204,6 +206,8 @@ class Stream:
         self._pending = True  # its kind not known yet
         self._held = False  # the upstream opened before the first flight (cidr-allowed)
         self._held_error: str | None = None
+        # An inspected SNI while the inspection CA is not available: the rule, to deny it.
+        self._inspecting: str | None = None
         self._connecting = False
         self._deciding = False
         self._dialing = False
@@ -331,12 +335,27 @@ class Stream:
             return
         kind = "TLS" if flight.kind is Flight.TLS else "TCP"
         sni = flight.sni if kind == "TLS" else None
+        if sni is not None and not self._held and self._inspect(sni):
+            return
         self.conn.busy = True  # a stream: a drain waits for it
         if self._held:
             self._decide_held(kind, sni)
         else:
             self._deciding = True
             self._task = asyncio.get_running_loop().create_task(self._decide_and_dial(kind, sni))
+
+    def _inspect(self, sni: str) -> bool:
+        """A ClientHello to a host a rule inspects: handed to mitmproxy with its bytes (True),
+        or, while the CA is not available, decided here and denied (fail closed). A held
+        connection (its address allowed by a cidr rule, which then decides) is not inspected."""
+        services = self.services
+        self._inspecting = services.store.get().inspection(sni, self.original[1])
+        if self._inspecting is None or not services.config.inspection_available:
+            return False
+        self.conn.cutter = None
+        data, self._data = self._data, b""
+        services.second_tier.hand_over(self.conn, data, "inspect")
+        return True
 
     # -- decisions ------------------------------------------------------------------------------
 
@@ -391,13 +410,19 @@ class Stream:
         snap = services.store.get()
         port = self.original[1]
         by_sni = kind == "TLS" and sni is not None
+        inspected = self._inspecting is not None
         if by_sni and address_allows(snap, self.address, port):
-            vetted = Vetted(stream_decision(snap, sni, self.address, port), self.address)
+            decision = stream_decision(snap, sni, self.address, port, inspected=inspected)
+            vetted = Vetted(decision, self.address)
         elif by_sni:
-            vetted = await vet(services.resolver, snap, Destination(sni, port))
+            dest = Destination(sni, port, inspected=inspected)
+            vetted = await vet(services.resolver, snap, dest)
         else:
             raw = Destination(None, port, self.address)
             vetted = await vet(services.resolver, snap, raw, learned=services.resolver.learned)
+        if inspected:
+            ca = services.config.inspection
+            vetted = without_ca(vetted, self._inspecting, ca.problem if ca else None, snap.mode)
         rec = self.rec = self._record(snap, vetted, kind, sni)
         if not vetted.decision.permits or vetted.address is None:
             if rec.peer_address is None:

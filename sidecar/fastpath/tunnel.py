@@ -33,7 +33,7 @@ from sidecar.fastpath.refusal import Lingering
 from sidecar.fastpath.relay import EARLY_LIMIT, Relay, Upstream, shut_write
 from sidecar.fastpath.services import Services
 from sidecar.fastpath.upstream import Connect, UpstreamError
-from sidecar.fastpath.vetting import Vetted, tunnel_denial, vet, vet_now
+from sidecar.fastpath.vetting import Vetted, tunnel_denial, vet, vet_now, without_ca
 from sidecar.policy.model import Destination
 from sidecar.policy.store import Snapshot
 from sidecar.record import DecisionRecord
@@ -94,6 +94,7 @@ class Tunnel:
         "_dialing",
         "_flight",
         "_held",
+        "_inspecting",
         "_peeking",
         "_relay",
         "_reported",
@@ -131,6 +132,9 @@ class Tunnel:
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None  # resolving a name first
         self._connect: Connect[Upstream] | None = None
+        # An inspected host reaches this tunnel only while the inspection CA is not available
+        # (explicit.py hands the others to mitmproxy): the inspecting rule, to deny it.
+        self._inspecting: str | None = None
 
     def open(self) -> None:
         conn = self.conn
@@ -139,7 +143,8 @@ class Tunnel:
         conn.switch(self)
         services, request = self.services, self.request
         snap = services.store.get()
-        dest = Destination(request.host, request.port)
+        self._inspecting = snap.inspection(request.host, request.port)
+        dest = Destination(request.host, request.port, inspected=self._inspecting is not None)
         vetted = vet_now(snap, dest, services.resolver)
         if vetted is not None:
             self._guarded(self._decided, snap, vetted)  # decided without waiting: no task
@@ -174,6 +179,9 @@ class Tunnel:
 
     def _decided(self, snap: Snapshot, vetted: Vetted) -> None:
         services, request, conn = self.services, self.request, self.conn
+        if self._inspecting is not None:
+            ca = services.config.inspection
+            vetted = without_ca(vetted, self._inspecting, ca.problem if ca else None, snap.mode)
         rec = self.rec = DecisionRecord(
             decision=vetted.decision,
             capture=conn.capture,

@@ -77,7 +77,7 @@ def _first(snap: Snapshot, dest: Destination) -> Vetted | _Lookup:
     """``_without_lookup``, read once per snapshot and destination (never with learned
     addresses: those change with every DNS answer)."""
     memo = snap.memo
-    key = (dest.host, dest.port, dest.address, dest.method, dest.path)
+    key = (dest.host, dest.port, dest.address, dest.method, dest.path, dest.inspected)
     entry = memo.get(key)
     if entry is None:
         entry = _without_lookup(snap, dest)
@@ -163,6 +163,17 @@ def vet_now(snap: Snapshot, dest: Destination, resolver: Resolver | None = None)
     return None
 
 
+def without_ca(vetted: Vetted, rule: str | None, problem: str | None, mode: Mode) -> Vetted:
+    """An inspected host while the inspection CA is not available: what would be let through
+    is denied (fail closed: its requests could not be decided). Audit mode lets it through,
+    uninspected, and says why; a decision that already denies stays as it is."""
+    if not vetted.decision.permits:
+        return vetted
+    raw = Decision(Verdict.DENY, Reason.INSPECTION_CA_UNAVAILABLE, rule, problem)
+    decision = apply_mode(raw, mode)
+    return Vetted(decision, vetted.address if decision.permits else None, vetted.host)
+
+
 def tunnel_denial(rec: DecisionRecord, flight: FirstFlight | None) -> Decision | None:
     """An allowed tunnel's first flight decided for good (None: it stays allowed; ``flight``
     None: the server spoke first). A ClientHello whose SNI names another host than the CONNECT
@@ -186,12 +197,18 @@ def tunnel_denial(rec: DecisionRecord, flight: FirstFlight | None) -> Decision |
 
 
 def stream_decision(
-    snap: Snapshot, sni: str | None, address: IPAddress | None, port: int
+    snap: Snapshot,
+    sni: str | None,
+    address: IPAddress | None,
+    port: int,
+    *,
+    inspected: bool = False,
 ) -> Decision:
     """A transparent stream to an address a cidr rule allows, decided without a lookup: by that
     address, with the SNI (when there is one) against every rule, so a name deny rule wins over
     the cidr allow while any other name may go to the address the client dialled."""
-    return apply_mode(snap.decide_raw(Destination(sni, port, address)), snap.mode)
+    dest = Destination(sni, port, address, inspected=inspected)
+    return apply_mode(snap.decide_raw(dest), snap.mode)
 
 
 def held_vetted(

@@ -343,7 +343,7 @@ def cmd_status(args: argparse.Namespace, cluster: Cluster) -> int:
 
 
 def cmd_check(args: argparse.Namespace, cluster: Cluster) -> int:
-    from sidecar.commands.check import TargetError, parse_target
+    from sidecar.commands.check import TargetError, inspected_destination, parse_target
     from sidecar.policy.model import Destination
 
     try:
@@ -353,7 +353,13 @@ def cmd_check(args: argparse.Namespace, cluster: Cluster) -> int:
         raise UsageError(str(err)) from None
     workload = cluster.workload(WorkloadRef.parse(args.workload))
     policy, mode, _, _ = _load_policy(cluster, workload)
-    raw = policy.decide(Destination(dest.host, dest.port, address, dest.method, dest.path))
+    # A host a rule inspects (inspect: true): its HTTPS requests are decided, as in the sidecar.
+    inspecting = policy.inspection(dest.host, dest.port) if dest.host is not None else None
+    if inspecting is not None:
+        dest = inspected_destination(dest, args.target, args.method)
+    raw = policy.decide(
+        Destination(dest.host, dest.port, address, dest.method, dest.path, dest.inspected)
+    )
     decision = apply_mode(raw, mode)
     target = plan.hostport(dest.host or "-", dest.port)
     result = {
@@ -364,6 +370,7 @@ def cmd_check(args: argparse.Namespace, cluster: Cluster) -> int:
         "reason": decision.reason.value,
         "rule": decision.rule,
         "detail": decision.detail,
+        "inspected": inspecting is not None,
         "mode": mode.value,
         "policy_source": policy.meta.source,
         "policy_version": policy.meta.version,

@@ -133,6 +133,9 @@ class Rule:
     methods: frozenset[str] | None = None  # uppercase
     paths: tuple[PathPattern, ...] | None = None
     line: int | None = None
+    # HTTPS to this host is decrypted (opt-in; host allow rules only, parse.py refuses others),
+    # so methods/paths are checked per HTTPS request.
+    inspect: bool = False
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -144,17 +147,22 @@ class Rule:
             self.ports,
             self.methods,
             None if self.paths is None else frozenset(p.parts for p in self.paths),
+            self.inspect,
         )
 
     def allow_ports(self) -> frozenset[int]:
         return DEFAULT_PORTS if self.ports is None else self.ports
 
-    def allow_failure(self, port: int, method: str | None, path: str | None) -> Miss | None:
+    def allow_failure(
+        self, port: int, method: str | None, path: str | None, deferred: bool = False
+    ) -> Miss | None:
         """Why this allow rule does not permit the call (None: it does).
 
         A condition the call does not show cannot be met: a rule with ``methods`` or ``paths``
         never grants a channel where they are not visible (a CONNECT tunnel, transparent TLS or
-        TCP), or it would grant whatever goes through that channel.
+        TCP), or it would grant whatever goes through that channel. ``deferred``: an inspected
+        TLS channel, whose every request is decided with its method and path: the channel is
+        granted and the conditions are checked on each request.
         """
         if port not in self.allow_ports():
             allowed = ", ".join(str(p) for p in sorted(self.allow_ports()))
@@ -167,6 +175,8 @@ class Rule:
             )
             if wanted is not None and seen is None
         ]
+        if hidden and deferred:
+            return None
         if hidden:
             return Miss(
                 f'"{self.text}" allows only some {" and ".join(hidden)}, which this connection '
@@ -295,6 +305,7 @@ class Policy:
         "_deny_cidr",
         "_deny_hosts",
         "_frozen",
+        "_inspects",
         "_private",
         "meta",
         "private_ranges",
@@ -311,6 +322,7 @@ class Policy:
     _private: _NetworkIndex
     _cidr_allow_ports: frozenset[int]
     _frozen: bool
+    _inspects: bool
 
     def __init__(
         self,
@@ -335,6 +347,8 @@ class Policy:
             if rule.network is not None:
                 ports |= rule.allow_ports()
         set_(self, "_cidr_allow_ports", frozenset(ports))
+        # Most policies inspect nothing: every CONNECT and ClientHello asks, so answer at once.
+        set_(self, "_inspects", any(rule.inspect for rule in allow))
         set_(self, "_frozen", True)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -398,7 +412,7 @@ class Policy:
                 if not other.permits:
                     return other
             return decision
-        return self._decide_named(host, dest.address, port, method, path)
+        return self._decide_named(host, dest.address, port, method, path, inspected=dest.inspected)
 
     def _deny_cidr_rule(
         self, address: IPAddress, port: int, method: str | None, path: str | None
@@ -429,6 +443,8 @@ class Policy:
         port: int,
         method: str | None,
         path: str | None,
+        *,
+        inspected: bool = False,
     ) -> Decision:
         for rule in self._deny_hosts.lookup(host):
             if rule.deny_applies(port, method, path):
@@ -441,7 +457,7 @@ class Policy:
         allowed: Rule | None = None
         failure: Miss | None = None
         for rule in self._allow_hosts.lookup(host):
-            why = rule.allow_failure(port, method, path)
+            why = rule.allow_failure(port, method, path, inspected)
             if why is None:
                 allowed = rule
                 break
@@ -501,6 +517,36 @@ class Policy:
         for rule in self._allow_hosts.lookup(host):
             return _allow(rule)
         return _deny(Reason.NO_MATCH, detail=f"no allow rule names {host}")
+
+    def inspection(self, host: str, port: int) -> Rule | None:
+        """The ``inspect: true`` rule that makes HTTPS to ``host:port`` inspected, if any.
+
+        The most specific host pattern naming ``host`` with an allow rule that takes ``port``
+        decides (exact before wildcards, the longest suffix first): ``api.example.com`` written
+        without ``inspect`` stays passthrough under an inspected ``*.example.com``. Among that
+        pattern's rules one that says ``inspect: true`` is enough. ``host`` is normalized here;
+        an address or an invalid host is never inspected (a leaf certificate needs a name).
+        """
+        if not self._inspects:
+            return None
+        try:
+            name = normalize_host(host)
+        except InvalidHost:
+            return None
+        if parse_ip(name) is not None:
+            return None
+        pattern: tuple[str | None, bool] | None = None
+        found: Rule | None = None
+        for rule in self._allow_hosts.lookup(name):
+            if port not in rule.allow_ports():
+                continue
+            if pattern is None:
+                pattern = (rule.host, rule.wildcard)
+            elif pattern != (rule.host, rule.wildcard):
+                break
+            if rule.inspect and found is None:
+                found = rule
+        return found
 
     def stream_host_rule(self, host: str, port: int) -> Rule | None:
         """A host allow rule that names explicit ``ports`` including ``port`` and no L7

@@ -43,6 +43,9 @@ class Reason(StrEnum):
     # internal domains are forwarded whatever the policy; zone transfers and ANY never are.
     CLUSTER_INTERNAL = "cluster-internal name"
     QUERY_TYPE = "query type not allowed"
+    # HTTPS inspection (``inspect: true``): the CA to issue leaf certificates is missing or
+    # unreadable, so an inspected host cannot be inspected: denied (fail closed).
+    INSPECTION_CA_UNAVAILABLE = "inspection CA not available"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +55,9 @@ class Destination:
     ``host`` is the name the client asked for (None for an address-only flow such as raw TCP or
     TLS without SNI); an IP literal host is allowed and is treated as an address. ``address`` is the
     resolved or original IP the proxy would connect to, when known. ``method``/``path`` are set only
-    where the request is visible (plain HTTP).
+    where the request is visible (plain HTTP, or an HTTPS request inside an inspected TLS
+    connection). ``inspected``: a TLS channel to a host the policy inspects, whose requests are
+    each decided afterwards: the rules' methods/paths are deferred to them, not failed.
     """
 
     host: str | None
@@ -60,6 +65,7 @@ class Destination:
     address: IPAddress | None = None
     method: str | None = None
     path: str | None = None
+    inspected: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from sidecar.policy.hosts import normalize_host, parse_ip, split_host_port
 from sidecar.policy.model import IPNetwork, Mode, PolicyMeta
 
 TOP_KEYS = ("mode", "allow", "deny", "privateRanges")
-RULE_KEYS = ("host", "cidr", "ports", "methods", "paths", "broad")
+RULE_KEYS = ("host", "cidr", "ports", "methods", "paths", "broad", "inspect")
 MANIFEST_KEYS = ("apiVersion", "kind", "metadata", "data")
 
 _STR = "tag:yaml.org,2002:str"
@@ -480,9 +480,9 @@ class _Parser:
         nodes = self.items(node, list_name, single_ok=False)
         rules: list[Rule] = []
         seen: dict[tuple[object, ...], Rule] = {}
-        for item in nodes or []:
+        for index, item in enumerate(nodes or [], start=1):
             self.in_time(item)
-            parsed = self.rule(item, list_name)
+            parsed = self.rule(item, list_name, index)
             if parsed is None:
                 continue
             rule, broad = parsed
@@ -542,11 +542,12 @@ class _Parser:
                 self.warn(node, _wide_message(network, "allows"))
         return True
 
-    def rule(self, node: Node, list_name: str) -> tuple[Rule, bool] | None:
-        """The rule and whether it says ``broad: true``."""
+    def rule(self, node: Node, list_name: str, index: int = 0) -> tuple[Rule, bool] | None:
+        """The rule and whether it says ``broad: true``; ``index``: its place in its list (from
+        1), for messages that must say which rule is at fault."""
         line, _, _ = self.locate(node.start_mark.line, node.start_mark.column)
         if isinstance(node, MappingNode):
-            return self.mapping_rule(node, line)
+            return self.mapping_rule(node, line, list_name, index)
         if isinstance(node, ScalarNode):
             if _is_null(node):
                 self.problem(node, f"empty {list_name} rule")
@@ -638,7 +639,9 @@ class _Parser:
         self.problem(node, f"{quote(text)} has host bits set: did you mean {loose}?")
         return None
 
-    def mapping_rule(self, node: MappingNode, line: int | None) -> tuple[Rule, bool] | None:
+    def mapping_rule(
+        self, node: MappingNode, line: int | None, list_name: str = "allow", index: int = 0
+    ) -> tuple[Rule, bool] | None:
         text = _flow(node)
         values: dict[str, Node] = {}
         ok = True
@@ -657,9 +660,11 @@ class _Parser:
         methods = self.methods(values["methods"]) if "methods" in values else None
         paths = self.paths(values["paths"]) if "paths" in values else None
         broad = self.flag(values["broad"], "broad") if "broad" in values else False
+        inspect = self.flag(values["inspect"], "inspect") if "inspect" in values else False
         ok = (
             ok
             and broad is not None
+            and inspect is not None
             and all(
                 values.get(k) is None or parsed is not None
                 for k, parsed in (("ports", ports), ("methods", methods), ("paths", paths))
@@ -687,7 +692,9 @@ class _Parser:
             network = None if written is None else self.network(written.strip(), values["cidr"])
             ok = ok and network is not None
 
-        if not ok or broad is None:
+        if inspect and ok:
+            ok = self.inspectable(values["inspect"], list_name, index, text, network)
+        if not ok or broad is None or inspect is None:
             return None
         rule = Rule(
             text,
@@ -698,8 +705,32 @@ class _Parser:
             methods=methods,
             paths=paths,
             line=line,
+            inspect=inspect,
         )
         return rule, broad
+
+    def inspectable(
+        self, node: Node, list_name: str, index: int, text: str, network: IPNetwork | None
+    ) -> bool:
+        """``inspect: true`` is for host allow rules: a name to issue a leaf certificate for
+        (not a cidr rule or an IP literal) and something to let through (not a deny rule).
+        False (problem recorded, naming the rule by list and place) otherwise."""
+        which = f"{list_name} rule {index} {quote(text, 120)}"
+        if list_name != "allow":
+            self.problem(
+                node,
+                f"{which}: inspect: true applies to allow rules only (a deny rule denies the "
+                "host whatever is inside its TLS)",
+            )
+            return False
+        if network is not None:
+            self.problem(
+                node,
+                f"{which}: inspect: true applies to host rules only, not to cidr rules or IP "
+                "addresses (a leaf certificate is issued for a host name)",
+            )
+            return False
+        return True
 
     def flag(self, node: Node, what: str) -> bool | None:
         if isinstance(node, ScalarNode) and node.tag == _BOOL:

@@ -97,6 +97,15 @@ class Snapshot:
     def decide(self, dest: Destination) -> Decision:
         return apply_mode(self.decide_raw(dest), self.mode)
 
+    def inspection(self, host: str | None, port: int) -> str | None:
+        """The text of the ``inspect: true`` rule that makes HTTPS to ``host:port`` inspected
+        (None: passthrough). Read from the whole union: a deleted source's rule still marks
+        its hosts inspected, and their calls are then denied as the union says."""
+        if self.policy is None or host is None:
+            return None
+        rule = self.policy.inspection(host, port)
+        return rule.text if rule is not None else None
+
     def needs_address(self, dest: Destination, by_name: Decision) -> bool:
         """Whether resolving ``dest.host`` could change or confirm the by-name decision."""
         if self.policy is None:

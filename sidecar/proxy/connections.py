@@ -42,6 +42,15 @@ class ConnectionInfo:
     held_error: str | None = None  # that early connect failed
     # An allowed CONNECT whose upstream is up: decided for good on the tunnel's first flight.
     tunnel: Pending | None = None
+    # HTTPS inspection (inspect: true): the rule that inspects this connection's host (set
+    # whether or not the CA is available: without it the host is denied), the host the leaf
+    # certificate and the upstream's SNI name, the channel's decision (reported once the
+    # client's TLS handshake succeeds or fails) and an upstream TLS failure (each request is
+    # then answered 502 without being sent).
+    inspect_rule: str | None = None
+    inspect_host: str | None = None
+    inspect_channel: Pending | None = None
+    upstream_tls_error: str | None = None
 
 
 class Connections:

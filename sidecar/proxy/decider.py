@@ -21,7 +21,7 @@ import logging
 import time
 import weakref
 
-from mitmproxy import connection, http
+from mitmproxy import connection, http, tls
 from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy.context import Context
@@ -40,22 +40,36 @@ from sidecar.fastpath.vetting import (
     stream_decision,
     tunnel_denial,
     vet,
+    without_ca,
 )
+from sidecar.inspection import InspectionCA
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
 from sidecar.policy.model import Decision, Destination, Reason, Verdict
 from sidecar.policy.store import PolicyStore, Snapshot
 from sidecar.policy.target import InvalidTarget, parse_authority
 from sidecar.proxy.connections import ConnectionInfo, Connections, Kind, Pending
-from sidecar.proxy.denial import denial_response, failure_response, failure_status
+from sidecar.proxy.denial import (
+    denial_response,
+    egress_response,
+    failure_body,
+    failure_phrase,
+    failure_response,
+    failure_status,
+)
 from sidecar.proxy.headlimits import HeadRejection
 from sidecar.proxy.hostnames import address_of, format_hostport, redact_url
 from sidecar.proxy.resolver import Resolver
 from sidecar.proxy.tunnels import CONNECT_RECORD, upstream_failure
 from sidecar.record import Capture, DecisionRecord
 from sidecar.reporter import OpenDecision, Reporter
-from sidecar.telemetry.spans import error_type, extract_parent, inject_context
-from sidecar.wire.first_flight import FirstFlight
+from sidecar.telemetry.spans import (
+    TLS_CLIENT_REJECTED,
+    error_type,
+    extract_parent,
+    inject_context,
+)
+from sidecar.wire.first_flight import FirstFlight, Flight
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +166,11 @@ class Decider:
         resolver: Resolver,
         connections: Connections,
         connect_timeout: float = 10.0,
+        *,
+        inspection: InspectionCA | None = None,
     ) -> None:
         self._store = store
+        self._inspection = inspection
         self._reporter = reporter
         self._resolver = resolver
         self._connections = connections
@@ -205,7 +222,10 @@ class Decider:
         start_ns = time.time_ns()
         snap = self._store.get()
         host, port = flow.request.host, flow.request.port
-        vetted = await self.vet(snap, Destination(host, port))
+        inspecting = snap.inspection(host, port)
+        vetted = await self.vet(snap, Destination(host, port, inspected=inspecting is not None))
+        if inspecting is not None and not self.inspection_available:
+            vetted = without_ca(vetted, inspecting, self._inspection_problem, snap.mode)
         rec = self._record(
             snap,
             vetted,
@@ -221,7 +241,13 @@ class Decider:
             flow.response = denial_response(rec)
             self._reporter.report(rec, start_ns=start_ns)
             return
-        rec.tls_passthrough = True
+        if inspecting is not None and self.inspection_available:
+            # Its TLS is terminated here (sidecar.proxy.layering, inspect_tls); each request
+            # inside is decided by inspected_request.
+            self._inspect(flow.client_conn, inspecting, host)
+            rec.tls_inspected = True
+        else:
+            rec.tls_passthrough = True
         # Pins the tunnel to the vetted address: mitmproxy connects to request.host, before it
         # answers (sidecar.proxy.tunnels); the outcome and the first flight complete the record.
         flow.request.data.host = str(vetted.address)
@@ -231,20 +257,152 @@ class Decider:
     def settle_tunnel(self, client: connection.Client, flight: FirstFlight | None) -> bool:
         """Decide an allowed tunnel for good on its first flight (None: the server spoke first;
         sidecar.fastpath.vetting.tunnel_denial says how)."""
-        pending = self._connections.get(client).tunnel
+        info = self._connections.get(client)
+        pending = info.tunnel
         if pending is None:
             return True
-        self._connections.get(client).tunnel = None
+        info.tunnel = None
         rec = pending.record
         denial = tunnel_denial(rec, flight)
+        inspected = info.inspect_host is not None
+        if denial is None and inspected and (flight is None or flight.kind is not Flight.TLS):
+            # Whatever the mode: what is not TLS cannot be inspected, and would pass undecided.
+            denial = Decision(
+                Verdict.DENY,
+                Reason.L7_NOT_VISIBLE,
+                rec.decision.rule,
+                f"the tunnel to {rec.host}, an inspected host, does not carry TLS",
+            )
         if denial is not None:
             rec.decision = denial
+        if inspected and rec.decision.permits:
+            info.inspect_channel = pending  # reported with the client's TLS handshake
+            return True
         self._reporter.report(rec, start_ns=pending.start_ns)
         return rec.decision.permits
+
+    # -- HTTPS inspection (inspect: true) -------------------------------------------------------
+
+    @property
+    def inspection_available(self) -> bool:
+        return self._inspection is not None and self._inspection.available
+
+    @property
+    def _inspection_problem(self) -> str | None:
+        if self._inspection is None:
+            return "no inspection CA configured"
+        return self._inspection.problem
+
+    def _inspect(self, client: connection.Client, rule: str, host: str) -> None:
+        info = self._connections.get(client)
+        info.inspect_rule = rule
+        try:
+            info.inspect_host = normalize_host(host)
+        except InvalidHost:
+            info.inspect_host = host
+
+    def inspect_transparent(self, client: connection.Client, sni: str) -> bool:
+        """A transparent ClientHello: True when its SNI is inspected (TLS layers follow). The
+        inspecting rule is kept either way: without the CA the stream is denied when it is
+        decided (server_connect)."""
+        info = self._connections.get(client)
+        port = info.original[1] if info.original is not None else 443
+        rule = self._store.get().inspection(sni, port)
+        info.inspect_rule = rule
+        if rule is None or not self.inspection_available:
+            return False
+        self._inspect(client, rule, sni)
+        return True
+
+    def inspecting(self, client: connection.Client) -> bool:
+        return self._connections.get(client).inspect_host is not None
+
+    async def inspected_request(self, flow: http.HTTPFlow, host: str) -> None:
+        """One HTTPS request inside inspected TLS: decided by its method and path (the same 403
+        within the TLS when denied: the upstream receives nothing), on the connection the
+        channel already opened to the vetted address."""
+        request = flow.request
+        snap = self._store.get()
+        info = self._connections.get(flow.client_conn)
+        server = flow.server_conn.address or (request.host, request.port)
+        address, port = address_of(server[0]), server[1]
+        method = request.method.upper()
+        path = request.path.split("?", 1)[0] or "/"
+        decision = snap.decide(Destination(host, port, address, method, path))
+        rec = self._record(
+            snap,
+            Vetted(decision, address),
+            capture=_capture(flow.client_conn),
+            protocol=method,
+            host=host,
+            port=port,
+            client=flow.client_conn,
+        )
+        rec.method = method
+        rec.tls_inspected = True
+        rec.url = redact_url(f"https://{format_hostport(host, port, 443)}{request.path}")
+        start_ns = int(request.timestamp_start * 1e9)
+        opened = self._reporter.begin(
+            rec, parent=extract_parent(request.headers), start_ns=start_ns
+        )
+        if not decision.permits:
+            rec.status_code = 403
+            flow.response = denial_response(rec)
+            self._reporter.end(opened)
+            return
+        if info.upstream_tls_error is not None:
+            # The upstream's certificate failed verification when the channel opened: answered
+            # here, nothing is sent.
+            rec.error = info.upstream_tls_error
+            rec.error_type = error_type(rec.error)
+            rec.status_code = 502
+            phrase = failure_phrase(rec.error_type)
+            body = failure_body(rec)
+            flow.response = egress_response(502, body, rec, phrase, rec.error_type)
+            self._reporter.end(opened)
+            return
+        _align_host_header(request, host, port)
+        carrier: dict[str, str] = {}
+        inject_context(opened.span, carrier)
+        for key, value in carrier.items():
+            request.headers[key] = value
+        _drop_hop_by_hop(request, rec.capture)
+        request.stream = True
+        flow.metadata[_METADATA_KEY] = opened
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        info = self._connections.get(data.context.client)
+        if info.inspect_host is not None:
+            info.upstream_tls_error = data.conn.error or "upstream TLS handshake failed"
+
+    def tls_established_client(self, data: tls.TlsData) -> None:
+        info = self._connections.get(data.context.client)
+        pending, info.inspect_channel = info.inspect_channel, None
+        if pending is None:
+            return
+        if info.upstream_tls_error is not None:
+            pending.record.error = info.upstream_tls_error
+        self._reporter.report(pending.record, start_ns=pending.start_ns)
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        info = self._connections.get(data.context.client)
+        pending, info.inspect_channel = info.inspect_channel, None
+        if pending is None:
+            return
+        # The app refused the leaf certificate (it does not trust the CA, or pins): the span
+        # says so, the only place the app's owner can see why its call failed.
+        rec = pending.record
+        rec.error = f"the client refused the inspection certificate: {data.conn.error or '-'}"
+        rec.error_type = TLS_CLIENT_REJECTED
+        self._reporter.report(rec, start_ns=pending.start_ns)
 
     # -- plain HTTP (explicit and transparent) --------------------------------------------------
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        inspected = self._connections.get(flow.client_conn).inspect_host
+        if inspected is not None:
+            await self.inspected_request(flow, inspected)
+            return
         request = flow.request
         capture = _capture(flow.client_conn)
         snap = self._store.get()
@@ -402,15 +560,23 @@ class Decider:
         snap = self._store.get()
         by_sni = kind is Kind.TLS and sni is not None
         original = address_of(original_ip)
+        info = self._connections.get(client)
+        inspecting = info.inspect_rule if by_sni else None
+        inspected = inspecting is not None
         if by_sni and address_allows(snap, original, port):
-            vetted = Vetted(stream_decision(snap, sni, original, port), original)
+            decision = stream_decision(snap, sni, original, port, inspected=inspected)
+            vetted = Vetted(decision, original)
         elif by_sni:
-            vetted = await self.vet(snap, Destination(sni, port))
+            vetted = await self.vet(snap, Destination(sni, port, inspected=inspected))
         else:
             vetted = await self.vet(snap, Destination(None, port, original), stream=True)
+        if inspecting is not None and info.inspect_host is None:
+            vetted = without_ca(vetted, inspecting, self._inspection_problem, snap.mode)
         rec = self._stream_record(
             snap, vetted, client, kind=kind, sni=sni, original_ip=original_ip, port=port
         )
+        if info.inspect_host is not None:
+            rec.tls_passthrough, rec.tls_inspected = False, True
         if not vetted.decision.permits or vetted.address is None:
             server.error = (
                 f"egress-sidecar denied {rec.protocol} to {sni or original_ip}:{port}: "
@@ -558,6 +724,8 @@ class Decider:
         if pending.record.protocol == "CONNECT":
             pending.record.status_code = 200
             info.tunnel = pending  # decided for good on the tunnel's first flight
+        elif pending.record.tls_inspected:
+            info.inspect_channel = pending  # reported with the client's TLS handshake
         else:
             self._reporter.report(pending.record, start_ns=pending.start_ns)
 
@@ -579,7 +747,8 @@ class Decider:
 
     def client_disconnected(self, client: connection.Client) -> None:
         info = self._connections.get(client)
-        for pending in [*info.awaiting.values(), *([info.tunnel] if info.tunnel else [])]:
+        left = [info.tunnel, info.inspect_channel]
+        for pending in [*info.awaiting.values(), *(p for p in left if p is not None)]:
             # The client left before the stream or tunnel started: decided as it stood.
             self._reporter.report(pending.record, start_ns=pending.start_ns)
         if info.kind is Kind.PENDING and info.original is not None:

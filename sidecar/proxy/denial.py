@@ -18,6 +18,7 @@ __all__ = [
     "denial_body",
     "denial_response",
     "egress_response",
+    "failure_body",
     "failure_phrase",
     "failure_response",
     "failure_status",

@@ -93,10 +93,17 @@ class Drain:
     # -- the drain ------------------------------------------------------------------------------
 
     def _busy(self, client_id: str) -> bool:
-        if self._flows.get(client_id) or client_id in self._tunnels:
+        if self._flows.get(client_id):
             return True
         client = self._clients.get(client_id)
-        return client is not None and self._connections.get(client).kind in _STREAMS
+        if client is None:
+            return client_id in self._tunnels
+        info = self._connections.get(client)
+        if info.inspect_host is not None:
+            # Inspected TLS carries requests, each tracked in _flows: between them the
+            # connection is an idle keep-alive, closed like any other.
+            return False
+        return client_id in self._tunnels or info.kind in _STREAMS
 
     # The front door (sidecar.fastpath.server) runs the drain over both tiers: these are the
     # steps for the connections mitmproxy holds.

@@ -1,4 +1,6 @@
-"""Chooses mitmproxy's protocol layers. Nothing is ever decrypted.
+"""Chooses mitmproxy's protocol layers. Nothing is ever decrypted, except the TLS of a host a
+rule inspects (``inspect: true``): TLS layers on both sides (sidecar.proxy.inspect_tls), then
+HTTP/1 or HTTP/2 as the client negotiated, each request decided by the decider.
 
 Explicit port: HTTP proxy; the bytes of an allowed CONNECT tunnel pass through untouched once
 the tunnel's first flight is decided (a ClientHello must name the CONNECT host).
@@ -111,6 +113,14 @@ def install_transparent_start(first_flight_timeout: float, control: FirstFlightC
     modes.TransparentProxy = _TransparentFirstFlight  # type: ignore[misc]
 
 
+def _inspected_tls(context: Context) -> layer.Layer:
+    """TLS terminated on both sides, as mitmproxy stacks it: the server's layer above the
+    client's, so that the upstream's handshake can finish before the client's is answered."""
+    server_tls = layers.ServerTLSLayer(context)
+    server_tls.child_layer = layers.ClientTLSLayer(context)
+    return server_tls
+
+
 class Layering:
     # Registered under the name of mitmproxy's own NextLayer addon, which this one replaces.
     name = "nextlayer"
@@ -123,6 +133,10 @@ class Layering:
         if nextlayer.layer is not None:
             return
         context = nextlayer.context
+        if any(isinstance(each, layers.ClientTLSLayer) for each in context.layers):
+            # Inside inspected TLS: the requests, HTTP/1 or HTTP/2 (the negotiated ALPN).
+            nextlayer.layer = layers.HttpLayer(context, HTTPMode.transparent)
+            return
         top = context.layers[0]
         if isinstance(top, modes.HttpProxy):
             if len(context.layers) == 1:
@@ -142,9 +156,11 @@ class Layering:
         if flight is None and (data or not nextlayer.data_server()):
             return None  # wait for the rest (bounded by the classifier's size limit)
         # flight None here: the server spoke first, no ClientHello is coming (CONNECT decided).
-        if self._decider.settle_tunnel(context.client, flight):
-            return layers.TCPLayer(context, ignore=True)
-        return Refuse(context)
+        if not self._decider.settle_tunnel(context.client, flight):
+            return Refuse(context)
+        if self._decider.inspecting(context.client):
+            return _inspected_tls(context)  # settle_tunnel refused anything but TLS
+        return layers.TCPLayer(context, ignore=True)
 
     def _transparent(self, nextlayer: layer.NextLayer) -> layer.Layer | None:
         context = nextlayer.context
@@ -164,8 +180,14 @@ class Layering:
             return layers.HttpLayer(context, HTTPMode.transparent)
         info.kind = Kind.TLS if flight.kind is Flight.TLS else Kind.TCP
         info.sni = context.client.sni = flight.sni
-        if info.held and not self._decider.decide_held(context.client, info.kind, info.sni):
-            return Refuse(context)
+        if info.held:
+            # Its address a cidr rule allows: that rule decides it, whole, never inspected.
+            if not self._decider.decide_held(context.client, info.kind, info.sni):
+                return Refuse(context)
+        elif flight.sni is not None and self._decider.inspect_transparent(
+            context.client, flight.sni
+        ):
+            return _inspected_tls(context)
         return layers.TCPLayer(context, ignore=True)
 
     # -- FirstFlightControl ------------------------------------------------------------------

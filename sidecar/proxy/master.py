@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 
 from mitmproxy import options
 from mitmproxy.addons.proxyserver import Proxyserver
@@ -23,6 +24,7 @@ from sidecar.proxy.connections import Connections
 from sidecar.proxy.decider import Decider
 from sidecar.proxy.drain import Drain
 from sidecar.proxy.http1 import install_http1_server
+from sidecar.proxy.inspect_tls import InspectTls, upstream_trust_file
 from sidecar.proxy.layering import Layering, install_transparent_start
 from sidecar.proxy.listeners import install_unredirected_filter
 from sidecar.proxy.resolver import Resolver
@@ -64,6 +66,7 @@ def build_master(config: ProxyConfig, store: PolicyStore, reporter: Reporter) ->
         Resolver(config.resolve_timeout, cache_ttl=config.dns_cache_ttl, learned=config.learned),
         connections,
         config.connect_timeout,
+        inspection=config.inspection,
     )
     layering = Layering(connections, decider)
     install_transparent_start(config.first_byte_timeout, layering)
@@ -74,7 +77,14 @@ def build_master(config: ProxyConfig, store: PolicyStore, reporter: Reporter) ->
     running = Running()
     # The drain before the decision addon: a request is in flight while it is being decided.
     master.addons.add(proxyserver, layering, drain, decider, running)
+    trust: dict[str, str] = {}
+    if config.inspection is not None and config.inspection.available:
+        # Only connections the layering inspects ever reach this addon's TLS hooks.
+        confdir = Path(config.confdir).expanduser()
+        master.addons.add(InspectTls(config.inspection, confdir, connections))
+        trust["ssl_verify_upstream_trusted_ca"] = upstream_trust_file(config.inspection, confdir)
     master.options.update(
+        **trust,
         confdir=config.confdir,
         # Lazy: nothing is connected upstream before the decision (FIELD-NOTES).
         connection_strategy="lazy",

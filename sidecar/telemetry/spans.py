@@ -15,6 +15,9 @@ from sidecar.record import DecisionRecord
 _propagator = TraceContextTextMapPropagator()
 
 DENIED_ERROR_TYPE = "egress_denied"
+UPSTREAM_CERT_INVALID = "upstream_certificate_invalid"
+# The app refused the inspection leaf certificate (it does not trust the CA, or pins).
+TLS_CLIENT_REJECTED = "tls_client_rejected"
 
 # error.type must have low cardinality: a category, the message goes in egress.upstream.error.
 _ERROR_TYPES = (
@@ -23,6 +26,8 @@ _ERROR_TYPES = (
     (("timed out", "timeout", "errno 110"), "timeout"),
     (("unreachable", "errno 113", "errno 101"), "host_unreachable"),
     (("reset", "errno 104"), "connection_reset"),
+    # An inspected upstream whose certificate failed verification (its own answer: 502).
+    (("certificate verify failed", "upstream certificate invalid"), UPSTREAM_CERT_INVALID),
     (("certificate", "tls", "ssl"), "tls_error"),
 )
 
@@ -45,6 +50,7 @@ def decision_attributes(rec: DecisionRecord) -> dict[str, AttributeValue]:
         "egress.policy.version": rec.policy_version,
         "egress.capture": rec.capture._value_,
         "egress.tls.passthrough": rec.tls_passthrough,
+        "egress.tls.inspected": rec.tls_inspected,
         "egress.mode": rec.mode,
     }
     if rec.port:  # 0: not known (a request head refused before its target could be read)

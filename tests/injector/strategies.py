@@ -10,7 +10,18 @@ from sidecar import contract as c
 
 DNS_LABEL = st.from_regex(r"\A[a-z]([a-z0-9-]{0,10}[a-z0-9])?\Z")
 ENV_NAME = st.sampled_from(
-    ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "NO_PROXY", "no_proxy", "PATH", "FOO", "POD_NAME"]
+    [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "no_proxy",
+        "PATH",
+        "FOO",
+        "POD_NAME",
+        "SSL_CERT_FILE",
+        "NODE_EXTRA_CA_CERTS",
+    ]
 )
 ANNOTATION_VALUES = st.sampled_from(
     [
@@ -44,6 +55,7 @@ ANNOTATION_KEYS = st.sampled_from(
         c.ANNOTATION_INCLUDE_PORTS,
         c.ANNOTATION_EXCLUDE_UDP_PORTS,
         c.ANNOTATION_EXCLUDE_UDP_CIDRS,
+        c.ANNOTATION_INSPECT_CA,
         "resource.opentelemetry.io/service.name",
         "other/x",
     ]

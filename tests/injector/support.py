@@ -9,6 +9,7 @@ from typing import Any, Final
 import kubernetes_validate
 
 from injector.config import InjectorConfig
+from sidecar import contract as c
 
 HERE: Final = Path(__file__).resolve().parent
 REPO: Final = HERE.parents[1]
@@ -42,3 +43,43 @@ def validate(doc: dict[str, Any], version: str = K8S_VERSION) -> None:
         raise AssertionError(
             f"{doc.get('kind')} {doc.get('metadata', {}).get('name')}: {where}: {exc.message}"
         ) from exc
+
+
+def _exposes_key(source: Any, name_key: str) -> bool:
+    """A Secret volume or projection of the inspection CA that can show tls.key: the whole
+    Secret (no items), or items naming the key."""
+    if not isinstance(source, dict) or source.get(name_key) != c.INSPECT_CA_SECRET:
+        return False
+    items = source.get("items")
+    if not items:
+        return True
+    return any(item.get("key") == "tls.key" for item in items)
+
+
+def ca_key_exposures(spec: dict[str, Any]) -> list[str]:
+    """Every way a container other than the sidecar could read the inspection CA's key: a volume
+    of the Secret (or a projection of it) that can show tls.key, an env value from it, envFrom
+    it. Empty = the key reaches the sidecar alone."""
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    found: list[str] = []
+    for container in (spec.get("initContainers") or []) + spec["containers"]:
+        name = container["name"]
+        if name == c.SIDECAR_CONTAINER:
+            continue
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes.get(mount["name"], {})
+            sources = [volume.get("secret")] + [
+                s.get("secret") for s in (volume.get("projected") or {}).get("sources") or []
+            ]
+            if _exposes_key(volume.get("secret"), "secretName") or any(
+                _exposes_key(s, "name") for s in sources[1:]
+            ):
+                found.append(f"container {name}: volume {mount['name']} can show tls.key")
+        for env in container.get("env") or []:
+            ref = (env.get("valueFrom") or {}).get("secretKeyRef") or {}
+            if ref.get("name") == c.INSPECT_CA_SECRET and ref.get("key") == "tls.key":
+                found.append(f"container {name}: env {env['name']} is tls.key")
+        for env_from in container.get("envFrom") or []:
+            if (env_from.get("secretRef") or {}).get("name") == c.INSPECT_CA_SECRET:
+                found.append(f"container {name}: envFrom the whole Secret")
+    return found

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from injector import certs
+from sidecar import contract as c
 from tests.injector.support import REPO, validate
 
 
@@ -115,3 +117,144 @@ def test_cli_prints_manifests_without_output_dir() -> None:
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "svc.ns.svc" in san.get_values_for_type(x509.DNSName)
     assert patch["kind"] == "MutatingWebhookConfiguration"
+
+
+# --------------------------------------------------------------------------- inspection CA
+
+
+def _load(ca: certs.InspectionCA) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    key = serialization.load_pem_private_key(ca.key_pem, None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return cert, key
+
+
+def test_inspection_ca_signs_leaves_only() -> None:
+    ca = certs.generate_inspection_ca("shop", days=30)
+    cert, key = _load(ca)
+    assert cert.public_key() == key.public_key()  # the key in the Secret is this CA's
+    assert cert.issuer == cert.subject  # self-signed root
+    cert.verify_directly_issued_by(cert)
+    assert "shop" in cert.subject.rfc4514_string()
+    basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert basic.critical and basic.value.ca is True and basic.value.path_length == 0
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.key_cert_sign
+    assert dt.timedelta(days=30) == cert.not_valid_after_utc - cert.not_valid_before_utc
+
+
+def _pem_file(path: Path, cert: x509.Certificate) -> str:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(path)
+
+
+def _signed(
+    subject: str, issuer: x509.Certificate, issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
+        )
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), True
+        )
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256()), key
+
+
+def test_inspection_ca_pathlen_0_is_enforced_by_openssl(tmp_path: Path) -> None:
+    """A leaf it signs verifies; a leaf under a sub-CA it signed does not (pathlen 0)."""
+    ca_cert, ca_key = _load(certs.generate_inspection_ca("shop"))
+    leaf, _ = _signed("api.stripe.com", ca_cert, ca_key, ca=False)
+    sub, sub_key = _signed("rogue intermediate", ca_cert, ca_key, ca=True)
+    under_sub, _ = _signed("api.github.com", sub, sub_key, ca=False)
+    cafile = _pem_file(tmp_path / "ca.pem", ca_cert)
+
+    def verify(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["openssl", "verify", "-CAfile", cafile, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    ok = verify("-x509_strict", _pem_file(tmp_path / "leaf.pem", leaf))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = verify(
+        "-untrusted", _pem_file(tmp_path / "sub.pem", sub), _pem_file(tmp_path / "u.pem", under_sub)
+    )
+    assert bad.returncode != 0
+    assert "path length" in (bad.stdout + bad.stderr).lower()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "injector.cli", "certs", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_inspect_ca_prints_the_egress_ca_secret() -> None:
+    proc = _cli("--inspect-ca", "--namespace", "shop")
+    assert proc.returncode == 0, proc.stderr
+    (secret,) = yaml.safe_load_all(proc.stdout)
+    validate(secret)
+    assert secret["type"] == "kubernetes.io/tls"
+    assert secret["metadata"]["name"] == c.INSPECT_CA_SECRET == "egress-ca"
+    assert secret["metadata"]["namespace"] == "shop"
+    data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    assert set(data) == {"tls.crt", "tls.key", "ca.crt"}
+    assert data["ca.crt"] == data["tls.crt"]
+    cert, _ = _load(certs.InspectionCA(cert_pem=data["tls.crt"], key_pem=data["tls.key"]))
+    basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert basic.ca and basic.path_length == 0
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert lifetime == dt.timedelta(days=3650)  # the --inspect-ca default
+
+
+def test_cli_inspect_ca_output_dir(tmp_path: Path) -> None:
+    out = tmp_path / "ca"
+    proc = _cli("--inspect-ca", "-n", "shop", "--days", "90", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "kubectl create -f" in proc.stderr
+    assert (out / "egress-ca.yaml").stat().st_mode & 0o077 == 0  # it holds the key
+    secret = yaml.safe_load((out / "egress-ca.yaml").read_text())
+    assert base64.b64decode(secret["data"]["tls.crt"]) == (out / "ca.crt").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["ca.crt", "egress-ca.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--inspect-ca"], 2, "needs --namespace"),
+        (["--inspect-ca", "-n", "shop", "--ip", "127.0.0.1"], 2, "--ip cannot be used"),
+        (["--inspect-ca", "-n", "shop", "--secret-name", "x"], 2, "--secret-name cannot"),
+        (["--inspect-ca", "-n", "shop", "--print-ca-bundle"], 2, "--print-ca-bundle cannot"),
+        (["--inspect-ca", "-n", "Not_A_Namespace"], 1, "not a namespace name"),
+        (["--inspect-ca", "-n", "shop", "--days", "0"], 1, "days must be positive"),
+    ],
+)
+def test_cli_inspect_ca_refuses(args: list[str], code: int, message: str) -> None:
+    proc = _cli(*args)
+    assert proc.returncode == code
+    assert message in proc.stderr
+    assert proc.stdout == ""

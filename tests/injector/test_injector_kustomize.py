@@ -44,7 +44,15 @@ def one(docs: tuple[dict[str, Any], ...], kind: str, name: str | None = None) ->
 
 def test_all_kustomizations_are_found() -> None:
     names = {str(p.relative_to(CONFIG)) for p in KUSTOMIZATIONS}
-    assert {".", "base", "injector", "cert-manager", "sidecar-rbac", "default-allowlist"} <= names
+    assert {
+        ".",
+        "base",
+        "injector",
+        "cert-manager",
+        "sidecar-rbac",
+        "default-allowlist",
+        "inspect-ca-cert-manager",
+    } <= names
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(REPO)))
@@ -170,6 +178,24 @@ def test_cert_manager_overlay() -> None:
     assert cert["spec"]["secretName"] == "egress-injector-tls"
     assert cert["spec"]["issuerRef"]["name"] == issuer["metadata"]["name"]
     assert "egress-injector.egress-system.svc" in cert["spec"]["dnsNames"]
+
+
+def test_inspection_ca_with_cert_manager() -> None:
+    docs = render(CONFIG / "inspect-ca-cert-manager")
+    cert = one(docs, "Certificate", c.INSPECT_CA_SECRET)
+    issuer = one(docs, "Issuer")
+    for doc in docs:
+        assert "namespace" not in doc["metadata"]  # applied with -n <namespace>: one per namespace
+    spec = cert["spec"]
+    assert spec["isCA"] is True
+    assert spec["secretName"] == c.INSPECT_CA_SECRET  # what the injector mounts
+    assert spec["issuerRef"] == {"kind": "Issuer", "name": issuer["metadata"]["name"]}
+    assert "selfSigned" in issuer["spec"]
+    assert "cert sign" in spec["usages"]
+    # renewals keep the key, so the bundles pods built at start keep verifying its leaves
+    assert spec["privateKey"]["rotationPolicy"] == "Never"
+    # the whole install does not make one: it is per namespace
+    assert not [d for d in render(CONFIG) if d["metadata"]["name"] == c.INSPECT_CA_SECRET]
 
 
 def test_default_allowlist_is_a_valid_policy() -> None:

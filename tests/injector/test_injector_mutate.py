@@ -12,6 +12,14 @@ import pytest
 
 from injector.mutate import (
     ANNOTATION_FROM_WORKLOAD,
+    BUNDLE_DIR,
+    BUNDLE_PATH,
+    CA_BUNDLE_CONTAINER,
+    CA_CERT_DIR,
+    CA_CERT_PATH,
+    CA_CERT_VOLUME,
+    CA_VOLUME,
+    INSPECT_VOLUMES,
     NotAPodError,
     PodContext,
     Workload,
@@ -25,7 +33,7 @@ from injector.mutate import (
     sync_workload_annotations,
 )
 from sidecar import contract as c
-from tests.injector.support import config, validate
+from tests.injector.support import ca_key_exposures, config, validate
 
 CFG = config()
 
@@ -592,3 +600,218 @@ def test_sidecar_gets_a_token_when_the_pod_opts_out_of_one(automount: bool | Non
         assert spec["automountServiceAccountToken"] is False
     else:
         assert "egress-sidecar-token" not in names and token_path not in sidecar_mounts
+
+
+# --------------------------------------------------------------------------- HTTPS inspection
+
+INSPECT = {**INJECT_TRUE, c.ANNOTATION_INSPECT_CA: "true"}
+TRUST_VARIABLES = {
+    "SSL_CERT_FILE": BUNDLE_PATH,
+    "REQUESTS_CA_BUNDLE": BUNDLE_PATH,
+    "CURL_CA_BUNDLE": BUNDLE_PATH,
+    "NODE_EXTRA_CA_CERTS": CA_CERT_PATH,
+}
+
+
+def _containers(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {x["name"]: x for x in (spec.get("initContainers") or []) + spec["containers"]}
+
+
+@pytest.mark.parametrize("style", ["native", "container"])
+@pytest.mark.parametrize("capture", ["transparent", "explicit"])
+def test_inspection_layout(style: str, capture: str) -> None:
+    src = pod(
+        {**INSPECT, c.ANNOTATION_CAPTURE: capture},
+        initContainers=[{"name": "setup", "image": "busybox"}],
+    )
+    result = inject_pod(src, PodContext(), config(style))
+    assert result.injected
+    spec = result.pod["spec"]
+    validate(result.pod)
+    init_names = [x["name"] for x in spec["initContainers"]]
+    ours = (["egress-init"] if capture == "transparent" else []) + [CA_BUNDLE_CONTAINER]
+    if style == "native":
+        # the bundle is written before anything of the app's starts
+        assert init_names == [*ours, c.SIDECAR_CONTAINER, "setup"]
+    else:
+        assert init_names == [*ours, "setup"]
+    containers = _containers(spec)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[CA_VOLUME]["secret"] == {
+        "secretName": "egress-ca",
+        "optional": True,  # a missing Secret fails the inspected hosts, not the pod
+        "defaultMode": 0o444,
+    }
+    assert volumes[CA_CERT_VOLUME]["secret"]["items"] == [{"key": "tls.crt", "path": "ca.crt"}]
+    sidecar = containers[c.SIDECAR_CONTAINER]
+    assert _env(sidecar)[c.ENV_INSPECT_CA_DIR] == c.INSPECT_CA_DIR == "/etc/egress-sidecar/ca"
+    assert {"name": CA_VOLUME, "mountPath": c.INSPECT_CA_DIR, "readOnly": True} in sidecar[
+        "volumeMounts"
+    ]
+    bundler = containers[CA_BUNDLE_CONTAINER]
+    assert bundler["command"] == ["egress-injector", "ca-bundle"]
+    assert bundler["args"] == ["--ca", CA_CERT_PATH, "--out", BUNDLE_PATH, "--optional"]
+    assert {m["name"] for m in bundler["volumeMounts"]} == {
+        CA_CERT_VOLUME,
+        "egress-sidecar-ca-bundle",
+    }
+    sc = bundler["securityContext"]
+    assert (sc["runAsUser"], sc["runAsNonRoot"], sc["capabilities"]) == (
+        1337,
+        True,
+        {"drop": ["ALL"]},
+    )
+    for name in ("setup", "app"):
+        app = containers[name]
+        for var, value in TRUST_VARIABLES.items():
+            assert _env(app)[var] == value
+        mounts = {m["mountPath"]: m for m in app["volumeMounts"]}
+        assert mounts[CA_CERT_DIR] == {
+            "name": CA_CERT_VOLUME,
+            "mountPath": CA_CERT_DIR,
+            "readOnly": True,
+        }
+        assert mounts[BUNDLE_DIR]["readOnly"] is True
+    assert ca_key_exposures(spec) == []
+    status = json.loads(result.pod["metadata"]["annotations"][c.ANNOTATION_STATUS])
+    assert status["inspectCA"] is True
+    assert CA_BUNDLE_CONTAINER in status["initContainers"]
+    assert set(INSPECT_VOLUMES) <= set(status["volumes"])
+    again = inject_pod(result.pod, PodContext(), config(style))
+    assert not again.injected and again.pod == result.pod
+
+
+@pytest.mark.parametrize(("value", "warns"), [(None, False), ("false", False), ("yes", True)])
+def test_no_inspection_without_the_annotation(value: str | None, warns: bool) -> None:
+    annotations = dict(INJECT_TRUE)
+    if value is not None:
+        annotations[c.ANNOTATION_INSPECT_CA] = value
+    result = inject_pod(pod(annotations), PodContext(), CFG)
+    assert result.injected
+    text = json.dumps(result.pod)
+    for absent in ("egress-ca", CA_BUNDLE_CONTAINER, c.ENV_INSPECT_CA_DIR, *TRUST_VARIABLES):
+        assert absent not in text
+    assert "inspectCA" not in result.pod["metadata"]["annotations"][c.ANNOTATION_STATUS]
+    assert any(c.ANNOTATION_INSPECT_CA in w for w in result.warnings) is warns
+
+
+def test_trust_variables_the_app_sets_are_kept() -> None:
+    src = pod(INSPECT)
+    app = src["spec"]["containers"][0]
+    app["env"] = [{"name": "SSL_CERT_FILE", "value": "/etc/mine.pem"}]
+    app["envFrom"] = [{"configMapRef": {"name": "settings"}}]
+    result = inject_pod(src, PodContext(), CFG)
+    env = _env(result.pod["spec"]["containers"][0])
+    assert env["SSL_CERT_FILE"] == "/etc/mine.pem"
+    assert [e["name"] for e in result.pod["spec"]["containers"][0]["env"]].count(
+        "SSL_CERT_FILE"
+    ) == 1
+    assert env["REQUESTS_CA_BUNDLE"] == BUNDLE_PATH
+    assert env["NODE_EXTRA_CA_CERTS"] == CA_CERT_PATH
+    assert any(
+        "SSL_CERT_FILE it sets itself kept" in w and CA_CERT_PATH in w for w in result.warnings
+    )
+    assert any("envFrom are overridden" in w for w in result.warnings)
+
+
+def test_a_mount_path_the_app_uses_is_left_to_it() -> None:
+    src = pod(INSPECT)
+    src["spec"]["containers"][0]["volumeMounts"] = [{"name": "own", "mountPath": BUNDLE_DIR}]
+    src["spec"]["volumes"] = [{"name": "own", "emptyDir": {}}]
+    result = inject_pod(src, PodContext(), CFG)
+    mounts = result.pod["spec"]["containers"][0]["volumeMounts"]
+    assert [m["mountPath"] for m in mounts].count(BUNDLE_DIR) == 1
+    assert any(f"mounts {BUNDLE_DIR} itself" in w for w in result.warnings)
+    validate(result.pod)
+
+
+def test_shared_process_namespace_is_warned_about_when_inspecting() -> None:
+    for wanted, warned in ((INSPECT, True), (INJECT_TRUE, False)):
+        result = inject_pod(pod(wanted, shareProcessNamespace=True), PodContext(), CFG)
+        assert any("shareProcessNamespace" in w for w in result.warnings) is warned
+
+
+def test_inspection_names_clash() -> None:
+    src = pod(INSPECT)
+    src["spec"]["containers"].append({"name": CA_BUNDLE_CONTAINER, "image": "x"})
+    result = inject_pod(src, PodContext(), CFG)
+    assert not result.injected and CA_BUNDLE_CONTAINER in result.reason
+    src["metadata"]["annotations"] = dict(INJECT_TRUE)  # the name is only ours when inspecting
+    assert inject_pod(src, PodContext(), CFG).injected
+    src = pod(INSPECT, volumes=[{"name": CA_CERT_VOLUME, "emptyDir": {}}])
+    result = inject_pod(src, PodContext(), CFG)
+    assert not result.injected and CA_CERT_VOLUME in result.reason
+
+
+def test_inspect_annotation_on_the_workload_reaches_its_pods() -> None:
+    deploy = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "shop", "annotations": INSPECT},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+            },
+        },
+    }
+    result = inject_workload(deploy, CFG)
+    template = result.pod["spec"]["template"]
+    assert template["metadata"]["annotations"][c.ANNOTATION_INSPECT_CA] == "true"
+    assert CA_BUNDLE_CONTAINER in _containers(template["spec"])
+    validate(result.pod)
+
+
+@pytest.mark.parametrize(
+    ("volume", "extra", "way"),
+    [
+        ({"name": "ca", "secret": {"secretName": "egress-ca"}}, {}, "volume ca"),
+        (
+            {"name": "ca", "projected": {"sources": [{"secret": {"name": "egress-ca"}}]}},
+            {},
+            "volume ca",
+        ),
+        (
+            None,
+            {
+                "env": [
+                    {
+                        "name": "CA_KEY",
+                        "valueFrom": {"secretKeyRef": {"name": "egress-ca", "key": "tls.key"}},
+                    }
+                ]
+            },
+            "env CA_KEY",
+        ),
+        (None, {"envFrom": [{"secretRef": {"name": "egress-ca"}}]}, "envFrom"),
+    ],
+)
+@pytest.mark.parametrize("inspect", [True, False])
+def test_an_app_that_takes_the_ca_key_itself_is_warned(
+    volume: dict[str, Any] | None, extra: dict[str, Any], way: str, inspect: bool
+) -> None:
+    src = pod(INSPECT if inspect else INJECT_TRUE)
+    app = src["spec"]["containers"][0]
+    app.update(extra)
+    if volume is not None:
+        src["spec"]["volumes"] = [volume]
+        app["volumeMounts"] = [{"name": volume["name"], "mountPath": "/ca"}]
+    result = inject_pod(src, PodContext(), CFG)
+    assert result.injected  # the deployer is trusted: a warning, not a refusal
+    assert any(w.startswith(f"container app: {way} gives it the key") for w in result.warnings), (
+        result.warnings
+    )
+
+
+def test_the_certificate_alone_is_not_warned_about() -> None:
+    src = pod(INSPECT)
+    src["spec"]["volumes"] = [
+        {
+            "name": "ca",
+            "secret": {"secretName": "egress-ca", "items": [{"key": "tls.crt", "path": "c"}]},
+        }
+    ]
+    src["spec"]["containers"][0]["volumeMounts"] = [{"name": "ca", "mountPath": "/ca"}]
+    result = inject_pod(src, PodContext(), CFG)
+    assert not any("gives it the key" in w for w in result.warnings)

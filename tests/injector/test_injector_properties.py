@@ -13,7 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from injector.admission import review
-from injector.mutate import PodContext, inject_pod, sync_workload_annotations
+from injector.mutate import (
+    BUNDLE_DIR,
+    CA_CERT_DIR,
+    TRUST_ENV,
+    PodContext,
+    inject_pod,
+    sync_workload_annotations,
+)
+from sidecar import contract as c
 from tests.injector.strategies import (
     ANNOTATION_KEYS,
     ANNOTATION_VALUES,
@@ -21,7 +29,7 @@ from tests.injector.strategies import (
     valid_pods,
     weird_pods,
 )
-from tests.injector.support import config, validate
+from tests.injector.support import ca_key_exposures, config, validate
 
 CFG = config()
 
@@ -66,6 +74,43 @@ def test_valid_pods_get_a_valid_patch_equal_to_the_pure_result(pod: dict[str, An
             validate(expected.pod)
             again = review(admission_review(expected.pod), route, CFG)  # type: ignore[arg-type]
             assert "patch" not in again.response["response"]  # idempotent
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_pods(), st.sampled_from([None, "true", "false"]))
+def test_the_ca_key_never_reaches_an_app_container(
+    pod: dict[str, Any], inspect: str | None
+) -> None:
+    """Any pod, inspecting or not, through the webhook: no container but the sidecar can read
+    the CA key; an inspecting pod's every app container gets the certificate and the bundle."""
+    annotations = pod["metadata"].setdefault("annotations", {})
+    annotations.pop(c.ANNOTATION_INSPECT_CA, None)
+    if inspect is not None:
+        annotations[c.ANNOTATION_INSPECT_CA] = inspect
+    result = review(admission_review(pod), "pods", CFG)
+    response = result.response["response"]
+    assert response["allowed"] is True
+    out = applied(pod, response)
+    assert out == inject_pod(pod, PodContext("shop"), CFG).pod
+    spec = out["spec"]
+    assert ca_key_exposures(spec) == []
+    if "patch" not in response:
+        return
+    validate(out)
+    apps = [
+        x
+        for x in (spec.get("initContainers") or []) + spec["containers"]
+        if not x["name"].startswith("egress-")
+    ]
+    for app in apps:
+        names = {e["name"] for e in app.get("env") or []}
+        paths = {m["mountPath"] for m in app.get("volumeMounts") or []}
+        if inspect == "true":
+            assert {var for var, _ in TRUST_ENV} <= names
+            assert {CA_CERT_DIR, BUNDLE_DIR} <= paths
+        else:
+            assert not {CA_CERT_DIR, BUNDLE_DIR} & paths
+    assert ("egress-ca" in json.dumps(spec)) is (inspect == "true")
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

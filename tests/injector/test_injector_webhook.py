@@ -264,13 +264,12 @@ def test_pod_round_trip_matches_the_pure_function(
     expected = inject_pod(pod, PodContext(namespace="shop"), _cfg(server))
     assert expected.injected
     assert patched == expected.pod
-    env = {
-        e["name"]: e.get("value")
-        for e in patched["spec"]["initContainers"][0 if "explicit" in source.stem else 1]["env"]
-    }
+    (sidecar,) = [x for x in patched["spec"]["initContainers"] if x["name"] == "egress-sidecar"]
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == dict(OTEL_ENV)["OTEL_EXPORTER_OTLP_ENDPOINT"]
     if doc["kind"] == "Deployment":
-        assert env["EGRESS_WORKLOAD_NAME"] == "web"  # the ReplicaSet hash is stripped
+        # the ReplicaSet hash is stripped
+        assert env["EGRESS_WORKLOAD_NAME"] == doc["metadata"]["name"]
     if doc["kind"] == "CronJob":
         assert (env["EGRESS_WORKLOAD_KIND"], env["EGRESS_WORKLOAD_NAME"]) == ("CronJob", "report")
     (log,) = server.review_logs(review["request"]["uid"])

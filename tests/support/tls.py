@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from injector.certs import CertificateAuthority
@@ -59,6 +59,22 @@ class TestCA:
     def write_ca(self, path: Path) -> Path:
         path.write_bytes(self.cert_pem)
         return path
+
+    @property
+    def key_pem(self) -> bytes:
+        key = self._ca._key  # the tests' CA: its key is what the inspection CA is made of
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def write_tls_dir(self, directory: Path) -> Path:
+        """``directory`` as a mounted kubernetes.io/tls Secret: tls.crt and tls.key (the CA)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "tls.crt").write_bytes(self.cert_pem)
+        (directory / "tls.key").write_bytes(self.key_pem)
+        return directory
 
     def issue(self, *names: str) -> Issued:
         """A leaf for host names and IP addresses (the first one is its CN)."""

@@ -45,6 +45,7 @@ NOW = 1_764_680_000.123456
         {"error": ""},
         {"host": "\ud800bad", "url": "tab\tnewline\nbackslash\\"},
         {"protocol": "CONNECT", "port": 65535, "tls_passthrough": True},
+        {"protocol": "POST", "tls_inspected": True, "error": "x"},
     ],
 )
 def test_the_line_is_what_json_dumps_wrote(fields: dict[str, object]) -> None:
