@@ -3,10 +3,11 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test pytest lint bench bench-image bench-inspect soak venv clean help image image-test e2e-kind
+.PHONY: run test pytest lint bench bench-image bench-inspect soak venv clean help image image-test e2e-kind demo
 
 help:
 	@echo "make run    - run the sidecar locally on examples/allowlist.yaml (explicit proxy 127.0.0.1:15001)"
+	@echo "make demo   - offline walkthrough (root, < 1 min): inject, audit, suggest, enforce, spans (demo-out/)"
 	@echo "make test   - lint (ruff, mypy --strict, import contracts) and the whole test suite"
 	@echo "make lint   - only the linters"
 	@echo "make bench  - throughput/latency/memory benchmark against Squid"
@@ -24,9 +25,14 @@ venv:
 run: venv
 	$(BIN)/egress-sidecar run --allowlist-file examples/allowlist.yaml --health-listen 127.0.0.1:15021 --confdir $(CURDIR)/.venv/mitmproxy-confdir
 
+# Offline, no cluster: stand-ins on 127.0.77.1, names mapped in the sidecar's own mount
+# namespace (root: unshare, ports 80/443). DEMO_DIR= for another output directory.
+demo: venv
+	scripts/demo
+
 lint: venv
-	$(BIN)/ruff check sidecar injector bench tests
-	$(BIN)/ruff format --check sidecar injector bench tests
+	$(BIN)/ruff check sidecar injector bench tests scripts/demo.py
+	$(BIN)/ruff format --check sidecar injector bench tests scripts/demo.py
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -72,4 +78,4 @@ e2e-kind:
 	scripts/e2e-kind
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-out

@@ -93,8 +93,8 @@ class Metrics:
             ),
             duration=Histogram(
                 "egress_injector_review_duration_seconds",
-                "Time to answer one AdmissionReview",
-                ["route"],
+                "Time to answer one AdmissionReview, by route and outcome",
+                ["route", "outcome"],
                 registry=registry,
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             ),
@@ -235,6 +235,9 @@ class Handler(BaseHTTPRequestHandler):
             result = review(body, route, self.server.cfg)
         except BadReviewError as exc:
             self.server.metrics.reviews.labels(route, "bad-request").inc()
+            self.server.metrics.duration.labels(route, "bad-request").observe(
+                time.monotonic() - started
+            )
             log.warning(json.dumps({"msg": "bad request", "route": route, "error": str(exc)}))
             self._error(400, str(exc))
             return
@@ -242,7 +245,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, payload)
         elapsed = time.monotonic() - started
         self.server.metrics.reviews.labels(route, result.outcome).inc()
-        self.server.metrics.duration.labels(route).observe(elapsed)
+        self.server.metrics.duration.labels(route, result.outcome).observe(elapsed)
         log.info(json.dumps({"msg": "review", **result.log}, default=str))
 
 

@@ -6,6 +6,13 @@ worth of metrics in one interpreter without collisions.
 
 from __future__ import annotations
 
+import math
+import socket
+import struct
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from typing import Final, Protocol
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -14,8 +21,166 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "call_kind", "tcp_bytes"]
+
+# A call's kind for metric labels: the span name (an HTTP method, CONNECT, TLS, TCP, DNS) folded
+# into five values, so that a client sending made-up methods cannot grow the series.
+KINDS: Final = {"CONNECT": "connect", "TLS": "tls", "TCP": "tcp", "DNS": "dns"}
+
+
+def call_kind(protocol: str) -> str:
+    return KINDS.get(protocol, "http")
+
+
+# Linux struct tcp_info: tcpi_bytes_acked (u64) at 120, tcpi_bytes_received (u64) at 128
+# (kernel 4.1/4.2 and later). The kernel counts a connection's bytes for free; reading them once
+# when it ends costs one getsockopt instead of a counter update per chunk.
+_TCP_INFO_BYTES: Final = struct.Struct("=QQ")
+_TCP_INFO_BYTES_OFFSET: Final = 120
+_TCP_INFO_LEN: Final = _TCP_INFO_BYTES_OFFSET + _TCP_INFO_BYTES.size
+
+
+class _TcpSocket(Protocol):
+    """socket.socket, or the asyncio.trsock.TransportSocket a transport's extra info holds."""
+
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
+
+
+def tcp_bytes(sock: _TcpSocket | None) -> tuple[int, int] | None:
+    """(bytes sent and acknowledged by the peer, bytes received) of a TCP socket; None when it
+    is closed already or the kernel's tcp_info is too short to hold them."""
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(raw) < _TCP_INFO_LEN:
+        return None
+    acked, received = _TCP_INFO_BYTES.unpack_from(raw, _TCP_INFO_BYTES_OFFSET)
+    # The kernel counts sequence numbers: the acknowledged SYN is one of them (and a FIN, when
+    # acknowledged or received, one more: not told apart, one byte per connection at most).
+    return max(0, int(acked) - 1), int(received)
+
+
+class HistogramSeries:
+    """One label set's buckets: a bisect and two additions per observation."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class LeanHistogram:
+    """A Prometheus histogram for the per-call path: prometheus_client's Histogram takes a lock
+    per bucket and for its sum on every observe (~2.5 us); this one does a bisect and two
+    additions (~0.3 us) without a lock. Observations come from the event loop's thread; the
+    scrape (another thread) copies each series' counts, so it may see one observation's bucket
+    without its sum: off by one call for one scrape, never corrupted."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(float(b) for b in buckets if not math.isinf(b))
+        self._les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        self._series: dict[tuple[str, ...], HistogramSeries] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramSeries:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: labels {self.labelnames}, got {values}")
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = HistogramSeries(self.bounds)
+        return series
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, series in list(self._series.items()):
+            counts, total = list(series.counts), series.total
+            cumulative, running = [], 0
+            for le, count in zip(self._les, counts, strict=True):
+                running += count
+                cumulative.append((le, float(running)))
+            family.add_metric(list(values), cumulative, total)
+        yield family
+
+
+class CounterSeries:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LeanCounter:
+    """A counter for the per-call path, as LeanHistogram: an addition without a lock (~0.1 us
+    against prometheus_client's ~1.3 us); exposed as ``<name>_total``."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], CounterSeries] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> CounterSeries:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: labels {self.labelnames}, got {values}")
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = CounterSeries()
+        return series
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, series in list(self._series.items()):
+            family.add_metric(list(values), series.value)
+        yield family
+
+
+# Seconds. A decision answered from memory takes ~0.1 ms; a resolve or an upstream's response
+# head may take seconds.
+REQUEST_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+# A tunnel lives as long as its client keeps it: from milliseconds to hours.
+TUNNEL_BUCKETS: Final = (
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+)  # fmt: skip
 
 # `*_created` series double the output and no dashboard of ours reads them.
 disable_created_metrics()
@@ -24,11 +189,12 @@ disable_created_metrics()
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.decisions = Counter(
+        # Updated for every call: the lean kinds (no lock, a few additions).
+        self.decisions = LeanCounter(
             "egress_decisions",
             "Outbound calls decided, by decision, reason and capture mode.",
             ["decision", "reason", "capture"],
-            registry=self.registry,
+            self.registry,
         )
         self.policy_info = Gauge(
             "egress_policy_info",
@@ -76,6 +242,51 @@ class Metrics:
         self.dns_learned = Gauge(
             "egress_dns_learned_addresses",
             "(name, address) pairs learned from DNS answers that raw-TCP host rules may use.",
+            registry=self.registry,
+        )
+
+        # Per call: from its start (the request head, the CONNECT, the accepted connection) to
+        # its report (an HTTP request: its response; a tunnel or stream: decided and connected).
+        self.request_duration = LeanHistogram(
+            "egress_request_duration_seconds",
+            "Time from a call's start to its decision's report (plain HTTP: the response), "
+            "by decision, capture and kind (http, connect, tls, tcp, dns).",
+            ["decision", "capture", "kind"],
+            REQUEST_BUCKETS,
+            self.registry,
+        )
+        # Per relayed tunnel or stream, when it ends: its whole life.
+        self.tunnel_duration = LeanHistogram(
+            "egress_tunnel_duration_seconds",
+            "Lifetime of relayed tunnels and transparent streams, from their start to the end "
+            "of the relay, by decision, capture and kind (connect, tls, tcp).",
+            ["decision", "capture", "kind"],
+            TUNNEL_BUCKETS,
+            self.registry,
+        )
+        self.upstream_sent = Counter(
+            "egress_upstream_sent_bytes",
+            "Bytes sent to upstreams and acknowledged by them (the kernel's count, read when "
+            "an upstream connection ends), by kind (http, connect, tls, tcp).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.upstream_received = Counter(
+            "egress_upstream_received_bytes",
+            "Bytes received from upstreams (the kernel's count, read when an upstream "
+            "connection ends), by kind (http, connect, tls, tcp).",
+            ["kind"],
+            registry=self.registry,
+        )
+        # Values read when scraped (set_function in `run`): nothing to update per connection.
+        self.open_connections = Gauge(
+            "egress_open_connections",
+            "Client connections accepted by the proxy listeners and not yet closed.",
+            registry=self.registry,
+        )
+        self.open_tunnels = Gauge(
+            "egress_open_tunnels",
+            "Tunnels and transparent streams relaying bytes now.",
             registry=self.registry,
         )
 

@@ -14,7 +14,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 K8S_VERSION = "1.31.0"
 
 
-@pytest.mark.parametrize("name", ["jaeger.yaml", "demo-workload.yaml", "allowlist.yaml"])
+@pytest.mark.parametrize(
+    "name", ["jaeger.yaml", "demo-workload.yaml", "allowlist.yaml", "bypass-pods.yaml"]
+)
 def test_example_manifests_validate_against_the_kubernetes_schema(name: str) -> None:
     docs = [d for d in yaml.safe_load_all((EXAMPLES / name).read_text()) if d]
     assert docs

@@ -479,15 +479,15 @@ async def _serve(
     except ValueError as err:
         print(f"egress-sidecar run: {err}", file=sys.stderr)
         return 2
+    metrics = Metrics()
     try:
-        provider, plan = build_tracer_provider(console=args.trace_console, file=args.trace_file)
+        provider, plan = build_tracer_provider(
+            console=args.trace_console, file=args.trace_file, on_drop=metrics.spans_dropped.inc
+        )
     except TelemetryConfigError as err:
         print(f"egress-sidecar run: {err}", file=sys.stderr)
         return 2
     trace.set_tracer_provider(provider)
-    metrics = Metrics()
-    if isinstance(provider, LeanTracerProvider):
-        provider.count_drops(metrics.spans_dropped.inc)
     store = PolicyStore(Mode(args.mode) if args.mode else None)
     decision_log = DecisionLog()
     if args.destinations_max_entries < 0:
@@ -537,6 +537,9 @@ async def _serve(
         inspection=inspection,
     )
     front = FrontDoor(config, store, reporter, engine=Engine(args.engine))
+    # Read when scraped: the proxy's hot path updates nothing for these.
+    metrics.open_connections.set_function(lambda: front.open_connections)
+    metrics.open_tunnels.set_function(lambda: reporter.open_tunnels)
 
     def dns_running() -> bool:
         return dns_server is None or dns_server.running

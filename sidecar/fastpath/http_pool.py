@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 IDLE_SECONDS = 4.0
@@ -68,6 +69,8 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.pool.on_closed is not None and self.transport is not None:
+            self.pool.on_closed(self.transport)  # once per connection, after all its requests
         if self.owner is not None:
             owner, self.owner = self.owner, None
             owner.upstream_lost(exc)
@@ -113,6 +116,8 @@ class HttpPool:
         self.max_idle_per_key = max_idle_per_key
         self._idle: dict[Key, deque[Upstream]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        # Told of each upstream connection as it ends (the metrics count its bytes then).
+        self.on_closed: Callable[[asyncio.BaseTransport], None] | None = None
 
     def take(self, key: Key) -> Upstream | None:
         """An idle connection to ``key`` that is still open and fresh (the newest first): a

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 
 from sidecar.fastpath.accept import PROXY_LISTEN_BACKLOG
 from sidecar.fastpath.config import ListenSpec, ProxyConfig
@@ -66,6 +67,7 @@ class FrontDoor:
             ),
             second_tier,
         )
+        self.services.http_pool.on_closed = partial(reporter.upstream_closed, "http")
         self._servers: list[asyncio.Server] = []
         self._conns: set[ClientConnection] = set()
         self.failed: list[str] = []

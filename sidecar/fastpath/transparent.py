@@ -480,12 +480,19 @@ class Stream:
         upstream = self.upstream
         assert upstream is not None
         data, self._data = self._data, b""
+        started = self.services.reporter.relay_started()
+        # A held connection (cidr-allowed, dialled before its first flight) has no start yet:
+        # its tunnel metrics count from here. (Its decision was reported already.)
+        self._start_ns = self._start_ns or started
         self._relay = Relay(self.conn, upstream, self._relay_ended)
         self._relay.start(to_server=data)
 
     def _relay_ended(self) -> None:
         self.conn.busy = False
         self.conn.cutter = None
+        # Metrics: the tunnel's lifetime and its upstream connection's bytes (once, here).
+        assert self.rec is not None and self.upstream is not None
+        self.services.reporter.relay_ended(self.rec, self._start_ns, self.upstream.transport)
 
     def _report(self) -> None:
         if self._reported or self.rec is None:

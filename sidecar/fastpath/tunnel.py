@@ -321,12 +321,16 @@ class Tunnel:
             return
         flight_bytes, held = self._flight, self._held
         self._flight = self._held = b""
+        self.services.reporter.relay_started()
         self._relay = Relay(self.conn, upstream, self._relay_ended)
         self._relay.start(to_server=flight_bytes, to_client=held)
 
     def _relay_ended(self) -> None:
         self.conn.busy = False
         self.conn.cutter = None
+        # Metrics: the tunnel's lifetime and its upstream connection's bytes (once, here).
+        assert self.rec is not None and self.upstream is not None
+        self.services.reporter.relay_ended(self.rec, self._start_ns, self.upstream.transport)
 
     # -- the client connection's phase until the relay ----------------------------------------
 

@@ -20,8 +20,15 @@ import yaml
 
 from sidecar import contract
 from sidecar.destinations import SeenDestination
-from sidecar.kubectl import plan
-from sidecar.kubectl.cluster import JSON, Cluster, PluginError, PodUnreachable, Workload
+from sidecar.kubectl import local, plan
+from sidecar.kubectl.cluster import (
+    JSON,
+    Cluster,
+    PluginError,
+    PodSummary,
+    PodUnreachable,
+    Workload,
+)
 from sidecar.kubectl.plan import UsageError, WorkloadRef
 from sidecar.policy.engine import Policy, combine
 from sidecar.policy.errors import AllowlistError
@@ -125,10 +132,8 @@ def _seen(cluster: Cluster, workload: Workload) -> Seen:
             f"pod not injected: no pod of {workload.ref} has the egress sidecar "
             f"({pods[0]['metadata']['name']}: {why})"
         )
-    lists: list[list[SeenDestination]] = []
+    read: list[tuple[str, PodSummary, JSON]] = []
     failures: list[str] = []
-    ranges: dict[IPNetwork, None] = {}
-    starts: list[str] = []
     for pod in injected:
         name = pod["metadata"]["name"]
         try:
@@ -136,7 +141,28 @@ def _seen(cluster: Cluster, workload: Workload) -> Seen:
         except PodUnreachable as err:
             failures.append(f"{name}: {err}")
             continue
-        lists.append(summary.seen)
+        read.append((name, summary, cluster.readiness(workload.namespace, name).body or {}))
+    return _merged(str(workload.ref), read, failures)
+
+
+def _seen_local(urls: Sequence[str]) -> Seen:
+    """The same from sidecars read directly on their health port (--from-url)."""
+    read: list[tuple[str, PodSummary, JSON]] = []
+    failures: list[str] = []
+    for url in urls:
+        try:
+            summary = local.destinations(url)
+        except PodUnreachable as err:
+            failures.append(str(err))
+            continue
+        read.append((url, summary, local.ready_body(url)))
+    return _merged(", ".join(urls), read, failures)
+
+
+def _merged(what: str, read: Sequence[tuple[str, PodSummary, JSON]], failures: list[str]) -> Seen:
+    ranges: dict[IPNetwork, None] = {}
+    starts: list[str] = []
+    for name, summary, body in read:
         if summary.since:
             starts.append(summary.since)
         if summary.evicted:
@@ -145,7 +171,6 @@ def _seen(cluster: Cluster, workload: Workload) -> Seen:
                 "destinations go: what they were is not known here (the sidecar's "
                 "--destinations-max-entries keeps more)"
             )
-        body = cluster.readiness(workload.namespace, name).body or {}
         for text in body.get("extra_private_ranges") or []:
             try:
                 ranges[ipaddress.ip_network(str(text), strict=False)] = None
@@ -153,12 +178,17 @@ def _seen(cluster: Cluster, workload: Workload) -> Seen:
                 _warn(f"{name}: its ready body names {text!r} as a private range; ignored")
     for failure in failures:
         _warn(f"skipped pod {failure}")
-    if not lists:
+    if not read:
         raise PluginError(
-            f"no sidecar of {workload.ref} answered {contract.DEBUG_DESTINATIONS_PATH}: "
+            f"no sidecar of {what} answered {contract.DEBUG_DESTINATIONS_PATH}: "
             + "; ".join(failures)
         )
-    return Seen(plan.merge_seen(lists), len(lists), max(starts, default=None), list(ranges))
+    return Seen(
+        plan.merge_seen([summary.seen for _, summary, _ in read]),
+        len(read),
+        max(starts, default=None),
+        list(ranges),
+    )
 
 
 def _injection(cluster: Cluster, workload: Workload, pod: JSON) -> tuple[bool, str, JSON]:
@@ -375,18 +405,32 @@ def cmd_check(args: argparse.Namespace, cluster: Cluster) -> int:
 # -- suggest --------------------------------------------------------------------------------------
 
 
-def cmd_suggest(args: argparse.Namespace, cluster: Cluster) -> int:
-    workload = cluster.workload(WorkloadRef.parse(args.workload))
-    observed = _seen(cluster, workload)
-    seen, pods, ranges = observed.destinations, observed.pods, observed.ranges
-    refs = _configmap_refs(workload)
+def cmd_suggest(args: argparse.Namespace, cluster: Cluster | None) -> int:
     policy: Policy | None
-    try:
-        policy, _, texts, _ = _load_policy(cluster, workload)
-    except NoAllowlistError:
-        policy, texts = None, {}  # no allowlist yet: propose a first one
+    if cluster is None:  # --from-url: sidecars read directly, the allowlist from a file
+        observed = _seen_local(args.from_url)
+        current = local.read_allowlist(args.allowlist_file, args.namespace)
+        refs = [(current.namespace, current.name)]
+        current_text = current.text
+        try:
+            policy = parse_allowlist(current_text, source="file") if current_text else None
+        except AllowlistError as err:
+            raise PluginError(f"{args.allowlist_file} is not a valid allowlist:\n{err}") from None
+        subject, namespace, pods_word = args.workload, current.namespace, "sidecar"
+    else:
+        if args.allowlist_file:
+            raise UsageError("--allowlist-file goes with --from-url (else the ConfigMap is read)")
+        workload = cluster.workload(WorkloadRef.parse(args.workload))
+        observed = _seen(cluster, workload)
+        refs = _configmap_refs(workload)
+        try:
+            policy, _, texts, _ = _load_policy(cluster, workload)
+        except NoAllowlistError:
+            policy, texts = None, {}  # no allowlist yet: propose a first one
+        current_text = texts.get(f"configmap:{refs[0][0]}/{refs[0][1]}")
+        subject, namespace, pods_word = str(workload.ref), workload.namespace, "pod"
+    seen, pods, ranges = observed.destinations, observed.pods, observed.ranges
     ns, name = refs[0]
-    current_text = texts.get(f"configmap:{ns}/{name}")
     suggestion = plan.suggest(
         current_text,
         policy,
@@ -401,9 +445,9 @@ def cmd_suggest(args: argparse.Namespace, cluster: Cluster) -> int:
     added = len(suggestion.added)
     calls = f"{len(seen)} destination{'s' if len(seen) != 1 else ''}"
     header = [
-        f"Proposed by kubectl egress suggest {workload.ref} -n {workload.namespace}: {added} "
+        f"Proposed by kubectl egress suggest {subject} -n {namespace}: {added} "
         f"rule{'s' if added != 1 else ''} added",
-        f"from the {calls} its {pods} pod{'s' if pods != 1 else ''} saw"
+        f"from the {calls} its {pods} {pods_word}{'s' if pods != 1 else ''} saw"
         + (f" since {observed.since}," if observed.since else ","),
         "merged over "
         + (
@@ -439,7 +483,7 @@ def cmd_suggest(args: argparse.Namespace, cluster: Cluster) -> int:
 # -- diff -----------------------------------------------------------------------------------------
 
 
-def cmd_diff(args: argparse.Namespace, cluster: Cluster) -> int:
+def cmd_diff(args: argparse.Namespace, cluster: Cluster | None) -> int:
     try:
         text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -449,10 +493,14 @@ def cmd_diff(args: argparse.Namespace, cluster: Cluster) -> int:
     except AllowlistError as err:
         name = "stdin" if args.file == "-" else args.file
         raise PluginError(f"{name} is not a valid allowlist:\n{err}") from None
-    workload = cluster.workload(WorkloadRef.parse(args.workload))
-    observed = _seen(cluster, workload)
+    if cluster is None:  # --from-url: no annotations to read, the document's mode decides
+        observed = _seen_local(args.from_url)
+        subject, annotated = args.workload, None
+    else:
+        workload = cluster.workload(WorkloadRef.parse(args.workload))
+        observed = _seen(cluster, workload)
+        subject, annotated = str(workload.ref), _settings(workload).mode
     seen, ranges = observed.destinations, observed.ranges
-    annotated = _settings(workload).mode
     mode = Mode(annotated) if annotated else (new.meta.mode or Mode.ENFORCE)
     changes = plan.diff(seen, new, ranges, mode)
     shown = changes if args.all else [c for c in changes if c.kind != plan.UNCHANGED]
@@ -465,7 +513,7 @@ def cmd_diff(args: argparse.Namespace, cluster: Cluster) -> int:
     for c in changes:
         counts[c.kind] = counts.get(c.kind, 0) + 1
     summary = ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "nothing seen yet"
-    print(f"{len(changes)} destinations seen by {workload.ref}: {summary}", file=sys.stderr)
+    print(f"{len(changes)} destinations seen by {subject}: {summary}", file=sys.stderr)
     return 1 if args.exit_code and breaking else 0
 
 
@@ -483,6 +531,17 @@ def _common() -> argparse.ArgumentParser:
     group.add_argument("--context", help="kubeconfig context (default: the current one)")
     group.add_argument("-n", "--namespace", help="namespace (default: the context's, else default)")
     return common
+
+
+def _local_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--from-url",
+        action="append",
+        metavar="URL",
+        help="no cluster: read this sidecar's health port directly (e.g. http://127.0.0.1:15021, "
+        "or a kubectl port-forward of a pod's 15021); repeat for several. KIND/NAME only names "
+        "the workload in the output",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -582,6 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="manifest",
         help="manifest: the ConfigMap (default); table/json/yaml: the proposed rules",
     )
+    _local_options(suggest)
+    suggest.add_argument(
+        "--allowlist-file",
+        metavar="FILE",
+        help="with --from-url: the current allowlist (a ConfigMap manifest or a bare allowlist) "
+        "to merge over; none: a first one is proposed",
+    )
     suggest.set_defaults(func=cmd_suggest)
 
     diff = sub.add_parser(
@@ -621,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument(
         "-o", "--output", choices=["table", "json", "yaml"], default="table", help="(default table)"
     )
+    _local_options(diff)
     diff.set_defaults(func=cmd_diff)
     return parser
 
@@ -628,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cluster = Cluster(args.kubeconfig, args.context, args.namespace)
+        local_mode = bool(getattr(args, "from_url", None))
+        cluster = None if local_mode else Cluster(args.kubeconfig, args.context, args.namespace)
         code: int = args.func(args, cluster)
     except (PluginError, UsageError) as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)

@@ -269,21 +269,25 @@ class Cluster:
         return PodHealth(ready=status == 200 and bool(body.get("ready")), body=body)
 
     def destinations(self, namespace: str, pod: str) -> PodSummary:
-        status, body = self.pod_health(namespace, pod, contract.DEBUG_DESTINATIONS_PATH)
-        items = body.get("destinations")
-        if status != 200 or not isinstance(items, list):
-            raise PodUnreachable(f"HTTP {status} from {contract.DEBUG_DESTINATIONS_PATH}")
-        try:
-            seen = [SeenDestination.from_json(item) for item in items]
-        except ValueError as err:
-            raise PodUnreachable(f"{contract.DEBUG_DESTINATIONS_PATH}: {err}") from None
-        evicted = body.get("evicted")
-        since = body.get("since")
-        return PodSummary(
-            seen,
-            since if isinstance(since, str) else None,
-            evicted if isinstance(evicted, int) else 0,
-        )
+        return summary_of(*self.pod_health(namespace, pod, contract.DEBUG_DESTINATIONS_PATH))
+
+
+def summary_of(status: int, body: JSON) -> PodSummary:
+    """A sidecar's answer to /debug/destinations (through the pod proxy or read directly)."""
+    items = body.get("destinations")
+    if status != 200 or not isinstance(items, list):
+        raise PodUnreachable(f"HTTP {status} from {contract.DEBUG_DESTINATIONS_PATH}")
+    try:
+        seen = [SeenDestination.from_json(item) for item in items]
+    except ValueError as err:
+        raise PodUnreachable(f"{contract.DEBUG_DESTINATIONS_PATH}: {err}") from None
+    evicted = body.get("evicted")
+    since = body.get("since")
+    return PodSummary(
+        seen,
+        since if isinstance(since, str) else None,
+        evicted if isinstance(evicted, int) else 0,
+    )
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +24,8 @@ from sidecar.telemetry.lean import LeanTracerProvider, lean_settings
 from sidecar.telemetry.sampling import DecisionSampler
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,14 @@ def _tls_options(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def build_tracer_provider(
-    env: Mapping[str, str] | None = None, *, console: bool = False, file: Path | None = None
+    env: Mapping[str, str] | None = None,
+    *,
+    console: bool = False,
+    file: Path | None = None,
+    on_drop: Callable[[], None] | None = None,
 ) -> tuple[TracerProvider | LeanTracerProvider | NoOpTracerProvider, ExportPlan]:
+    """``on_drop`` is called once per span dropped because an export queue was full (the
+    egress_trace_spans_dropped_total metric), whichever pipeline the variables choose."""
     env = os.environ if env is None else env
     plan = plan_export(env, console=console, file=file)
     if plan.protocol is None and not plan.console and plan.file is None:
@@ -153,7 +159,10 @@ def build_tracer_provider(
         assert plan.endpoint is not None
         settings = lean_settings(env, plan.endpoint)
         if settings is not None:
-            return LeanTracerProvider(settings, pod_resource(env).attributes, sampler), plan
+            lean = LeanTracerProvider(settings, pod_resource(env).attributes, sampler)
+            if on_drop is not None:
+                lean.count_drops(on_drop)
+            return lean, plan
     # The SDK's pipeline is imported only by the configurations that use it.
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
@@ -162,15 +171,38 @@ def build_tracer_provider(
         SimpleSpanProcessor,
     )
 
+    def batch(exporter: SpanExporter) -> BatchSpanProcessor:
+        return BatchSpanProcessor(exporter) if on_drop is None else _counting(exporter, on_drop)
+
     provider = TracerProvider(resource=pod_resource(env), sampler=sampler)
     if plan.protocol is not None:
-        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(plan, env)))
+        provider.add_span_processor(batch(_otlp_exporter(plan, env)))
     if plan.file is not None:
         # Only with --trace-file: it loads protobuf's JSON formatting.
         from sidecar.telemetry.file_exporter import OtlpJsonLinesExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OtlpJsonLinesExporter(plan.file)))
+        provider.add_span_processor(batch(OtlpJsonLinesExporter(plan.file)))
     if plan.console:
         # stderr: stdout carries exactly one JSON line per decision and nothing else.
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
     return provider, plan
+
+
+def _counting(exporter: SpanExporter, on_drop: Callable[[], None]) -> BatchSpanProcessor:
+    """The SDK's BatchSpanProcessor, telling ``on_drop`` of each span it drops on a full queue.
+
+    The SDK only logs those drops (and records them in its own OTel metrics, off by default);
+    its queue is private: if a release moves it, drops go uncounted (never an error)."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    class CountingBatchSpanProcessor(BatchSpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            if span.context is not None and span.context.trace_flags.sampled:
+                inner = getattr(self, "_batch_processor", None)
+                queue = getattr(inner, "_queue", None)
+                limit = getattr(inner, "_max_queue_size", None)
+                if queue is not None and limit is not None and len(queue) >= limit:
+                    on_drop()
+            super().on_end(span)
+
+    return CountingBatchSpanProcessor(exporter)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -84,3 +85,67 @@ def test_the_proposal_allows_what_it_came_from_and_nothing_else(
         f"api.test:{web}",
         *([] if wildcards else [f"fonts.cdn.test:{cdn}"]),
     }
+
+
+def _uncommented(text: str) -> list[str]:
+    """A manifest without its header comment (which names the source: pods or sidecars)."""
+    return [line for line in text.splitlines() if not line.startswith("#")]
+
+
+def test_from_url_proposes_what_the_cluster_path_proposes(world: World, tmp_path: Path) -> None:
+    """--from-url reads the same sidecar on its health port directly (no API server) and the
+    current allowlist from a file: the same proposal, the same diff."""
+    api, cdn, web = PORTS["api"], PORTS["cdn"], PORTS["web"]
+    for url in (
+        f"http://web.test:{web}/",
+        f"http://api.test:{api}/x",
+        f"http://js.cdn.test:{cdn}/",
+    ):
+        assert world.get(POD, url) == 200
+    world.sidecars[POD].wait_decisions(count=3)
+    current = tmp_path / "current.yaml"
+    current.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "egress-allowlist", "namespace": NS},
+                "data": {"allowlist.yaml": world.allowlist()},
+            }
+        )
+    )
+    url = f"http://127.0.0.1:{world.sidecars[POD].health_port}"
+    for output in ("json", "manifest"):
+        via_cluster = world.run("suggest", "deploy/web", "-o", output)
+        # No KUBECONFIG at all: nothing may try the API server.
+        local = world.run(
+            "suggest", "deploy/web", "-o", output, "--from-url", url,
+            "--allowlist-file", str(current), env={"KUBECONFIG": str(tmp_path / "none")},
+        )  # fmt: skip
+        assert via_cluster.returncode == local.returncode == 0, local.stderr
+        if output == "json":
+            assert (
+                json.loads(local.stdout)["proposals"] == json.loads(via_cluster.stdout)["proposals"]
+            )
+            assert len(json.loads(local.stdout)["proposals"]) == 2
+        else:
+            assert _uncommented(local.stdout) == _uncommented(via_cluster.stdout)
+            assert "its 1 sidecar saw" in local.stdout
+    proposed = tmp_path / "proposed.yaml"
+    proposed.write_text(world.run("suggest", "deploy/web").stdout)
+    via_cluster = world.run("diff", "deploy/web", "-f", str(proposed), "-o", "json")
+    local = world.run("diff", "deploy/web", "-f", str(proposed), "-o", "json", "--from-url", url)
+    assert local.returncode == via_cluster.returncode == 0, local.stderr
+    assert json.loads(local.stdout) == json.loads(via_cluster.stdout)
+
+
+def test_from_url_errors_are_clear(world: World, tmp_path: Path) -> None:
+    closed = "http://127.0.0.1:9"  # discard: nothing listens
+    out = world.run("suggest", "deploy/web", "--from-url", closed)
+    assert out.returncode == 2
+    assert "no sidecar of http://127.0.0.1:9 answered /debug/destinations" in out.stderr
+    out = world.run("suggest", "deploy/web", "--from-url", "127.0.0.1:15021")
+    assert (out.returncode, "give the health port's URL" in out.stderr) == (2, True)
+    out = world.run("suggest", "deploy/web", "--allowlist-file", str(tmp_path / "x.yaml"))
+    assert out.returncode == 2
+    assert "--allowlist-file goes with --from-url" in out.stderr
