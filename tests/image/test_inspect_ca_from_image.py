@@ -15,7 +15,6 @@ Run by `make image-test` (EGRESS_IMAGE = the image of these sources).
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import hashlib
 import json
 import os
@@ -28,9 +27,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
 from injector import certs as injector_certs
 from injector.config import DEFAULT_IMAGE
@@ -41,6 +38,7 @@ from tests.support import netns as h
 from tests.support.injection import cluster_env, deployment, inject, service_account, start_api
 from tests.support.netns import OUT4, POD4
 from tests.support.netns_pod import in_netns
+from tests.support.tls import inspection_leaf
 
 IMAGE = os.environ.get("EGRESS_IMAGE", DEFAULT_IMAGE)
 WEB4 = OUT4[0]
@@ -93,42 +91,12 @@ def manifest() -> str:
 
 def leaf_for(ca: injector_certs.InspectionCA, directory: Path) -> h.Certs:
     """The certificate the sidecar would show for HOST: a short-lived leaf signed by the CA."""
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
-    ca_key = serialization.load_pem_private_key(ca.key_pem, None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        # From the CA's SubjectKeyIdentifier, as mitmproxy's leaves: Python 3.13's default
-        # context verifies strictly (VERIFY_X509_STRICT) and refuses a leaf without one.
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    cert, key = inspection_leaf(ca.cert_pem, ca.key_pem, HOST)
     cert_pem = directory / "leaf.pem"
-    cert_pem.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    cert_pem.write_bytes(cert)
     key_pem = directory / "leaf.key"
-    key_pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    key_pem.write_bytes(key)
+    der = x509.load_pem_x509_certificate(cert).public_bytes(serialization.Encoding.DER)
     ca_file = directory / "egress-ca.pem"
     ca_file.write_bytes(ca.cert_pem)
     return h.Certs(
@@ -136,7 +104,7 @@ def leaf_for(ca: injector_certs.InspectionCA, directory: Path) -> h.Certs:
         cert_pem=cert_pem,
         key_pem=key_pem,
         ca_subject_cn=injector_certs.inspection_ca_name(NAMESPACE),
-        leaf_der_sha256=hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        leaf_der_sha256=hashlib.sha256(der).hexdigest(),
     )
 
 

@@ -5,7 +5,6 @@ alone does not; it never copies a key, and without a CA (--optional) it keeps th
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import re
 import ssl
@@ -17,14 +16,13 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from injector import cabundle, certs
 from injector.cli import build_parser
 from injector.mutate import BUNDLE_PATH, CA_CERT_PATH, TRUST_ENV, ca_bundle_container
 from tests.injector.support import config
+from tests.support.tls import inspection_leaf
 from tests.support.upstream import UpstreamServer
 
 SYSTEM = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -47,40 +45,13 @@ def _write_pem(path: Path, data: bytes) -> Path:
 @pytest.fixture
 def files(tmp_path: Path) -> Files:
     ca = certs.generate_inspection_ca("shop", days=30)
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
-    ca_key = serialization.load_pem_private_key(ca.key_pem, None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
     # what the sidecar does for an inspected host: a short-lived leaf signed by the namespace CA
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    leaf_pem, leaf_key_pem = inspection_leaf(ca.cert_pem, ca.key_pem, HOST)
     return Files(
         ca=_write_pem(tmp_path / "ca.crt", ca.cert_pem),
         ca_key=_write_pem(tmp_path / "ca.key", ca.key_pem),
-        leaf=_write_pem(tmp_path / "leaf.crt", leaf.public_bytes(serialization.Encoding.PEM)),
-        leaf_key=_write_pem(
-            tmp_path / "leaf.key",
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-        ),
+        leaf=_write_pem(tmp_path / "leaf.crt", leaf_pem),
+        leaf_key=_write_pem(tmp_path / "leaf.key", leaf_key_pem),
     )
 
 
