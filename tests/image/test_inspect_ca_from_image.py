@@ -3,11 +3,11 @@ egress-sidecar.io/inspect-ca=true goes through `egress-injector inject`; the kub
 the Secret egress-ca is made from the injected spec (its items, its mode; an empty directory when
 the Secret is missing, as for an optional volume); the init container egress-ca-bundle runs from
 the image (UID 1337, no capabilities, read-only root) and writes the bundle with the image's own
-roots (certifi's: the image has no ca-certificates package); then the app container (the image's
-python3, another UID, the injected variables, no CA path of its own) trusts a leaf signed by the
-egress CA, served by a real upstream outside the pod, and finds no private key anywhere it can
-read, while a container with the sidecar's mounts and user reads the key. Without the Secret the
-pod still starts and the app's handshake fails.
+roots (Debian's ca-certificates, which the image installs for the sidecar's upstream checks);
+then the app container (the image's python3, another UID, the injected variables, no CA path of
+its own) trusts a leaf signed by the egress CA, served by a real upstream outside the pod, and finds
+no private key anywhere it can read, while a container with the sidecar's mounts and user reads
+the key. Without the Secret the pod still starts and the app's handshake fails.
 
 Run by `make image-test` (EGRESS_IMAGE = the image of these sources).
 """
@@ -214,8 +214,10 @@ def pod(request: pytest.FixtureRequest, reaped: list[str]) -> Iterator[Pod]:
 
 def test_the_bundle_step_runs_from_the_image_as_1337_with_the_images_roots(pod: Pod) -> None:
     assert pod.bundle.returncode == 0, pod.bundle.stdout + pod.bundle.stderr
-    # certifi's roots (the image has no ca-certificates package), then the CA when it is there
-    assert "certifi/cacert.pem" in pod.bundle.stderr, pod.bundle.stderr
+    # the image's own roots (its ca-certificates package), then the CA when it is there
+    assert "system roots from /etc/ssl/certs/ca-certificates.crt" in pod.bundle.stderr, (
+        pod.bundle.stderr
+    )
     if pod.with_secret:
         assert "+ the egress CA (CN=egress-sidecar inspection CA (shop))" in pod.bundle.stderr
     else:

@@ -248,7 +248,7 @@ def test_a_system_bundle_that_is_not_one_is_refused(files: Files, tmp_path: Path
 
 def test_default_system_bundle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert cabundle.default_system_bundle() == SYSTEM  # Debian's, on this machine
-    # the image has no ca-certificates package: certifi's Mozilla roots then
+    # a system without a bundle of its own: certifi's Mozilla roots then
     monkeypatch.setattr(cabundle, "SYSTEM_BUNDLES", (str(tmp_path / "none.crt"),))
     import certifi
 
