@@ -5,9 +5,9 @@ namespace's egress CA certificate, written into an emptyDir that the app contain
 read-only (their ``SSL_CERT_FILE``, ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``). It reads the CA
 *certificate* only: the init container mounts the Secret's ``tls.crt``, never its key.
 
-The system roots are the first bundle found among the usual distribution paths, else certifi's
-(Mozilla's roots; mitmproxy's dependency, so always in the image, whose Debian base carries no
-ca-certificates package).
+The system roots are the first bundle found among the usual distribution paths (in the image,
+Debian's ca-certificates), else certifi's (Mozilla's roots; mitmproxy's dependency, so always
+installed).
 """
 
 from __future__ import annotations

@@ -81,52 +81,6 @@ class HistogramSeries:
         self.total += value
 
 
-class LeanHistogram:
-    """A Prometheus histogram for the per-call path: prometheus_client's Histogram takes a lock
-    per bucket and for its sum on every observe (~2.5 us); this one does a bisect and two
-    additions (~0.3 us) without a lock. Observations come from the event loop's thread; the
-    scrape (another thread) copies each series' counts, so it may see one observation's bucket
-    without its sum: off by one call for one scrape, never corrupted."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        buckets: Sequence[float],
-        registry: CollectorRegistry,
-    ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self.bounds = tuple(float(b) for b in buckets if not math.isinf(b))
-        self._les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
-        self._series: dict[tuple[str, ...], HistogramSeries] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> HistogramSeries:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: labels {self.labelnames}, got {values}")
-        series = self._series.get(values)
-        if series is None:
-            series = self._series[values] = HistogramSeries(self.bounds)
-        return series
-
-    def describe(self) -> Iterator[Metric]:
-        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, series in list(self._series.items()):
-            counts, total = list(series.counts), series.total
-            cumulative, running = [], 0
-            for le, count in zip(self._les, counts, strict=True):
-                running += count
-                cumulative.append((le, float(running)))
-            family.add_metric(list(values), cumulative, total)
-        yield family
-
-
 class CounterSeries:
     __slots__ = ("value",)
 
@@ -137,9 +91,12 @@ class CounterSeries:
         self.value += amount
 
 
-class LeanCounter:
-    """A counter for the per-call path, as LeanHistogram: an addition without a lock (~0.1 us
-    against prometheus_client's ~1.3 us); exposed as ``<name>_total``."""
+class _LeanFamily[S]:
+    """A metric family for the per-call path, registered as a collector: its label sets' series
+    are plain objects updated without a lock (prometheus_client's Histogram takes one per bucket
+    and for its sum, ~2.5 us an observation; its Counter ~1.3 us an increment). Updates come from
+    the event loop's thread; the scrape (another thread) copies each series, so it may see one
+    observation's bucket without its sum: off by one call for one scrape, never corrupted."""
 
     def __init__(
         self,
@@ -151,22 +108,74 @@ class LeanCounter:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], CounterSeries] = {}
-        registry.register(self)
+        self._series: dict[tuple[str, ...], S] = {}
+        registry.register(self)  # a Collector: describe() and collect()
 
-    def labels(self, *values: str) -> CounterSeries:
+    def _new_series(self) -> S:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> S:
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name}: labels {self.labelnames}, got {values}")
         series = self._series.get(values)
         if series is None:
-            series = self._series[values] = CounterSeries()
+            series = self._series[values] = self._new_series()
         return series
 
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
     def describe(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        yield self._family()
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        raise NotImplementedError
+
+
+class LeanHistogram(_LeanFamily[HistogramSeries]):
+    """A Prometheus histogram: a bisect and two additions (~0.3 us) per observation."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.bounds = tuple(float(b) for b in buckets if not math.isinf(b))
+        self._les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        super().__init__(name, documentation, labelnames, registry)
+
+    def _new_series(self) -> HistogramSeries:
+        return HistogramSeries(self.bounds)
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for values, series in list(self._series.items()):
+            counts, total = list(series.counts), series.total
+            cumulative, running = [], 0
+            for le, count in zip(self._les, counts, strict=True):
+                running += count
+                cumulative.append((le, float(running)))
+            family.add_metric(list(values), cumulative, total)
+        yield family
+
+
+class LeanCounter(_LeanFamily[CounterSeries]):
+    """A counter: an addition (~0.1 us) per increment; exposed as ``<name>_total``."""
+
+    def _new_series(self) -> CounterSeries:
+        return CounterSeries()
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
         for values, series in list(self._series.items()):
             family.add_metric(list(values), series.value)
         yield family

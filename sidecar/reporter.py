@@ -13,11 +13,9 @@ from opentelemetry.trace import Span
 
 from sidecar.decision_log import DecisionLog
 from sidecar.destinations import DestinationSummary
-from sidecar.metrics import KINDS, CounterSeries, HistogramSeries, Metrics, call_kind, tcp_bytes
+from sidecar.metrics import CounterSeries, HistogramSeries, Metrics, call_kind, tcp_bytes
 from sidecar.record import DecisionRecord
 from sidecar.telemetry.spans import DecisionSpans
-
-_kind = KINDS.get  # a call's kind label from its span name (bounded: five values)
 
 
 @dataclass(slots=True)
@@ -71,7 +69,7 @@ class Reporter:
             d.verdict._value_,
             d.reason._value_,
             rec.capture._value_,
-            _kind(rec.protocol, "http"),
+            call_kind(rec.protocol),
         )
         children = self._children.get(key)
         if children is None:

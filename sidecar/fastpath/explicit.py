@@ -63,14 +63,14 @@ class FirstHead:
         except HeadError as err:
             self._refuse(HeadRejection(400, err.reason, err.detail))
             return
-        if services.config.inspection_available and services.store.get().inspection(
-            request.host, request.port
-        ):
+        snap = services.store.get()
+        inspecting = snap.inspection(request.host, request.port)
+        if inspecting is not None and services.config.inspection_available:
             # HTTPS inspection (inspect: true) is mitmproxy's: it reads the CONNECT again.
             services.second_tier.hand_over(conn, bytes(buf), "inspect")
             return
         # What follows the head is the start of the tunnel's first flight.
-        Tunnel(conn, services, request, bytes(buf[end:])).open()
+        Tunnel(conn, services, request, bytes(buf[end:])).open(snap, inspecting)
 
     def eof_received(self) -> bool | None:
         # Closed before a whole head arrived: nothing to decide (as the reference engine does).

@@ -136,14 +136,15 @@ class Tunnel:
         # (explicit.py hands the others to mitmproxy): the inspecting rule, to deny it.
         self._inspecting: str | None = None
 
-    def open(self) -> None:
+    def open(self, snap: Snapshot, inspecting: str | None) -> None:
+        """Decide the CONNECT on ``snap``; ``inspecting``: the rule inspecting its host, as the
+        caller read it there (``Snapshot.inspection``)."""
         conn = self.conn
         conn.busy = True  # being decided, connected, then relayed: a drain waits for it
         conn.cutter = self
         conn.switch(self)
         services, request = self.services, self.request
-        snap = services.store.get()
-        self._inspecting = snap.inspection(request.host, request.port)
+        self._inspecting = inspecting
         dest = Destination(request.host, request.port, inspected=self._inspecting is not None)
         vetted = vet_now(snap, dest, services.resolver)
         if vetted is not None:

@@ -49,14 +49,7 @@ from sidecar.policy.model import Decision, Destination, Reason, Verdict
 from sidecar.policy.store import PolicyStore, Snapshot
 from sidecar.policy.target import InvalidTarget, parse_authority
 from sidecar.proxy.connections import ConnectionInfo, Connections, Kind, Pending
-from sidecar.proxy.denial import (
-    denial_response,
-    egress_response,
-    failure_body,
-    failure_phrase,
-    failure_response,
-    failure_status,
-)
+from sidecar.proxy.denial import denial_response, failure_response, failure_status
 from sidecar.proxy.headlimits import HeadRejection
 from sidecar.proxy.hostnames import address_of, format_hostport, redact_url
 from sidecar.proxy.resolver import Resolver
@@ -356,9 +349,7 @@ class Decider:
             rec.error = info.upstream_tls_error
             rec.error_type = error_type(rec.error)
             rec.status_code = 502
-            phrase = failure_phrase(rec.error_type)
-            body = failure_body(rec)
-            flow.response = egress_response(502, body, rec, phrase, rec.error_type)
+            flow.response = failure_response(rec, 502)
             self._reporter.end(opened)
             return
         _align_host_header(request, host, port)

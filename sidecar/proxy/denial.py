@@ -18,7 +18,6 @@ __all__ = [
     "denial_body",
     "denial_response",
     "egress_response",
-    "failure_body",
     "failure_phrase",
     "failure_response",
     "failure_status",
