@@ -115,14 +115,18 @@ def sidecar_name(root: Path | None = None) -> str:
     """The sidecar's column: version and engine, and with ``root`` the image's interpreter."""
     # EGRESS_ENGINE (inherited by the sidecar: `run --engine`'s default) names the engine.
     engine = os.environ.get("EGRESS_ENGINE", "fast")
+    # EGRESS_EVENT_LOOP likewise (`run --event-loop`'s default)
+    loop = os.environ.get("EGRESS_EVENT_LOOP", "uvloop")
     if root is not None:
-        return f"egress-sidecar image ({image_python(root)}; {engine} engine)"
+        return f"egress-sidecar image ({image_python(root)}; {engine} engine, {loop} loop)"
     try:
         ours = importlib.metadata.version("egress-sidecar")
         mitm = importlib.metadata.version("mitmproxy")
+        if loop == "uvloop":
+            loop = f"uvloop {importlib.metadata.version('uvloop')}"
         if engine == "mitmproxy":
-            return f"egress-sidecar {ours} (engine mitmproxy {mitm})"
-        return f"egress-sidecar {ours} (fast path; mitmproxy {mitm} as second tier)"
+            return f"egress-sidecar {ours} (engine mitmproxy {mitm}; {loop} loop)"
+        return f"egress-sidecar {ours} (fast path, {loop} loop; mitmproxy {mitm} as second tier)"
     except importlib.metadata.PackageNotFoundError:
         return "egress-sidecar"
 

@@ -38,6 +38,7 @@ ENV_FLUSH_TIMEOUT = "EGRESS_FLUSH_TIMEOUT"
 # Drain plus flush stay below the 30 s grace period even when the collector is a blackhole (the
 # SDK would otherwise wait up to 30 s for the batch processor, plus the exporter's own timeout).
 DEFAULT_FLUSH_TIMEOUT = 5.0
+ENV_EVENT_LOOP = "EGRESS_EVENT_LOOP"  # uvloop or asyncio
 ENV_DNS_LISTEN = "EGRESS_DNS_LISTEN"  # HOST:PORT[,...] or off
 ENV_DNS_INTERNAL_DOMAINS = "EGRESS_DNS_INTERNAL_DOMAINS"  # comma-separated
 
@@ -252,6 +253,14 @@ def add_parser(sub: Any) -> None:
         "tested against (env EGRESS_ENGINE; default %(default)s)",
     )
     parser.add_argument(
+        "--event-loop",
+        choices=["uvloop", "asyncio"],
+        default=os.environ.get(ENV_EVENT_LOOP, "uvloop"),
+        help="uvloop: libuv's event loop, half the CPU per new connection of asyncio's; asyncio: "
+        "Python's own selector loop, the fallback (env EGRESS_EVENT_LOOP; default "
+        "%(default)s)",
+    )
+    parser.add_argument(
         "--resolve-timeout",
         type=float,
         default=5.0,
@@ -402,17 +411,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"egress-sidecar run: {err}", file=sys.stderr)
         return 2
-    from sidecar.fastpath.accept import (
-        AcceptGate,
-        GatedEventLoop,
-        OpenFiles,
-        connection_limit,
-        open_fds,
-    )
+    from sidecar.fastpath.accept import AcceptGate, OpenFiles, connection_limit, open_fds
+    from sidecar.fastpath.loops import LoopKind, new_loop
 
     files = OpenFiles.raise_soft_limit()
     gate = AcceptGate(connection_limit(files.soft, open_fds()))
-    with asyncio.Runner(loop_factory=lambda: GatedEventLoop(gate)) as runner:
+    kind = LoopKind(args.event_loop)
+    with asyncio.Runner(loop_factory=lambda: new_loop(kind, gate)) as runner:
         return runner.run(
             _serve(args, explicit, transparent, health, files=files, gate=gate, dns=dns_specs)
         )
@@ -580,6 +585,7 @@ async def _serve(
             "open_files_limit": files.soft,
             **({"open_files_raised_from": files.raised_from} if files.raised_from else {}),
             "connection_limit": gate.limit,
+            "event_loop": args.event_loop,
         },
     )
     # Whether inspect: true rules can be honoured; when not, their hosts are denied. A warning

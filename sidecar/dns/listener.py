@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import dns.edns
 import dns.exception
@@ -168,7 +168,10 @@ class DnsServer:
             transport.sendto(out, addr)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+        try:
+            peer = writer.get_extra_info("peername")
+        except AttributeError:  # uvloop's, for a connection closed already
+            peer = None
         client = str(peer[0]) if peer else None
         idle = self.config.tcp_idle_timeout
         try:
@@ -345,8 +348,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # a datagram transport (uvloop's is not registered as asyncio.DatagramTransport's subclass)
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._transport is not None:

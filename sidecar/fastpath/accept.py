@@ -58,7 +58,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-class _Slot:
+class Slot:
     """One admitted client connection; released once, when its transport is gone."""
 
     __slots__ = ("_gate", "made", "released")
@@ -95,9 +95,9 @@ class AcceptGate:
     def room(self) -> int:
         return self.limit - self.open
 
-    def admit(self) -> _Slot:
+    def admit(self) -> Slot:
         self.open += 1
-        return _Slot(self)
+        return Slot(self)
 
     def release(self) -> None:
         self.open -= 1
@@ -194,7 +194,7 @@ class GatedEventLoop(asyncio.SelectorEventLoop):
 
     def _accept_plain(
         self,
-        slot: _Slot,
+        slot: Slot,
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         conn: socket.socket,
         extra: dict[str, Any],
@@ -205,7 +205,7 @@ class GatedEventLoop(asyncio.SelectorEventLoop):
         tenth of a new tunnel's CPU). connection_made comes on the next loop turn, as there."""
         try:
             self._make_socket_transport(  # type: ignore[attr-defined]
-                conn, _counted(slot, protocol_factory), extra=extra, server=server
+                conn, counted(slot, protocol_factory), extra=extra, server=server
             )
         except (SystemExit, KeyboardInterrupt):
             raise
@@ -218,23 +218,23 @@ class GatedEventLoop(asyncio.SelectorEventLoop):
 
     async def _accept_gated(
         self,
-        slot: _Slot,
+        slot: Slot,
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         conn: socket.socket,
         args: tuple[Any, ...],  # extra, sslcontext, server, then asyncio's timeouts
     ) -> None:
-        def counted() -> asyncio.BaseProtocol:
-            return _counted(slot, protocol_factory)
+        def factory() -> asyncio.BaseProtocol:
+            return counted(slot, protocol_factory)
 
         try:
-            await self._accept_connection2(counted, conn, *args)  # type: ignore[attr-defined]
+            await self._accept_connection2(factory, conn, *args)  # type: ignore[attr-defined]
         finally:
             if not slot.made:  # the transport never came up: no connection_lost will follow
                 slot.release()
 
 
-def _counted(
-    slot: _Slot, protocol_factory: Callable[[], asyncio.BaseProtocol]
+def counted(
+    slot: Slot, protocol_factory: Callable[[], asyncio.BaseProtocol]
 ) -> asyncio.BaseProtocol:
     """``protocol_factory``'s protocol, its connection held in ``slot`` until it is lost."""
     protocol = protocol_factory()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from sidecar.record import Capture
 
@@ -55,6 +55,7 @@ class ClientConnection(asyncio.Protocol):
         self.capture = capture
         self.listen = listen
         self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None  # the client's address, read when the connection is made
         self.phase: Phase | None = None
         # Something is in flight (a request being decided or answered, a tunnel, a stream): a
         # drain waits for it; an idle connection is closed at once.
@@ -69,8 +70,9 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's is not registered as asyncio.Transport's subclass)
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer = peer_host(transport)
         self._on_made(self)  # sets the first phase
 
     def data_received(self, data: bytes) -> None:
@@ -104,12 +106,6 @@ class ClientConnection(asyncio.Protocol):
     def switch(self, phase: Phase) -> None:
         self.phase = phase
 
-    @property
-    def peer(self) -> str | None:
-        assert self.transport is not None
-        peername = self.transport.get_extra_info("peername")
-        return str(peername[0]) if peername else None
-
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -117,3 +113,13 @@ class ClientConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def peer_host(transport: asyncio.BaseTransport) -> str | None:
+    """The address of ``transport``'s peer; None when it is not known or the connection is gone
+    (uvloop's get_extra_info raises AttributeError on a closed transport, asyncio's does not)."""
+    try:
+        peername = transport.get_extra_info("peername")
+    except (AttributeError, OSError):
+        return None
+    return str(peername[0]) if peername else None

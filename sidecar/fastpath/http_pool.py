@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 IDLE_SECONDS = 4.0
 MAX_IDLE_PER_KEY = 16
@@ -50,8 +50,8 @@ class Upstream(asyncio.Protocol):
         self.used = 0  # requests sent on it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's is not registered as asyncio.Transport's subclass)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.owner is not None:

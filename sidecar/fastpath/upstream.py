@@ -49,10 +49,12 @@ class Connect[P: asyncio.BaseProtocol]:
     """``dial`` for callers that are not coroutines: a non-blocking connect whose outcome comes
     as one call of ``done`` (the transport's protocol already had connection_made), or never
     after ``cancel``. No task, no future and, where the kernel answers at once, no timer: for a
-    new tunnel these were a fifth of its CPU. Needs a selector event loop (the sidecar's own).
+    new tunnel these were a fifth of its CPU on asyncio's selector loop. On another loop (uvloop)
+    the loop's own create_connection connects, by address: no socket object of ours that a
+    cancelled connect could leave holding a descriptor the loop closed (uvloop #645).
     """
 
-    __slots__ = ("_address", "_done", "_factory", "_loop", "_sock", "_timer", "transport")
+    __slots__ = ("_address", "_done", "_factory", "_loop", "_sock", "_task", "_timer", "transport")
 
     def __init__(
         self,
@@ -68,7 +70,16 @@ class Connect[P: asyncio.BaseProtocol]:
         self._done: Callable[[UpstreamError | None], None] | None = done
         self._timer: asyncio.TimerHandle | None = None
         self._sock: socket.socket | None = None
+        self._task: asyncio.Task[tuple[asyncio.Transport, P]] | None = None
         self.transport: asyncio.Transport | None = None
+        if not isinstance(self._loop, asyncio.SelectorEventLoop):
+            self._task = self._loop.create_task(
+                self._loop.create_connection(factory, address, port)
+            )
+            self._task.add_done_callback(self._connected)
+            if timeout > 0:
+                self._timer = self._loop.call_later(timeout, self._timed_out, timeout)
+            return
         try:
             sock = self._sock = socket.socket(
                 socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM
@@ -90,6 +101,8 @@ class Connect[P: asyncio.BaseProtocol]:
         self._stop_waiting()
         if self.transport is not None:
             self.transport.abort()
+        elif self._task is not None:
+            self._task.cancel()
         elif self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -113,7 +126,27 @@ class Connect[P: asyncio.BaseProtocol]:
     def _timed_out(self, timeout: float) -> None:
         self._timer = None
         self._stop_waiting()
+        if self._task is not None:
+            self._task.cancel()  # its outcome is no longer awaited: _done goes first
+            self._finish(UpstreamError(f"connect timed out after {timeout:g} s"))
+            return
         self._fail(TimeoutError(f"connect timed out after {timeout:g} s"))
+
+    def _connected(self, task: asyncio.Task[tuple[asyncio.Transport, P]]) -> None:
+        """The loop's create_connection ended (connection_made has been called)."""
+        if task.cancelled():
+            return  # cancel() or the timeout: done was called or is never to be
+        self._stop_waiting()
+        error = task.exception()
+        if error is None:
+            self.transport = task.result()[0]
+            if self._done is None:
+                self.transport.abort()  # cancelled while it completed
+            self._finish(None)
+        else:
+            # the loop's own words ("[Errno 111] Connection refused" on uvloop), as mitmproxy's
+            # connects on the same loop say it; error.type reads either wording alike
+            self._finish(UpstreamError(str(error) or type(error).__name__))
 
     def _fail(self, err: OSError) -> None:
         if self._sock is not None:

@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.commands.run import _non_negative
-from sidecar.fastpath.accept import AcceptGate, GatedEventLoop, connection_limit
+from sidecar.fastpath.accept import AcceptGate, connection_limit
+from sidecar.fastpath.loops import LoopKind, new_loop
 
 
 @pytest.mark.parametrize(
@@ -74,8 +75,9 @@ def test_the_gate_logs_once_per_interval_with_a_count(caplog: pytest.LogCaptureF
     assert gate.open == 0 and len(resumed) == 1000
 
 
-def test_the_gated_loop_accepts_no_more_than_the_limit_and_resumes() -> None:
-    """asyncio.start_server on the gated loop: two admitted, the third waits, then gets in."""
+@pytest.mark.parametrize("kind", list(LoopKind))
+def test_the_gated_loop_accepts_no_more_than_the_limit_and_resumes(kind: LoopKind) -> None:
+    """asyncio.start_server on either gated loop: two admitted, the third waits, then gets in."""
 
     async def scenario() -> list[int]:
         order: list[int] = []
@@ -111,6 +113,6 @@ def test_the_gated_loop_accepts_no_more_than_the_limit_and_resumes() -> None:
         return order
 
     gate = AcceptGate(2)
-    with asyncio.Runner(loop_factory=lambda: GatedEventLoop(gate)) as runner:
+    with asyncio.Runner(loop_factory=lambda: new_loop(kind, gate)) as runner:
         assert runner.run(scenario()) == [0, 1, 2]
     assert gate.open == 0
