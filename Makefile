@@ -3,12 +3,13 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test pytest lint bench bench-image bench-inspect soak venv clean help image image-test e2e-kind demo
+.PHONY: run test pytest pytest-asyncio-loop lint bench bench-image bench-inspect soak venv clean help image image-test e2e-kind demo
 
 help:
 	@echo "make run    - run the sidecar locally on examples/allowlist.yaml (explicit proxy 127.0.0.1:15001)"
 	@echo "make demo   - offline walkthrough (root, < 1 min): inject, audit, suggest, enforce, spans (demo-out/)"
 	@echo "make test   - lint (ruff, mypy --strict, import contracts) and the whole test suite"
+	@echo "              (the fast path's suites a second time on asyncio's loop: make pytest-asyncio-loop)"
 	@echo "make lint   - only the linters"
 	@echo "make bench  - throughput/latency/memory benchmark against Squid"
 	@echo "make bench-image - the same with the sidecar run from the image (its interpreter), as in a pod"
@@ -45,7 +46,14 @@ PYTEST_WORKERS ?= -n 2 --dist loadfile
 pytest: venv
 	$(BIN)/pytest --ignore=tests/image $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
-test: lint pytest
+# The suite runs the sidecar on its default loop (uvloop); the fast path's own suites run again on
+# asyncio's selector loop (--event-loop asyncio, the fallback), which they inherit from the env.
+pytest-asyncio-loop: venv
+	EGRESS_EVENT_LOOP=asyncio $(BIN)/pytest $(PYTEST_WORKERS) $(PYTEST_ARGS) \
+		tests/proxy/test_fast_tunnels.py tests/proxy/test_fast_http.py \
+		tests/proxy/test_fast_units.py tests/netns/test_transparent_proxy.py
+
+test: lint pytest pytest-asyncio-loop
 
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)

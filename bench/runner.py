@@ -434,6 +434,7 @@ def measure_rules(ctx: Context, workdir: Path) -> RulesRun:
         up,
         allowlist=named_allowlist_yaml(RULES_HOST, up.http),
         names=names,
+        root=ctx.s.sidecar_root,  # both arms the same sidecar: the image's, in bench-image
     )
     try:
         large = start_sidecar(

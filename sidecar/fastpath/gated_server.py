@@ -5,6 +5,13 @@ cannot be overridden (uvloop's is in C): the listening sockets are ours, read wi
 
 At the gate's limit the listener's reader is removed, so further connections wait in the
 kernel's listen queue (as on the selector loop, sidecar.fastpath.accept.GatedEventLoop).
+
+Why not uvloop's own server: libuv accepts every queued connection in one go, calling the
+protocol factory before each accept completes, so it cannot be stopped at a limit without
+dropping a connection; and when accept fails for a reason other than EAGAIN (out of descriptors
+past libuv's reserve, ENOBUFS, ENOMEM) uvloop closes the listening server for good. Here such an
+accept is retried after a second. The cost, an accept and a task per connection in Python, is
+measured in docs/benchmark.md (~7 % of a new tunnel's CPU).
 """
 
 from __future__ import annotations
