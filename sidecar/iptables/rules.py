@@ -15,16 +15,19 @@ nat ``OUTPUT`` (TCP) → ``EGRESS_SIDECAR_OUTPUT``:
 
 filter ``OUTPUT`` (everything but TCP) → ``EGRESS_SIDECAR_OUTPUT``:
     RETURN for the proxy, ``-o lo``, replies within a flow begun from outside (conntrack
-    ESTABLISHED: a UDP server in the pod answering) and excluded CIDRs (cluster-internal traffic
-    is not egress, whatever its protocol); RETURN for UDP to the opened UDP CIDRs and ports;
-    UDP port 53 goes (``-g``) to ``EGRESS_SIDECAR_DNS``, which lets through only the pod's name
-    servers; every other UDP datagram is REJECTed with port-unreachable (the client fails at
-    once, QUIC falls back to TCP, where it is captured); an ICMP echo-request is REJECTed with
-    admin-prohibited. ICMP errors about a flow conntrack knows (``RELATED``), ICMPv6 neighbour
-    and router discovery and MLD, and IGMP to multicast groups RETURN; every other protocol and
-    ICMP message is REJECTed with admin-prohibited: an unprivileged app opens UDP-Lite (136)
-    sockets, which ``-p udp`` does not match, and a root app with CAP_NET_RAW sends any IP
-    protocol or ICMP message (an echo reply or a forged error carries a payload as well).
+    ESTABLISHED in the reply direction: a UDP server in the pod answering; an app datagram that
+    matches a flow of the sidecar's own is in the original direction and does not pass) and
+    excluded CIDRs (cluster-internal traffic is not egress, whatever its protocol); RETURN for
+    UDP to the opened UDP CIDRs and ports; UDP port 53 goes (``-g``) to ``EGRESS_SIDECAR_DNS``,
+    which lets through only the pod's name servers, and none when the DNS listener takes the
+    queries (a query that reaches it then escaped the REDIRECT); every other UDP datagram is
+    REJECTed with port-unreachable (the client fails at once, QUIC falls back to TCP, where it
+    is captured); an ICMP echo-request is REJECTed with admin-prohibited. ICMP errors about a
+    flow conntrack knows (``RELATED``), ICMPv6 neighbour and router discovery and MLD, and IGMP
+    to multicast groups RETURN; every other protocol and ICMP message is REJECTed with
+    admin-prohibited: an unprivileged app opens UDP-Lite (136) sockets, which ``-p udp`` does
+    not match, and a root app with CAP_NET_RAW sends any IP protocol or ICMP message (an echo
+    reply or a forged error carries a payload as well).
 
 nat ``OUTPUT`` (UDP and TCP port 53) → ``EGRESS_SIDECAR_DNS`` (before the TCP jump):
     RETURN for the proxy; REDIRECT ``--to-ports <dns port>`` (the sidecar's DNS listener,
@@ -348,8 +351,12 @@ def _filter_table(opts: CaptureOptions, family: Family) -> TableRules:
             if servers and opts.dns_port is not None
             else []
         ),
-        # Replies of a flow someone else began (a UDP server in the pod) are not egress.
-        "-m conntrack --ctstate ESTABLISHED -j RETURN",
+        # Replies of a flow someone else began (a UDP server in the pod) are not egress. Only
+        # replies: an app datagram with the same addresses and ports as one of the sidecar's
+        # own flows (its DNS forwards, whose source port the app may bind once the sidecar's
+        # socket is closed) belongs to that conntrack entry, ESTABLISHED in the original
+        # direction, and skipped the nat table's REDIRECT: it must not pass here.
+        "-m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN",
         *(f"-d {net} -j RETURN" for net in _same_family(opts.exclude_cidrs, family)),
         *(f"-d {net} -p udp -j RETURN" for net in _same_family(opts.exclude_udp_cidrs, family)),
         *(f"-p udp -m udp --dport {r.spec()} -j RETURN" for r in opts.udp_open_ports()),
@@ -366,8 +373,12 @@ def _filter_table(opts: CaptureOptions, family: Family) -> TableRules:
         # UDP-Lite, SCTP, raw IP protocols: nothing the proxy could see either.
         f"-j REJECT --reject-with {family.reject_echo_with}",
     ]
+    # With the DNS listener, the app's queries to the name servers reach this table redirected
+    # (to the listener, returned above); one that still goes to a name server escaped the
+    # REDIRECT through a conntrack entry of the sidecar's own (see above) and is rejected.
+    redirected = bool(servers) and opts.dns_port is not None
     dns = [
-        *(f"-d {addr}/{addr.max_prefixlen} -j RETURN" for addr in servers),
+        *(() if redirected else (f"-d {addr}/{addr.max_prefixlen} -j RETURN" for addr in servers)),
         f"-j REJECT --reject-with {family.reject_with}",
     ]
     jumps = (f"! -p tcp -j {OUTPUT_CHAIN}",)

@@ -216,4 +216,8 @@ def test_apply_loads_exactly_the_planned_text(monkeypatch: pytest.MonkeyPatch) -
     servers = rules.parse_addresses("10.96.0.10,fd00:10:96::a")  # read at run time
     expected = rules.render_rules(rules.CaptureOptions(dns_servers=servers), Family.IPV4)
     assert restore_call[1] == expected
-    assert "-A EGRESS_SIDECAR_DNS -d 10.96.0.10/32 -j RETURN\n" in expected
+    # the name servers read at run time: their queries redirected to the DNS listener
+    assert (
+        "-A EGRESS_SIDECAR_DNS -d 10.96.0.10/32 -p udp -m udp --dport 53 "
+        "-j REDIRECT --to-ports 15053\n"
+    ) in expected

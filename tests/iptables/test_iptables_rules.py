@@ -170,7 +170,7 @@ def test_filter_rules_default_ipv4() -> None:
         "-m owner --uid-owner 1337 -j RETURN",
         "-m owner --gid-owner 1337 -j RETURN",
         "-o lo -j RETURN",
-        "-m conntrack --ctstate ESTABLISHED -j RETURN",
+        "-m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN",
         "-d 10.0.0.0/8 -j RETURN",
         "-p udp -m udp --dport 53 -g EGRESS_SIDECAR_DNS",
         "-p udp -j REJECT --reject-with icmp-port-unreachable",
@@ -260,12 +260,29 @@ def test_udp_openings(opts: CaptureOptions, family: Family, returns: list[str]) 
 def test_dns_chain_lets_only_the_name_servers_through(
     servers: str, family: Family, dns: list[str]
 ) -> None:
-    t = _filter(CaptureOptions(dns_servers=rules.parse_addresses(servers)), family)
+    """Without the DNS listener (--no-dns-redirect) the app asks the name servers itself."""
+    opts = CaptureOptions(dns_servers=rules.parse_addresses(servers), dns_port=None)
+    t = _filter(opts, family)
     assert [name for name, _ in t.chains] == ["EGRESS_SIDECAR_DNS", "EGRESS_SIDECAR_OUTPUT"]
     assert list(dict(t.chains)["EGRESS_SIDECAR_DNS"]) == [
         *dns,
         f"-j REJECT --reject-with {family.reject_with}",
     ]
+
+
+@pytest.mark.parametrize("family", list(Family))
+def test_with_the_dns_listener_no_query_goes_to_a_name_server_unredirected(family: Family) -> None:
+    """The listener takes every query (nat REDIRECT): one that reaches the filter table still
+    addressed to a name server rode a conntrack entry of the sidecar's own, and is rejected;
+    so is any datagram in the original direction of such an entry (only replies pass)."""
+    opts = CaptureOptions(dns_servers=rules.parse_addresses("198.18.0.2, fd00::a"))
+    assert opts.dns_port is not None
+    t = _filter(opts, family)
+    assert list(dict(t.chains)["EGRESS_SIDECAR_DNS"]) == [
+        f"-j REJECT --reject-with {family.reject_with}"
+    ]
+    established = [r for r in t.rules if "ESTABLISHED" in r]
+    assert established == ["-m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN"]
 
 
 # --- resolv.conf and address lists ----------------------------------------------------------
@@ -430,7 +447,7 @@ def test_reapply_replaces_ours_and_leaves_others() -> None:
         "-A EGRESS_SIDECAR_DNS -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -o lo -j RETURN\n"
-        "-A EGRESS_SIDECAR_OUTPUT -m conntrack --ctstate ESTABLISHED -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -p udp -m udp --dport 443 -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -p udp -m udp --dport 53 -g EGRESS_SIDECAR_DNS\n"
         "-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable\n"
@@ -476,7 +493,7 @@ def test_saved_form_matches_what_save_shows_after_a_fresh_apply() -> None:
         "-A EGRESS_SIDECAR_DNS -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -o lo -j RETURN\n"
-        "-A EGRESS_SIDECAR_OUTPUT -m conntrack --ctstate ESTABLISHED -j RETURN\n"
+        "-A EGRESS_SIDECAR_OUTPUT -m conntrack --ctstate ESTABLISHED --ctdir REPLY -j RETURN\n"
         "-A EGRESS_SIDECAR_OUTPUT -p udp -m udp --dport 53 -g EGRESS_SIDECAR_DNS\n"
         "-A EGRESS_SIDECAR_OUTPUT -p udp -j REJECT --reject-with icmp-port-unreachable\n"
         "-A EGRESS_SIDECAR_OUTPUT -p icmp -m icmp --icmp-type 8 -j REJECT "

@@ -202,6 +202,58 @@ def test_unlisted_name_is_nxdomain_and_never_reaches_the_resolver(pod: Pod) -> N
     assert (line["decision"], line["reason"]) == ("deny", "no allow rule matches")
 
 
+# A DNS query over UDP from a chosen source port: what came back, or how it failed.
+_QUERY_FROM_PORT = """\
+import json, socket, sys
+import dns.message
+port, name, server = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("0.0.0.0", port))
+sock.connect((server, 53))
+sock.settimeout(4)
+try:
+    sock.send(dns.message.make_query(name, "A").to_wire())
+    reply = dns.message.from_wire(sock.recv(65535))
+except (PermissionError, ConnectionRefusedError):  # a REJECT in OUTPUT: EPERM on the send
+    print(json.dumps(["rejected"]))
+except TimeoutError:
+    print(json.dumps(["timeout"]))
+else:
+    found = sorted(r.address for rrset in reply.answer for r in rrset if hasattr(r, "address"))
+    print(json.dumps([dns.rcode.to_text(reply.rcode()), found]))
+"""
+
+
+def _query_from_port(pod: Pod, uid: int, port: int, name: str) -> list[Any]:
+    proc = pod.dns.world.pod.run(
+        [sys.executable, "-c", _QUERY_FROM_PORT, str(port), name, NS4],
+        uid=uid,
+        binds=pod.dns.binds,
+    )
+    assert proc.stdout.strip(), proc.stderr
+    result: list[Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_query_riding_a_conntrack_entry_of_the_sidecar_does_not_get_out(pod: Pod) -> None:
+    """The sidecar forwards a query from source port P (its socket then closed); the app binds
+    P and asks the same name server. The kernel files the app's datagram under the sidecar's
+    conntrack entry, so the nat table's REDIRECT never sees it: before the filter rules took
+    only replies as ESTABLISHED, it reached the name server and came back answered, past the
+    sidecar's policy (seen in CI: unlisted.test resolved). Now it is rejected."""
+    d = pod.dns
+    port = 40053
+    # As the sidecar's UID: not redirected, answered by the name server itself.
+    assert _query_from_port(pod, h.PROXY_UID, port, "db.test") == ["NOERROR", [DB4]]
+    mark = len(d.resolver.records())
+    assert _query_from_port(pod, APP_UID, port, "unlisted.test") == ["rejected"]
+    assert not d.saw(d.resolver, "unlisted.test", mark)
+    # From any other port the app's query is the sidecar's to answer, as always.
+    assert _query_from_port(pod, APP_UID, port + 1, "unlisted.test") == ["NXDOMAIN", []]
+    assert not d.saw(d.resolver, "unlisted.test", mark)
+
+
 def test_txt_exfiltration_is_refused(pod: Pod) -> None:
     d = pod.dns
     leak = "bXktc2VjcmV0.c2.exfil.attacker.test"
