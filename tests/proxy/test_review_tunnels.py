@@ -8,7 +8,6 @@ ClientHello, and the upstream (a recorder of every byte) receives nothing.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,12 +67,11 @@ def test_a_plain_clienthello_and_non_tls_bytes_still_pass(world: World) -> None:
         mark = world.rec.mark()
         sock, head = world.sidecar.connect_tunnel(f"rec.test:{world.rec.port}")
         assert head.startswith(b"HTTP/1.1 200"), head
-        sock.sendall(first)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and world.rec.conns[mark].received != first:
-            time.sleep(0.02)
-        sock.close()
-        assert world.rec.conns[mark].received == first
+        try:
+            sock.sendall(first)
+            assert world.rec.wait_received(mark, first) == first
+        finally:
+            sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +97,11 @@ def test_in_audit_mode_a_mismatch_is_audited_and_an_unreadable_hello_refused(
     sock, head = audit.sidecar.connect_tunnel(f"rec.test:{audit.rec.port}")
     assert head.startswith(b"HTTP/1.1 200"), head
     hello = client_hello("evil.example")
-    sock.sendall(hello)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and audit.rec.conns[mark].received != hello:
-        time.sleep(0.02)
-    sock.close()
-    assert audit.rec.conns[mark].received == hello
+    try:
+        sock.sendall(hello)
+        assert audit.rec.wait_received(mark, hello) == hello
+    finally:
+        sock.close()
     line = audit.sidecar.wait_decisions(lambda d: d.get("reason") == "sni mismatch")[-1]
     assert line["decision"] == "audit"
 

@@ -91,6 +91,19 @@ class Recorder:
         with self.lock:
             return len(self.conns)
 
+    def wait_received(self, mark: int, expected: bytes, timeout: float = 5.0) -> bytes:
+        """What the first connection accepted since ``mark`` received, once it is ``expected``
+        or after ``timeout``. The kernel completes the handshake (and the sidecar answers its
+        200) before this server's accept thread has registered the connection: it may not be
+        in ``conns`` yet when a test starts looking."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                received = self.conns[mark].received if len(self.conns) > mark else None
+            if received == expected or time.monotonic() > deadline:
+                return received if received is not None else b"<no connection>"
+            time.sleep(0.02)
+
     def closed_since(self, mark: int, timeout: float = 5.0) -> list[Conn]:
         """The connections accepted since ``mark``, once each of them has closed."""
         deadline = time.monotonic() + timeout
@@ -311,11 +324,10 @@ def test_a_tunnels_clienthello_must_name_the_connect_host(
         sock.sendall(hello[i : i + 100])
         time.sleep(0.01)
     if relayed:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and world.rec.conns[mark].received != hello:
-            time.sleep(0.02)
-        sock.close()
-        assert world.rec.conns[mark].received == hello
+        try:
+            assert world.rec.wait_received(mark, hello) == hello
+        finally:
+            sock.close()
         return
     assert read_until_closed(sock) == b""  # closed by the proxy
     sock.close()
