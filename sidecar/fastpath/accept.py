@@ -125,6 +125,45 @@ class AcceptGate:
         log.warning(message, extra={**extra, "times": times, "interval_s": self._log_interval})
 
 
+# accept() failing for want of descriptors or kernel memory: retried after a pause.
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def accept_batch(
+    loop: asyncio.AbstractEventLoop,
+    gate: AcceptGate,
+    sock: socket.socket,
+    backlog: int,
+    *,
+    stop: Callable[[], object],
+    resume: Callable[[], None],
+    accepted: Callable[[Slot, socket.socket, Any], None],
+) -> None:
+    """One readiness of a listening socket, on either loop: up to ``backlog`` connections
+    accepted while ``gate`` has room, each handed to ``accepted`` with its slot and address. At
+    the limit the socket is no longer read (``stop``) until the gate calls ``resume``; out of
+    descriptors despite the gate (something else used them), it is retried in a second and
+    this round stops (asyncio's own loop went on, gh-151615)."""
+    for _ in range(backlog):
+        if gate.room() <= 0:
+            stop()
+            gate.park(resume)
+            return
+        try:
+            conn, addr = sock.accept()
+            conn.setblocking(False)
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            if exc.errno not in OUT_OF_FDS:
+                raise
+            gate.note("out of file descriptors while accepting, retrying in 1 s", error=str(exc))
+            stop()
+            loop.call_later(ACCEPT_RETRY_DELAY, resume)
+            return
+        accepted(gate.admit(), conn, addr)
+
+
 PROXY_LISTEN_BACKLOG = 1024  # the kernel caps it at net.core.somaxconn (4096 by default)
 
 
@@ -160,28 +199,7 @@ class GatedEventLoop(asyncio.SelectorEventLoop):
                     protocol_factory, sock, sslcontext, server, backlog, *rest
                 )
 
-        for _ in range(backlog):
-            if self.gate.room() <= 0:
-                self._remove_reader(sock.fileno())  # type: ignore[attr-defined]
-                self.gate.park(resume)
-                return
-            try:
-                conn, addr = sock.accept()
-                conn.setblocking(False)
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                # Out of descriptors despite the gate (something else used them): retry in a
-                # second, and stop this round (asyncio's loop went on, gh-151615).
-                self.gate.note(
-                    "out of file descriptors while accepting, retrying in 1 s", error=str(exc)
-                )
-                self._remove_reader(sock.fileno())  # type: ignore[attr-defined]
-                self.call_later(ACCEPT_RETRY_DELAY, resume)
-                return
-            slot = self.gate.admit()
+        def accepted(slot: Slot, conn: socket.socket, addr: Any) -> None:
             peer = {"peername": addr}
             if sslcontext is None:
                 self._accept_plain(slot, protocol_factory, conn, peer, server)
@@ -191,6 +209,16 @@ class GatedEventLoop(asyncio.SelectorEventLoop):
                         slot, protocol_factory, conn, (peer, sslcontext, server, *rest)
                     )
                 )
+
+        accept_batch(
+            self,
+            self.gate,
+            sock,
+            backlog,
+            stop=lambda: self._remove_reader(sock.fileno()),  # type: ignore[attr-defined]
+            resume=resume,
+            accepted=accepted,
+        )
 
     def _accept_plain(
         self,

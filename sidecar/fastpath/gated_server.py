@@ -17,18 +17,14 @@ measured in docs/benchmark.md (~7 % of a new tunnel's CPU).
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
-from asyncio.constants import ACCEPT_RETRY_DELAY
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sidecar.fastpath.accept import AcceptGate, Slot, counted
+from sidecar.fastpath.accept import AcceptGate, Slot, accept_batch, counted
 
 log = logging.getLogger(__name__)
-
-_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 async def listening_sockets(
@@ -144,28 +140,20 @@ class GatedServer(asyncio.AbstractServer):
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _accept(self, sock: socket.socket) -> None:
-        gate = self._gate
-        for _ in range(self._backlog):
-            if gate.room() <= 0:
-                self._loop.remove_reader(sock.fileno())
-                gate.park(lambda: self._listen(sock))
-                return
-            try:
-                conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                if exc.errno not in _OUT_OF_FDS:
-                    raise
-                gate.note(
-                    "out of file descriptors while accepting, retrying in 1 s", error=str(exc)
-                )
-                self._loop.remove_reader(sock.fileno())
-                self._loop.call_later(ACCEPT_RETRY_DELAY, self._listen, sock)
-                return
-            task = self._loop.create_task(self._connect(gate.admit(), conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        accept_batch(
+            self._loop,
+            self._gate,
+            sock,
+            self._backlog,
+            stop=lambda: self._loop.remove_reader(sock.fileno()),
+            resume=lambda: self._listen(sock),
+            accepted=self._accepted,
+        )
+
+    def _accepted(self, slot: Slot, conn: socket.socket, _: Any) -> None:
+        task = self._loop.create_task(self._connect(slot, conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _connect(self, slot: Slot, conn: socket.socket) -> None:
         handed = False
