@@ -76,7 +76,7 @@ def _status(world: World, host: str) -> int:
 
 
 def _version(world: World) -> str:
-    return str(world.sidecar.health("/healthz/ready")[1])
+    return world.sidecar.policy_version()
 
 
 @pytest.mark.parametrize("status", [500, 429])

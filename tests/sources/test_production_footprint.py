@@ -114,5 +114,5 @@ def test_an_edit_arrives_on_the_watch_already_open(production: Production) -> No
     kubeapi, sidecar = production.kubeapi, production.sidecar
     watches = kubeapi.watch_count()
     rv = kubeapi.put_configmap(NS, NAME, {"allowlist.yaml": "allow:\n  - b.example.test:443\n"})
-    wait_until(lambda: rv in sidecar.health("/healthz/ready")[1], timeout=10)
+    wait_until(lambda: rv in sidecar.policy_version(), timeout=10)
     assert kubeapi.watch_count() == watches  # delivered on the watch already open

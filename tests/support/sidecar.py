@@ -126,6 +126,14 @@ class Sidecar:
         except urllib.error.HTTPError as err:
             return int(err.code), err.read().decode()
 
+    def policy_version(self) -> str:
+        """The version of the policy in force, as the readiness body names it ("" before one
+        is loaded). Read from its field: the body's whole text also holds ports and counts, in
+        which a version's digits can turn up."""
+        body = json.loads(self.health("/healthz/ready")[1])
+        policy = body.get("policy") or {}
+        return str(policy.get("version", ""))
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
