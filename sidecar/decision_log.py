@@ -48,8 +48,17 @@ def decision_line_reference(rec: DecisionRecord, *, now: float | None = None) ->
     return json.dumps({k: v for k, v in entry.items() if v is not None}, separators=(",", ":"))
 
 
+# The line's fixed stretches, quoted once: a decision's own fields with where it went, and the
+# policy's. Keyed by every value they hold; bounded (cleared when full) because a host is the
+# caller's to choose.
+_SEGMENTS_MAX = 1024
+_heads: dict[tuple[object, ...], str] = {}
+_tails: dict[tuple[str, str, str], str] = {}
+
+
 def decision_line(rec: DecisionRecord, *, now: float | None = None) -> str:
-    """decision_line_reference's bytes, about 3x cheaper: no dict, no generic encoder dispatch.
+    """decision_line_reference's bytes, about 4x cheaper: no dict, no generic encoder dispatch,
+    and the stretches that repeat from call to call quoted once.
 
     json.dumps escapes strings with this same C function (ensure_ascii) and writes ints with
     int.__repr__, so fixed keys in the same order give the same line. Enum members are read
@@ -57,20 +66,33 @@ def decision_line(rec: DecisionRecord, *, now: float | None = None) -> str:
     """
     d = rec.decision
     q = _quote
-    parts = [
-        '{"ts":"',
-        _iso(time.time() if now is None else now),
-        '","msg":"egress decision","decision":',
-        q(d.verdict._value_),
-        ',"reason":',
-        q(d.reason._value_),
-    ]
-    if d.rule is not None:
-        parts += ',"rule":', q(d.rule)
-    parts += ',"capture":', q(rec.capture._value_), ',"protocol":', q(rec.protocol)
-    if rec.host is not None:
-        parts += ',"host":', q(rec.host)
-    parts += ',"port":', int.__repr__(rec.port)
+    key = (d.verdict, d.reason, d.rule, rec.capture, rec.protocol, rec.host, rec.port)
+    head = _heads.get(key)
+    if head is None:
+        parts = [
+            '","msg":"egress decision","decision":',
+            q(d.verdict._value_),
+            ',"reason":',
+            q(d.reason._value_),
+        ]
+        if d.rule is not None:
+            parts += ',"rule":', q(d.rule)
+        parts += ',"capture":', q(rec.capture._value_), ',"protocol":', q(rec.protocol)
+        if rec.host is not None:
+            parts += ',"host":', q(rec.host)
+        parts += ',"port":', int.__repr__(rec.port)
+        head = "".join(parts)
+        if len(_heads) >= _SEGMENTS_MAX:
+            _heads.clear()
+        _heads[key] = head
+    policy = (rec.policy_source, rec.policy_version, rec.mode)
+    tail = _tails.get(policy)
+    if tail is None:
+        tail = ',"policy_source":{},"policy_version":{},"mode":{}'.format(*map(q, policy))
+        if len(_tails) >= _SEGMENTS_MAX:
+            _tails.clear()
+        _tails[policy] = tail
+    parts = ['{"ts":"', _iso(time.time() if now is None else now), head]
     address = rec.peer_address or rec.original_address
     if address is not None:
         parts += ',"address":', q(address)
@@ -82,14 +104,7 @@ def decision_line(rec: DecisionRecord, *, now: float | None = None) -> str:
         parts += ',"status":', int.__repr__(rec.status_code)
     if rec.client_address is not None:
         parts += ',"client":', q(rec.client_address)
-    parts += (
-        ',"policy_source":',
-        q(rec.policy_source),
-        ',"policy_version":',
-        q(rec.policy_version),
-        ',"mode":',
-        q(rec.mode),
-    )
+    parts.append(tail)
     if rec.tls_inspected:
         parts.append(',"inspected":true')
     if d.detail:
@@ -170,7 +185,10 @@ def _iso(ts: float) -> str:
     else:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
         _iso_cache[0] = (second, prefix)
-    return prefix + f".{int(ts % 1 * 1000):03d}Z"
+    return prefix + _MILLIS[int(ts % 1 * 1000)]
+
+
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # formatting them cost ~1 us a line
 
 
 class JsonFormatter(logging.Formatter):
