@@ -55,6 +55,7 @@ from sidecar.reporter import OpenDecision
 from sidecar.telemetry.spans import error_type, extract_parent, inject_context
 from sidecar.wire.http1 import (
     LAST_CHUNK,
+    NO_BODY,
     ChunkedDecoder,
     Framing,
     MessageError,
@@ -593,14 +594,22 @@ class HttpPhase:
         assert client is not None
         limits = self._s.config.head_limits
         while ex.resp_framing is None and not ex.resp_done:
-            ex.resp_buf += data
+            # A head that arrives whole (the usual case) is read from ``data`` without a copy
+            # into the buffer and back.
+            buf: bytes | bytearray = data
+            if ex.resp_buf:
+                ex.resp_buf += data
+                buf = ex.resp_buf
             data = b""
-            end = response_head_end(ex.resp_buf, limits.head)
+            end = response_head_end(buf, limits.head)
             if not end:
+                if buf is not ex.resp_buf:
+                    ex.resp_buf += buf
                 return
-            raw = bytes(ex.resp_buf[:end])
-            rest = bytes(ex.resp_buf[end:])
-            ex.resp_buf = bytearray()
+            raw = bytes(buf[:end])
+            rest = bytes(buf[end:])
+            if ex.resp_buf:
+                ex.resp_buf = bytearray()
             resp = parse_response_head(raw)
             if resp.status == 101:
                 raise MessageError("101 Switching Protocols to a request without Upgrade")
@@ -621,7 +630,7 @@ class HttpPhase:
             if framing is None or framing.length == 0:
                 if not self._conn.closed:
                     client.write(raw)
-                ex.resp_framing = Framing(length=0)
+                ex.resp_framing = NO_BODY
                 self._response_done(ex, rest)
                 return
             ex.resp_framing = framing

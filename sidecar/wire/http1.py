@@ -117,12 +117,18 @@ class _SpecialFields:
         self.complete = True
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Framing:
     """How a message's body is delimited."""
 
     chunked: bool = False
     length: int | None = None  # Content-Length; None with chunked or a close-delimited body
+
+
+# The framings without a length, shared: most messages have one of these or a length of 0.
+CHUNKED = Framing(chunked=True)
+UNFRAMED = Framing()  # a request without a body; a close-delimited response
+NO_BODY = Framing(length=0)
 
 
 @dataclass(slots=True)
@@ -136,7 +142,7 @@ class RequestHead:
     keep_alive: bool  # what the client asked for (its version and Connection)
     upgrade: bool  # an Upgrade field: not for the fast path
     expect: bytes | None  # the Expect field's value, lowercased (None: none)
-    connection_tokens: set[bytes]  # the Connection field's options, lowercased
+    connection_tokens: frozenset[bytes]  # the Connection field's options, lowercased
 
     def values(self, name: bytes) -> list[bytes]:
         if name in SPECIAL_FIELDS:
@@ -148,12 +154,14 @@ class RequestHead:
         return found[0].decode("latin-1") if found else None
 
 
-def _connection_tokens(special: dict[bytes, list[bytes]]) -> set[bytes]:
-    return {
-        token.strip().lower()
-        for value in special.get(b"connection", ())
-        for token in value.split(b",")
-    }
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+def _connection_tokens(special: dict[bytes, list[bytes]]) -> frozenset[bytes]:
+    values = special.get(b"connection")
+    if values is None:
+        return _NO_TOKENS
+    return frozenset(token.strip().lower() for value in values for token in value.split(b","))
 
 
 def _framing(special: dict[bytes, list[bytes]], version: str) -> Framing:
@@ -168,12 +176,13 @@ def _framing(special: dict[bytes, list[bytes]], version: str) -> Framing:
             raise MessageError(f"transfer-encoding on HTTP/{version}")
         if te[0].strip().lower() != b"chunked":
             raise MessageError(f"unsupported transfer-encoding {te[0]!r}")
-        return Framing(chunked=True)
+        return CHUNKED
     if cl:
         if len(cl) > 1 or not cl[0].isdigit() or len(cl[0]) > 18:
             raise MessageError(f"invalid content-length {b', '.join(cl)!r}")
-        return Framing(length=int(cl[0]))
-    return Framing()
+        length = int(cl[0])
+        return Framing(length=length) if length else NO_BODY
+    return UNFRAMED
 
 
 def parse_request_head(head: bytes) -> RequestHead:
@@ -237,7 +246,7 @@ class ResponseHead:
     version: str
     special: dict[bytes, list[bytes]]  # SPECIAL_FIELDS' values by lowercase name
     keep_alive: bool  # the server keeps the connection open after this response
-    connection_tokens: set[bytes]
+    connection_tokens: frozenset[bytes]
 
 
 def response_head_end(buf: bytes | bytearray, limit: int) -> int:
