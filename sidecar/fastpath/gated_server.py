@@ -1,17 +1,27 @@
 """A listening server whose accepts honour an AcceptGate, for event loops whose own accept step
-cannot be overridden (uvloop's is in C): the listening sockets are ours, read with
-``add_reader``; each accepted socket becomes the loop's own transport through
-``connect_accepted_socket``.
+cannot be overridden (uvloop's is in C). The listening sockets are ours; connections reach the
+loop by one of two lanes:
 
-At the gate's limit the listener's reader is removed, so further connections wait in the
-kernel's listen queue (as on the selector loop, sidecar.fastpath.accept.GatedEventLoop).
+- the native lane, while the gate has plenty of room: a uvloop server on a duplicate of each
+  listening socket accepts in C (libuv), with no Python accept, socket object or task per
+  connection: measured here, 8 % of a new tunnel's CPU (docs/benchmark.md, fifth round);
+- the gated lane, near the limit: the sockets are read with ``add_reader``, accepted here and
+  handed to the loop with ``connect_accepted_socket``; at the limit the reader is removed, so
+  further connections wait in the kernel's listen queue (as on the selector loop,
+  sidecar.fastpath.accept.GatedEventLoop).
 
-Why not uvloop's own server: libuv accepts every queued connection in one go, calling the
-protocol factory before each accept completes, so it cannot be stopped at a limit without
-dropping a connection; and when accept fails for a reason other than EAGAIN (out of descriptors
-past libuv's reserve, ENOBUFS, ENOMEM) uvloop closes the listening server for good. Here such an
-accept is retried after a second. The cost, an accept and a task per connection in Python, is
-measured in docs/benchmark.md (~7 % of a new tunnel's CPU).
+Why the native lane cannot run up to the limit: libuv accepts every queued connection in one go,
+calling the protocol factory after each accept, so it cannot stop at a limit. So the native lane
+is left while the gate's room is within two listen queues (``NativeLane.reserve``: one drain of
+a full queue, and what arrives meanwhile) and taken again above twice that. Closing a duplicate
+leaves the listening socket, and the connections queued on it, as they were.
+
+Out of descriptors despite the gate (used by something it does not count; its headroom is what
+keeps this away): in the native lane libuv sheds what is queued at that moment (its EMFILE
+reserve trick accepts and closes it) and goes on, where the gated lane leaves it queued and
+retries in a second. When accept fails otherwise (ENOBUFS, ENOMEM, EMFILE with libuv's reserve
+gone), uvloop closes the listener without a word: a watchdog looks at the native listeners every
+second and then goes back to the gated lane for good, with a warning.
 """
 
 from __future__ import annotations
@@ -19,12 +29,48 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from sidecar.fastpath.accept import AcceptGate, Slot, accept_batch, counted
 
 log = logging.getLogger(__name__)
+
+WATCHDOG_SECONDS = 1.0
+
+# A uvloop server accepting on a socket (a duplicate of ours) in C: (protocol_factory, sock).
+NativeServe = Callable[[Callable[[], asyncio.BaseProtocol], socket.socket], Awaitable[Any]]
+
+
+class Lane(StrEnum):
+    NATIVE = "native"  # accepted by the loop in C
+    GATED = "gated"  # accepted here, one gate check per connection
+
+
+def somaxconn() -> int:
+    """The kernel's cap on a listen queue (net.core.somaxconn)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 4096  # Linux's default since 5.4
+
+
+@dataclass(frozen=True, slots=True)
+class NativeLane:
+    """When a server accepts in C: ``serve`` makes the loop's own server on a socket, used while
+    the gate's room is above ``reserve`` (left at or below it, taken again above twice it)."""
+
+    serve: NativeServe
+    reserve: int
+
+    @classmethod
+    def for_backlog(cls, serve: NativeServe, backlog: int) -> NativeLane:
+        # One drain of a full listen queue admits up to its length (the kernel caps the backlog
+        # at somaxconn), plus what arrives meanwhile: two queues' worth.
+        return cls(serve, 2 * max(1, min(backlog, somaxconn())))
 
 
 async def listening_sockets(
@@ -86,6 +132,8 @@ class GatedServer(asyncio.AbstractServer):
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         sockets: list[socket.socket],
         backlog: int,
+        *,
+        native: NativeLane | None = None,
     ) -> None:
         self._loop = loop
         self._gate = gate
@@ -95,6 +143,11 @@ class GatedServer(asyncio.AbstractServer):
         self._serving = False
         self._closed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._native = native
+        self._native_servers: list[Any] = []
+        self._switching = False  # a native lane being set up, or being left
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.lane = Lane.GATED
 
     # -- asyncio.AbstractServer --------------------------------------------------------------
 
@@ -114,6 +167,7 @@ class GatedServer(asyncio.AbstractServer):
         self._serving = True
         for sock in self._sockets:
             self._listen(sock)
+        self._maybe_native()
 
     async def serve_forever(self) -> None:
         await self.start_serving()
@@ -123,6 +177,7 @@ class GatedServer(asyncio.AbstractServer):
         if self._closed.is_set():
             return
         self._serving = False
+        self._close_native()
         for sock in self._sockets:
             if sock.fileno() != -1:
                 self._loop.remove_reader(sock.fileno())
@@ -136,10 +191,11 @@ class GatedServer(asyncio.AbstractServer):
     # -- accepting ---------------------------------------------------------------------------
 
     def _listen(self, sock: socket.socket) -> None:
-        if self._serving and sock.fileno() != -1:
+        if self._serving and self.lane is Lane.GATED and sock.fileno() != -1:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _accept(self, sock: socket.socket) -> None:
+        self._maybe_native()
         accept_batch(
             self._loop,
             self._gate,
@@ -177,3 +233,106 @@ class GatedServer(asyncio.AbstractServer):
             if not isinstance(err, Exception):
                 raise
             log.warning("a connection could not be set up", extra={"error": repr(err)})
+
+    # -- the native lane -----------------------------------------------------------------------
+
+    def _maybe_native(self) -> None:
+        """Take the native lane when the gate has room for it again (from the gated lane)."""
+        native = self._native
+        if (
+            native is None
+            or self.lane is Lane.NATIVE
+            or self._switching
+            or not self._serving
+            or self._gate.room() <= 2 * native.reserve
+        ):
+            return
+        self._switching = True
+        task = self._loop.create_task(self._start_native(native))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_native(self, native: NativeLane) -> None:
+        servers: list[Any] = []
+        dup: socket.socket | None = None
+        try:
+            for sock in self._sockets:
+                dup = sock.dup()
+                servers.append(await native.serve(self._native_factory, dup))
+                dup = None  # the loop's server owns it
+        except Exception as err:
+            if dup is not None:
+                dup.close()
+            for server in servers:
+                server.close()
+            self._native = None  # the gated lane from now on
+            log.warning(
+                "the event loop's own server could not be started: accepting in Python",
+                extra={"error": repr(err)},
+            )
+            return
+        finally:
+            self._switching = False
+        if not self._serving or self._gate.room() <= native.reserve:
+            for server in servers:
+                server.close()  # closed, or filled up, meanwhile
+            return
+        # The gated lane accepted meanwhile; from here on only the loop does.
+        self.lane = Lane.NATIVE
+        self._native_servers = servers
+        for sock in self._sockets:
+            if sock.fileno() != -1:
+                self._loop.remove_reader(sock.fileno())
+        self._watchdog = self._loop.call_later(WATCHDOG_SECONDS, self._watch)
+
+    def _native_factory(self) -> asyncio.BaseProtocol:
+        # libuv has accepted the connection already: it is admitted whatever the room, and the
+        # lane is left once the room is within the reserve.
+        slot = self._gate.admit()
+        native = self._native
+        if (
+            native is not None
+            and not self._switching
+            and self.lane is Lane.NATIVE
+            and self._gate.room() <= native.reserve
+        ):
+            self._switching = True
+            self._loop.call_soon(self._to_gated)
+        return counted(slot, self._factory)
+
+    def _to_gated(self) -> None:
+        self._switching = False
+        if self.lane is Lane.NATIVE:
+            self._close_native()
+            for sock in self._sockets:
+                self._listen(sock)
+
+    def _watch(self) -> None:
+        """uvloop closes a listener whose accept failed (EMFILE, ENOBUFS...) without a word."""
+        self._watchdog = None
+        if self.lane is not Lane.NATIVE:
+            return
+        alive = all(
+            sock is not None and sock.fileno() != -1
+            for server in self._native_servers
+            for sock in (server.sockets or [None])
+        )
+        if alive:
+            self._watchdog = self._loop.call_later(WATCHDOG_SECONDS, self._watch)
+            return
+        log.warning(
+            "the event loop closed a listener after a failed accept: accepting in Python from "
+            "now on",
+            extra={"listen": [str(sock.getsockname()) for sock in self._sockets]},
+        )
+        self._native = None
+        self._to_gated()
+
+    def _close_native(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        servers, self._native_servers = self._native_servers, []
+        for server in servers:
+            server.close()  # its duplicate only: the listening socket and its queue stay
+        self.lane = Lane.GATED

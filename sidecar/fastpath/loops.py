@@ -1,9 +1,10 @@
 """The event loop the sidecar runs on, with the accept gate: uvloop (libuv) by default, asyncio's
 own selector loop on request.
 
-uvloop does a new tunnel's connect and each relayed read and write in C (accepts stay ours:
-sidecar.fastpath.gated_server): measured here (docs/benchmark.md, fourth round) a new tunnel
-takes 29 % less CPU than on asyncio's selector loop, a keep-alive request 4 % less.
+uvloop does a new tunnel's connect and each relayed read and write in C, and its accepts while
+the accept gate has room (sidecar.fastpath.gated_server): measured here (docs/benchmark.md,
+fourth round) a new tunnel takes 29 % less CPU than on asyncio's selector loop, a keep-alive
+request 4 % less; accepting in C took 6-8 % more off a new tunnel (fifth round).
 uvloop before 0.23 closed the descriptor of a socket whose create_connection(sock=) was cancelled
 while the socket object kept it, so a later close hit whichever connection reused the number
 (uvloop #645, #738): the requirement is >= 0.23, the fast path never hands uvloop a socket it
@@ -36,7 +37,7 @@ def new_loop(kind: LoopKind, gate: AcceptGate) -> asyncio.AbstractEventLoop:
 def _gated_uvloop(gate: AcceptGate) -> asyncio.AbstractEventLoop:
     import uvloop  # only when chosen: the selector loop's sidecar never loads libuv
 
-    from sidecar.fastpath.gated_server import GatedServer, listening_sockets
+    from sidecar.fastpath.gated_server import GatedServer, NativeLane, listening_sockets
 
     class GatedUvLoop(uvloop.Loop):
         """uvloop whose plain TCP servers are GatedServers; the rest is uvloop's own."""
@@ -75,7 +76,18 @@ def _gated_uvloop(gate: AcceptGate) -> asyncio.AbstractEventLoop:
                 backlog=backlog,
                 reuse_address=reuse_address is not False,
             )
-            server = GatedServer(self, gate, protocol_factory, sockets, backlog)
+
+            def serve(factory: Any, sock: socket.socket) -> Any:
+                return uvloop.Loop.create_server(self, factory, sock=sock, backlog=backlog)
+
+            server = GatedServer(
+                self,
+                gate,
+                protocol_factory,
+                sockets,
+                backlog,
+                native=NativeLane.for_backlog(serve, backlog),
+            )
             if start_serving:
                 await server.start_serving()
             return server

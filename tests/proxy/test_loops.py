@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sidecar.fastpath.accept import AcceptGate, GatedEventLoop
-from sidecar.fastpath.gated_server import GatedServer
+from sidecar.fastpath.gated_server import GatedServer, Lane
 from sidecar.fastpath.loops import LoopKind, new_loop
 from sidecar.fastpath.upstream import UpstreamError, dial
 from tests.support.sidecar import free_ports
@@ -260,3 +263,236 @@ def test_the_uvloop_in_use_detaches_a_socket_whose_connect_was_cancelled() -> No
         assert run_on(LoopKind.UVLOOP, scenario) == [-1] * 20
     finally:
         upstream.close()
+
+
+# -- the native lane: uvloop's own server while the gate has room ---------------------------
+
+
+class _Counted(asyncio.Protocol):
+    """Echoes, and closes on the client's EOF; counts connections made and open."""
+
+    made = 0
+    open = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        type(self).made += 1
+        type(self).open += 1
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        type(self).open -= 1
+
+
+async def _until(check: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def _echo(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"ping")
+        return client.recv(4)
+
+
+def test_with_room_a_uvloop_server_accepts_in_the_loops_own_lane() -> None:
+    gate = AcceptGate(100_000)
+
+    async def scenario() -> tuple[Any, ...]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Counted, "127.0.0.1", 0, backlog=16)
+        assert isinstance(server, GatedServer)
+        native = await _until(lambda: server.lane is Lane.NATIVE)
+        port = server.sockets[0].getsockname()[1]
+        echoed = await asyncio.to_thread(_echo, port)
+        counted = await _until(lambda: gate.open == 0)  # the slot came back with the close
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.05)  # the loop's server closes its duplicate on the next turn
+        refused = False
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except ConnectionRefusedError:
+            refused = True
+        return native, echoed, counted, server.lane, refused, server.sockets
+
+    _Counted.made = _Counted.open = 0
+    with asyncio.Runner(loop_factory=lambda: new_loop(LoopKind.UVLOOP, gate)) as runner:
+        assert runner.run(scenario()) == (True, b"ping", True, Lane.GATED, True, ())
+    assert _Counted.made == 1 and gate.open == 0
+
+
+def test_the_native_lane_is_left_within_the_reserve_and_the_limit_still_holds() -> None:
+    """Backlog 4: a reserve of 8 (two queues). Limit 30: native at first, gated from 22 open
+    on, 30 served and the rest queued; native again once the room is above 16."""
+    gate = AcceptGate(30)
+
+    async def scenario() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Counted, "127.0.0.1", 0, backlog=4)
+        assert isinstance(server, GatedServer)
+        seen: list[Any] = [await _until(lambda: server.lane is Lane.NATIVE)]
+        port = server.sockets[0].getsockname()[1]
+
+        async def connect() -> socket.socket:
+            return await asyncio.to_thread(socket.create_connection, ("127.0.0.1", port), 5)
+
+        clients = []
+        lanes = []
+        for n in range(34):  # four past the limit: they fit the listen queue (backlog + 1)
+            clients.append(await connect())
+            want = min(n + 1, 30)
+            await _until(lambda: _Counted.made == want, 2.0)  # noqa: B023 (awaited here)
+            lanes.append(server.lane)
+        await asyncio.sleep(0.3)  # nothing more gets in
+        seen += [_Counted.made, gate.open, lanes.index(Lane.GATED), lanes[-1]]
+        for client in clients[:10]:
+            client.close()  # the four queued ones get in as these go, at a room of 10
+        seen += [await _until(lambda: _Counted.made == 34 and _Counted.open == 24), server.lane]
+        for client in clients[10:20]:
+            client.close()
+        await _until(lambda: _Counted.open == 14)
+        clients.append(await connect())  # accepted at a room of 16: not above it
+        seen += [await _until(lambda: _Counted.made == 35), server.lane]
+        for client in clients[20:30]:
+            client.close()
+        await _until(lambda: _Counted.open == 5)
+        clients.append(await connect())  # accepted at a room of 25: native again
+        seen += [await _until(lambda: server.lane is Lane.NATIVE)]
+        seen.append(await asyncio.to_thread(_echo, port))
+        for client in clients:
+            client.close()
+        seen.append(await _until(lambda: gate.open == 0))
+        server.close()
+        return seen
+
+    _Counted.made = _Counted.open = 0
+    with asyncio.Runner(loop_factory=lambda: new_loop(LoopKind.UVLOOP, gate)) as runner:
+        # lanes.index: the 22nd connection (index 21) left the room at 8
+        assert runner.run(scenario()) == [
+            True, 30, 30, 21, Lane.GATED, True, Lane.GATED, True, Lane.GATED, True, b"ping",
+            True,
+        ]  # fmt: skip
+
+
+_OUT_OF_FDS_SERVER = """
+import asyncio, logging, os, resource, signal, sys
+from sidecar.fastpath.accept import AcceptGate
+from sidecar.fastpath.loops import LoopKind, new_loop
+
+logging.basicConfig(stream=sys.stderr, format="%(message)s")
+gate = AcceptGate(100_000)  # far more than the descriptors: only the native lane's reserve is
+                            # in the way, as when something else uses up the descriptors
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+    def eof_received(self):
+        return False
+
+
+async def main():
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Echo, "127.0.0.1", 0, backlog=64)
+    while server.lane != "native":
+        await asyncio.sleep(0.01)
+    used = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (used + 20, used + 20))
+    print(server.sockets[0].getsockname()[1], flush=True)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    print(server.lane, flush=True)  # its lane when told to stop
+
+
+with asyncio.Runner(loop_factory=lambda: new_loop(LoopKind.UVLOOP, gate)) as runner:
+    runner.run(main())
+"""
+
+
+def test_out_of_descriptors_in_the_native_lane_libuv_sheds_and_the_listener_lives_on() -> None:
+    """Descriptors used up by something the gate does not count (its headroom is what keeps
+    this away): libuv accepts and closes what is queued (its EMFILE reserve trick) instead of
+    leaving it queued as the gated lane would, and its listener goes on; once descriptors are
+    free, new connections are served in the native lane."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OUT_OF_FDS_SERVER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    clients: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for _ in range(40):  # past the server's 20 free descriptors
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        shed = 0
+        for client in clients:
+            client.settimeout(2)
+            try:
+                client.sendall(b"x")
+                shed += client.recv(1) == b""
+            except OSError:
+                shed += 1
+        for client in clients:
+            client.close()
+        # The server's side of each closes on EOF: descriptors free, the native lane accepts.
+        deadline = time.monotonic() + 10
+        answer = b""
+        while answer != b"ping" and time.monotonic() < deadline:
+            try:
+                answer = _echo(port)
+            except OSError:
+                time.sleep(0.2)
+    finally:
+        for client in clients:
+            client.close()
+        proc.terminate()
+        out, stderr = proc.communicate(timeout=10)
+    assert (answer, out.strip(), proc.returncode) == (b"ping", "native", 0), stderr
+    assert 10 <= shed <= 30, shed  # some served within the 20 descriptors, the rest shed
+
+
+def test_a_native_listener_the_loop_closed_is_taken_over_by_the_gated_lane(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvloop closes a listener whose accept failed for another reason than EAGAIN or EMFILE
+    (ENOBUFS, ENOMEM, EMFILE with libuv's reserve gone) without a word: the watchdog sees its
+    socket gone within a second and the gated lane accepts from then on."""
+    gate = AcceptGate(100_000)
+
+    async def scenario() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Counted, "127.0.0.1", 0)
+        assert isinstance(server, GatedServer)
+        seen: list[Any] = [await _until(lambda: server.lane is Lane.NATIVE)]
+        port = server.sockets[0].getsockname()[1]
+        for native in server._native_servers:  # as uvloop's _fatal_error closes its handle
+            native.close()
+        seen.append(await _until(lambda: server.lane is Lane.GATED, 3.0))
+        seen.append(await asyncio.to_thread(_echo, port))
+        await asyncio.sleep(0.2)
+        seen.append(server.lane)  # for good: no way back to a lane that failed
+        server.close()
+        return seen
+
+    _Counted.made = _Counted.open = 0
+    with asyncio.Runner(loop_factory=lambda: new_loop(LoopKind.UVLOOP, gate)) as runner:
+        assert runner.run(scenario()) == [True, True, b"ping", Lane.GATED]
+    assert any("closed a listener after a failed accept" in r.message for r in caplog.records)
