@@ -176,6 +176,13 @@ def _classify_tls(data: bytes) -> FirstFlight | None:
         return None  # b"\x16" or b"\x16\x03": maybe TLS, keep reading
     if not looks:
         return FirstFlight(Flight.OTHER)
+    # The usual case first: one handshake record holding the whole ClientHello (what the loop
+    # below would find, without gathering the record's fragment into a buffer).
+    if len(data) >= 9 and data[0] == _HANDSHAKE and data[5] == _CLIENT_HELLO:
+        length = (data[3] << 8) | data[4]
+        size = 4 + int.from_bytes(data[6:9], "big")
+        if 0 < length <= MAX_RECORD and size <= length and len(data) >= 5 + length:
+            return _parse_hello(data[9 : 5 + size])
     handshake = bytearray()
     offset = 0
     count = 0
@@ -218,14 +225,11 @@ def _end(body: bytes, pos: int, size: int) -> int:
     return end
 
 
-def _u1(body: bytes, pos: int) -> int:
-    _end(body, pos, 1)
-    return body[pos]
+def _short(n: int, pos: int, size: int) -> EndOfStreamError:
+    return EndOfStreamError(f"requested {size} bytes, but only {max(0, n - pos)} available")
 
 
-def _u2(body: bytes, pos: int) -> int:
-    _end(body, pos, 2)
-    return (body[pos] << 8) | body[pos + 1]
+_EXTENSION_FRAME = struct.Struct("!HH").unpack_from  # an extension's type and length
 
 
 def server_name_extensions(body: bytes) -> list[list[tuple[int, bytes]]]:
@@ -233,45 +237,55 @@ def server_name_extensions(body: bytes) -> list[list[tuple[int, bytes]]]:
     for each, its (name type, name) entries. Read as mitmproxy's Kaitai Struct description
     (tls_client_hello.ksy) reads it, field by field, without building an object per field:
     the same messages are read, and the same ones raise EndOfStreamError. Every extension's
-    frame is checked; the bodies of server_name and ALPN ones are read to their end."""
-    pos = _end(body, 0, 2 + 32)  # legacy version, random
-    pos = _end(body, pos + 1, _u1(body, pos))  # session id
-    pos = _end(body, pos + 2, _u2(body, pos) // 2 * 2)  # cipher suites, two bytes each
-    pos = _end(body, pos + 1, _u1(body, pos))  # compression methods
+    frame is checked; the bodies of server_name and ALPN ones are read to their end.
+
+    Each length is read and bounds-checked inline (a helper call per field was most of this
+    function's time)."""
+    n = len(body)
+    pos = 2 + 32  # legacy version, random
+    if pos + 1 > n:
+        raise _short(n, pos, 1)
+    pos = _end(body, pos + 1, body[pos])  # session id
+    if pos + 2 > n:
+        raise _short(n, pos, 2)
+    pos = _end(body, pos + 2, ((body[pos] << 8) | body[pos + 1]) // 2 * 2)  # cipher suites
+    if pos + 1 > n:
+        raise _short(n, pos, 1)
+    pos = _end(body, pos + 1, body[pos])  # compression methods
     found: list[list[tuple[int, bytes]]] = []
-    if pos >= len(body):
+    if pos >= n:
         return found  # no extensions at all
     pos = _end(body, pos, 2)  # the extensions' total length: not relied on, as the .ksy
-    n = len(body)
     while pos < n:
-        # Each extension's frame read inline (a dozen per ClientHello: the helpers' calls were
-        # most of this function); the same frames raise as _u2 and _end would.
         start = pos + 4
         if start > n:
             raise EndOfStreamError(f"requested 4 bytes, but only {n - pos} available")
-        kind = (body[pos] << 8) | body[pos + 1]
-        size = (body[pos + 2] << 8) | body[pos + 3]
+        kind, size = _EXTENSION_FRAME(body, pos)
         pos = start + size
         if pos > n:
             raise EndOfStreamError(f"requested {size} bytes, but only {n - start} available")
-        if kind not in (_SNI_EXTENSION, _ALPN_EXTENSION):
-            continue
-        ext = body[start:pos]
         if kind == _SNI_EXTENSION:
-            names = []
-            at = _end(ext, 0, 2)  # the list's length: not relied on either
-            while at < len(ext):
-                name_type = _u1(ext, at)
-                length = _u2(ext, at + 1)
-                end = _end(ext, at + 3, length)
-                names.append((name_type, ext[at + 3 : end]))
-                at = end
-            found.append(names)
+            found.append(_server_names(body[start:pos]))
         elif kind == _ALPN_EXTENSION:
+            ext = body[start:pos]
             at = _end(ext, 0, 2)
             while at < len(ext):
-                at = _end(ext, at + 1, _u1(ext, at))
+                at = _end(ext, at + 1, ext[at])
     return found
+
+
+def _server_names(ext: bytes) -> list[tuple[int, bytes]]:
+    names = []
+    at = _end(ext, 0, 2)  # the list's length: not relied on either
+    n = len(ext)
+    while at < n:
+        if at + 3 > n:
+            raise _short(n, at + 1, 2)  # the name's length
+        length = (ext[at + 1] << 8) | ext[at + 2]
+        end = _end(ext, at + 3, length)
+        names.append((ext[at], ext[at + 3 : end]))
+        at = end
+    return names
 
 
 def _parse_hello(body: bytes) -> FirstFlight:
@@ -280,19 +294,28 @@ def _parse_hello(body: bytes) -> FirstFlight:
     except EOFError as exc:
         return _unreadable(f"malformed ClientHello ({type(exc).__name__})")
     if not extensions:
-        return FirstFlight(Flight.TLS)
+        return _TLS_WITHOUT_SNI
     if len(extensions) > 1:
         return _unreadable("more than one server_name extension")
     server_names = extensions[0]
     if len(server_names) != 1 or server_names[0][0] != _HOST_NAME:
         return _unreadable("a server_name extension that is not exactly one host name")
-    sni = _sni(server_names[0][1])
-    if sni is None:
-        return _unreadable(f"SNI {server_names[0][1][:80]!r} is not a valid host name")
-    return FirstFlight(Flight.TLS, sni=sni)
+    return _sni_flight(server_names[0][1])
+
+
+_TLS_WITHOUT_SNI = FirstFlight(Flight.TLS)
 
 
 @functools.lru_cache(maxsize=1024)  # a pod's tunnels name the same few hosts
+def _sni_flight(raw: bytes) -> FirstFlight:
+    """A ClientHello naming ``raw``, or unreadable when that is not a valid host name (frozen:
+    shared by every tunnel naming the same host)."""
+    sni = _sni(raw)
+    if sni is None:
+        return _unreadable(f"SNI {raw[:80]!r} is not a valid host name")
+    return FirstFlight(Flight.TLS, sni=sni)
+
+
 def _sni(raw: bytes) -> str | None:
     """The host an SNI names (None: not a valid host name)."""
     try:
