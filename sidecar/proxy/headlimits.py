@@ -91,6 +91,8 @@ class HeadScanner:
         return self._pos
 
     def scan(self, data: bytes | bytearray) -> HeadRejection | None:
+        if self._pos == 0 and self._whole(data):
+            return None
         limits = self.limits
         end = len(data)
         pos = self._pos
@@ -134,6 +136,31 @@ class HeadScanner:
             self._line_start = pos
         self._pos = pos
         return None
+
+    def _whole(self, data: bytes | bytearray) -> bool:
+        """The usual head, whole in the first bytes scanned: read with a few searches instead of
+        line by line, when that cannot differ from the loop's reading. True: complete."""
+        limits = self.limits
+        blank = data.find(b"\r\n\r\n")
+        size = blank + 4
+        if (
+            blank < 0
+            or data[0] in (_CR, _LF)  # empty lines first: the loop skips them
+            or size > limits.head
+            or size > limits.request_line  # then no line can be longer than a limit
+            or size > limits.field_line
+            or data.find(b"\n\n", 0, size) >= 0  # an earlier bare-LF blank line
+            or data.find(b"\n\r\n", 0, blank + 3) >= 0  # or an earlier CRLF one
+        ):
+            return False
+        fields = data.count(b"\n", 0, blank + 2) - 1
+        if fields > limits.fields:
+            return False  # the loop says which line crossed the count
+        self._head_start = 0
+        self._pos = self._line_start = size
+        self._fields = fields
+        self._complete = True
+        return True
 
     def _line_too_long(self, request_line: bool) -> HeadRejection:
         if request_line:

@@ -193,3 +193,58 @@ def test_request_line_start_never_raises(data: bytes) -> None:
 def test_limits_must_be_positive(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="head limit"):
         HeadLimits(**kwargs)  # type: ignore[arg-type]
+
+
+MEDIUM = HeadLimits(request_line=200, field_line=120, head=300, fields=6, timeout=1.0)
+
+# Heads as clients send them (CRLF lines ending in a blank one), some with a bare LF or CR.
+crlf_heads = st.lists(
+    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=9
+).map(lambda lines: b"\r\n".join(lines) + b"\r\n\r\n")
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    heads | crlf_heads,
+    st.binary(max_size=40),
+    st.sampled_from([SMALL, MEDIUM, HeadLimits()]),
+)
+def test_a_head_read_whole_is_read_as_line_by_line(
+    head: bytes, tail: bytes, limits: HeadLimits
+) -> None:
+    """A head whole in the first bytes scanned takes the searches' shortcut (HeadScanner._whole);
+    the same bytes scanned from their second byte on take the line loop: same outcome, same
+    place, same field count against the reference."""
+    data = head + tail
+    quick = HeadScanner(limits)
+    outcome = quick.scan(data)
+    loop = HeadScanner(limits)
+    first = loop.scan(data[:1]) if data else None
+    looped = first if first is not None else loop.scan(data)
+    assert (outcome, quick.complete, quick.scanned) == (looped, loop.complete, loop.scanned)
+    status, complete = reference(data, limits)
+    assert ((outcome.status if outcome else None), quick.complete) == (status, complete)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\nAccept: */*\r\n\r\nGET /next",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\n\r\nX: 1\r\n\r\n",  # a blank line before the CRLF one
+        b"GET / HTTP/1.1\r\nHost: a\n\nX: 1\r\n\r\n",
+        b"\r\nGET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 100 + b"\r\n",
+        b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 101 + b"\r\n",  # one field over: 431 from the loop
+    ],
+)
+def test_the_usual_heads_with_default_limits_read_alike_whole_or_not(data: bytes) -> None:
+    quick = HeadScanner(HeadLimits())
+    outcome = quick.scan(data)
+    loop = HeadScanner(HeadLimits())
+    looped = loop.scan(data[:1]) or loop.scan(data)
+    assert (outcome, quick.complete, quick.scanned) == (looped, loop.complete, loop.scanned)
+    assert reference(data, HeadLimits()) == (
+        (outcome.status if outcome else None),
+        quick.complete,
+    )
