@@ -49,9 +49,10 @@ def decision_line_reference(rec: DecisionRecord, *, now: float | None = None) ->
 
 
 # The line's fixed stretches, quoted once: a decision's own fields with where it went, and the
-# policy's. Keyed by every value they hold; bounded (cleared when full) because a host is the
-# caller's to choose.
+# policy's. Keyed by every value they hold; bounded in count (cleared when full) and in length
+# because a host is the caller's to choose.
 _SEGMENTS_MAX = 1024
+_SEGMENT_CHARS = 1024  # so the caches hold at most a few MiB, whatever the hosts
 _heads: dict[tuple[object, ...], str] = {}
 _tails: dict[tuple[str, str, str], str] = {}
 
@@ -82,16 +83,18 @@ def decision_line(rec: DecisionRecord, *, now: float | None = None) -> str:
             parts += ',"host":', q(rec.host)
         parts += ',"port":', int.__repr__(rec.port)
         head = "".join(parts)
-        if len(_heads) >= _SEGMENTS_MAX:
-            _heads.clear()
-        _heads[key] = head
+        if len(head) <= _SEGMENT_CHARS:  # a long host or rule: quoted each time, not kept
+            if len(_heads) >= _SEGMENTS_MAX:
+                _heads.clear()
+            _heads[key] = head
     policy = (rec.policy_source, rec.policy_version, rec.mode)
     tail = _tails.get(policy)
     if tail is None:
         tail = ',"policy_source":{},"policy_version":{},"mode":{}'.format(*map(q, policy))
-        if len(_tails) >= _SEGMENTS_MAX:
-            _tails.clear()
-        _tails[policy] = tail
+        if len(tail) <= _SEGMENT_CHARS:
+            if len(_tails) >= _SEGMENTS_MAX:
+                _tails.clear()
+            _tails[policy] = tail
     parts = ['{"ts":"', _iso(time.time() if now is None else now), head]
     address = rec.peer_address or rec.original_address
     if address is not None:

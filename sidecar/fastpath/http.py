@@ -37,7 +37,14 @@ from sidecar.fastpath.refusal import HEAD_SAMPLE, Lingering, refuse_head
 from sidecar.fastpath.relay import shut_write
 from sidecar.fastpath.services import Services
 from sidecar.fastpath.upstream import UpstreamError, dial
-from sidecar.fastpath.vetting import HTTPS_TARGET, Vetted, same_host, vet, vet_now
+from sidecar.fastpath.vetting import (
+    HTTPS_TARGET,
+    MEMO_KEY_CHARS,
+    Vetted,
+    same_host,
+    vet,
+    vet_now,
+)
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
 from sidecar.policy.model import Destination, Reason
@@ -389,9 +396,10 @@ class HttpPhase:
         target = _TARGETS.get(key)
         if target is None:
             target = _read_target(head.target, host_header, self._original)
-            if len(_TARGETS) >= _TARGETS_LIMIT:
-                _TARGETS.clear()
-            _TARGETS[key] = target
+            if len(head.target) + len(host_header or "") <= MEMO_KEY_CHARS:
+                if len(_TARGETS) >= _TARGETS_LIMIT:
+                    _TARGETS.clear()
+                _TARGETS[key] = target
         return target
 
     # -- deciding and connecting -------------------------------------------------------------

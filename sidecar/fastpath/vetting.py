@@ -49,6 +49,9 @@ HTTPS_TARGET = Vetted(
 # Readings kept per snapshot (Snapshot.memo) before the memo starts over: a pod calls a few
 # destinations again and again, and deciding one afresh costs as much as the rest of a request.
 MEMO_LIMIT = 4096
+# Longer hosts and paths (up to the head limits' 8-16 KiB) are decided each time: kept, 4,096
+# of them would hold tens of MiB of the app's choosing.
+MEMO_KEY_CHARS = 1024
 
 
 class _Lookup:
@@ -81,9 +84,10 @@ def _first(snap: Snapshot, dest: Destination) -> Vetted | _Lookup:
     entry = memo.get(key)
     if entry is None:
         entry = _without_lookup(snap, dest)
-        if len(memo) >= MEMO_LIMIT:
-            memo.clear()
-        memo[key] = entry
+        if len(dest.host or "") + len(dest.path or "") <= MEMO_KEY_CHARS:
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()
+            memo[key] = entry
     return entry  # type: ignore[return-value]  # only this module writes the memo
 
 

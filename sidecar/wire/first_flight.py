@@ -300,20 +300,25 @@ def _parse_hello(body: bytes) -> FirstFlight:
     server_names = extensions[0]
     if len(server_names) != 1 or server_names[0][0] != _HOST_NAME:
         return _unreadable("a server_name extension that is not exactly one host name")
-    return _sni_flight(server_names[0][1])
+    raw = server_names[0][1]
+    # A host name is at most 253 characters (and a port): longer ones are not worth keeping.
+    return _sni_flight(raw) if len(raw) <= _CACHED_SNI else _read_sni_flight(raw)
 
 
 _TLS_WITHOUT_SNI = FirstFlight(Flight.TLS)
+_CACHED_SNI = 300
 
 
-@functools.lru_cache(maxsize=1024)  # a pod's tunnels name the same few hosts
-def _sni_flight(raw: bytes) -> FirstFlight:
-    """A ClientHello naming ``raw``, or unreadable when that is not a valid host name (frozen:
-    shared by every tunnel naming the same host)."""
+def _read_sni_flight(raw: bytes) -> FirstFlight:
+    """A ClientHello naming ``raw``, or unreadable when that is not a valid host name."""
     sni = _sni(raw)
     if sni is None:
         return _unreadable(f"SNI {raw[:80]!r} is not a valid host name")
     return FirstFlight(Flight.TLS, sni=sni)
+
+
+# a pod's tunnels name the same few hosts; frozen results, shared by every tunnel naming one
+_sni_flight = functools.lru_cache(maxsize=1024)(_read_sni_flight)
 
 
 def _sni(raw: bytes) -> str | None:

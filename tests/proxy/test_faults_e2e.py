@@ -313,6 +313,36 @@ def test_a_large_stream_passes_whole_with_bounded_memory(world: World, through: 
     _still_serves(world)
 
 
+def test_distinct_long_request_targets_do_not_grow_memory(world: World) -> None:
+    """3,000 keep-alive requests, each to its own 6 KB path: what the proxy keeps per
+    destination (its readings of a target, its decisions) is not kept for such keys, so RSS
+    stays put (before the bound on key length: +37.5 MiB for these, +58 MiB for 4,500 of 7 KB)."""
+    pid = world.sidecar.proc.pid
+    before = rss_bytes(pid)
+    sock = socket.create_connection(("127.0.0.1", world.sidecar.explicit_port), timeout=10)
+    reader = sock.makefile("rb")
+    statuses = set()
+    try:
+        for n in range(3000):
+            path = f"/{n}/" + "p" * 6000
+            sock.sendall(
+                f"GET http://web.test:{world.web.port}{path} HTTP/1.1\r\n"
+                f"Host: web.test:{world.web.port}\r\n\r\n".encode()
+            )
+            statuses.add(reader.readline().split(b" ")[1])
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+    finally:
+        reader.close()
+        sock.close()
+    growth = rss_bytes(pid) - before
+    assert statuses == {b"200"}
+    assert growth < 12 << 20, f"RSS grew by {growth / 2**20:.1f} MiB"
+
+
 # -- idle connections and slowloris --------------------------------------------------------------
 
 

@@ -200,6 +200,26 @@ def test_a_new_policy_is_read_afresh_and_the_memo_is_bounded() -> None:
     assert 0 < len(new.memo) <= MEMO_LIMIT
 
 
+def test_long_destinations_are_decided_each_time_not_kept() -> None:
+    """A path or host of the app's choosing up to the head limits (8-16 KiB) is not memoized:
+    4,096 of them would hold tens of MiB. The decision is the same either way."""
+    from sidecar.fastpath.vetting import MEMO_KEY_CHARS, vet_now
+    from sidecar.policy.model import Destination, Verdict
+    from sidecar.policy.parse import parse_allowlist
+    from sidecar.policy.store import PolicyStore
+
+    snap = PolicyStore().set_policy(parse_allowlist("allow: [{cidr: 198.18.0.0/15}]", source="t"))
+    host = "198.18.0.7"
+    at_bound = Destination(host, 80, method="GET", path="/" * (MEMO_KEY_CHARS - len(host)))
+    past = Destination(host, 80, method="GET", path="/" * (MEMO_KEY_CHARS - len(host) + 1))
+    decided = [vet_now(snap, d) for d in (past, past, at_bound)]
+    assert all(v is not None and v.decision.verdict is Verdict.ALLOW for v in decided)
+    assert list(snap.memo) == [(host, 80, None, "GET", at_bound.path, False)]
+    for n in range(50):
+        vet_now(snap, Destination(host, 80, method="GET", path=f"/{n}" + "y" * 2000))
+    assert len(snap.memo) == 1
+
+
 def test_the_answer_cache_is_bounded_oldest_first() -> None:
     dns = FakeDns({f"n{i}.test": ["198.18.0.1"] for i in range(5)})
     resolver = Resolver(max_entries=3, getaddrinfo=dns)
