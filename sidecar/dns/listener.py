@@ -37,6 +37,7 @@ import dns.rdatatype
 import dns.rrset
 
 from sidecar.fastpath.config import ListenSpec
+from sidecar.fastpath.connection import peer_host
 from sidecar.metrics import Metrics
 from sidecar.policy.dns import (
     InternalNames,
@@ -168,11 +169,7 @@ class DnsServer:
             transport.sendto(out, addr)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            peer = writer.get_extra_info("peername")
-        except AttributeError:  # uvloop's, for a connection closed already
-            peer = None
-        client = str(peer[0]) if peer else None
+        client = peer_host(writer.transport)
         idle = self.config.tcp_idle_timeout
         try:
             while True:
