@@ -213,7 +213,7 @@ def sidecar_argv(
 ) -> tuple[list[str], int, int]:
     """`egress-sidecar run` on free loopback ports (no IPv6 listener); the argv, the explicit
     proxy's port and the health port. ``image``: the image's command, not this venv's."""
-    port, transparent, health = free_port(), free_port(), free_port()
+    port, transparent, health = free_ports(3)
     argv = [
         IMAGE_SIDECAR if image else str(Path(sys.executable).parent / "egress-sidecar"),
         "run",

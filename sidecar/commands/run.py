@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
     from sidecar.decision_log import configure_logging
 
     configure_logging(args.log_level)
-    from sidecar.fastpath.config import ListenSpec
+    from sidecar.fastpath.config import ListenSpec, check_distinct
 
     if args.allowlist_file and args.configmap:
         print("egress-sidecar run: give --allowlist-file or --configmap, not both", file=sys.stderr)
@@ -408,6 +408,15 @@ def run(args: argparse.Namespace) -> int:
                 transparent += (ListenSpec.parse(v6),)
         health = ListenSpec.parse(args.health_listen)
         dns_specs = _dns_specs(args)
+        check_distinct(
+            [("--explicit-listen", spec) for spec in explicit]
+            + [
+                ("--transparent-listen6" if ":" in spec.host else "--transparent-listen", spec)
+                for spec in transparent
+            ]
+            + [("--health-listen", health)]
+            + [("--dns-listen6" if ":" in s.host else "--dns-listen", s) for s in dns_specs]
+        )
     except ValueError as err:
         print(f"egress-sidecar run: {err}", file=sys.stderr)
         return 2

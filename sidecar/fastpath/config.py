@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sidecar.inspection import InspectionCA
@@ -27,6 +28,33 @@ class ListenSpec:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def overlaps(self, other: ListenSpec) -> bool:
+        """Whether both cannot be bound at once: one port, and one host or a wildcard of the
+        same family (``0.0.0.0`` covers every IPv4 address, ``::`` every IPv6 one)."""
+        if self.port != other.port or (":" in self.host) != (":" in other.host):
+            return False
+        return self.host == other.host or {self.host, other.host} & _WILDCARDS != set()
+
+
+_WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+
+class ListenClashError(ValueError):
+    """Two listeners were given one address: the second would fail to bind at start."""
+
+
+def check_distinct(named: Sequence[tuple[str, ListenSpec]]) -> None:
+    """Raises ListenClashError naming the first two listeners (by flag) that share an address,
+    before anything binds, so that the sidecar refuses to start instead of running without
+    one of them."""
+    for i, (name, spec) in enumerate(named):
+        for other_name, other in named[:i]:
+            if spec.overlaps(other):
+                raise ListenClashError(
+                    f"{other_name} {other} and {name} {spec} are the same address: "
+                    "give each listener a port of its own"
+                )
 
 
 @dataclass(frozen=True)

@@ -347,13 +347,14 @@ def test_the_dns_listeners_query_decisions_are_summarised(tmp_path: Path) -> Non
     import dns.rcode
 
     from sidecar.kubectl import plan
-    from tests.support.sidecar import free_port
+    from tests.support.sidecar import free_ports
 
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 127.0.13.53\n")  # never asked: the query is denied by name
-    port = free_port()
+    port, *taken = free_ports(4)  # the DNS port apart from the sidecar's three
     sidecar = start_sidecar(
         tmp_path / "sidecar",
+        ports=(taken[0], taken[1], taken[2]),
         allowlist="allow: [web.test]\n",
         args=["--dns-listen", f"127.0.0.1:{port}", "--dns-resolv-conf", str(resolv)],
     )

@@ -26,7 +26,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.support.sidecar import Sidecar, free_port, start_sidecar
+from tests.support.sidecar import Sidecar, free_ports, start_sidecar
 
 DNSAUTH = Path(__file__).resolve().parents[1] / "support" / "dnsauth.py"
 
@@ -121,9 +121,10 @@ def _start(tmp: Path, allowlist: str, extra: tuple[str, ...] = ()) -> Setup:
         f"search shop.svc.cluster.local svc.cluster.local cluster.local\n"
         f"nameserver {auth.address}\noptions ndots:5\n"
     )
-    port = free_port()
+    port, *taken = free_ports(4)  # the DNS port apart from the sidecar's three
     sidecar = start_sidecar(
         tmp / "sidecar",
+        ports=(taken[0], taken[1], taken[2]),
         allowlist=allowlist,
         args=[
             "--dns-listen",
@@ -339,9 +340,10 @@ def test_audit_mode_forwards_and_records_audit(tmp_path: Path) -> None:
 def test_unreachable_resolver_is_servfail_with_the_error(tmp_path: Path) -> None:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text(f"nameserver {_loopback_address()}\n")  # nobody listens there
-    port = free_port()
+    port, *taken = free_ports(4)  # the DNS port apart from the sidecar's three
     sidecar = start_sidecar(
         tmp_path / "sidecar",
+        ports=(taken[0], taken[1], taken[2]),
         allowlist=ALLOWLIST,
         args=[
             "--dns-listen",
@@ -397,9 +399,10 @@ def test_queries_in_flight_are_bounded(tmp_path: Path) -> None:
         blackhole.bind((silent, 53))  # receives, never answers
         resolv = tmp_path / "resolv.conf"
         resolv.write_text(f"nameserver {silent}\n")
-        port = free_port()
+        port, *taken = free_ports(4)  # the DNS port apart from the sidecar's three
         sidecar = start_sidecar(
             tmp_path / "sidecar",
+            ports=(taken[0], taken[1], taken[2]),
             allowlist=ALLOWLIST,
             args=["--dns-listen", f"127.0.0.1:{port}", "--dns-resolv-conf", str(resolv),
                   "--dns-max-inflight", "2", "--dns-timeout", "3"],
@@ -420,9 +423,10 @@ def test_queries_in_flight_are_bounded(tmp_path: Path) -> None:
 
 
 def test_missing_resolv_conf_still_serves(tmp_path: Path) -> None:
-    port = free_port()
+    port, *taken = free_ports(4)  # the DNS port apart from the sidecar's three
     sidecar = start_sidecar(
         tmp_path / "sidecar",
+        ports=(taken[0], taken[1], taken[2]),
         allowlist=ALLOWLIST,
         args=["--dns-listen", f"127.0.0.1:{port}", "--dns-resolv-conf", str(tmp_path / "none")],
     )

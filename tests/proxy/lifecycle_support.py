@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.support.sidecar import Sidecar, free_port, start_sidecar
+from tests.support.sidecar import Sidecar, free_ports, start_sidecar
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(free_port(), free_port(), free_port())
+        explicit, transparent, health = free_ports(3)
+        return cls(explicit, transparent, health)
 
 
 def launch(

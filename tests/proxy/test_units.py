@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.fastpath.config import ListenSpec
+from sidecar.fastpath.config import ListenClashError, ListenSpec, check_distinct
 from sidecar.policy.model import Decision, Reason, Verdict
 from sidecar.proxy.denial import denial_body
 from sidecar.proxy.hostnames import address_of, redact_url
@@ -53,6 +53,40 @@ def test_listen_spec_parse(text: str, host: str, port: int) -> None:
 def test_listen_spec_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         ListenSpec.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("one", "two", "overlap"),
+    [
+        ("127.0.0.1:15001", "127.0.0.1:15001", True),
+        ("127.0.0.1:15001", "127.0.0.1:15006", False),
+        ("127.0.0.1:15001", "127.0.0.2:15001", False),
+        ("0.0.0.0:15021", "127.0.0.1:15021", True),
+        ("127.0.0.1:15021", "0.0.0.0:15021", True),
+        ("::1:15001", "::1:15001", True),
+        ("[::]:15001", "::1:15001", True),
+        ("::1:15001", "127.0.0.1:15001", False),  # two families
+        ("[::]:15001", "0.0.0.0:15001", False),  # the sidecar's IPv6 sockets are v6-only
+        ("0.0.0.0:15001", "0.0.0.0:15002", False),
+    ],
+)
+def test_listen_spec_overlaps(one: str, two: str, overlap: bool) -> None:
+    a, b = ListenSpec.parse(one), ListenSpec.parse(two)
+    assert a.overlaps(b) is overlap and b.overlaps(a) is overlap
+
+
+def test_check_distinct_names_both_flags() -> None:
+    named = [
+        ("--explicit-listen", ListenSpec.parse("127.0.0.1:15001")),
+        ("--transparent-listen", ListenSpec.parse("127.0.0.1:15006")),
+        ("--health-listen", ListenSpec.parse("0.0.0.0:15006")),
+    ]
+    with pytest.raises(ListenClashError) as caught:
+        check_distinct(named)
+    assert str(caught.value).startswith(
+        "--transparent-listen 127.0.0.1:15006 and --health-listen 0.0.0.0:15006 are the same"
+    )
+    check_distinct(named[:2])  # distinct: no error
 
 
 @pytest.mark.parametrize(
