@@ -112,6 +112,24 @@ class ExportRun:
 
 
 @dataclass(frozen=True)
+class Alternating:
+    """The two CPU targets measured again with Squid and the sidecar running side by side on
+    the proxy's core and loaded in turn (Squid, sidecar, sidecar, Squid; segments of half a
+    scenario): whatever else loads the machine meanwhile weighs on both alike, so the ratio is
+    firmer than the main table's, whose proxies ran minutes apart."""
+
+    squid_http: LoadResult
+    squid_http_cpu_s: float
+    http: LoadResult
+    http_cpu_s: float
+    squid_tunnels: LoadResult
+    squid_tunnels_cpu_s: float
+    tunnels: LoadResult
+    tunnels_cpu_s: float
+    rss_peak_mib: float  # the sidecar's, through these rounds
+
+
+@dataclass(frozen=True)
 class TransparentRun:
     """Plain HTTP keep-alive and new TLS connections captured by iptables REDIRECT."""
 
@@ -172,6 +190,7 @@ class Report:
     rules: RulesRun | None = None
     dns: DnsRun | None = None
     notes: list[str] = field(default_factory=list)
+    alternating: Alternating | None = None
 
     def sidecar_peak_mib(self) -> float:
         """The highest RSS of any sidecar process in the run, whatever the scenario."""
@@ -184,6 +203,8 @@ class Report:
             peaks += [self.rules.small_rss_peak_mib, self.rules.large_rss_peak_mib]
         if self.dns is not None:
             peaks.append(self.dns.rss_peak_mib)
+        if self.alternating is not None:
+            peaks.append(self.alternating.rss_peak_mib)
         return max(peaks)
 
 
@@ -202,6 +223,33 @@ def _ratio(ours: float, theirs: float) -> str:
 Row = tuple[str, str, float, float, int, str]  # label, direct, squid, ours, digits, better
 
 
+ALTERNATING = "both running, loaded in turn"
+
+
+def _alternating_rows(report: Report) -> list[Row]:
+    a = report.alternating
+    if a is None:
+        return []
+    return [
+        (
+            f"CPU-s per 10k HTTP requests, {ALTERNATING}",
+            "-",
+            per_10k(a.squid_http_cpu_s, a.squid_http),
+            per_10k(a.http_cpu_s, a.http),
+            2,
+            "↓",
+        ),
+        (
+            f"CPU-s per 10k new tunnels, {ALTERNATING}",
+            "-",
+            per_10k(a.squid_tunnels_cpu_s, a.squid_tunnels),
+            per_10k(a.tunnels_cpu_s, a.tunnels),
+            2,
+            "↓",
+        ),
+    ]
+
+
 def rows(report: Report) -> list[Row]:
     d, sq, us = report.direct, report.baseline, report.sidecar
     c = report.settings.connections
@@ -210,7 +258,7 @@ def rows(report: Report) -> list[Row]:
     def added(run: ProxyRun, pick: Callable[[LoadResult], float]) -> float:
         return pick(run.latency) - pick(d.latency)
 
-    return [
+    out: list[Row] = [
         (f"HTTP keep-alive req/s, c={c}", _num(d.http.rate), sq.http.rate, us.http.rate, 0, "↑"),
         ("CPU-s per 10k HTTP requests", "-", sq.cpu_per_10k_http, us.cpu_per_10k_http, 2, "↓"),
         (
@@ -296,6 +344,10 @@ def rows(report: Report) -> list[Row]:
             "↓",
         ),
     ]
+    # the firmer CPU ratios beside the main table's
+    after = next(n for n, row in enumerate(out) if row[0] == "CPU-s per 10k new tunnels") + 1
+    out[after:after] = _alternating_rows(report)
+    return out
 
 
 SidecarRow = tuple[str, str, str, str]  # label, sidecar, what it is compared with, ratio
@@ -469,6 +521,13 @@ def markdown(report: Report) -> str:
         "growth over the RSS just before the first was opened. The whole bench's peak is the "
         "highest RSS of any of the proxy's processes in any scenario of this run.",
     ]
+    if report.alternating is not None:
+        lines[-1] += (
+            f' Rows marked "{ALTERNATING}": Squid and the sidecar ran side by side on the '
+            "proxy's core, loaded in the order Squid, sidecar, sidecar, Squid (each segment "
+            "half a scenario), so that the machine's drift weighs on both alike: the firmer "
+            "ratio of the two CPU targets."
+        )
     extra = sidecar_rows(report)
     if extra:
         lines += [

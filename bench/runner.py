@@ -30,6 +30,7 @@ from bench.loadgen import Download, Generators, LoadResult, checked
 from bench.otlp import SpanCounter
 from bench.procstat import PeakRss, cpu_seconds, rss_mib, runqueue_wait_seconds
 from bench.report import (
+    Alternating,
     Direct,
     DnsRun,
     ExportRun,
@@ -297,10 +298,11 @@ class Context:
 
 @dataclass
 class Arm:
-    """One sidecar of a paired comparison and what it measured."""
+    """One proxy of a paired comparison and what it measured."""
 
     label: str
-    sidecar: Sidecar
+    pid: int
+    port: int
     name: str | None = None  # the host name requested (None: the upstream's address)
     after: Callable[[LoadResult], None] | None = None  # runs inside the CPU window
     runs: list[LoadResult] = field(default_factory=list)
@@ -319,43 +321,97 @@ class Arm:
         )
 
 
-def _paired(ctx: Context, a: Arm, b: Arm, warmed: Callable[[], None] | None = None) -> None:
-    """The plain-HTTP scenario on two sidecars in the order A B B A, each segment half the
-    scenario's length: whatever else loads the machine meanwhile weighs on both alike."""
-    gen, up, s = ctx.gen, ctx.up, ctx.s
+Load = Callable[[Arm, int], LoadResult]  # one segment of load through an arm, its seconds
+
+
+def _http_load(ctx: Context) -> Load:
+    def load(arm: Arm, seconds: int) -> LoadResult:
+        return ctx.gen.wrk_http(
+            upstream_port=ctx.up.http,
+            proxy_port=arm.port,
+            connections=ctx.s.connections,
+            seconds=seconds,
+            limit=ctx.s.max_requests,
+            name=arm.name,
+        )
+
+    return load
+
+
+def _new_tunnels_load(ctx: Context) -> Load:
+    def load(arm: Arm, seconds: int) -> LoadResult:
+        return ctx.gen.hey_https(
+            upstream_port=ctx.up.https,
+            proxy_port=arm.port,
+            connections=ctx.s.connections,
+            seconds=seconds,
+            new_connection_each=True,
+            max_qps_per_worker=ctx.s.max_qps_per_worker,
+        )
+
+    return load
+
+
+def _paired(
+    ctx: Context,
+    a: Arm,
+    b: Arm,
+    warmed: Callable[[], None] | None = None,
+    *,
+    load: Load | None = None,
+    warm: bool = True,
+) -> None:
+    """A scenario (``load``: plain HTTP by default) on two proxies in the order A B B A, each
+    segment half the scenario's length: whatever else loads the machine meanwhile weighs on
+    both alike. ``warm``: a warm-up of plain HTTP through each first."""
+    s = ctx.s
+    run_load = load or _http_load(ctx)
     time.sleep(s.idle_seconds)
     for arm in (a, b):
-        arm.rss_idle_mib = rss_mib(arm.sidecar.server.pid)
+        arm.rss_idle_mib = rss_mib(arm.pid)
     segment = max(round(s.seconds / 2), 1)
-    with PeakRss(a.sidecar.server.pid) as peak_a, PeakRss(b.sidecar.server.pid) as peak_b:
-        if s.warmup_seconds > 0:
+    with PeakRss(a.pid) as peak_a, PeakRss(b.pid) as peak_b:
+        if warm and s.warmup_seconds > 0:
             for arm in (a, b):
-                gen.wrk_http(
-                    upstream_port=up.http,
-                    proxy_port=arm.sidecar.port,
-                    connections=s.connections,
-                    seconds=s.warmup_seconds,
-                    limit=s.max_requests,
-                    name=arm.name,
-                )
+                _http_load(ctx)(arm, s.warmup_seconds)
         if warmed is not None:
             warmed()
         for arm in (a, b, b, a):
-            pid = arm.sidecar.server.pid
-            cpu0 = cpu_seconds(pid)
-            run = gen.wrk_http(
-                upstream_port=up.http,
-                proxy_port=arm.sidecar.port,
-                connections=s.connections,
-                seconds=segment,
-                limit=s.max_requests,
-                name=arm.name,
-            )
+            cpu0 = cpu_seconds(arm.pid)
+            run = run_load(arm, segment)
             if arm.after is not None:
                 arm.after(run)
-            arm.cpu_s += cpu_seconds(pid) - cpu0
+            arm.cpu_s += cpu_seconds(arm.pid) - cpu0
             arm.runs.append(run)
     a.rss_peak_mib, b.rss_peak_mib = peak_a.peak, peak_b.peak
+
+
+def measure_alternating(
+    ctx: Context, squid: tuple[int, int], sidecar: Sidecar, squid_label: str
+) -> Alternating:
+    """The two CPU targets again, Squid (``squid``: its pid and port) and the sidecar both up
+    and warm, loaded in turn: plain HTTP, then new tunnels."""
+    ctx.log(f"{squid_label} and the sidecar loaded in turn: plain HTTP, then new tunnels")
+    arms: dict[str, tuple[Arm, Arm]] = {}
+    for kind, load in (("http", _http_load(ctx)), ("tunnels", _new_tunnels_load(ctx))):
+        theirs = Arm(squid_label, *squid)
+        ours = Arm("sidecar", sidecar.server.pid, sidecar.port)
+        _paired(ctx, theirs, ours, load=load, warm=False)
+        arms[kind] = (theirs, ours)
+    (sq_http, http), (sq_tunnels, tunnels) = arms["http"], arms["tunnels"]
+    return Alternating(
+        squid_http=checked(f"{squid_label} HTTP, loaded in turn", sq_http.result(), ctx.notes),
+        squid_http_cpu_s=sq_http.cpu_s,
+        http=checked("sidecar HTTP, loaded in turn", http.result(), ctx.notes),
+        http_cpu_s=http.cpu_s,
+        squid_tunnels=checked(
+            f"{squid_label} new tunnels, loaded in turn", sq_tunnels.result(), ctx.notes
+        ),
+        squid_tunnels_cpu_s=sq_tunnels.cpu_s,
+        tunnels=checked("sidecar new tunnels, loaded in turn", tunnels.result(), ctx.notes),
+        tunnels_cpu_s=tunnels.cpu_s,
+        rss_peak_mib=max(http.rss_peak_mib, tunnels.rss_peak_mib),
+    )
 
 
 def measure_export(ctx: Context, workdir: Path) -> ExportRun:
@@ -391,7 +447,8 @@ def measure_export(ctx: Context, workdir: Path) -> ExportRun:
                 ctx.pinning.proxy, workdir / "on", ctx.up, env=env, root=ctx.s.sidecar_root
             )
             try:
-                a, b = Arm("export off", off), Arm("export on", on, after=drained)
+                a = Arm("export off", off.server.pid, off.port)
+                b = Arm("export on", on.server.pid, on.port, after=drained)
                 _paired(ctx, a, b, warmed)
             finally:
                 on.server.stop()
@@ -446,7 +503,8 @@ def measure_rules(ctx: Context, workdir: Path) -> RulesRun:
             root=ctx.s.sidecar_root,
         )
         try:
-            a, b = Arm("1 rule", small, RULES_HOST), Arm(f"{n} rules", large, RULES_HOST)
+            a = Arm("1 rule", small.server.pid, small.port, RULES_HOST)
+            b = Arm(f"{n} rules", large.server.pid, large.port, RULES_HOST)
             _paired(ctx, a, b)
         finally:
             large.server.stop()
@@ -507,6 +565,8 @@ def run(
         nginx, up = start_nginx(tools.nginx, pinning.load, work / "nginx", settings.big_bytes)
         try:
             direct = measure_direct(gen, up, settings, log)
+            ctx = Context(gen, up, settings, pinning, notes, log)
+            # Squid stays up (idle) while the sidecar is measured: both are then loaded in turn
             squid, squid_port = start_squid(tools.squid, pinning.proxy, work / "squid", up)
             try:
                 baseline = measure_proxy(
@@ -519,23 +579,27 @@ def run(
                     notes=notes,
                     log=log,
                 )
+                sidecar = start_sidecar(
+                    pinning.proxy, work / "sidecar", up, root=settings.sidecar_root
+                )
+                try:
+                    ours = measure_proxy(
+                        name=sidecar_name(settings.sidecar_root),
+                        server=sidecar.server,
+                        port=sidecar.port,
+                        gen=gen,
+                        up=up,
+                        s=settings,
+                        notes=notes,
+                        log=log,
+                    )
+                    alternating = measure_alternating(
+                        ctx, (squid.pid, squid_port), sidecar, squid_name(tools.squid)
+                    )
+                finally:
+                    sidecar.server.stop()
             finally:
                 squid.stop()
-            sidecar = start_sidecar(pinning.proxy, work / "sidecar", up, root=settings.sidecar_root)
-            try:
-                ours = measure_proxy(
-                    name=sidecar_name(settings.sidecar_root),
-                    server=sidecar.server,
-                    port=sidecar.port,
-                    gen=gen,
-                    up=up,
-                    s=settings,
-                    notes=notes,
-                    log=log,
-                )
-            finally:
-                sidecar.server.stop()
-            ctx = Context(gen, up, settings, pinning, notes, log)
             export = measure_export(ctx, work / "export")
             rules = measure_rules(ctx, work / "rules") if settings.rules > 0 else None
         finally:
@@ -583,4 +647,5 @@ def run(
         rules=rules,
         dns=dns,
         notes=notes,
+        alternating=alternating,
     )

@@ -20,6 +20,7 @@ from bench.idle import IdleResult
 from bench.loadgen import Download, LoadResult
 from bench.otlp import SpanCounter
 from bench.report import (
+    Alternating,
     Direct,
     ExportRun,
     ProxyRun,
@@ -180,3 +181,37 @@ def test_json_has_both_tables_and_no_nan() -> None:
     assert cpu["sidecar"] is None  # NaN (no request succeeded) is null, not NaN
     assert data["run"]["sidecar"]["idle"] is None
     assert len(data["sidecar_scenarios"]) == len(sidecar_rows(report))
+
+
+def test_the_rounds_loaded_in_turn_sit_under_the_main_cpu_rows() -> None:
+    report = dataclasses.replace(
+        _report(),
+        alternating=Alternating(
+            squid_http=_load(20_000),
+            squid_http_cpu_s=2.0,
+            http=_load(10_000),
+            http_cpu_s=1.5,
+            squid_tunnels=_load(1_000),
+            squid_tunnels_cpu_s=0.4,
+            tunnels=_load(1_000),
+            tunnels_cpu_s=0.5,
+            rss_peak_mib=150.0,
+        ),
+    )
+    table = markdown(report)
+    lines = [line for line in table.splitlines() if line.startswith("| CPU-s per 10k ")]
+    assert lines[:4] == [
+        "| CPU-s per 10k HTTP requests ↓ | - | 0.60 | 1.00 | 1.67x |",
+        "| CPU-s per 10k new tunnels ↓ | - | 25.00 | 25.00 | 1.00x |",
+        "| CPU-s per 10k HTTP requests, both running, loaded in turn ↓ | - | 1.00 | 1.50 | 1.50x |",
+        "| CPU-s per 10k new tunnels, both running, loaded in turn ↓ | - | 4.00 | 5.00 | 1.25x |",
+    ]
+    assert "loaded in the order Squid, sidecar, sidecar, Squid" in table
+    assert report.sidecar_peak_mib() == 150.0  # its rounds count for the whole bench's peak
+    row = next(
+        r
+        for r in to_json(report)["table"]
+        if r["scenario"] == "CPU-s per 10k new tunnels, both running, loaded in turn"
+    )
+    assert row["sidecar_over_squid"] == pytest.approx(1.25)
+    assert "both running" not in markdown(_report())  # none measured: no row

@@ -23,6 +23,8 @@ LABELS = [
     "CPU-s per 10k HTTP requests",
     "new CONNECT tunnels/s, c=4",
     "CPU-s per 10k new tunnels",
+    "CPU-s per 10k HTTP requests, both running, loaded in turn",
+    "CPU-s per 10k new tunnels, both running, loaded in turn",
     "long-lived tunnels req/s, c=4",
     "1 MB via one tunnel, MB/s",
     "CPU-s per GB through one tunnel",
