@@ -3,14 +3,12 @@ flags named) instead of running without one of them."""
 
 from __future__ import annotations
 
-import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.sidecar import BIN, free_ports
-
-ALLOWLIST = "allow: [web.test]\n"
+from tests.support.sidecar import free_ports, start_sidecar
 
 
 @pytest.mark.parametrize(
@@ -25,42 +23,25 @@ def test_one_address_for_two_listeners_is_refused(
     tmp_path: Path, clash: str, names: tuple[str, str]
 ) -> None:
     explicit, transparent, health, dns = free_ports(4)
+    args = ["--dns-listen", f"127.0.0.1:{explicit if clash == 'dns' else dns}"]
     if clash == "health":
         health = transparent
-    elif clash == "dns":
-        dns = explicit
-    health_host = "0.0.0.0" if clash == "wildcard" else "127.0.0.1"
-    if clash == "wildcard":
-        health = explicit
-    allowlist = tmp_path / "allowlist.yaml"
-    allowlist.write_text(ALLOWLIST)
-    run = subprocess.run(
-        [
-            str(BIN / "egress-sidecar"),
-            "run",
-            "--allowlist-file",
-            str(allowlist),
-            "--explicit-listen",
-            f"127.0.0.1:{explicit}",
-            "--transparent-listen",
-            f"127.0.0.1:{transparent}",
-            "--transparent-listen6",
-            "off",
-            "--health-listen",
-            f"{health_host}:{health}",
-            "--dns-listen",
-            f"127.0.0.1:{dns}",
-            "--dns-listen6",
-            "off",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    elif clash == "wildcard":
+        args += ["--health-listen", f"0.0.0.0:{explicit}"]  # the last one given counts
+    sidecar = start_sidecar(
+        tmp_path,
+        allowlist="allow: [web.test]\n",
+        ports=(explicit, transparent, health),
+        args=args,
+        wait=False,
     )
-    assert run.returncode == 2, run.stderr
+    assert sidecar.proc.wait(60) == 2, sidecar.stderr
+    deadline = time.monotonic() + 10  # the pump thread reads stderr to its end
+    while not any("same address" in line for line in sidecar.stderr):
+        assert time.monotonic() < deadline, sidecar.stderr
+        time.sleep(0.05)
     first, second = names
-    message = run.stderr.strip().splitlines()[-1]
+    message = next(line for line in sidecar.stderr if "same address" in line)
     assert message.startswith(f"egress-sidecar run: {first} "), message
     assert f" and {second} " in message and "same address" in message
-    assert '"msg":"starting"' not in run.stderr  # refused before anything was bound
+    assert not any('"msg":"starting"' in line for line in sidecar.stderr)  # nothing was bound
