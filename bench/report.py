@@ -114,8 +114,8 @@ class ExportRun:
 @dataclass(frozen=True)
 class Alternating:
     """The two CPU targets measured again with Squid and the sidecar running side by side on
-    the proxy's core and loaded in turn (Squid, sidecar, sidecar, Squid; segments of half a
-    scenario): whatever else loads the machine meanwhile weighs on both alike, so the ratio is
+    the proxy's core and loaded in turn (Squid, sidecar, sidecar, Squid; each segment as long
+    as a scenario): whatever else loads the machine meanwhile weighs on both alike, so the ratio is
     firmer than the main table's, whose proxies ran minutes apart."""
 
     squid_http: LoadResult
@@ -525,7 +525,7 @@ def markdown(report: Report) -> str:
         lines[-1] += (
             f' Rows marked "{ALTERNATING}": Squid and the sidecar ran side by side on the '
             "proxy's core, loaded in the order Squid, sidecar, sidecar, Squid (each segment "
-            "half a scenario), so that the machine's drift weighs on both alike: the firmer "
+            "as long as a scenario), so that the machine's drift weighs on both alike: the firmer "
             "ratio of the two CPU targets."
         )
     extra = sidecar_rows(report)

@@ -360,16 +360,18 @@ def _paired(
     *,
     load: Load | None = None,
     warm: bool = True,
+    segment: int | None = None,
 ) -> None:
     """A scenario (``load``: plain HTTP by default) on two proxies in the order A B B A, each
-    segment half the scenario's length: whatever else loads the machine meanwhile weighs on
-    both alike. ``warm``: a warm-up of plain HTTP through each first."""
+    segment ``segment`` seconds (by default half the scenario's length): whatever else loads
+    the machine meanwhile weighs on both alike. ``warm``: a warm-up of plain HTTP through each
+    first."""
     s = ctx.s
     run_load = load or _http_load(ctx)
     time.sleep(s.idle_seconds)
     for arm in (a, b):
         arm.rss_idle_mib = rss_mib(arm.pid)
-    segment = max(round(s.seconds / 2), 1)
+    segment = segment or max(round(s.seconds / 2), 1)
     with PeakRss(a.pid) as peak_a, PeakRss(b.pid) as peak_b:
         if warm and s.warmup_seconds > 0:
             for arm in (a, b):
@@ -396,7 +398,8 @@ def measure_alternating(
     for kind, load in (("http", _http_load(ctx)), ("tunnels", _new_tunnels_load(ctx))):
         theirs = Arm(squid_label, *squid)
         ours = Arm("sidecar", sidecar.server.pid, sidecar.port)
-        _paired(ctx, theirs, ours, load=load, warm=False)
+        # whole-scenario segments: the ratio the issue's targets are read from
+        _paired(ctx, theirs, ours, load=load, warm=False, segment=ctx.s.seconds)
         arms[kind] = (theirs, ours)
     (sq_http, http), (sq_tunnels, tunnels) = arms["http"], arms["tunnels"]
     return Alternating(
