@@ -20,11 +20,13 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Benchmark egress-sidecar against Squid on loopback: plain-HTTP keep-alive "
         "req/s, new CONNECT tunnels/s, long-lived tunnels req/s, one big download through a "
-        "tunnel, added latency at c=1, RSS and CPU per 10k requests, RSS per idle tunnel; and "
+        "tunnel, added latency at c=1, RSS and CPU per 10k requests, RSS per idle tunnel, and "
+        "CPU per 10k requests and new tunnels again with both proxies up and loaded in turn "
+        "(the firmer ratio on a noisy machine); and "
         "for the sidecar alone: span export on, transparent capture in network namespaces "
         "(root), a large allowlist, DNS queries/s and added latency per query through the DNS "
         "listener against direct (root). Needs squid, nginx, wrk, hey and curl (Debian: apt-get "
-        "install squid nginx-light wrk hey curl). A full run takes about 3 minutes; it prints "
+        "install squid nginx-light wrk hey curl). A full run takes about 3.5 minutes; it prints "
         "Markdown tables and writes them to --out, and the figures as JSON to --json.",
     )
     p.add_argument(
