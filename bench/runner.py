@@ -570,10 +570,11 @@ def run(
             direct = measure_direct(gen, up, settings, log)
             ctx = Context(gen, up, settings, pinning, notes, log)
             # Squid stays up (idle) while the sidecar is measured: both are then loaded in turn
+            squid_label = squid_name(tools.squid)
             squid, squid_port = start_squid(tools.squid, pinning.proxy, work / "squid", up)
             try:
                 baseline = measure_proxy(
-                    name=squid_name(tools.squid),
+                    name=squid_label,
                     server=squid,
                     port=squid_port,
                     gen=gen,
@@ -597,7 +598,7 @@ def run(
                         log=log,
                     )
                     alternating = measure_alternating(
-                        ctx, (squid.pid, squid_port), sidecar, squid_name(tools.squid)
+                        ctx, (squid.pid, squid_port), sidecar, squid_label
                     )
                 finally:
                     sidecar.server.stop()
