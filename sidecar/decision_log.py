@@ -12,6 +12,7 @@ import time
 from json.encoder import encode_basestring_ascii as _quote
 from typing import IO, Any
 
+from sidecar.memo import remember
 from sidecar.record import DecisionRecord
 
 _STD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -84,17 +85,13 @@ def decision_line(rec: DecisionRecord, *, now: float | None = None) -> str:
         parts += ',"port":', int.__repr__(rec.port)
         head = "".join(parts)
         if len(head) <= _SEGMENT_CHARS:  # a long host or rule: quoted each time, not kept
-            if len(_heads) >= _SEGMENTS_MAX:
-                _heads.clear()
-            _heads[key] = head
+            remember(_heads, key, head, _SEGMENTS_MAX)
     policy = (rec.policy_source, rec.policy_version, rec.mode)
     tail = _tails.get(policy)
     if tail is None:
         tail = ',"policy_source":{},"policy_version":{},"mode":{}'.format(*map(q, policy))
         if len(tail) <= _SEGMENT_CHARS:
-            if len(_tails) >= _SEGMENTS_MAX:
-                _tails.clear()
-            _tails[policy] = tail
+            remember(_tails, policy, tail, _SEGMENTS_MAX)
     parts = ['{"ts":"', _iso(time.time() if now is None else now), head]
     address = rec.peer_address or rec.original_address
     if address is not None:

@@ -45,6 +45,7 @@ from sidecar.fastpath.vetting import (
     vet,
     vet_now,
 )
+from sidecar.memo import remember
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
 from sidecar.policy.model import Destination, Reason
@@ -397,9 +398,7 @@ class HttpPhase:
         if target is None:
             target = _read_target(head.target, host_header, self._original)
             if len(head.target) + len(host_header or "") <= MEMO_KEY_CHARS:
-                if len(_TARGETS) >= _TARGETS_LIMIT:
-                    _TARGETS.clear()
-                _TARGETS[key] = target
+                remember(_TARGETS, key, target, _TARGETS_LIMIT)
         return target
 
     # -- deciding and connecting -------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sidecar.memo import remember
 from sidecar.policy.dns import LearnedAddresses, learned_stream
 from sidecar.policy.errors import InvalidHost
 from sidecar.policy.hosts import normalize_host
@@ -85,9 +86,7 @@ def _first(snap: Snapshot, dest: Destination) -> Vetted | _Lookup:
     if entry is None:
         entry = _without_lookup(snap, dest)
         if len(dest.host or "") + len(dest.path or "") <= MEMO_KEY_CHARS:
-            if len(memo) >= MEMO_LIMIT:
-                memo.clear()
-            memo[key] = entry
+            remember(memo, key, entry, MEMO_LIMIT)
     return entry  # type: ignore[return-value]  # only this module writes the memo
 
 

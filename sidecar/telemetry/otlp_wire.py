@@ -20,6 +20,8 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
+from sidecar.memo import remember
+
 # Field tags (field number << 3 | wire type), as single or double bytes.
 _REQ_RESOURCE_SPANS = b"\x0a"
 _RS_RESOURCE = b"\x0a"
@@ -184,9 +186,9 @@ def _uncached(tag: bytes, cache: dict[object, bytes], item: tuple[str, object]) 
             return hit
     key_field = _key_fields.get(key)
     if key_field is None:
-        if len(_key_fields) >= _CACHE_MAX:
-            _key_fields.clear()
-        key_field = _key_fields[key] = _field(_KV_KEY, key.encode("utf-8", "replace"))
+        key_field = remember(
+            _key_fields, key, _field(_KV_KEY, key.encode("utf-8", "replace")), _CACHE_MAX
+        )
     if kind is str:  # the common case, inline (url.full of every plain HTTP span comes here)
         raw: bytes = value.encode("utf-8", "replace")  # type: ignore[attr-defined]
         encoded = _ANY_STRING + varint(len(raw)) + raw
@@ -198,12 +200,10 @@ def _uncached(tag: bytes, cache: dict[object, bytes], item: tuple[str, object]) 
     kv = key_field + _KV_VALUE + varint(len(encoded)) + encoded
     tagged = tag + varint(len(kv)) + kv
     if key not in _UNCACHED_KEYS:
-        if len(cache) >= _CACHE_MAX:
-            cache.clear()
         if isinstance(value, str) and len(value) <= _CACHEABLE_STR:
-            cache[item] = tagged
+            remember(cache, item, tagged, _CACHE_MAX)
         elif kind is bool or kind is int:
-            cache[typed] = tagged
+            remember(cache, typed, tagged, _CACHE_MAX)
     return tagged
 
 

@@ -15,6 +15,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from sidecar.memo import remember
 from sidecar.policy.model import Reason
 from sidecar.policy.target import InvalidTarget, parse_authority
 
@@ -67,9 +68,7 @@ def parse_connect_head(head: bytes) -> ConnectRequest:
     if request is None:
         request = _parse_connect_head(head)
         if len(head) <= _READ_MAX_HEAD:
-            if len(_READ) >= _READ_LIMIT:
-                _READ.clear()
-            _READ[head] = request
+            remember(_READ, head, request, _READ_LIMIT)
     return request
 
 
