@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.netns.conftest import APP_UID, iptables
@@ -161,6 +162,13 @@ print(json.dumps(out))
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(heads=st.lists(request_heads(ports=[80, 8080]), min_size=30, max_size=30))
+# Found by CI: a request line the fast path hands to the reference (HTTP/2.0), with Expect.
+@example(
+    heads=[
+        b"GET http://web.test:80/ HTTP/2.0\r\nHost: web.test\r\nExpect: 100-continue\r\n"
+        b"Connection: close\r\n\r\n"
+    ]
+)
 def test_fuzzed_heads_on_the_transparent_listener_never_crash_and_never_pass_the_policy(
     pod: Pod, heads: list[bytes]
 ) -> None:
@@ -172,9 +180,14 @@ def test_fuzzed_heads_on_the_transparent_listener_never_crash_and_never_pass_the
         [sys.executable, "-c", _SEND_ALL, str(batch), WEB4], uid=APP_UID, timeout=50
     )
     assert proc.returncode == 0, proc.stderr
-    for answer in json.loads(proc.stdout):
-        if not answer:
+    for received in json.loads(proc.stdout):
+        if not received:
             continue
+        answer = received
+        # The reference (mitmproxy) says 100 Continue to a request with Expect before it denies
+        # it (as in tests/proxy/test_differential.py): the final answer is the one read here.
+        while re.match(r"HTTP/1\.[01] 1\d\d ", answer) and "\r\n\r\n" in answer:
+            answer = answer.split("\r\n\r\n", 1)[1]
         head = answer.split("\r\n\r\n", 1)[0].lower()
         # the upstream's own answer, or ours; never mitmproxy's error page
         assert "x-egress-decision:" in head or '"server": "upstream"' in answer, answer
