@@ -24,7 +24,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from sidecar.contract import ALLOWLIST_KEY
 from sidecar.policy.engine import PathPattern, Policy, Rule
 from sidecar.policy.errors import AllowlistError, InvalidHost, Problem, Severity, clip, quote
-from sidecar.policy.hosts import normalize_host, parse_ip, split_host_port
+from sidecar.policy.hosts import normalize_host_once, parse_ip, split_host_port
 from sidecar.policy.model import IPNetwork, Mode, PolicyMeta
 
 TOP_KEYS = ("mode", "allow", "deny", "privateRanges")
@@ -611,7 +611,7 @@ class _Parser:
             self.problem(node, f"{quote(written)} is not a valid host pattern: {_WILDCARD_MESSAGE}")
             return None
         try:
-            host = normalize_host(rest)
+            host = normalize_host_once(rest)
         except InvalidHost as exc:
             self.problem(node, f"{quote(written)} is not a valid host: {exc.reason}")
             return None

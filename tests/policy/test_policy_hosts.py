@@ -8,9 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.policy import hosts
 from sidecar.policy.errors import InvalidHost, PolicyError, clip
-from sidecar.policy.hosts import normalize_host, parse_ip, split_host_port
+from sidecar.policy.hosts import normalize_host, normalize_host_once, parse_ip, split_host_port
 from sidecar.policy.model import IPAddress
+from sidecar.policy.parse import load_allowlist
 
 
 @pytest.mark.parametrize(
@@ -187,3 +189,30 @@ def test_split_host_port_never_raises_anything_else(host: str, port: int) -> Non
         return
     assert port_out is None or 1 <= port_out <= 65535
     assert host_out == host_out.strip()
+
+
+@settings(deadline=None)  # no per-example deadline on a shared CI core
+@given(HOST_TEXT)
+def test_normalize_host_once_agrees_with_normalize_host(raw: str) -> None:
+    try:
+        expected: str | type[InvalidHost] = normalize_host(raw)
+    except InvalidHost:
+        expected = InvalidHost
+    try:
+        got: str | type[InvalidHost] = normalize_host_once(raw)
+    except InvalidHost:
+        got = InvalidHost
+    assert got == expected
+
+
+def test_parsing_an_allowlist_leaves_the_runtime_host_cache_alone() -> None:
+    # The cache is for the hosts calls name; an allowlist's rules would evict them, and their
+    # kept keys would pin the freed YAML node tree in memory.
+    normalize_host("api.example.com")
+    before = hosts._normalize_cached.cache_info().currsize
+    rules = "".join(f"  - host: svc-{i}.rules.example.com\n" for i in range(50))
+    policy = load_allowlist(f"mode: enforce\nallow:\n{rules}", source="test")
+    assert policy.policy.rule_count == 50
+    assert hosts._normalize_cached.cache_info().currsize == before
+    assert normalize_host("api.example.com") == "api.example.com"
+    assert hosts._normalize_cached.cache_info().currsize == before
