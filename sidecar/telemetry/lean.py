@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from random import getrandbits
@@ -236,6 +236,15 @@ class LeanSpan(trace.Span):
                 trace_state=self._trace_state,
             )
         return self._context
+
+    def w3c_headers(self, headers: MutableMapping[str, str]) -> None:
+        """traceparent and tracestate naming this span, as the W3C propagator writes them,
+        from the fields at hand: through a SpanContext they cost ~5 us a request more."""
+        headers["traceparent"] = (
+            f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self._sampled else '00'}"
+        )
+        if self.trace_state:
+            headers["tracestate"] = self.trace_state
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         if not self._ended:

@@ -20,7 +20,10 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Sampler, SamplingResult
+from opentelemetry.sdk.trace.sampling import Decision as SamplingDecision
+from opentelemetry.trace import set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sidecar.metrics import Metrics
 from sidecar.policy.errors import Problem
@@ -400,6 +403,64 @@ def test_sampler_variables_and_denials_always_kept(
     # Sampled or not, the upstream is told whether this trace is sampled.
     for decision, out in zip(("allow", "deny", "audit"), headers, strict=True):
         assert out["traceparent"].endswith("-01" if decision in exported else "-00")
+
+
+class _RecordOnly(Sampler):
+    """Recorded, never sampled: the one case whose traceparent flags a lean span writes as 00."""
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        return SamplingResult(SamplingDecision.RECORD_ONLY)
+
+    def get_description(self) -> str:
+        return "record only"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "parent_flags", "tracestate", "verdict"),
+    [
+        ("parentbased_always_on", None, None, Verdict.ALLOW),
+        ("parentbased_always_on", "01", None, Verdict.ALLOW),
+        ("parentbased_always_on", "01", "vendor=abc,other=1", Verdict.ALLOW),
+        ("parentbased_always_on", "00", "vendor=abc", Verdict.DENY),  # kept: a denial
+        ("parentbased_always_on", "00", None, Verdict.ALLOW),  # not recorded: the API's span
+        ("always_off", None, None, Verdict.DENY),
+        ("record_only", None, None, Verdict.ALLOW),
+        ("record_only", "01", "vendor=abc", Verdict.ALLOW),
+    ],
+)
+def test_a_lean_span_writes_the_headers_the_w3c_propagator_writes(
+    receiver: Receiver,
+    sampler: str,
+    parent_flags: str | None,
+    tracestate: str | None,
+    verdict: Verdict,
+) -> None:
+    # inject_context takes the lean span's own shortcut; the propagator goes through a Context.
+    env = _env(receiver.endpoint)
+    if sampler == "record_only":
+        settings = lean_settings(env, receiver.endpoint)
+        assert settings is not None
+        provider = LeanTracerProvider(settings, {"service.name": "t"}, _RecordOnly())
+    else:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OTEL_TRACES_SAMPLER", sampler)
+            provider = _lean(env)
+    spans = DecisionSpans(provider.get_tracer("egress-sidecar"))
+    incoming: dict[str, str] = {}
+    if parent_flags is not None:
+        incoming["traceparent"] = f"00-{TRACE_ID}-{CALLER_SPAN}-{parent_flags}"
+        if tracestate is not None:
+            incoming["tracestate"] = tracestate
+    rec = _record(verdict)
+    span = spans.start(rec, parent=extract_parent(incoming) if incoming else None)
+    ours: dict[str, str] = {}
+    inject_context(span, ours)
+    reference: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(reference, context=set_span_in_context(span))
+    spans.finish(span, rec)
+    provider.shutdown()
+    assert ours == reference
+    assert ours["traceparent"].split("-")[2] != CALLER_SPAN  # it names our span, not the caller's
 
 
 # -- failures -------------------------------------------------------------------------------------
