@@ -50,14 +50,9 @@ RUN apt-get update \
     && useradd --uid 1337 --gid 1337 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin egress
 COPY --from=build /opt/venv /opt/venv
-# PYTHONMALLOC=malloc: every edit of a large allowlist composes a YAML node tree (~23 MiB for
-# 10,000 rules) whose freed pymalloc arenas stay pinned by the objects kept around them, so RSS
-# ratcheted with each edit (10,000 rules: 50 -> 75 MiB after 12 edits); glibc's malloc_trim hands
-# it back (46 -> 56 MiB). Same CPU per call within noise, +0.5 MiB idle (docs/benchmark.md).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PYTHONMALLOC=malloc
+    PYTHONUNBUFFERED=1
 # The sidecar's UID: its own traffic is never redirected. egress-init overrides it with root
 # (and only NET_ADMIN/NET_RAW) in the pod spec the injector writes.
 USER 1337:1337
