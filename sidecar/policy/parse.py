@@ -1,7 +1,8 @@
 """Allowlist documents → ``Policy``: every problem found, each with its line.
 
-Works on ``yaml.compose`` nodes (SafeLoader) rather than loaded Python values, so each problem
-can name the line it is on, duplicate keys are caught, and the rule can be shown as written.
+Works on YAML nodes (``yamltree``: SafeLoader's graph, compact) rather than loaded Python
+values, so each problem can name the line it is on, duplicate keys are caught, and the rule can
+be shown as written. The rules of the top-level lists are checked as each is composed.
 A ConfigMap manifest is accepted too: its ``data["allowlist.yaml"]`` is parsed, and for a
 ``|`` block scalar the lines of the embedded document are mapped back to lines of the file.
 """
@@ -18,14 +19,21 @@ from dataclasses import dataclass, field
 
 import yaml
 from publicsuffixlist import PublicSuffixList
-from yaml.composer import ComposerError
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from sidecar.contract import ALLOWLIST_KEY
 from sidecar.policy.engine import PathPattern, Policy, Rule
 from sidecar.policy.errors import AllowlistError, InvalidHost, Problem, Severity, clip, quote
 from sidecar.policy.hosts import normalize_host_once, parse_ip, split_host_port
 from sidecar.policy.model import IPNetwork, Mode, PolicyMeta
+from sidecar.policy.yamltree import (
+    MappingNode,
+    Node,
+    ScalarNode,
+    SequenceNode,
+    Shape,
+    ShapeError,
+    compose_all,
+)
 
 TOP_KEYS = ("mode", "allow", "deny", "privateRanges")
 RULE_KEYS = ("host", "cidr", "ports", "methods", "paths", "broad", "inspect")
@@ -35,6 +43,7 @@ _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _NULL = "tag:yaml.org,2002:null"
 _MERGE = "tag:yaml.org,2002:merge"
+_LISTS = ("allow", "deny")  # the top-level keys whose items are rules
 _BOOL = "tag:yaml.org,2002:bool"
 _TYPE_NAMES = {
     "tag:yaml.org,2002:int": "number",
@@ -48,48 +57,13 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _DECIMAL_RE = re.compile(r"[1-9][0-9]{0,4}")
 _LINE_BREAK_RE = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")
 _PATH_BAD_RE = re.compile(r"[\x00-\x20\x7f?#]")
-# libyaml's loader when present (7x faster on large lists), with the same node marks.
+# libyaml's event parser when present (7x faster on large lists).
 _FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 # The pure-Python loader takes ~3.5 s per MiB here: past this size a bad document keeps
 # libyaml's message rather than paying that again.
 _RECOMPOSE_MAX = 64 * 1024
-
-
-def _bounded_loader(max_depth: int) -> type[yaml.SafeLoader]:
-    """The pure-Python SafeLoader, refusing to nest deeper than ``max_depth`` (with the mark)
-    instead of recursing until Python's own limit (~1 s, and no line)."""
-
-    class Bounded(yaml.SafeLoader):
-        depth = 0
-
-        def compose_node(self, parent: Node | None, index: int) -> Node | None:
-            self.depth += 1
-            try:
-                if self.depth > max_depth:
-                    raise ComposerError(
-                        None,
-                        None,
-                        f"the document nests deeper than {max_depth} levels",
-                        self.peek_event().start_mark,  # type: ignore[no-untyped-call]
-                    )
-                return super().compose_node(parent, index)
-            finally:
-                self.depth -= 1
-
-    return Bounded
-
-
-def _compose_all(text: str, max_depth: int) -> list[Node]:
-    """The document nodes; a bad document is composed again by the pure-Python loader, so
-    error messages do not depend on whether libyaml is installed (up to _RECOMPOSE_MAX)."""
-    try:
-        return list(yaml.compose_all(text, Loader=_FAST_LOADER))
-    except yaml.YAMLError:
-        if len(text) > _RECOMPOSE_MAX and _FAST_LOADER is not yaml.SafeLoader:
-            raise
-        return list(yaml.compose_all(text, Loader=_bounded_loader(max_depth)))
 
 
 _WILDCARD_MESSAGE = 'only a leading "*." wildcard is allowed'
@@ -159,7 +133,7 @@ def _locate_embedded(file_text: str, node: ScalarNode, embedded: str, key: str) 
     if node.style != "|":
         return unmapped
     file_lines = _LINE_BREAK_RE.split(file_text)
-    first = node.start_mark.line + 1  # content starts on the line after the "|" header
+    first = node.line + 1  # content starts on the line after the "|" header
     indents: list[int] = []
     for index, content in enumerate(embedded.split("\n")):
         number = first + index
@@ -200,6 +174,7 @@ def _describe(node: Node) -> str:
         return "a mapping"
     if isinstance(node, SequenceNode):
         return "a list"
+    assert isinstance(node, ScalarNode)  # the graph holds only these three kinds
     if node.tag == _NULL:
         return "nothing (null)"
     kind = _TYPE_NAMES.get(node.tag)
@@ -235,6 +210,37 @@ def _flow(node: Node, depth: int = 0) -> str:
     return "?"
 
 
+class _RuleList:
+    """One allow or deny list, checked a rule at a time in document order."""
+
+    def __init__(self, parser: _Parser, list_name: str) -> None:
+        self.parser = parser
+        self.list_name = list_name
+        self.rules: list[Rule] = []
+        self._seen: dict[tuple[object, ...], Rule] = {}
+
+    def add(self, index: int, item: Node) -> None:
+        """``index``: the rule's place in its list, from 1."""
+        parser, list_name = self.parser, self.list_name
+        parser.in_time(item)
+        parsed = parser.rule(item, list_name, index)
+        if parsed is None:
+            return
+        rule, broad = parsed
+        if list_name == "allow" and not parser.breadth(rule, item, broad=broad):
+            return
+        first = self._seen.get(rule.key)
+        if first is not None:
+            also = f" on line {first.line}" if first.line is not None else ""
+            parser.problem(
+                item,
+                f"duplicate {list_name} rule {quote(rule.text)}: same as {quote(first.text)}{also}",
+            )
+            return
+        self._seen[rule.key] = rule
+        self.rules.append(rule)
+
+
 class _Parser:
     def __init__(self, locate: Locate, limits: Limits, deadline: float) -> None:
         self.locate = locate
@@ -244,6 +250,8 @@ class _Parser:
         # One object per distinct port set: a generated allowlist repeats the same few sets
         # over thousands of rules (2 MiB of duplicates for 10,000 rules).
         self._port_sets: dict[frozenset[int], frozenset[int]] = {}
+        # The top-level lists whose rules were checked while composed, by id of their node.
+        self._lists: dict[int, tuple[SequenceNode, _RuleList]] = {}
 
     @property
     def problems(self) -> list[Problem]:
@@ -267,7 +275,7 @@ class _Parser:
         if at is None:
             self._found.append(((-1, -1), Problem(None, None, message, severity)))
             return
-        line, column = (at.start_mark.line, at.start_mark.column) if isinstance(at, Node) else at
+        line, column = (at.line, at.column) if isinstance(at, Node) else at
         where_line, where_column, prefix = self.locate(line, column)
         self._found.append(
             ((line, column), Problem(where_line, where_column, prefix + message, severity))
@@ -302,54 +310,35 @@ class _Parser:
         )
         return False
 
-    def within_shape(self, root: Node) -> bool:
-        """Walk the node graph as the parser will, aliases expanded, within the limits.
-
-        An iterative walk: depth and alias expansion are checked before anything recurses.
-        """
-        limits = self.limits
-        seen: set[int] = set()
-        extra = 0
-        # (node, depth, the outermost node reached again through an alias on the way here)
-        stack: list[tuple[Node, int, Node | None]] = [(root, 1, None)]
-        while stack:
-            node, depth, via = stack.pop()
-            if depth > limits.max_depth:
-                self.problem(
-                    via or node,
-                    f"the document nests deeper than {limits.max_depth} levels"
-                    + (" through aliases (a recursive anchor?)" if via is not None else ""),
-                )
-                return False
-            if id(node) in seen:
-                extra += 1
-                via = via or node
-                if extra > limits.alias_visits:
-                    self.problem(
-                        via,
-                        "aliases (*name) of the anchor on this line expand the document past "
-                        f"{limits.alias_visits} extra nodes: write the rules out",
-                    )
-                    return False
-            else:
-                seen.add(id(node))
-            if isinstance(node, SequenceNode):
-                stack.extend((child, depth + 1, via) for child in reversed(node.value))
-            elif isinstance(node, MappingNode):
-                for key, value in reversed(node.value):
-                    stack.append((value, depth + 1, via))
-                    stack.append((key, depth + 1, via))
-        return True
-
     # -- YAML ----------------------------------------------------------------------------------
 
     def compose(self, text: str) -> Node | None:
-        """The single document's root node, or None (problem recorded, or empty text)."""
+        """The single document's root node, or None (problem recorded, or empty text).
+
+        The rules of a top-level allow or deny list are checked as each is composed (see
+        ``take_item``): only a failure of the document as a whole (its YAML, its shape, a
+        second document) then discards what they found, as if they were never read.
+        """
         if not self.within_size(text):
             return None
+        before = len(self._found)
+        shape = Shape(self.limits.max_depth, self.limits.alias_visits)
         try:
-            nodes = _compose_all(text, self.limits.max_depth)
+            try:
+                nodes = compose_all(text, _FAST_LOADER, shape, self.take_item)
+            except yaml.YAMLError:
+                self._discard(before)
+                if len(text) > _RECOMPOSE_MAX and _FAST_LOADER is not yaml.SafeLoader:
+                    raise
+                # Again from the pure-Python parser's events, so messages do not depend on
+                # whether libyaml is installed.
+                nodes = compose_all(text, yaml.SafeLoader, shape, self.take_item)
+        except ShapeError as exc:
+            self._discard(before)
+            self.problem((exc.line, exc.column), exc.message)
+            return None
         except yaml.MarkedYAMLError as exc:
+            self._discard(before)
             mark = exc.problem_mark or exc.context_mark
             what = exc.problem or "invalid YAML"
             if exc.context:
@@ -357,6 +346,7 @@ class _Parser:
             self.problem((mark.line, mark.column) if mark else None, f"YAML syntax error: {what}")
             return None
         except yaml.YAMLError as exc:  # e.g. ReaderError: a character YAML does not allow
+            self._discard(before)
             position = getattr(exc, "position", None)
             if isinstance(position, int):
                 line = len(_LINE_BREAK_RE.findall(text[:position]))
@@ -365,9 +355,8 @@ class _Parser:
             else:
                 self.problem(None, f"YAML error: {clip(exc, 200)}")
             return None
-        except RecursionError:
-            self.problem(None, "YAML error: the document nests too deeply")
-            return None
+        if len(nodes) > 1 or (nodes and _is_manifest(nodes[0])):
+            self._discard(before)  # a manifest's own keys are not rules, even if named so
         if len(nodes) > 1:
             self.problem(
                 nodes[1],
@@ -380,7 +369,26 @@ class _Parser:
                 (0, 0), "the document is empty: expected a mapping with allow: and deny: lists"
             )
             return None
-        return nodes[0] if self.within_shape(nodes[0]) else None
+        return nodes[0]
+
+    def _discard(self, before: int) -> None:
+        del self._found[before:]
+        self._lists.clear()
+
+    def take_item(self, key: Node, sequence: SequenceNode, index: int, item: Node) -> bool:
+        """Check one rule of a top-level allow/deny list as soon as it is composed, so the
+        nodes of a large allowlist never exist all at once (10,000 rules: 24 MB of nodes a
+        reload left behind in pymalloc's arenas, against ~1 KB now). False: not a rule list
+        (or a repeated key, which the mapping reports): the item stays in the graph."""
+        entry = self._lists.get(id(sequence))
+        if entry is None:
+            if not (isinstance(key, ScalarNode) and key.tag == _STR and key.value in _LISTS):
+                return False
+            if any(checker.list_name == key.value for _, checker in self._lists.values()):
+                return False
+            entry = self._lists[id(sequence)] = (sequence, _RuleList(self, key.value))
+        entry[1].add(index + 1, item)
+        return True
 
     def mapping_items(self, node: MappingNode, what: str) -> list[tuple[str, Node, Node]]:
         """(key, key node, value node) for string keys; duplicates and non-strings reported."""
@@ -395,7 +403,7 @@ class _Parser:
                 continue
             key = str(key_node.value)
             if key in seen:
-                first = seen[key].start_mark.line
+                first = seen[key].line
                 where, _, _ = self.locate(first, 0)
                 also = f" (first on line {where})" if where is not None else ""
                 self.problem(key_node, f"{quote(key)} appears twice in {what}{also}")
@@ -480,29 +488,13 @@ class _Parser:
     def rules(self, node: Node, list_name: str) -> list[Rule]:
         if _is_null(node):
             return []  # every entry commented out: an empty list
-        nodes = self.items(node, list_name, single_ok=False)
-        rules: list[Rule] = []
-        seen: dict[tuple[object, ...], Rule] = {}
-        for index, item in enumerate(nodes or [], start=1):
-            self.in_time(item)
-            parsed = self.rule(item, list_name, index)
-            if parsed is None:
-                continue
-            rule, broad = parsed
-            if list_name == "allow" and not self.breadth(rule, item, broad=broad):
-                continue
-            first = seen.get(rule.key)
-            if first is not None:
-                also = f" on line {first.line}" if first.line is not None else ""
-                self.problem(
-                    item,
-                    f"duplicate {list_name} rule {quote(rule.text)}: "
-                    f"same as {quote(first.text)}{also}",
-                )
-                continue
-            seen[rule.key] = rule
-            rules.append(rule)
-        return rules
+        entry = self._lists.get(id(node))
+        if entry is not None and entry[0] is node:
+            return entry[1].rules  # checked while composed
+        checker = _RuleList(self, list_name)
+        for index, item in enumerate(self.items(node, list_name, single_ok=False) or [], 1):
+            checker.add(index, item)
+        return checker.rules
 
     def breadth(self, rule: Rule, node: Node, *, broad: bool) -> bool:
         """False (problem recorded) for an allow rule too broad to be meant without saying so.
@@ -548,7 +540,7 @@ class _Parser:
     def rule(self, node: Node, list_name: str, index: int = 0) -> tuple[Rule, bool] | None:
         """The rule and whether it says ``broad: true``; ``index``: its place in its list (from
         1), for messages that must say which rule is at fault."""
-        line, _, _ = self.locate(node.start_mark.line, node.start_mark.column)
+        line, _, _ = self.locate(node.line, node.column)
         if isinstance(node, MappingNode):
             return self.mapping_rule(node, line, list_name, index)
         if isinstance(node, ScalarNode):
