@@ -84,6 +84,13 @@ def parser() -> argparse.ArgumentParser:
         help="host rules of the large allowlist; 0 skips (default %(default)s)",
     )
     p.add_argument(
+        "--allowlist-edits",
+        type=int,
+        default=d.allowlist_edits,
+        help="reloads of the large allowlist after its load, one host renamed each time, with "
+        "the sidecar's RSS after them; 0 skips (default %(default)s)",
+    )
+    p.add_argument(
         "--no-transparent",
         action="store_true",
         help="skip the transparent-capture scenario (network namespaces, needs root)",
@@ -138,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         max_requests=args.max_requests,
         idle_connections=args.idle_connections,
         rules=args.rules,
+        allowlist_edits=args.allowlist_edits,
         transparent=not args.no_transparent and args.sidecar_root is None,
         dns=not args.no_dns and args.sidecar_root is None,
         sidecar_root=args.sidecar_root,

@@ -25,6 +25,7 @@ class Settings:
     max_qps_per_worker: int = 2000  # hey: bounds the count of a time-bounded run
     idle_connections: int = 2000  # idle CONNECT tunnels held at once, per proxy
     rules: int = 10_000  # host rules of the large allowlist
+    allowlist_edits: int = 8  # reloads of it, one host renamed each time
     transparent: bool = True  # the network-namespace scenario (root)
     dns: bool = True  # the DNS listener's scenario (root: a test server on port 53)
     # An image's root filesystem: the sidecar runs from it (chroot), the image's interpreter and
@@ -172,6 +173,10 @@ class RulesRun:
     small_rss_peak_mib: float
     large_rss_idle_mib: float
     large_rss_peak_mib: float
+    # After ``edits`` reloads of the large allowlist, and the highest through them.
+    edits: int = 0
+    large_rss_edited_mib: float = 0.0
+    large_rss_edit_peak_mib: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -200,7 +205,11 @@ class Report:
         if self.transparent is not None:
             peaks.append(self.transparent.rss_peak_mib)
         if self.rules is not None:
-            peaks += [self.rules.small_rss_peak_mib, self.rules.large_rss_peak_mib]
+            peaks += [
+                self.rules.small_rss_peak_mib,
+                self.rules.large_rss_peak_mib,
+                self.rules.large_rss_edit_peak_mib,
+            ]
         if self.dns is not None:
             peaks.append(self.dns.rss_peak_mib)
         if self.alternating is not None:
@@ -443,6 +452,15 @@ def sidecar_rows(report: Report) -> list[SidecarRow]:
                 "",
             ),
         ]
+        if r.edits:
+            out.append(
+                (
+                    f"RSS after {r.edits} edits / peak, MiB, {big} ↓",
+                    _pair(r.large_rss_edited_mib, r.large_rss_edit_peak_mib),
+                    f"{_pair(r.large_rss_idle_mib, r.large_rss_peak_mib)} (before)",
+                    "",
+                )
+            )
     n = report.dns
     if n is not None:
         out += dns_rows(n, c, row)

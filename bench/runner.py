@@ -8,11 +8,13 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sysconfig
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ from bench.report import (
 from bench.servers import Server, Sidecar, start_nginx, start_sidecar, start_squid
 from bench.tools import Tools
 from bench.transparent import CpuPlan, TransparentUnavailableError, measure_transparent
+from sidecar.policy.parse import digest
 
 Log = Callable[[str], None]
 
@@ -509,6 +512,11 @@ def measure_rules(ctx: Context, workdir: Path) -> RulesRun:
             a = Arm("1 rule", small.server.pid, small.port, RULES_HOST)
             b = Arm(f"{n} rules", large.server.pid, large.port, RULES_HOST)
             _paired(ctx, a, b)
+            edited = (
+                _edit_allowlist(ctx, large, workdir / "large" / "allowlist.yaml")
+                if ctx.s.allowlist_edits
+                else _Edited(0, 0.0, 0.0)
+            )
         finally:
             large.server.stop()
     finally:
@@ -523,7 +531,54 @@ def measure_rules(ctx: Context, workdir: Path) -> RulesRun:
         small_rss_peak_mib=a.rss_peak_mib,
         large_rss_idle_mib=b.rss_idle_mib,
         large_rss_peak_mib=b.rss_peak_mib,
+        edits=edited.edits,
+        large_rss_edited_mib=edited.rss_after_mib,
+        large_rss_edit_peak_mib=edited.rss_peak_mib,
     )
+
+
+@dataclass(frozen=True)
+class _Edited:
+    edits: int
+    rss_after_mib: float
+    rss_peak_mib: float
+
+
+def _policy_version(health_port: int) -> str | None:
+    """The allowlist version the sidecar enforces, from its egress_policy_info metric."""
+    url = f"http://{LOOPBACK}:{health_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    found = re.search(r'^egress_policy_info\{[^}]*version="([^"]+)"[^}]*\} 1', text, re.M)
+    return found.group(1) if found else None
+
+
+def _edit_allowlist(ctx: Context, sidecar: Sidecar, path: Path) -> _Edited:
+    """An operator's edits: the large allowlist rewritten ``edits`` times, one host renamed
+    each time, every version waited for until the sidecar enforces it; its RSS after the
+    last and at its highest. A reload that left its parse behind would climb here."""
+    edits = ctx.s.allowlist_edits
+    ctx.log(f"{ctx.s.rules:,}-rule allowlist: {edits} edits, each reloaded")
+    original = path.read_text()
+    first_host = re.search(r"host: (\S+)", original)
+    if first_host is None:
+        raise RuntimeError(f"{path}: no host rule to rename")
+    with PeakRss(sidecar.server.pid) as peak:
+        for edit in range(1, edits + 1):
+            text = original.replace(first_host.group(1), f"edit-{edit}.{first_host.group(1)}", 1)
+            staged = path.with_suffix(".next")
+            staged.write_text(text)
+            staged.replace(path)  # atomically, as the kubelet swaps a ConfigMap volume
+            version, deadline = digest(text), time.monotonic() + 60
+            while _policy_version(sidecar.health_port) != version:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the sidecar did not load edit {edit} within 60 s")
+                time.sleep(0.1)
+        after = rss_mib(sidecar.server.pid)
+    return _Edited(edits, after, peak.peak)
 
 
 @contextlib.contextmanager

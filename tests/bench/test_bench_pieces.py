@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import http.server
 import math
+import threading
 import urllib.error
 import urllib.request
 
@@ -32,6 +34,8 @@ from bench.report import (
     sidecar_rows,
     to_json,
 )
+from bench.runner import _policy_version
+from sidecar.metrics import Metrics
 from sidecar.policy import parse_allowlist
 from sidecar.policy.model import Destination, Verdict
 
@@ -170,6 +174,50 @@ def test_the_whole_bench_peak_is_the_highest_of_every_sidecar_process() -> None:
     without = dataclasses.replace(report, export=None, transparent=None, rules=None)
     assert sidecar_rows(without) == []
     assert "sidecar scenario" not in markdown(without)
+
+
+def test_the_edits_of_the_large_allowlist_have_a_row_and_count_in_the_peak() -> None:
+    report = _report()
+    assert not any("edits" in label for label, *_ in sidecar_rows(report))  # none measured
+    assert report.rules is not None
+    rules = dataclasses.replace(
+        report.rules, edits=8, large_rss_edited_mib=45.5, large_rss_edit_peak_mib=130.0
+    )
+    edited = dataclasses.replace(report, transparent=None, rules=rules)
+    rows = {label: (ours, ref) for label, ours, ref, _ in sidecar_rows(edited)}
+    assert rows["RSS after 8 edits / peak, MiB, 10,000-rule allowlist ↓"] == (
+        "45.5 / 130.0",
+        "41.0 / 42.0 (before)",
+    )
+    assert edited.sidecar_peak_mib() == 130.0
+
+
+def test_the_policy_version_is_read_from_the_sidecars_metrics() -> None:
+    metrics = Metrics()
+    metrics.policy_info.labels(source="file:/a.yaml", version="abc123").set(1)
+    metrics.policy_info.labels(source="file:/a.yaml", version="old").set(0)
+    text = metrics.render().decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = text.encode() if self.path == "/metrics" else b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert _policy_version(server.server_address[1]) == "abc123"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _policy_version(server.server_address[1]) is None  # nothing listening
 
 
 def test_json_has_both_tables_and_no_nan() -> None:

@@ -93,6 +93,7 @@ def test_tiny_run_gives_numbers_for_every_scenario(
             "--big-mb=1",
             "--idle-connections=100",
             "--rules=1000",
+            "--allowlist-edits=2",
             f"--out={out}",
             f"--json={tmp_path / 'results.json'}",
         ]
@@ -120,9 +121,11 @@ def test_tiny_run_gives_numbers_for_every_scenario(
     assert of.endswith(" requests"), of
     for label in ("span export on", "transparent", "1,000-rule allowlist", "DNS"):
         assert RSS_PAIR.match(_cells(table, f"RSS idle / peak, MiB, {label}")[1]), label
+    edited = _cells(table, "RSS after 2 edits / peak, MiB, 1,000-rule allowlist ↓")
+    assert RSS_PAIR.match(edited[1]) and edited[2].endswith(" (before)"), edited
     figures = json.loads((tmp_path / "results.json").read_text())
     assert {row["scenario"] for row in figures["table"]} >= set(LABELS)
-    assert len(figures["sidecar_scenarios"]) == len(SIDECAR_LABELS) + 5  # spans, 4 RSS rows
+    assert len(figures["sidecar_scenarios"]) == len(SIDECAR_LABELS) + 6  # spans, 5 RSS rows
     assert figures["run"]["sidecar"]["idle"]["held"] == 100
     assert figures["run"]["export"]["spans"] > 0
     assert figures["run"]["transparent"]["decisions"] > 0

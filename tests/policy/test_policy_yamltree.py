@@ -22,7 +22,10 @@ from sidecar.policy.yamltree import (
     compose_all,
 )
 
-LOADERS = [yaml.SafeLoader] + ([yaml.CSafeLoader] if hasattr(yaml, "CSafeLoader") else [])
+# The pure-Python parser and libyaml's (typed as SafeLoader: both are, at run time).
+LOADERS: list[type[yaml.SafeLoader]] = [yaml.SafeLoader] + (
+    [getattr(yaml, "CSafeLoader")] if hasattr(yaml, "CSafeLoader") else []  # noqa: B009
+)
 WIDE = Shape(max_depth=10_000, alias_visits=10**9)
 
 
