@@ -113,6 +113,11 @@ class Shape:
 type ItemSink = Callable[[Node, SequenceNode, int, Node], bool]
 
 
+# Scalars up to this long have their implicit tag remembered (not every host name: the cache
+# would cost more memory than the resolver's regular expressions cost time).
+_RESOLVED_MAX = 16
+
+
 def _mark(node: Node) -> Mark:
     return Mark("<unicode string>", 0, node.line, node.column, None, 0)
 
@@ -137,6 +142,7 @@ def compose_all(
     # number is an object of its own).
     shared_values: dict[str, str] = {}
     shared_ints: dict[int, int] = {}
+    resolved: dict[tuple[str, tuple[bool, bool]], str] = {}
     documents: list[Node] = []
     anchors: dict[str, Node] = {}
     # An anchored node's expanded size (nodes, aliases counted in full) and height (levels).
@@ -175,7 +181,14 @@ def compose_all(
                 if kind is ScalarEvent:
                     value = shared_values.setdefault(event.value, event.value)
                     if tag is None or tag == "!":
-                        tag = resolve(_YamlScalar, value, event.implicit)
+                        implicit = event.implicit
+                        if len(value) > _RESOLVED_MAX:
+                            tag = resolve(_YamlScalar, value, implicit)
+                        else:  # keys and ports, on every rule: resolved once each
+                            tag = resolved.get((value, implicit))
+                            if tag is None:
+                                tag = resolve(_YamlScalar, value, implicit)
+                                resolved[value, implicit] = tag
                     node = ScalarNode(tag, value, event.style, line, column)
                     if anchor is not None:
                         anchors[anchor] = node
