@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import yaml
 from publicsuffixlist import PublicSuffixList
@@ -190,6 +191,11 @@ def _suggest(word: str, choices: tuple[str, ...]) -> str:
 
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _is_name(node: Node) -> TypeGuard[ScalarNode]:
+    """A plain string key, as ``mapping_items`` reads keys."""
+    return isinstance(node, ScalarNode) and node.tag == _STR
 
 
 def _is_null(node: Node) -> bool:
@@ -375,16 +381,19 @@ class _Parser:
         del self._found[before:]
         self._lists.clear()
 
-    def take_item(self, key: Node, sequence: SequenceNode, index: int, item: Node) -> bool:
+    def take_item(
+        self, root: MappingNode, key: Node, sequence: SequenceNode, index: int, item: Node
+    ) -> bool:
         """Check one rule of a top-level allow/deny list as soon as it is composed, so the
         nodes of a large allowlist never exist all at once (10,000 rules: 24 MB of nodes a
-        reload left behind in pymalloc's arenas, against ~1 KB now). False: not a rule list
-        (or a repeated key, which the mapping reports): the item stays in the graph."""
+        reload left behind in pymalloc's arenas, against ~1 KB now). False: not a rule list,
+        or its key came before in ``root`` (the mapping reports that, and reads no rule of
+        the repeat): the item stays in the graph."""
         entry = self._lists.get(id(sequence))
         if entry is None:
-            if not (isinstance(key, ScalarNode) and key.tag == _STR and key.value in _LISTS):
+            if not (_is_name(key) and key.value in _LISTS):
                 return False
-            if any(checker.list_name == key.value for _, checker in self._lists.values()):
+            if any(_is_name(earlier) and earlier.value == key.value for earlier, _ in root.value):
                 return False
             entry = self._lists[id(sequence)] = (sequence, _RuleList(self, key.value))
         entry[1].add(index + 1, item)

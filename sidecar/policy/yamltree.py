@@ -108,9 +108,9 @@ class Shape:
 
 
 # Calls with each item of a list that is a value of the root mapping, as soon as the item is
-# composed: (the key, the list, the item's index from 0, the item). True: the item was taken
-# (checked on the spot), and the list does not keep it.
-type ItemSink = Callable[[Node, SequenceNode, int, Node], bool]
+# composed: (the root mapping so far, the list's key, the list, the item's index from 0, the
+# item). True: the item was taken (checked on the spot), and the list does not keep it.
+type ItemSink = Callable[[MappingNode, Node, SequenceNode, int, Node], bool]
 
 
 # Scalars up to this long have their implicit tag remembered (not every host name: the cache
@@ -268,9 +268,9 @@ def compose_all(
                 if (
                     on_item is not None
                     and len(open_nodes) == 2
-                    and isinstance(open_nodes[0], MappingNode)
+                    and isinstance(top := open_nodes[0], MappingNode)
                     and (key := pending_key[0]) is not None
-                    and on_item(key, parent, len(parent.value) + taken, node)
+                    and on_item(top, key, parent, len(parent.value) + taken, node)
                 ):
                     taken += 1
                 else:

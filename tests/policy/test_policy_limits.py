@@ -193,6 +193,7 @@ def test_reloading_a_large_allowlist_does_not_ratchet_rss() -> None:
             "allow:\n  - 'bad host!'\nallow:\n  - 'other bad!'\n",
             [(2, '"bad host!" is not a valid host'), (3, '"allow" appears twice')],
         ),
+        ("allow:\nallow:\n  - 'bad host!'\n", [(2, '"allow" appears twice')]),
         # a ConfigMap's own top-level keys are not rules, whatever their names
         (
             "apiVersion: v1\nkind: ConfigMap\nallow:\n  - 'bad host!'\ndata:\n"
@@ -200,7 +201,7 @@ def test_reloading_a_large_allowlist_does_not_ratchet_rss() -> None:
             [(7, '"bad too!" is not a valid host')],
         ),
     ],
-    ids=["syntax", "two-documents", "aliases", "repeated-key", "manifest"],
+    ids=["syntax", "two-documents", "aliases", "repeated-key", "repeated-after-null", "manifest"],
 )
 def test_rules_checked_while_composing_are_reported_as_before(
     text: str, expected: list[tuple[int, str]]

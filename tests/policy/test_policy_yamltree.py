@@ -200,8 +200,9 @@ def test_items_of_top_level_lists_are_offered_as_composed_and_kept_only_if_refus
     text = "allow:\n  - a\n  - {b: [c]}\n  - d\nother: [x, [y]]\nnested: {deny: [z]}\n"
     offered: list[tuple[str, int, str]] = []
 
-    def take(key: Node, sequence: SequenceNode, index: int, item: Node) -> bool:
+    def take(root: MappingNode, key: Node, sequence: SequenceNode, index: int, item: Node) -> bool:
         assert isinstance(key, ScalarNode)
+        assert all(value is not sequence for _, value in root.value)  # still being composed
         kind = item.value if isinstance(item, ScalarNode) else type(item).__name__
         offered.append((key.value, index, str(kind)))
         return key.value == "allow" and index != 2  # keep the third
