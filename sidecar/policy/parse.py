@@ -193,8 +193,8 @@ def _suggest(word: str, choices: tuple[str, ...]) -> str:
     return f' (did you mean "{close[0]}"?)' if close else ""
 
 
-def _is_name(node: Node) -> TypeGuard[ScalarNode]:
-    """A plain string key, as ``mapping_items`` reads keys."""
+def _is_string(node: Node) -> TypeGuard[ScalarNode]:
+    """A string scalar (a key as ``mapping_items`` reads keys, or a string value)."""
     return isinstance(node, ScalarNode) and node.tag == _STR
 
 
@@ -391,9 +391,9 @@ class _Parser:
         the repeat): the item stays in the graph."""
         entry = self._lists.get(id(sequence))
         if entry is None:
-            if not (_is_name(key) and key.value in _LISTS):
+            if not (_is_string(key) and key.value in _LISTS):
                 return False
-            if any(_is_name(earlier) and earlier.value == key.value for earlier, _ in root.value):
+            if any(_is_string(earlier) and earlier.value == key.value for earlier, _ in root.value):
                 return False
             entry = self._lists[id(sequence)] = (sequence, _RuleList(self, key.value))
         entry[1].add(index + 1, item)
@@ -407,7 +407,7 @@ class _Parser:
             if isinstance(key_node, ScalarNode) and key_node.tag == _MERGE:
                 self.problem(key_node, "YAML merge keys (<<) are not supported: write it out")
                 continue
-            if not isinstance(key_node, ScalarNode) or key_node.tag != _STR:
+            if not _is_string(key_node):
                 self.problem(key_node, f"keys of {what} must be names, not {_describe(key_node)}")
                 continue
             key = str(key_node.value)
@@ -422,7 +422,7 @@ class _Parser:
         return items
 
     def string(self, node: Node, what: str) -> str | None:
-        if isinstance(node, ScalarNode) and node.tag == _STR:
+        if _is_string(node):
             return str(node.value)
         hint = " (quote it)" if isinstance(node, ScalarNode) and not _is_null(node) else ""
         self.problem(node, f"{what} must be a string, not {_describe(node)}{hint}")
@@ -466,7 +466,7 @@ class _Parser:
         return doc
 
     def mode(self, node: Node) -> Mode | None:
-        text = node.value if isinstance(node, ScalarNode) and node.tag == _STR else None
+        text = node.value if _is_string(node) else None
         if text in ("enforce", "audit"):
             return Mode(text)
         self.problem(node, f'mode must be "enforce" or "audit", not {_describe(node)}')
@@ -903,7 +903,7 @@ def _manifest_document(parser: _Parser, root: MappingNode, text: str) -> tuple[s
             data_entry[0], f'the ConfigMap has no "{ALLOWLIST_KEY}" key in data (it has: {has})'
         )
         return None
-    if not isinstance(value, ScalarNode) or value.tag != _STR:
+    if not _is_string(value):
         parser.problem(
             value, f"data.{ALLOWLIST_KEY} must be a string (use a | block), not {_describe(value)}"
         )

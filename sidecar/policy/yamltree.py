@@ -216,14 +216,8 @@ def compose_all(
                     raise ComposerError(
                         None, None, f"found undefined alias {event.anchor!r}", event.start_mark
                     )
-                known = expanded.get(id(found))
-                if known is None:  # the anchor's own node is still open: it contains itself
-                    raise ShapeError(
-                        found,
-                        f"the document nests deeper than {max_depth} levels through aliases "
-                        "(a recursive anchor?)",
-                    )
-                size, height = known
+                # Unknown: the anchor's own node is still open, so it contains itself.
+                size, height = expanded.get(id(found), (0, max_depth + 1))
                 if len(open_nodes) + height > max_depth:
                     raise ShapeError(
                         found,
