@@ -127,7 +127,43 @@ class Alternating:
     squid_tunnels_cpu_s: float
     tunnels: LoadResult
     tunnels_cpu_s: float
+    # Long-lived tunnels (HTTPS keep-alive through CONNECT), in the same order.
+    squid_long: LoadResult
+    long: LoadResult
+    # The big download through one tunnel, a few times per segment: one download lasts a
+    # fraction of a second, so a single one per proxy reads mostly the machine's mood.
+    squid_downloads: tuple[Download, ...]
+    squid_downloads_cpu_s: float
+    downloads: tuple[Download, ...]
+    downloads_cpu_s: float
     rss_peak_mib: float  # the sidecar's, through these rounds
+
+    @property
+    def squid_download_mb_per_s(self) -> float:
+        return mb_per_s(self.squid_downloads)
+
+    @property
+    def download_mb_per_s(self) -> float:
+        return mb_per_s(self.downloads)
+
+    @property
+    def squid_cpu_per_gb(self) -> float:
+        return cpu_per_gb(self.squid_downloads_cpu_s, self.squid_downloads)
+
+    @property
+    def cpu_per_gb(self) -> float:
+        return cpu_per_gb(self.downloads_cpu_s, self.downloads)
+
+
+def mb_per_s(downloads: tuple[Download, ...]) -> float:
+    """The downloads as one: their bytes over their time (NaN when none completed)."""
+    seconds = sum(d.seconds for d in downloads)
+    return sum(d.size for d in downloads) / 1e6 / seconds if seconds > 0 else float("nan")
+
+
+def cpu_per_gb(cpu_s: float, downloads: tuple[Download, ...]) -> float:
+    size = sum(d.size for d in downloads)
+    return cpu_s / size * 1e9 if size else float("nan")
 
 
 @dataclass(frozen=True)
@@ -259,6 +295,40 @@ def _alternating_rows(report: Report) -> list[Row]:
     ]
 
 
+def _alternating_one_tunnel_rows(report: Report) -> list[Row]:
+    a = report.alternating
+    if a is None:
+        return []
+    c = report.settings.connections
+    mb = report.settings.big_bytes / 1e6
+    return [
+        (
+            f"long-lived tunnels req/s, c={c}, {ALTERNATING}",
+            "-",
+            a.squid_long.rate,
+            a.long.rate,
+            0,
+            "↑",
+        ),
+        (
+            f"{mb:g} MB via one tunnel, MB/s, {ALTERNATING} ({len(a.downloads)} each)",
+            "-",
+            a.squid_download_mb_per_s,
+            a.download_mb_per_s,
+            0,
+            "↑",
+        ),
+        (
+            f"CPU-s per GB through one tunnel, {ALTERNATING}",
+            "-",
+            a.squid_cpu_per_gb,
+            a.cpu_per_gb,
+            2,
+            "↓",
+        ),
+    ]
+
+
 def rows(report: Report) -> list[Row]:
     d, sq, us = report.direct, report.baseline, report.sidecar
     c = report.settings.connections
@@ -353,7 +423,9 @@ def rows(report: Report) -> list[Row]:
             "↓",
         ),
     ]
-    # the firmer CPU ratios beside the main table's
+    # the firmer ratios beside the main table's
+    after = next(n for n, row in enumerate(out) if row[0] == "CPU-s per GB through one tunnel") + 1
+    out[after:after] = _alternating_one_tunnel_rows(report)
     after = next(n for n, row in enumerate(out) if row[0] == "CPU-s per 10k new tunnels") + 1
     out[after:after] = _alternating_rows(report)
     return out
@@ -543,8 +615,8 @@ def markdown(report: Report) -> str:
         lines[-1] += (
             f' Rows marked "{ALTERNATING}": Squid and the sidecar ran side by side on the '
             "proxy's core, loaded in the order Squid, sidecar, sidecar, Squid (each segment "
-            "as long as a scenario), so that the machine's drift weighs on both alike: the firmer "
-            "ratio of the two CPU targets."
+            "as long as a scenario; the big download a few times in each), so that the machine's "
+            "drift weighs on both alike: the firmer ratio of the two."
         )
     extra = sidecar_rows(report)
     if extra:

@@ -355,6 +355,43 @@ def _new_tunnels_load(ctx: Context) -> Load:
     return load
 
 
+def _long_tunnels_load(ctx: Context) -> Load:
+    def load(arm: Arm, seconds: int) -> LoadResult:
+        return ctx.gen.hey_https(
+            upstream_port=ctx.up.https,
+            proxy_port=arm.port,
+            connections=ctx.s.connections,
+            seconds=seconds,
+            new_connection_each=False,
+            max_qps_per_worker=ctx.s.max_qps_per_worker,
+        )
+
+    return load
+
+
+# Big downloads per segment of the rounds loaded in turn (one lasts a fraction of a second).
+DOWNLOADS_PER_SEGMENT = 3
+
+
+def _paired_downloads(ctx: Context, a: Arm, b: Arm) -> dict[str, list[Download]]:
+    """The big download through each proxy in the order A B B A, a few each time; each arm's
+    CPU through them is added to its ``cpu_s``."""
+    got: dict[str, list[Download]] = {a.label: [], b.label: []}
+    url = f"https://{LOOPBACK}:{ctx.up.https}{BIG_PATH}"
+    for arm in (a, b, b, a):
+        cpu0 = cpu_seconds(arm.pid)
+        for _ in range(DOWNLOADS_PER_SEGMENT):
+            download = ctx.gen.curl_download(url=url, proxy_port=arm.port, max_seconds=60)
+            if download.status != 200 or download.size != ctx.s.big_bytes:
+                ctx.notes.append(
+                    f"{arm.label}, loaded in turn: big download got {download.status}, "
+                    f"{download.size} bytes"
+                )
+            got[arm.label].append(download)
+        arm.cpu_s += cpu_seconds(arm.pid) - cpu0
+    return got
+
+
 def _paired(
     ctx: Context,
     a: Arm,
@@ -394,17 +431,31 @@ def _paired(
 def measure_alternating(
     ctx: Context, squid: tuple[int, int], sidecar: Sidecar, squid_label: str
 ) -> Alternating:
-    """The two CPU targets again, Squid (``squid``: its pid and port) and the sidecar both up
-    and warm, loaded in turn: plain HTTP, then new tunnels."""
-    ctx.log(f"{squid_label} and the sidecar loaded in turn: plain HTTP, then new tunnels")
+    """The CPU and one-tunnel targets again, Squid (``squid``: its pid and port) and the
+    sidecar both up and warm, loaded in turn: plain HTTP, new tunnels, long-lived tunnels, then
+    the big download."""
+    ctx.log(
+        f"{squid_label} and the sidecar loaded in turn: plain HTTP, new tunnels, long-lived "
+        "tunnels, the big download"
+    )
     arms: dict[str, tuple[Arm, Arm]] = {}
-    for kind, load in (("http", _http_load(ctx)), ("tunnels", _new_tunnels_load(ctx))):
+    loads = (
+        ("http", _http_load(ctx)),
+        ("tunnels", _new_tunnels_load(ctx)),
+        ("long", _long_tunnels_load(ctx)),
+    )
+    for kind, load in loads:
         theirs = Arm(squid_label, *squid)
         ours = Arm("sidecar", sidecar.server.pid, sidecar.port)
         # whole-scenario segments: the ratio the issue's targets are read from
         _paired(ctx, theirs, ours, load=load, warm=False, segment=ctx.s.seconds)
         arms[kind] = (theirs, ours)
     (sq_http, http), (sq_tunnels, tunnels) = arms["http"], arms["tunnels"]
+    sq_long, long = arms["long"]
+    sq_big = Arm(squid_label, *squid)
+    big = Arm("sidecar", sidecar.server.pid, sidecar.port)
+    with PeakRss(big.pid) as big_peak:
+        downloads = _paired_downloads(ctx, sq_big, big)
     return Alternating(
         squid_http=checked(f"{squid_label} HTTP, loaded in turn", sq_http.result(), ctx.notes),
         squid_http_cpu_s=sq_http.cpu_s,
@@ -416,7 +467,15 @@ def measure_alternating(
         squid_tunnels_cpu_s=sq_tunnels.cpu_s,
         tunnels=checked("sidecar new tunnels, loaded in turn", tunnels.result(), ctx.notes),
         tunnels_cpu_s=tunnels.cpu_s,
-        rss_peak_mib=max(http.rss_peak_mib, tunnels.rss_peak_mib),
+        squid_long=checked(
+            f"{squid_label} long-lived tunnels, loaded in turn", sq_long.result(), ctx.notes
+        ),
+        long=checked("sidecar long-lived tunnels, loaded in turn", long.result(), ctx.notes),
+        squid_downloads=tuple(downloads[squid_label]),
+        squid_downloads_cpu_s=sq_big.cpu_s,
+        downloads=tuple(downloads["sidecar"]),
+        downloads_cpu_s=big.cpu_s,
+        rss_peak_mib=max(http.rss_peak_mib, tunnels.rss_peak_mib, long.rss_peak_mib, big_peak.peak),
     )
 
 

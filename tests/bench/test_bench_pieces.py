@@ -243,6 +243,12 @@ def test_the_rounds_loaded_in_turn_sit_under_the_main_cpu_rows() -> None:
             squid_tunnels_cpu_s=0.4,
             tunnels=_load(1_000),
             tunnels_cpu_s=0.5,
+            squid_long=_load(8_000),
+            long=_load(6_000),
+            squid_downloads=(Download(200, 100_000_000, 0.2), Download(200, 100_000_000, 0.3)),
+            squid_downloads_cpu_s=0.1,
+            downloads=(Download(200, 100_000_000, 0.25), Download(200, 100_000_000, 0.25)),
+            downloads_cpu_s=0.3,
             rss_peak_mib=150.0,
         ),
     )
@@ -255,6 +261,19 @@ def test_the_rounds_loaded_in_turn_sit_under_the_main_cpu_rows() -> None:
         "| CPU-s per 10k new tunnels, both running, loaded in turn ↓ | - | 4.00 | 5.00 | 1.25x |",
     ]
     assert "loaded in the order Squid, sidecar, sidecar, Squid" in table
+    # the one-tunnel rows in turn sit under the main table's: rate over the segments summed,
+    # bytes over time of all the downloads (not a mean of rates), CPU per GB of them all
+    lines = table.splitlines()
+    at = next(n for n, line in enumerate(lines) if line.startswith("| CPU-s per GB through one"))
+    assert lines[at + 1 : at + 4] == [
+        "| long-lived tunnels req/s, c=16, both running, loaded in turn ↑ | - | 8,000 | 6,000 "
+        "| 0.75x |",
+        "| 100 MB via one tunnel, MB/s, both running, loaded in turn (2 each) ↑ | - | 400 "
+        "| 400 "
+        "| 1.00x |",
+        "| CPU-s per GB through one tunnel, both running, loaded in turn ↓ | - | 0.50 | 1.50 "
+        "| 3.00x |",
+    ]
     assert report.sidecar_peak_mib() == 150.0  # its rounds count for the whole bench's peak
     row = next(
         r
