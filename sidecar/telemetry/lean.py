@@ -55,12 +55,14 @@ from opentelemetry.trace.span import TraceState
 from opentelemetry.util import types
 
 from sidecar.telemetry import otlp_wire
-from sidecar.telemetry.sampling import DecisionSampler, always_kept
+from sidecar.telemetry.sampling import ALWAYS_KEPT, DecisionSampler, always_kept
 
 log = logging.getLogger(__name__)
 
 # The OTLP proto's span flags: "has is_remote" always, "is remote" when the parent came from a
 # caller's traceparent (what the SDK's encoder writes).
+_CLIENT = SpanKind.CLIENT.value + 1  # OTLP's enum (the API's + 1)
+_UNSAMPLED = TraceFlags(0)
 _FLAGS_HAS_IS_REMOTE = 0x100
 _FLAGS_IS_REMOTE = 0x200
 
@@ -174,6 +176,8 @@ class LeanSpan(trace.Span):
         "_sink",
         "_trace_state",
         "attributes",
+        "block",
+        "deferred",
         "end_ns",
         "events",
         "flags",
@@ -213,6 +217,11 @@ class LeanSpan(trace.Span):
         self._trace_state = trace_state
         self.trace_state = trace_state.to_header() if trace_state else ""
         self.attributes = attributes
+        # Attribute fields already encoded (OTLP KeyValues), sent before ``attributes``: a
+        # decision span's, shared by every decision of its kind (DecisionSpans.finish).
+        self.block = b""
+        # A decision span whose attributes DecisionSpans.finish writes (start_decision).
+        self.deferred = False
         self.start_ns = start_ns
         self.end_ns = 0
         self.scope = scope
@@ -322,6 +331,63 @@ class LeanTracer(trace.Tracer):
         self._sink = provider.exporter.enqueue
         self._scope = scope
 
+    span_type = LeanSpan  # what start_decision returns when it records
+
+    @property
+    def inline_sampling(self) -> bool:
+        """The default sampler, decided here (start_decision's precondition)."""
+        return self._default_sampling
+
+    def _parent(self, context: Context | None) -> tuple[int, int, bool, bool, TraceState | None]:
+        """The new span's trace id, parent span id, whether that parent is remote, whether it
+        was sampled (a root: as parentbased_always_on samples it) and its trace state."""
+        parent = trace.get_current_span(context).get_span_context()
+        if parent.trace_id != INVALID_TRACE_ID and parent.span_id != INVALID_SPAN_ID:
+            return (
+                parent.trace_id,
+                parent.span_id,
+                parent.is_remote,
+                parent.trace_flags.sampled,
+                parent.trace_state,
+            )
+        return getrandbits(128) or 1, 0, False, True, None
+
+    def start_decision(
+        self, name: str, context: Context | None, start_ns: int | None, verdict: str
+    ) -> trace.Span:
+        """A decision's CLIENT span under the default sampler, without attributes yet:
+        DecisionSpans.finish writes them from the record (encoded once per kind of decision),
+        so no attribute dict is built per call. ``verdict``: its egress.decision (a denial or
+        an audit is sampled whatever the parent says, as always_kept reads it)."""
+        trace_id, parent_id, remote, parent_sampled, trace_state = self._parent(context)
+        span_id = getrandbits(64) or 1
+        if not (parent_sampled or verdict in ALWAYS_KEPT):
+            return NonRecordingSpan(
+                SpanContext(
+                    trace_id,
+                    span_id,
+                    is_remote=False,
+                    trace_flags=_UNSAMPLED,
+                    trace_state=trace_state,
+                )
+            )
+        span = LeanSpan(
+            name,
+            _CLIENT,
+            trace_id,
+            span_id,
+            parent_id,
+            remote,
+            trace_state,
+            {},
+            start_ns or time.time_ns(),
+            self._scope,
+            True,
+            self._sink,
+        )
+        span.deferred = True
+        return span
+
     def start_span(  # noqa: PLR0917 (the API's signature)
         self,
         name: str,
@@ -333,15 +399,7 @@ class LeanTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace.Span:
-        parent = trace.get_current_span(context).get_span_context()
-        trace_state: TraceState | None = None
-        if parent.trace_id != INVALID_TRACE_ID and parent.span_id != INVALID_SPAN_ID:
-            trace_id, parent_id, remote = parent.trace_id, parent.span_id, parent.is_remote
-            parent_sampled = parent.trace_flags.sampled
-            trace_state = parent.trace_state
-        else:
-            trace_id, parent_id, remote = getrandbits(128) or 1, 0, False
-            parent_sampled = True  # a root: parentbased_always_on samples it
+        trace_id, parent_id, remote, parent_sampled, trace_state = self._parent(context)
         span_id = getrandbits(64) or 1
         if self._default_sampling:
             sampled = recording = parent_sampled or always_kept(attributes)

@@ -38,6 +38,7 @@ _SPAN_PARENT_ID = b"\x22"
 _SPAN_NAME = b"\x2a"
 _SPAN_KIND = b"\x30"
 _SPAN_ATTR = b"\x4a"
+SPAN_ATTRIBUTES = _SPAN_ATTR  # the tag of a Span's attributes, for blocks encoded ahead
 _SPAN_EVENT = b"\x5a"
 _SPAN_STATUS = b"\x7a"
 _SPAN_FLAGS = b"\x85\x01"
@@ -101,6 +102,8 @@ class WireSpan(Protocol):
     @property
     def attributes(self) -> Mapping[str, object]: ...
     @property
+    def block(self) -> bytes: ...  # attribute fields encoded already (``attributes``'s tag)
+    @property
     def events(self) -> Sequence[WireEvent] | None: ...
     @property
     def status_code(self) -> int: ...  # 0 unset, 1 ok, 2 error
@@ -124,7 +127,8 @@ def varint(n: int) -> bytes:
 
 
 def _field(tag: bytes, payload: bytes) -> bytes:
-    return tag + varint(len(payload)) + payload
+    n = len(payload)
+    return tag + (_SMALL[n] if n < 0x80 else varint(n)) + payload
 
 
 def _scalar(value: object) -> bytes | None:
@@ -191,14 +195,18 @@ def _uncached(tag: bytes, cache: dict[object, bytes], item: tuple[str, object]) 
         )
     if kind is str:  # the common case, inline (url.full of every plain HTTP span comes here)
         raw: bytes = value.encode("utf-8", "replace")  # type: ignore[attr-defined]
-        encoded = _ANY_STRING + varint(len(raw)) + raw
+        n = len(raw)
+        encoded = _ANY_STRING + (_SMALL[n] if n < 0x80 else varint(n)) + raw
     else:
         other = any_value(value)
         if other is None:
             return b""  # dropped: OTLP cannot carry it
         encoded = other
-    kv = key_field + _KV_VALUE + varint(len(encoded)) + encoded
-    tagged = tag + varint(len(kv)) + kv
+    # A length under 128 is one byte: taken from the table inline (a call per field costs).
+    n = len(encoded)
+    kv = key_field + _KV_VALUE + (_SMALL[n] if n < 0x80 else varint(n)) + encoded
+    n = len(kv)
+    tagged = tag + (_SMALL[n] if n < 0x80 else varint(n)) + kv
     if key not in _UNCACHED_KEYS:
         if isinstance(value, str) and len(value) <= _CACHEABLE_STR:
             remember(cache, item, tagged, _CACHE_MAX)
@@ -257,7 +265,10 @@ def encode_span(span: WireSpan) -> bytes:
     if span.kind:
         parts += _SPAN_KIND, _SMALL[span.kind]
     parts.append(_times(0x39, span.start_ns, 0x41, span.end_ns))  # start, end: fixed64
-    parts.append(attributes(_SPAN_ATTR, span.attributes))
+    if span.block:
+        parts.append(span.block)
+    if span.attributes:
+        parts.append(attributes(_SPAN_ATTR, span.attributes))
     if span.events:
         parts += [_event(e) for e in span.events]
     if span.status_code or span.status_message:

@@ -252,9 +252,28 @@ def test_spans_carry_what_the_sdk_pipeline_would_have_sent(
     """Same records through the SDK and the lean pipeline: same name, kind, attributes, status."""
     records = [
         _record(status_code=200),
+        _record(status_code=200, url="http://web.test/y?q=1"),  # the same kind, another URL
+        _record(status_code=200),  # the same again: its encoded attributes reused
         _record(Verdict.DENY, status_code=403),
         _record(status_code=502, error="[Errno 111] Connect call failed"),
+        _record(status_code=502, error="[Errno 111] Connect call failed"),
         _record(Verdict.AUDIT, status_code=503, tls_passthrough=True),
+        _record(status_code=404, peer_address=None),
+        _record(status_code=None, peer_address=None),  # the client left before an answer
+        _record(status_code=200, tls_inspected=True, protocol="POST", method="POST"),
+        # CONNECT and transparent TLS: no method, no URL; by address, with the dialled one
+        _record(status_code=200, protocol="CONNECT", method="CONNECT", url=None),
+        _record(
+            Verdict.DENY,
+            protocol="TLS",
+            method=None,
+            url=None,
+            host=None,
+            capture=Capture.TRANSPARENT,
+            original_address="198.18.0.7",
+            peer_address=None,
+            decision=Decision(Verdict.DENY, Reason.PRIVATE_ADDRESS, None, "198.18.0.7 is private"),
+        ),
     ]
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)

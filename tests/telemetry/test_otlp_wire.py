@@ -35,6 +35,7 @@ class Span:
     start_ns: int = 1_700_000_000_000_000_000
     end_ns: int = 1_700_000_000_000_500_000
     attributes: dict[str, object] = field(default_factory=dict)
+    block: bytes = b""
     events: list[Event] | None = None
     status_code: int = 0
     status_message: str | None = None
@@ -93,6 +94,21 @@ def test_every_span_field_reads_back() -> None:
     assert {a.key: _value(a.value) for a in event.attributes} == {"exception.type": "E", "n": -1}
     assert (got.status.code, got.status.message) == (2, "denied")
     assert got.flags == 0x300
+
+
+def test_an_encoded_block_goes_out_with_the_span_s_other_attributes() -> None:
+    block = otlp_wire.attributes(
+        otlp_wire.SPAN_ATTRIBUTES, {"egress.decision": "allow", "server.port": 443}
+    )
+    span = Span(block=block, attributes={"url.full": "http://a.test/x"})
+    (got,) = _decode({}, [span]).resource_spans[0].scope_spans[0].spans
+    assert {a.key: _value(a.value) for a in got.attributes} == {
+        "egress.decision": "allow",
+        "server.port": 443,
+        "url.full": "http://a.test/x",
+    }
+    (alone,) = _decode({}, [Span(block=block)]).resource_spans[0].scope_spans[0].spans
+    assert [a.key for a in alone.attributes] == ["egress.decision", "server.port"]
 
 
 def test_a_root_span_without_status_leaves_those_fields_empty() -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from sidecar.telemetry.spans import DecisionSpans
+from sidecar.telemetry.spans import DecisionSpans, decision_attributes, decision_block
 from tests.support.records import decision_record
 
 _record = decision_record
@@ -64,3 +65,50 @@ def test_a_failed_calls_span_says_what_the_client_got_and_why(
     assert (span.status.status_code is StatusCode.ERROR) == (error_type is not None)
     if "error" in fields:
         assert attrs["egress.upstream.error"] == fields["error"]
+
+
+def _decoded(block: bytes) -> dict[str, object]:
+    """A block of Span attribute fields read back with opentelemetry-proto's classes."""
+    span = ProtoSpan.FromString(block)
+    return {a.key: getattr(a.value, str(a.value.WhichOneof("value"))) for a in span.attributes}
+
+
+def test_a_decision_block_is_the_decisions_attributes_but_its_url_encoded_once() -> None:
+    rec = decision_record(**_KIND, url="http://web.test/a")
+    block = decision_block(rec)
+    assert block is not None
+    want = {k: v for k, v in decision_attributes(rec).items() if k != "url.full"}
+    want["http.response.status_code"] = 200
+    assert _decoded(block) == want
+    # Another call of the same kind (another URL): the same bytes, not encoded again.
+    again = decision_record(**_KIND, url="http://web.test/b?q=1")
+    assert decision_block(again) is block
+    # Any field the attributes are read from makes another kind.
+    assert decision_block(decision_record(**{**_KIND, "status_code": 404})) is not block
+
+
+_KIND: dict[str, object] = {
+    "peer_address": "127.0.0.3",
+    "client_address": "127.0.0.1",
+    "method": "GET",
+    "status_code": 200,
+}
+
+
+@pytest.mark.parametrize(
+    ("fields", "kept"),
+    [
+        ({"error": "[Errno 111] Connect call failed"}, None),  # its message: with the span
+        ({"host": "a" * 600 + ".test"}, False),  # the app's long name: encoded, not kept
+        ({"method": "X" * 600}, False),
+        ({}, True),
+    ],
+)
+def test_what_a_decision_block_keeps(fields: dict[str, object], kept: bool | None) -> None:
+    rec = decision_record(**{**_KIND, **fields})
+    block = decision_block(rec)
+    if kept is None:
+        assert block is None
+        return
+    assert block is not None
+    assert (decision_block(decision_record(**{**_KIND, **fields})) is block) == kept
