@@ -341,28 +341,16 @@ def _http_load(ctx: Context) -> Load:
     return load
 
 
-def _new_tunnels_load(ctx: Context) -> Load:
+def _tunnels_load(ctx: Context, *, new_each: bool) -> Load:
+    """HTTPS through CONNECT tunnels: a new one per request (``new_each``) or long-lived."""
+
     def load(arm: Arm, seconds: int) -> LoadResult:
         return ctx.gen.hey_https(
             upstream_port=ctx.up.https,
             proxy_port=arm.port,
             connections=ctx.s.connections,
             seconds=seconds,
-            new_connection_each=True,
-            max_qps_per_worker=ctx.s.max_qps_per_worker,
-        )
-
-    return load
-
-
-def _long_tunnels_load(ctx: Context) -> Load:
-    def load(arm: Arm, seconds: int) -> LoadResult:
-        return ctx.gen.hey_https(
-            upstream_port=ctx.up.https,
-            proxy_port=arm.port,
-            connections=ctx.s.connections,
-            seconds=seconds,
-            new_connection_each=False,
+            new_connection_each=new_each,
             max_qps_per_worker=ctx.s.max_qps_per_worker,
         )
 
@@ -441,8 +429,8 @@ def measure_alternating(
     arms: dict[str, tuple[Arm, Arm]] = {}
     loads = (
         ("http", _http_load(ctx)),
-        ("tunnels", _new_tunnels_load(ctx)),
-        ("long", _long_tunnels_load(ctx)),
+        ("tunnels", _tunnels_load(ctx, new_each=True)),
+        ("long", _tunnels_load(ctx, new_each=False)),
     )
     for kind, load in loads:
         theirs = Arm(squid_label, *squid)
