@@ -71,8 +71,7 @@ class ProxyRun:
 
     @property
     def cpu_per_gb_tunnel(self) -> float:
-        size = self.download.size
-        return self.download_cpu_s / size * 1e9 if size else float("nan")
+        return cpu_per_gb(self.download_cpu_s, (self.download,))
 
     @property
     def errors(self) -> int:
@@ -616,7 +615,7 @@ def markdown(report: Report) -> str:
             f' Rows marked "{ALTERNATING}": Squid and the sidecar ran side by side on the '
             "proxy's core, loaded in the order Squid, sidecar, sidecar, Squid (each segment "
             "as long as a scenario; the big download a few times in each), so that the machine's "
-            "drift weighs on both alike: the firmer ratio of the two."
+            "drift weighs on both alike: the firmer ratios."
         )
     extra = sidecar_rows(report)
     if extra:

@@ -127,8 +127,7 @@ def varint(n: int) -> bytes:
 
 
 def _field(tag: bytes, payload: bytes) -> bytes:
-    n = len(payload)
-    return tag + (_SMALL[n] if n < 0x80 else varint(n)) + payload
+    return tag + varint(len(payload)) + payload
 
 
 def _scalar(value: object) -> bytes | None:
@@ -195,18 +194,14 @@ def _uncached(tag: bytes, cache: dict[object, bytes], item: tuple[str, object]) 
         )
     if kind is str:  # the common case, inline (url.full of every plain HTTP span comes here)
         raw: bytes = value.encode("utf-8", "replace")  # type: ignore[attr-defined]
-        n = len(raw)
-        encoded = _ANY_STRING + (_SMALL[n] if n < 0x80 else varint(n)) + raw
+        encoded = _ANY_STRING + varint(len(raw)) + raw
     else:
         other = any_value(value)
         if other is None:
             return b""  # dropped: OTLP cannot carry it
         encoded = other
-    # A length under 128 is one byte: taken from the table inline (a call per field costs).
-    n = len(encoded)
-    kv = key_field + _KV_VALUE + (_SMALL[n] if n < 0x80 else varint(n)) + encoded
-    n = len(kv)
-    tagged = tag + (_SMALL[n] if n < 0x80 else varint(n)) + kv
+    kv = key_field + _KV_VALUE + varint(len(encoded)) + encoded
+    tagged = tag + varint(len(kv)) + kv
     if key not in _UNCACHED_KEYS:
         if isinstance(value, str) and len(value) <= _CACHEABLE_STR:
             remember(cache, item, tagged, _CACHE_MAX)
