@@ -26,7 +26,7 @@ class Upstream(asyncio.Protocol):
     ClientConnection does. Before there is one, what arrives is kept (a server that speaks
     first, a connection lost) and replayed to the first phase."""
 
-    __slots__ = ("closed", "early", "eof", "exc", "phase", "transport")
+    # No __slots__: a relay shadows data_received on the instance (_pipe).
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -111,13 +111,28 @@ def shut_write(transport: asyncio.WriteTransport) -> bool:
     return True
 
 
+def _pipe(
+    protocol: asyncio.Protocol, source: asyncio.Transport, write: Callable[[bytes], None]
+) -> None:
+    """From now on each chunk ``source`` reads goes straight to ``write`` (the other side's
+    transport.write), with no Python frame between: ``protocol``'s data_received is shadowed on
+    the instance. The two delegating frames it saves were a quarter of the sidecar's
+    instructions per relayed chunk (callgrind, a kept-alive tunnel: 10.0k a request, 7.5k
+    without). uvloop keeps the data_received it found when the protocol was set, hence
+    set_protocol again; asyncio looks it up per read. For good: a relay is a connection's last
+    phase."""
+    protocol.data_received = write  # type: ignore[method-assign,assignment]
+    source.set_protocol(protocol)
+
+
 def _has_room(transport: asyncio.WriteTransport) -> bool:
     """Whether ``transport`` takes more writes without its protocol being paused."""
     return transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]
 
 
 class _Direction:
-    """Bytes read from ``source`` are written to ``sink``; the source's protocol delegates here.
+    """Bytes read from ``source`` are written to ``sink``; the source's protocol delegates here
+    (its data_received only until _pipe takes over: what arrived before the relay started).
 
     ``pause_writing`` comes from the source's transport (its write buffer is full: the other
     direction writes into it), so it is the sink that stops reading meanwhile."""
@@ -179,6 +194,9 @@ class Relay:
         conn.switch(self.upstream)
         to_client += upstream.take_early()  # what the server sent while it had no phase
         upstream.phase = self.downstream
+        if not (conn.closed or upstream.closed):
+            _pipe(conn, client, server.write)
+            _pipe(upstream, server, client.write)
         if _has_room(server):
             client.resume_reading()
         if _has_room(client):  # else its resume_writing resumes the server, as in the relay
