@@ -60,7 +60,7 @@ from sidecar.proxy.headlimits import HeadRejection, HeadScanner, timeout_rejecti
 from sidecar.proxy.hostnames import address_of, format_hostport, redact_url
 from sidecar.record import Capture, DecisionRecord
 from sidecar.reporter import OpenDecision
-from sidecar.telemetry.spans import error_type, extract_parent, inject_context
+from sidecar.telemetry.spans import error_type, extract_parent, trace_fields
 from sidecar.wire.http1 import (
     LAST_CHUNK,
     NO_BODY,
@@ -532,11 +532,8 @@ class HttpPhase:
             dropped = dropped | _PROXY_CREDENTIALS  # credentials for this proxy
         if target.aligned_host is not None:
             headers = _set_field(headers, b"Host", target.aligned_host, b"host" in special)
-        carrier: dict[str, str] = {}
-        inject_context(opened.span, carrier)
-        for key, value in carrier.items():
-            name = key.encode("latin-1")
-            headers = _set_field(headers, name, value.encode("latin-1"), name in special)
+        for name, value in trace_fields(opened.span):
+            headers = _set_field(headers, name, value, name in special)
         if listed or not dropped.isdisjoint(special):
             headers = [(n, v) for n, v in headers if n.lower() not in dropped]
         return serialize_request_head(head.method, target.path, head.version, headers)

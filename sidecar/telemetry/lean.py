@@ -171,7 +171,6 @@ class LeanSpan(trace.Span):
     __slots__ = (
         "_context",
         "_ended",
-        "_remote_parent",
         "_sampled",
         "_sink",
         "_trace_state",
@@ -191,6 +190,7 @@ class LeanSpan(trace.Span):
         "status_message",
         "trace_id",
         "trace_state",
+        "url_full",
     )
 
     def __init__(  # noqa: PLR0917 (one constructor call per span, positional for speed)
@@ -213,7 +213,6 @@ class LeanSpan(trace.Span):
         self.trace_id = trace_id
         self.span_id = span_id
         self.parent_span_id = parent_span_id
-        self._remote_parent = remote_parent
         self._trace_state = trace_state
         self.trace_state = trace_state.to_header() if trace_state else ""
         self.attributes = attributes
@@ -222,6 +221,7 @@ class LeanSpan(trace.Span):
         self.block = b""
         # A decision span whose attributes DecisionSpans.finish writes (start_decision).
         self.deferred = False
+        self.url_full = ""  # its url.full, encoded apart (unique per call: never cached)
         self.start_ns = start_ns
         self.end_ns = 0
         self.scope = scope
@@ -254,6 +254,19 @@ class LeanSpan(trace.Span):
         )
         if self.trace_state:
             headers["tracestate"] = self.trace_state
+
+    def w3c_fields(self) -> list[tuple[bytes, bytes]]:
+        """w3c_headers' fields as header bytes (the fast path's request heads are bytes)."""
+        fields = [
+            (
+                b"traceparent",
+                b"00-%032x-%016x-%s"
+                % (self.trace_id, self.span_id, b"01" if self._sampled else b"00"),
+            )
+        ]
+        if self.trace_state:
+            fields.append((b"tracestate", self.trace_state.encode("latin-1", "replace")))
+        return fields
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         if not self._ended:
@@ -359,7 +372,16 @@ class LeanTracer(trace.Tracer):
         DecisionSpans.finish writes them from the record (encoded once per kind of decision),
         so no attribute dict is built per call. ``verdict``: its egress.decision (a denial or
         an audit is sampled whatever the parent says, as always_kept reads it)."""
-        trace_id, parent_id, remote, parent_sampled, trace_state = self._parent(context)
+        if context is None:  # a root: not the ambient context's span (DecisionSpans.start)
+            trace_id, parent_id, remote, parent_sampled, trace_state = (
+                getrandbits(128) or 1,
+                0,
+                False,
+                True,
+                None,
+            )
+        else:
+            trace_id, parent_id, remote, parent_sampled, trace_state = self._parent(context)
         span_id = getrandbits(64) or 1
         if not (parent_sampled or verdict in ALWAYS_KEPT):
             return NonRecordingSpan(

@@ -104,6 +104,8 @@ class WireSpan(Protocol):
     @property
     def block(self) -> bytes: ...  # attribute fields encoded already (``attributes``'s tag)
     @property
+    def url_full(self) -> str: ...  # the url.full attribute ("" none), apart: unique per call
+    @property
     def events(self) -> Sequence[WireEvent] | None: ...
     @property
     def status_code(self) -> int: ...  # 0 unset, 1 ok, 2 error
@@ -118,6 +120,8 @@ class WireSpan(Protocol):
 def varint(n: int) -> bytes:
     if n < 0x80:
         return _SMALL[n] if n >= 0 else varint(n + (1 << 64))
+    if n < 0x4000:  # a span's length, most attributes': two bytes
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -243,27 +247,52 @@ def _event(event: WireEvent) -> bytes:
     return _field(_SPAN_EVENT, b"".join(parts))
 
 
+# trace_id (field 1) and span_id (field 2) in one int.to_bytes: tag, 16 bytes, tag, 8 bytes.
+_IDS_TAG = _SPAN_TRACE_ID + b"\x10"
+_SPAN_ID_TAG = int.from_bytes(_SPAN_SPAN_ID + b"\x08") << 64
+_PARENT_ID_TAG = int.from_bytes(_SPAN_PARENT_ID + b"\x08") << 64
+_URL_FULL_KEY = _field(_KV_KEY, b"url.full")
+_heads: dict[tuple[str, int], bytes] = {}  # a span's name and kind fields, by name and kind
+
+
+def _head(name: str, kind: int) -> bytes:
+    head = _field(_SPAN_NAME, name.encode("utf-8", "replace")) if name else b""
+    if kind:
+        head += _SPAN_KIND + _SMALL[kind]
+    return remember(_heads, (name, kind), head, _CACHE_MAX)
+
+
+def _string_attribute(key: bytes, value: str) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """A Span attribute field of a string value, as parts: ``key`` its encoded key field."""
+    raw = value.encode("utf-8", "replace")
+    size = varint(len(raw))
+    any_size = varint(1 + len(size) + len(raw))  # the AnyValue: tag, length, bytes
+    return (
+        _SPAN_ATTR,
+        varint(len(key) + 1 + len(any_size) + 1 + len(size) + len(raw)),  # the KeyValue's
+        key + _KV_VALUE + any_size,
+        _ANY_STRING + size,
+        raw,
+    )
+
+
 def encode_span(span: WireSpan) -> bytes:
     """One Span message (without its own field tag)."""
-    parts = [
-        b"\x0a\x10",  # trace_id: 16 bytes
-        span.trace_id.to_bytes(16, "big"),
-        b"\x12\x08",  # span_id: 8 bytes
-        span.span_id.to_bytes(8, "big"),
-    ]
+    parts = [_IDS_TAG, (span.trace_id << 80 | _SPAN_ID_TAG | span.span_id).to_bytes(26, "big")]
     if span.trace_state:
         parts.append(_field(_SPAN_TRACE_STATE, span.trace_state.encode("utf-8", "replace")))
     if span.parent_span_id:
-        parts += b"\x22\x08", span.parent_span_id.to_bytes(8, "big")
-    if span.name:
-        parts.append(_field(_SPAN_NAME, span.name.encode("utf-8", "replace")))
-    if span.kind:
-        parts += _SPAN_KIND, _SMALL[span.kind]
-    parts.append(_times(0x39, span.start_ns, 0x41, span.end_ns))  # start, end: fixed64
-    if span.block:
-        parts.append(span.block)
+        parts.append((_PARENT_ID_TAG | span.parent_span_id).to_bytes(10, "big"))
+    head = _heads.get((span.name, span.kind))
+    parts += (
+        head if head is not None else _head(span.name, span.kind),
+        _times(0x39, span.start_ns, 0x41, span.end_ns),  # start, end: fixed64
+        span.block,
+    )
     if span.attributes:
         parts.append(attributes(_SPAN_ATTR, span.attributes))
+    if span.url_full:
+        parts += _string_attribute(_URL_FULL_KEY, span.url_full)
     if span.events:
         parts += [_event(e) for e in span.events]
     if span.status_code or span.status_message:
@@ -285,11 +314,9 @@ def encode_request(resource: bytes, spans: Iterable[WireSpan]) -> bytes:
     by_scope: dict[bytes, list[bytes]] = {}
     for span in spans:
         body = encode_span(span)
-        encoded = _SS_SPANS + varint(len(body)) + body
         group = by_scope.get(span.scope)
         if group is None:
-            by_scope[span.scope] = [span.scope, encoded]
-        else:
-            group.append(encoded)
+            group = by_scope[span.scope] = [span.scope]
+        group += (_SS_SPANS, varint(len(body)), body)  # joined once: no copy of each span
     scope_spans = [_field(_RS_SCOPE_SPANS, b"".join(group)) for group in by_scope.values()]
     return _field(_REQ_RESOURCE_SPANS, resource + b"".join(scope_spans))

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from sidecar.telemetry.lean import LeanSpan, LeanTracer
 
 _propagator = TraceContextTextMapPropagator()
+# A decision span's parent is the caller's trace context it is given, or none: never a span
+# that happens to be current where the decision is reported.
+_ROOT = Context()
 
 DENIED_ERROR_TYPE = "egress_denied"
 UPSTREAM_CERT_INVALID = "upstream_certificate_invalid"
@@ -105,6 +108,21 @@ def inject_context(span: Span, headers: MutableMapping[str, str]) -> None:
     headers["traceparent"] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
     if ctx.trace_state:
         headers["tracestate"] = ctx.trace_state.to_header()
+
+
+_NO_FIELDS: list[tuple[bytes, bytes]] = []
+
+
+def trace_fields(span: Span) -> list[tuple[bytes, bytes]]:
+    """inject_context's header fields as bytes, for a request head written as bytes."""
+    if span is INVALID_SPAN:
+        return _NO_FIELDS  # export off, no caller's context: nothing to pass on
+    w3c_fields = getattr(span, "w3c_fields", None)
+    if w3c_fields is not None:
+        return cast("list[tuple[bytes, bytes]]", w3c_fields())
+    carrier: dict[str, str] = {}
+    inject_context(span, carrier)
+    return [(k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in carrier.items()]
 
 
 def _end_attributes(rec: DecisionRecord) -> list[tuple[str, AttributeValue]]:
@@ -209,7 +227,7 @@ class DecisionSpans:
             return self._lean.start_decision(rec.protocol, parent, start_ns, verdict)
         return self._tracer.start_span(
             rec.protocol,
-            context=parent,
+            context=parent if parent is not None else _ROOT,
             kind=SpanKind.CLIENT,
             attributes=decision_attributes(rec),
             start_time=start_ns,
@@ -225,7 +243,7 @@ class DecisionSpans:
             if block is not None:
                 span.block = block
                 if rec.url:
-                    span.attributes["url.full"] = rec.url
+                    span.url_full = rec.url
                 status = _end_status(rec)
                 if status is not None:
                     span.set_status(status)

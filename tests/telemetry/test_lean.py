@@ -33,7 +33,7 @@ from sidecar.sources.reporting import Rejection, ReloadReporter
 from sidecar.telemetry.lean import LeanTracerProvider, lean_settings
 from sidecar.telemetry.sampling import DecisionSampler
 from sidecar.telemetry.setup import build_tracer_provider
-from sidecar.telemetry.spans import DecisionSpans, extract_parent, inject_context
+from sidecar.telemetry.spans import DecisionSpans, extract_parent, inject_context, trace_fields
 from tests.support.faults import Blackhole
 from tests.support.sidecar import free_port
 from tests.support.tls import TestCA
@@ -373,6 +373,38 @@ def test_without_a_caller_each_span_starts_its_own_trace(receiver: Receiver) -> 
     assert len({s.trace_id for s in got}) == 3 and all(len(s.trace_id) == 16 for s in got)
 
 
+@pytest.mark.parametrize("pipeline", ["lean", "sdk"])
+def test_a_decision_span_without_a_caller_is_a_root_whatever_span_is_current(
+    receiver: Receiver, pipeline: str
+) -> None:
+    # The app's trace context is the only parent a decision has: not a span that happens to be
+    # current where it is reported (a reload's, a second tier's), in either pipeline.
+    sdk_exporter = InMemorySpanExporter()
+    if pipeline == "lean":
+        provider: Any = _lean(_env(receiver.endpoint))
+    else:
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(sdk_exporter))
+    tracer = provider.get_tracer("egress-sidecar")
+    spans = DecisionSpans(tracer)
+    with tracer.start_as_current_span("ambient") as ambient:
+        spans.record(_record())
+        child = DecisionSpans(tracer).start(_record(), parent=extract_parent({}))
+    provider.shutdown()
+    ambient_ids = (ambient.get_span_context().trace_id, ambient.get_span_context().span_id)
+    if pipeline == "lean":
+        got = {
+            s.name: (int.from_bytes(s.trace_id), s.parent_span_id) for s, _, _ in receiver.spans()
+        }
+        decision = got["GET"]
+        assert decision[0] != ambient_ids[0] and decision[1] == b""
+    else:
+        (decision_span, _) = sdk_exporter.get_finished_spans()
+        assert decision_span.parent is None
+        assert decision_span.context.trace_id != ambient_ids[0]
+    assert child.get_span_context().trace_id != ambient_ids[0]
+
+
 # -- sampling -------------------------------------------------------------------------------------
 
 
@@ -476,9 +508,11 @@ def test_a_lean_span_writes_the_headers_the_w3c_propagator_writes(
     inject_context(span, ours)
     reference: dict[str, str] = {}
     TraceContextTextMapPropagator().inject(reference, context=set_span_in_context(span))
+    fields = trace_fields(span)
     spans.finish(span, rec)
     provider.shutdown()
     assert ours == reference
+    assert fields == [(k.encode(), v.encode()) for k, v in reference.items()]
     assert ours["traceparent"].split("-")[2] != CALLER_SPAN  # it names our span, not the caller's
 
 

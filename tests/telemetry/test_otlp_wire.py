@@ -36,6 +36,7 @@ class Span:
     end_ns: int = 1_700_000_000_000_500_000
     attributes: dict[str, object] = field(default_factory=dict)
     block: bytes = b""
+    url_full: str = ""
     events: list[Event] | None = None
     status_code: int = 0
     status_message: str | None = None
@@ -109,6 +110,28 @@ def test_an_encoded_block_goes_out_with_the_span_s_other_attributes() -> None:
     }
     (alone,) = _decode({}, [Span(block=block)]).resource_spans[0].scope_spans[0].spans
     assert [a.key for a in alone.attributes] == ["egress.decision", "server.port"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    url=st.one_of(
+        st.text(alphabet=st.characters(exclude_categories=["Cs"]), min_size=1),
+        # lengths around the varints' byte boundaries (127/128, 16383/16384)
+        st.integers(min_value=100, max_value=17_000).map(lambda n: "h" * n),
+    ),
+    block_attrs=st.booleans(),
+)
+def test_a_span_s_url_full_written_apart_reads_back_with_its_other_attributes(
+    url: str, block_attrs: bool
+) -> None:
+    block = otlp_wire.attributes(otlp_wire.SPAN_ATTRIBUTES, {"egress.decision": "allow"})
+    span = Span(block=block if block_attrs else b"", attributes={"server.port": 80}, url_full=url)
+    (got,) = _decode({}, [span]).resource_spans[0].scope_spans[0].spans
+    want: dict[str, object] = {"server.port": 80, "url.full": url}
+    if block_attrs:
+        want["egress.decision"] = "allow"
+    assert {a.key: _value(a.value) for a in got.attributes} == want
+    assert got.name == "GET" and got.span_id.hex() == "00f067aa0ba902b7"
 
 
 def test_a_root_span_without_status_leaves_those_fields_empty() -> None:

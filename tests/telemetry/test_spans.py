@@ -7,9 +7,16 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import NoOpTracer, StatusCode
 
-from sidecar.telemetry.spans import DecisionSpans, decision_attributes, decision_block
+from sidecar.telemetry.spans import (
+    DecisionSpans,
+    decision_attributes,
+    decision_block,
+    extract_parent,
+    inject_context,
+    trace_fields,
+)
 from tests.support.records import decision_record
 
 _record = decision_record
@@ -112,3 +119,26 @@ def test_what_a_decision_block_keeps(fields: dict[str, object], kept: bool | Non
         return
     assert block is not None
     assert (decision_block(decision_record(**{**_KIND, **fields})) is block) == kept
+
+
+CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize("export", [True, False])
+@pytest.mark.parametrize("caller", [True, False])
+def test_the_trace_fields_are_what_inject_context_writes_as_bytes(
+    export: bool, caller: bool
+) -> None:
+    provider = TracerProvider()
+    tracer = provider.get_tracer("test") if export else NoOpTracer()
+    spans = DecisionSpans(tracer)
+    parent = extract_parent({"traceparent": CALLER, "tracestate": "k=v"}) if caller else None
+    span = spans.start(_record(), parent=parent)
+    carrier: dict[str, str] = {}
+    inject_context(span, carrier)
+    fields = trace_fields(span)
+    assert fields == [(k.encode(), v.encode()) for k, v in carrier.items()]
+    # export off: the caller's own context goes on, else nothing; on: a span of ours
+    assert bool(fields) == (export or caller)
+    if caller and not export:
+        assert fields[0] == (b"traceparent", CALLER.encode())
