@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, cast
 
 from opentelemetry.context import Context
@@ -110,16 +110,16 @@ def inject_context(span: Span, headers: MutableMapping[str, str]) -> None:
         headers["tracestate"] = ctx.trace_state.to_header()
 
 
-_NO_FIELDS: list[tuple[bytes, bytes]] = []
+_NO_FIELDS: tuple[tuple[bytes, bytes], ...] = ()
 
 
-def trace_fields(span: Span) -> list[tuple[bytes, bytes]]:
+def trace_fields(span: Span) -> Sequence[tuple[bytes, bytes]]:
     """inject_context's header fields as bytes, for a request head written as bytes."""
     if span is INVALID_SPAN:
         return _NO_FIELDS  # export off, no caller's context: nothing to pass on
     w3c_fields = getattr(span, "w3c_fields", None)
     if w3c_fields is not None:
-        return cast("list[tuple[bytes, bytes]]", w3c_fields())
+        return cast("Sequence[tuple[bytes, bytes]]", w3c_fields())
     carrier: dict[str, str] = {}
     inject_context(span, carrier)
     return [(k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in carrier.items()]

@@ -512,7 +512,7 @@ def test_a_lean_span_writes_the_headers_the_w3c_propagator_writes(
     spans.finish(span, rec)
     provider.shutdown()
     assert ours == reference
-    assert fields == [(k.encode(), v.encode()) for k, v in reference.items()]
+    assert list(fields) == [(k.encode(), v.encode()) for k, v in reference.items()]
     assert ours["traceparent"].split("-")[2] != CALLER_SPAN  # it names our span, not the caller's
 
 

@@ -137,7 +137,7 @@ def test_the_trace_fields_are_what_inject_context_writes_as_bytes(
     carrier: dict[str, str] = {}
     inject_context(span, carrier)
     fields = trace_fields(span)
-    assert fields == [(k.encode(), v.encode()) for k, v in carrier.items()]
+    assert list(fields) == [(k.encode(), v.encode()) for k, v in carrier.items()]
     # export off: the caller's own context goes on, else nothing; on: a span of ours
     assert bool(fields) == (export or caller)
     if caller and not export:
