@@ -151,6 +151,28 @@ def test_spans_group_by_their_tracer_scope() -> None:
     ]
 
 
+@pytest.mark.parametrize("count", [0, 1, 2, 300, 3_000])
+def test_a_batch_of_any_size_reads_back_whole(count: int) -> None:
+    # The request is written with one join and every length summed ahead: 3,000 spans of two
+    # scopes make the ScopeSpans' and the request's lengths varints of three bytes.
+    other = otlp_wire.encode_scope("other", "1.2")
+    spans = [
+        Span(name=f"s{i}", scope=other if i % 3 == 0 else Span.scope, url_full="u" * (i % 200))
+        for i in range(count)
+    ]
+    body = otlp_wire.encode_request(otlp_wire.encode_resource({"k": "v"}), spans)
+    request = ExportTraceServiceRequest.FromString(body)
+    (rs,) = request.resource_spans
+    assert [(a.key, a.value.string_value) for a in rs.resource.attributes] == [("k", "v")]
+    got = {s.scope.name: [x.name for x in s.spans] for s in rs.scope_spans}
+    want: dict[str, list[str]] = {}
+    for i in range(count):
+        want.setdefault("other" if i % 3 == 0 else "egress-sidecar", []).append(f"s{i}")
+    assert got == want
+    if count >= 3_000:
+        assert len(body) >= 1 << 14  # the lengths' three-byte varints were exercised
+
+
 @pytest.mark.parametrize(
     "value",
     [
