@@ -12,7 +12,8 @@ and OTEL_TRACES_SAMPLER objects), the pod's resource.
 Export: ended, sampled spans go into a bounded deque (a full queue drops the span, counts it
 and logs at most once per 10 s); one daemon thread takes batches (OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
 default 512, or whatever is queued every OTEL_BSP_SCHEDULE_DELAY, default 1 s), encodes them
-with sidecar.telemetry.otlp_wire and POSTs them over one keep-alive http.client connection. A
+with sidecar.telemetry.otlp_wire and POSTs them over one keep-alive connection
+(sidecar.telemetry.collector). A
 batch that fails (refused, timeout, 429, 5xx) is kept and retried on a later round with
 exponential backoff, while new spans wait in the bounded queue; one log line per failure burst.
 Nothing on the request path ever waits for the network.
@@ -24,9 +25,7 @@ gRPC, --trace-file, --trace-console, client certificates, compression other than
 from __future__ import annotations
 
 import gzip
-import http.client
 import logging
-import ssl
 import threading
 import time
 import traceback
@@ -55,6 +54,7 @@ from opentelemetry.trace.span import TraceState
 from opentelemetry.util import types
 
 from sidecar.telemetry import otlp_wire
+from sidecar.telemetry.collector import CollectorConnection, CollectorProtocolError, valid_field
 from sidecar.telemetry.sampling import ALWAYS_KEPT, DecisionSampler, always_kept
 
 log = logging.getLogger(__name__)
@@ -99,12 +99,21 @@ def _var(env: Mapping[str, str], name: str) -> str | None:
 
 
 def _headers(text: str | None) -> tuple[tuple[str, str], ...]:
-    # W3C baggage-like "k1=v1,k2=v2", percent-encoded (the SDK's parse_env_headers).
+    # W3C baggage-like "k1=v1,k2=v2", percent-encoded (the SDK's parse_env_headers). A field
+    # that cannot be written as it is (a name not a token, a CR or LF decoded into a value) is
+    # left out with a warning, as the SDK leaves out what it cannot parse.
     out = []
     for item in (text or "").split(","):
         name, sep, value = item.partition("=")
         if sep and name.strip():
-            out.append((unquote(name).strip().lower(), unquote(value).strip()))
+            field = (unquote(name).strip().lower(), unquote(value).strip())
+            if valid_field(*field):
+                out.append(field)
+            else:
+                log.warning(
+                    "OTLP header left out: not a valid HTTP field",
+                    extra={"variable": "OTEL_EXPORTER_OTLP_HEADERS", "header": field[0][:64]},
+                )
     return tuple(out)
 
 
@@ -488,7 +497,15 @@ class LeanExporter:
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one export at a time: the worker's or a force_flush
         self._stopping = False
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn = CollectorConnection(
+            settings.scheme,
+            settings.host,
+            settings.port,
+            settings.path,
+            settings.headers,
+            settings.timeout,
+            settings.certificate,
+        )
         self._retry: tuple[bytes, int] | None = None  # a failed batch: body, span count
         self._backoff = 0.0
         self._next_try = 0.0
@@ -566,41 +583,22 @@ class LeanExporter:
                     self._next_try = 0.0
             return True
 
-    def _connect(self) -> http.client.HTTPConnection:
-        s = self.settings
-        if s.scheme == "https":
-            context = ssl.create_default_context(cafile=s.certificate)
-            return http.client.HTTPSConnection(s.host, s.port, timeout=s.timeout, context=context)
-        return http.client.HTTPConnection(s.host, s.port, timeout=s.timeout)
-
     def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._conn.close()
 
     def _post(self, body: bytes, *, final: bool) -> bool | None:
         """True: accepted; False: rejected for good (dropped); None: retry later."""
         s = self.settings
-        headers = {"Content-Type": "application/x-protobuf", **dict(s.headers)}
         if s.gzip:
             body = gzip.compress(body, compresslevel=1)  # ~3x cheaper than 6, most of the gain
-            headers["Content-Encoding"] = "gzip"
         # A kept-alive connection the collector closed meanwhile fails on first use: one more
         # try on a new connection before calling it a failure.
         for attempt in (0, 1):
-            reused = self._conn is not None
+            reused = self._conn.connected
             try:
-                if self._conn is None:
-                    self._conn = self._connect()
-                self._conn.request("POST", s.path, body, headers)
-                response = self._conn.getresponse()
-                response.read()
-                status = response.status
-                if response.will_close:
-                    self._close()
+                status = self._conn.post(body, gzipped=s.gzip)
                 break
-            except (OSError, http.client.HTTPException) as err:
-                self._close()
+            except (OSError, CollectorProtocolError) as err:
                 if reused and attempt == 0 and not isinstance(err, TimeoutError):
                     continue
                 self._failed(f"{type(err).__name__}: {err}", final)

@@ -89,7 +89,9 @@ class Receiver:
         return [s for s, _, _ in self.spans()]
 
 
-def _serve(tls: ssl.SSLContext | None = None) -> Receiver:
+def _serve(tls: ssl.SSLContext | None = None, *, close_each: bool = False) -> Receiver:
+    """``close_each``: the connection is closed after each answer, which does not say so (a
+    collector restarted, an idle timeout): the exporter finds it closed on its next POST."""
     holder: list[Receiver] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -114,6 +116,8 @@ def _serve(tls: ssl.SSLContext | None = None) -> Receiver:
             self.send_response(status)
             self.send_header("content-length", "0")
             self.end_headers()
+            if close_each:
+                self.close_connection = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -549,6 +553,42 @@ def test_a_batch_the_collector_refuses_for_good_is_dropped_not_retried(
     provider.shutdown()
     assert len(receiver.spans()) == 1
     assert provider.exporter.exported == 1
+
+
+def test_a_connection_the_collector_closed_is_replaced_without_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rec = _serve(close_each=True)
+    try:
+        provider = _lean(_env(rec.endpoint))
+        spans = DecisionSpans(provider.get_tracer("t"))
+        caplog.set_level(logging.INFO, "sidecar.telemetry.lean")
+        for batch in range(3):
+            spans.record(_record())
+            assert len(rec.wait_spans(batch + 1)) == batch + 1
+            time.sleep(0.2)  # the server has closed the kept-alive connection by now
+        provider.shutdown()
+        assert provider.exporter.exported == 3
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        rec.server.shutdown()
+        rec.server.server_close()
+
+
+def test_headers_that_cannot_be_written_are_left_out_with_a_warning(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "sidecar.telemetry.lean")
+    headers = "authorization=Bearer%20t0k,x-evil=a%0D%0Ax-injected: 1,bad name=v,x-ok=yes"
+    provider = _lean(_env(receiver.endpoint, OTEL_EXPORTER_OTLP_HEADERS=headers))
+    DecisionSpans(provider.get_tracer("t")).record(_record())
+    provider.shutdown()
+    (post,) = receiver.posts
+    assert post.headers["authorization"] == "Bearer t0k"
+    assert post.headers["x-ok"] == "yes"
+    assert "x-evil" not in post.headers and "x-injected" not in post.headers
+    left_out = [r for r in caplog.records if r.getMessage().startswith("OTLP header left out")]
+    assert sorted(r.__dict__["header"] for r in left_out) == ["bad name", "x-evil"]
 
 
 def test_a_full_queue_drops_counts_and_never_blocks() -> None:
