@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import httptools
 
+from sidecar.proxy.hostnames import format_hostport
+
 MAX_RESPONSE = 1024 * 1024  # an ExportTraceServiceResponse is a few bytes; a Status a few KiB
 _SMALL_BODY = 16 * 1024  # sent with its head in one write; a larger one is not copied for that
 
@@ -37,13 +39,6 @@ class CollectorProtocolError(Exception):
 def valid_field(name: str, value: str) -> bool:
     """Whether ``name: value`` can be written as a request header field as it is."""
     return _TOKEN.fullmatch(name) is not None and _BAD_VALUE.search(value) is None
-
-
-def _host_field(host: str, port: int, scheme: str) -> str:
-    """The Host field http.client would write: the default port left out, IPv6 bracketed."""
-    name = f"[{host}]" if ":" in host else host
-    default = 443 if scheme == "https" else 80
-    return name if port == default else f"{name}:{port}"
 
 
 class _Answer:
@@ -105,7 +100,8 @@ class CollectorConnection:
         # Built on the first connection: a CA file that cannot be read fails each export (and
         # says so in the log) rather than the sidecar's start.
         self._tls: ssl.SSLContext | None = None
-        fields = [("Host", _host_field(host, port, scheme)), *headers]
+        host_field = format_hostport(host, port, 443 if scheme == "https" else 80)
+        fields = [("Host", host_field), *headers]
         fields.append(("Content-Type", "application/x-protobuf"))
         lines = "".join(f"{name}: {value}\r\n" for name, value in fields)
         self._head = f"POST {path} HTTP/1.1\r\n{lines}".encode("latin-1", "replace")
@@ -167,7 +163,7 @@ class CollectorConnection:
         while not answer.complete:
             data = sock.recv(65536)
             if not data:
-                if answer.head and not answer.framed and answer.status == 0:
+                if answer.head and not answer.framed:
                     # A body read to the close (no length given): it ends with the connection.
                     return answer.parser.get_status_code(), False
                 if not read:

@@ -554,7 +554,7 @@ class LeanExporter:
             if time.monotonic() >= self._next_try:
                 self._round(final=False)
         self._round(final=True)
-        self._close()
+        self._conn.close()
 
     def _take(self) -> tuple[bytes, int] | None:
         if self._retry is not None:
@@ -582,9 +582,6 @@ class LeanExporter:
                     self._backoff = 0.0
                     self._next_try = 0.0
             return True
-
-    def _close(self) -> None:
-        self._conn.close()
 
     def _post(self, body: bytes, *, final: bool) -> bool | None:
         """True: accepted; False: rejected for good (dropped); None: retry later."""

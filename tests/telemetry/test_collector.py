@@ -16,7 +16,6 @@ from sidecar.telemetry.collector import (
     MAX_RESPONSE,
     CollectorConnection,
     CollectorProtocolError,
-    _host_field,
     valid_field,
 )
 
@@ -258,7 +257,8 @@ def test_a_collector_that_never_answers_times_out() -> None:
 def test_the_host_field_is_what_http_client_wrote(
     host: str, port: int, scheme: str, field: str
 ) -> None:
-    assert _host_field(host, port, scheme) == field
+    conn = CollectorConnection(scheme, host, port, "/v1/traces", [], 1.0, None)
+    assert conn._head.split(b"\r\n")[1] == b"Host: " + field.encode()
 
 
 @pytest.mark.parametrize(
