@@ -1,13 +1,16 @@
-"""Memory and CPU of a process tree, from /proc (VmRSS; utime+stime of every thread)."""
+"""Memory and CPU of a process tree, from /proc (VmRSS; utime+stime of every thread), and how
+busy a CPU was (/proc/stat)."""
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PROC = Path("/proc")
+_STAT = _PROC / "stat"
 
 
 def parse_vmrss_kib(status_text: str) -> int:
@@ -79,6 +82,52 @@ def runqueue_wait_seconds(pid: int) -> float:
             except (OSError, ValueError):
                 continue
     return total / 1e9
+
+
+def parse_core_ticks(stat_text: str, cpu: int) -> tuple[int, int]:
+    """(busy, all) clock ticks of one CPU from /proc/stat: busy is everything but idle and
+    iowait (user, nice, system, irq, softirq, steal; guest time is inside user and nice)."""
+    prefix = f"cpu{cpu} "
+    for line in stat_text.splitlines():
+        if line.startswith(prefix):
+            values = [int(v) for v in line.split()[1:9]]
+            if len(values) < 5:
+                break
+            total = sum(values)
+            return total - values[3] - values[4], total
+    raise ValueError(f"no cpu{cpu} line with its times in /proc/stat")
+
+
+class CoreBusy:
+    """How busy one CPU was over the ``with`` blocks it wraps, summed across them.
+
+    The bench reads it for the load generators' core: a rate measured while that core was
+    saturated says how much the load generators and the upstream could do, not the proxy.
+    ``cpu`` None (nothing pinned): nothing is read and ``share`` is NaN.
+    """
+
+    def __init__(self, cpu: int | None, read: Callable[[], str] = _STAT.read_text) -> None:
+        self.cpu = cpu
+        self._read = read
+        self.busy = 0
+        self.total = 0
+        self._start: tuple[int, int] | None = None
+
+    def __enter__(self) -> CoreBusy:
+        if self.cpu is not None:
+            self._start = parse_core_ticks(self._read(), self.cpu)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cpu is not None and self._start is not None:
+            busy, total = parse_core_ticks(self._read(), self.cpu)
+            self.busy += busy - self._start[0]
+            self.total += total - self._start[1]
+            self._start = None
+
+    @property
+    def share(self) -> float:
+        return self.busy / self.total if self.total else float("nan")
 
 
 class PeakRss:

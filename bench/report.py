@@ -112,6 +112,19 @@ class ExportRun:
 
 
 @dataclass(frozen=True)
+class LoadCoreBusy:
+    """How busy the load generators' core was (0 to 1) while a proxy was loaded in turn, per
+    scenario; NaN where nothing was pinned. Near 1, the rate read is what the load generators
+    and the upstream could do on their core, and a proxy moves it only through what it makes
+    them do (how many wake-ups its writes cost them), not through its own speed."""
+
+    http: float
+    tunnels: float
+    long: float
+    download: float
+
+
+@dataclass(frozen=True)
 class Alternating:
     """The two CPU targets measured again with Squid and the sidecar running side by side on
     the proxy's core and loaded in turn (Squid, sidecar, sidecar, Squid; each segment as long
@@ -128,7 +141,9 @@ class Alternating:
     tunnels_cpu_s: float
     # Long-lived tunnels (HTTPS keep-alive through CONNECT), in the same order.
     squid_long: LoadResult
+    squid_long_cpu_s: float
     long: LoadResult
+    long_cpu_s: float
     # The big download through one tunnel, a few times per segment: one download lasts a
     # fraction of a second, so a single one per proxy reads mostly the machine's mood.
     squid_downloads: tuple[Download, ...]
@@ -136,6 +151,8 @@ class Alternating:
     downloads: tuple[Download, ...]
     downloads_cpu_s: float
     rss_peak_mib: float  # the sidecar's, through these rounds
+    squid_load_core: LoadCoreBusy
+    load_core: LoadCoreBusy
 
     @property
     def squid_download_mb_per_s(self) -> float:
@@ -308,6 +325,14 @@ def _alternating_one_tunnel_rows(report: Report) -> list[Row]:
             a.long.rate,
             0,
             "↑",
+        ),
+        (
+            f"CPU-s per 10k requests in long-lived tunnels, {ALTERNATING}",
+            "-",
+            per_10k(a.squid_long_cpu_s, a.squid_long),
+            per_10k(a.long_cpu_s, a.long),
+            2,
+            "↓",
         ),
         (
             f"{mb:g} MB via one tunnel, MB/s, {ALTERNATING} ({len(a.downloads)} each)",
@@ -600,6 +625,12 @@ def markdown(report: Report) -> str:
         f"{_num(sq.cpu_wait_s, 1)} s of {_num(sq.load_seconds, 0)} s | "
         f"{_num(us.cpu_wait_s, 1)} s of {_num(us.load_seconds, 0)} s | |"
     )
+    if report.alternating is not None:
+        lines.append(
+            "| load generators' core busy, loaded in turn: HTTP / new tunnels / long-lived / "
+            f"{s.big_bytes / 1e6:g} MB | - | {_busy(report.alternating.squid_load_core)} | "
+            f"{_busy(report.alternating.load_core)} | |"
+        )
     lines += [
         "",
         "↑ higher is better, ↓ lower is better. The direct column of the latency rows is the "
@@ -615,7 +646,9 @@ def markdown(report: Report) -> str:
             f' Rows marked "{ALTERNATING}": Squid and the sidecar ran side by side on the '
             "proxy's core, loaded in the order Squid, sidecar, sidecar, Squid (each segment "
             "as long as a scenario; the big download a few times in each), so that the machine's "
-            "drift weighs on both alike: the firmer ratios."
+            "drift weighs on both alike: the firmer ratios. The load generators' core busy "
+            "(/proc/stat) says what bound each rate: near 100 %, the load generators and the "
+            "upstream on their one core, not the proxy (its own cost is its CPU row)."
         )
     extra = sidecar_rows(report)
     if extra:
@@ -628,6 +661,13 @@ def markdown(report: Report) -> str:
     if report.notes:
         lines += ["", *(f"- {n}" for n in report.notes)]
     return "\n".join(lines) + "\n"
+
+
+def _busy(b: LoadCoreBusy) -> str:
+    shares = (b.http, b.tunnels, b.long, b.download)
+    if all(math.isnan(x) for x in shares):
+        return "n/a (not pinned)"
+    return " / ".join(_num(x * 100) for x in shares) + " %"
 
 
 def _plain(value: Any) -> Any:

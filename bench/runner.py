@@ -30,12 +30,13 @@ from bench.dns import DnsUnavailableError, measure_dns
 from bench.idle import hold_idle_tunnels, raise_nofile
 from bench.loadgen import Download, Generators, LoadResult, checked
 from bench.otlp import SpanCounter
-from bench.procstat import PeakRss, cpu_seconds, rss_mib, runqueue_wait_seconds
+from bench.procstat import CoreBusy, PeakRss, cpu_seconds, rss_mib, runqueue_wait_seconds
 from bench.report import (
     Alternating,
     Direct,
     DnsRun,
     ExportRun,
+    LoadCoreBusy,
     ProxyRun,
     Report,
     RulesRun,
@@ -312,6 +313,8 @@ class Arm:
     cpu_s: float = 0.0
     rss_idle_mib: float = 0.0
     rss_peak_mib: float = 0.0
+    # the load generators' core over this arm's segments (read only where it is pinned)
+    load_core: CoreBusy = field(default_factory=lambda: CoreBusy(None))
 
     def result(self) -> LoadResult:
         """The segments as one run: counts and time summed, the worse percentiles."""
@@ -369,7 +372,8 @@ def _paired_downloads(ctx: Context, a: Arm, b: Arm) -> dict[str, list[Download]]
     for arm in (a, b, b, a):
         cpu0 = cpu_seconds(arm.pid)
         for _ in range(DOWNLOADS_PER_SEGMENT):
-            download = ctx.gen.curl_download(url=url, proxy_port=arm.port, max_seconds=60)
+            with arm.load_core:
+                download = ctx.gen.curl_download(url=url, proxy_port=arm.port, max_seconds=60)
             if download.status != 200 or download.size != ctx.s.big_bytes:
                 ctx.notes.append(
                     f"{arm.label}, loaded in turn: big download got {download.status}, "
@@ -408,7 +412,8 @@ def _paired(
             warmed()
         for arm in (a, b, b, a):
             cpu0 = cpu_seconds(arm.pid)
-            run = run_load(arm, segment)
+            with arm.load_core:
+                run = run_load(arm, segment)
             if arm.after is not None:
                 arm.after(run)
             arm.cpu_s += cpu_seconds(arm.pid) - cpu0
@@ -432,16 +437,17 @@ def measure_alternating(
         ("tunnels", _tunnels_load(ctx, new_each=True)),
         ("long", _tunnels_load(ctx, new_each=False)),
     )
+    load_cpu = ctx.pinning.load_cpu
     for kind, load in loads:
-        theirs = Arm(squid_label, *squid)
-        ours = Arm("sidecar", sidecar.server.pid, sidecar.port)
+        theirs = Arm(squid_label, *squid, load_core=CoreBusy(load_cpu))
+        ours = Arm("sidecar", sidecar.server.pid, sidecar.port, load_core=CoreBusy(load_cpu))
         # whole-scenario segments: the ratio the issue's targets are read from
         _paired(ctx, theirs, ours, load=load, warm=False, segment=ctx.s.seconds)
         arms[kind] = (theirs, ours)
     (sq_http, http), (sq_tunnels, tunnels) = arms["http"], arms["tunnels"]
     sq_long, long = arms["long"]
-    sq_big = Arm(squid_label, *squid)
-    big = Arm("sidecar", sidecar.server.pid, sidecar.port)
+    sq_big = Arm(squid_label, *squid, load_core=CoreBusy(load_cpu))
+    big = Arm("sidecar", sidecar.server.pid, sidecar.port, load_core=CoreBusy(load_cpu))
     with PeakRss(big.pid) as big_peak:
         downloads = _paired_downloads(ctx, sq_big, big)
     return Alternating(
@@ -458,12 +464,26 @@ def measure_alternating(
         squid_long=checked(
             f"{squid_label} long-lived tunnels, loaded in turn", sq_long.result(), ctx.notes
         ),
+        squid_long_cpu_s=sq_long.cpu_s,
         long=checked("sidecar long-lived tunnels, loaded in turn", long.result(), ctx.notes),
+        long_cpu_s=long.cpu_s,
         squid_downloads=tuple(downloads[squid_label]),
         squid_downloads_cpu_s=sq_big.cpu_s,
         downloads=tuple(downloads["sidecar"]),
         downloads_cpu_s=big.cpu_s,
         rss_peak_mib=max(http.rss_peak_mib, tunnels.rss_peak_mib, long.rss_peak_mib, big_peak.peak),
+        squid_load_core=LoadCoreBusy(
+            sq_http.load_core.share,
+            sq_tunnels.load_core.share,
+            sq_long.load_core.share,
+            sq_big.load_core.share,
+        ),
+        load_core=LoadCoreBusy(
+            http.load_core.share,
+            tunnels.load_core.share,
+            long.load_core.share,
+            big.load_core.share,
+        ),
     )
 
 

@@ -9,7 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.loadgen import LoadError, LoadResult, parse_curl, parse_hey, parse_wrk
-from bench.procstat import parse_cpu_ticks, parse_schedstat, parse_vmrss_kib
+from bench.procstat import (
+    CoreBusy,
+    parse_core_ticks,
+    parse_cpu_ticks,
+    parse_schedstat,
+    parse_vmrss_kib,
+)
 from bench.report import _num, _ratio
 
 HEY_OUTPUT = """
@@ -127,3 +133,63 @@ def test_parse_schedstat() -> None:
     assert parse_schedstat("1523000000 870000000 4211\n") == (1_523_000_000, 870_000_000)
     with pytest.raises(ValueError):
         parse_schedstat("garbage")
+
+
+# /proc/stat as Linux 6.x writes it (user nice system idle iowait irq softirq steal guest
+# guest_nice), with a cpu10 so that cpu1's line is not found by a prefix of it.
+PROC_STAT = """cpu  9000 10 3000 50000 200 0 300 40 0 0
+cpu0 4000 5 1000 30000 100 0 100 20 0 0
+cpu1 5000 5 2000 20000 100 0 200 20 500 0
+cpu10 1 1 1 1 1 1 1 1 0 0
+intr 12345 0 0
+ctxt 99
+"""
+
+
+@pytest.mark.parametrize(
+    ("cpu", "busy", "total"),
+    [
+        # busy: all but idle and iowait; guest (already inside user) is not added again
+        (0, 4000 + 5 + 1000 + 0 + 100 + 20, 35225),
+        (1, 5000 + 5 + 2000 + 0 + 200 + 20, 27325),
+        (10, 6, 8),
+    ],
+)
+def test_parse_core_ticks(cpu: int, busy: int, total: int) -> None:
+    assert parse_core_ticks(PROC_STAT, cpu) == (busy, total)
+
+
+@pytest.mark.parametrize(
+    ("text", "cpu"),
+    [(PROC_STAT, 2), ("cpu0 1 2 3\n", 0), ("", 0)],
+)
+def test_parse_core_ticks_names_what_is_missing(text: str, cpu: int) -> None:
+    with pytest.raises(ValueError, match=f"cpu{cpu} "):
+        parse_core_ticks(text, cpu)
+
+
+def test_core_busy_sums_its_blocks_and_ignores_the_time_between() -> None:
+    snapshots = iter(
+        [
+            "cpu1 100 0 0 900 0 0 0 0\n",  # first block: 50 busy of 100
+            "cpu1 150 0 0 950 0 0 0 0\n",
+            "cpu1 150 0 0 5000 0 0 0 0\n",  # between blocks: idle, not counted
+            "cpu1 250 0 0 5000 0 0 0 0\n",  # second block: 100 busy of 100
+        ]
+    )
+    busy = CoreBusy(1, read=lambda: next(snapshots))
+    for _ in range(2):
+        with busy:
+            pass
+    assert (busy.busy, busy.total) == (150, 200)
+    assert busy.share == pytest.approx(0.75)
+
+
+def test_core_busy_without_a_cpu_reads_nothing() -> None:
+    def never() -> str:
+        raise AssertionError("read")
+
+    busy = CoreBusy(None, read=never)
+    with busy:
+        pass
+    assert math.isnan(busy.share)

@@ -8,6 +8,9 @@ import dataclasses
 import gzip
 import http.server
 import math
+import os
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -21,10 +24,12 @@ from bench.configs import big_allowlist_yaml, named_allowlist_yaml
 from bench.idle import IdleResult
 from bench.loadgen import Download, LoadResult
 from bench.otlp import SpanCounter
+from bench.procstat import CoreBusy
 from bench.report import (
     Alternating,
     Direct,
     ExportRun,
+    LoadCoreBusy,
     ProxyRun,
     Report,
     RulesRun,
@@ -250,6 +255,10 @@ def test_the_rounds_loaded_in_turn_sit_under_the_main_cpu_rows() -> None:
             downloads=(Download(200, 100_000_000, 0.25), Download(200, 100_000_000, 0.25)),
             downloads_cpu_s=0.3,
             rss_peak_mib=150.0,
+            squid_long_cpu_s=1.6,
+            long_cpu_s=0.9,
+            squid_load_core=LoadCoreBusy(0.995, 0.99, 1.0, 0.974),
+            load_core=LoadCoreBusy(0.99, 0.98, 0.999, 0.9),
         ),
     )
     table = markdown(report)
@@ -265,15 +274,22 @@ def test_the_rounds_loaded_in_turn_sit_under_the_main_cpu_rows() -> None:
     # bytes over time of all the downloads (not a mean of rates), CPU per GB of them all
     lines = table.splitlines()
     at = next(n for n, line in enumerate(lines) if line.startswith("| CPU-s per GB through one"))
-    assert lines[at + 1 : at + 4] == [
+    assert lines[at + 1 : at + 5] == [
         "| long-lived tunnels req/s, c=16, both running, loaded in turn ↑ | - | 8,000 | 6,000 "
         "| 0.75x |",
+        "| CPU-s per 10k requests in long-lived tunnels, both running, loaded in turn ↓ | - "
+        "| 2.00 | 1.50 | 0.75x |",
         "| 100 MB via one tunnel, MB/s, both running, loaded in turn (2 each) ↑ | - | 400 "
         "| 400 "
         "| 1.00x |",
         "| CPU-s per GB through one tunnel, both running, loaded in turn ↓ | - | 0.50 | 1.50 "
         "| 3.00x |",
     ]
+    # what bound the rates: the load generators' core, per scenario, as percentages
+    assert (
+        "| load generators' core busy, loaded in turn: HTTP / new tunnels / long-lived / 100 MB "
+        "| - | 100 / 99 / 100 / 97 % | 99 / 98 / 100 / 90 % | |" in table
+    )
     assert report.sidecar_peak_mib() == 150.0  # its rounds count for the whole bench's peak
     row = next(
         r
@@ -282,3 +298,29 @@ def test_the_rounds_loaded_in_turn_sit_under_the_main_cpu_rows() -> None:
     )
     assert row["sidecar_over_squid"] == pytest.approx(1.25)
     assert "both running" not in markdown(_report())  # none measured: no row
+    assert "core busy" not in markdown(_report())
+    assert report.alternating is not None
+    unpinned = dataclasses.replace(
+        report.alternating,
+        squid_load_core=LoadCoreBusy(math.nan, math.nan, math.nan, math.nan),
+        load_core=LoadCoreBusy(math.nan, math.nan, math.nan, math.nan),
+    )
+    assert "| n/a (not pinned) | n/a (not pinned) |" in markdown(
+        dataclasses.replace(report, alternating=unpinned)
+    )
+    busy = to_json(report)["run"]["alternating"]["load_core"]
+    assert busy == {"http": 0.99, "tunnels": 0.98, "long": 0.999, "download": 0.9}
+
+
+def test_core_busy_reads_a_cpu_kept_busy() -> None:
+    """CoreBusy on the real /proc/stat: a process spinning on one CPU makes it read busy."""
+    cpu = max(os.sched_getaffinity(0))
+    spin = (
+        f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\n"
+        "end = time.monotonic() + 0.6\nwhile time.monotonic() < end: pass\n"
+    )
+    busy = CoreBusy(cpu)
+    with busy:
+        assert subprocess.run([sys.executable, "-c", spin], check=False, timeout=30).returncode == 0
+    assert busy.total > 0
+    assert busy.share > 0.5, (busy.busy, busy.total)

@@ -29,6 +29,7 @@ LABELS = [
     "1 MB via one tunnel, MB/s",
     "CPU-s per GB through one tunnel",
     "long-lived tunnels req/s, c=4, both running, loaded in turn",
+    "CPU-s per 10k requests in long-lived tunnels, both running, loaded in turn",
     "1 MB via one tunnel, MB/s, both running, loaded in turn (6 each)",
     "CPU-s per GB through one tunnel, both running, loaded in turn",
     "added p50 latency, c=1, ms",
@@ -57,6 +58,7 @@ SIDECAR_LABELS = [
 ]
 RSS_PAIR = re.compile(r"^[\d,]+\.\d / [\d,]+\.\d")
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
+BUSY = re.compile(r"^(\d{1,3} / ){3}\d{1,3} %$")
 
 
 def _cells(table: str, label: str) -> list[str]:
@@ -114,6 +116,13 @@ def test_tiny_run_gives_numbers_for_every_scenario(
             assert float(ours.replace(",", "")) > 0, (label, ours)
             assert ratio.endswith("x"), (label, ratio)
     assert _cells(table, "errors (non-2xx, socket)")[2:4] == ["0", "0"]
+    # the load generators' core, read from /proc/stat per scenario where the run pins it
+    busy = _cells(
+        table, "load generators' core busy, loaded in turn: HTTP / new tunnels / long-lived / 1 MB"
+    )
+    pinned = len(affinity) > 1
+    for cell in busy[2:4]:
+        assert BUSY.match(cell) if pinned else cell == "n/a (not pinned)", busy
     for label in SIDECAR_LABELS:
         _, ours, reference, ratio = _cells(table, label)
         assert NUMBER.match(ours), (label, ours)
