@@ -30,7 +30,7 @@ LABELS = [
     "CPU-s per GB through one tunnel",
     "long-lived tunnels req/s, c=4, both running, loaded in turn",
     "CPU-s per 10k requests in long-lived tunnels, both running, loaded in turn",
-    "1 MB via one tunnel, MB/s, both running, loaded in turn (6 each)",
+    "1 MB via one tunnel, MB/s, both running, loaded in turn (12 each)",
     "CPU-s per GB through one tunnel, both running, loaded in turn",
     "added p50 latency, c=1, ms",
     "added p99 latency, c=1, ms",
