@@ -361,8 +361,8 @@ def _tunnels_load(ctx: Context, *, new_each: bool) -> Load:
 
 
 # Big downloads per segment of the rounds loaded in turn. One lasts a fraction of a second, and
-# single downloads through one proxy ranged 200-670 MB/s within a minute here: with six per
-# proxy the ratio read 0.86-1.27x across runs, three rounds of eight each read 1.07-1.10x.
+# single downloads through one proxy ranged 200-670 MB/s within a minute here, so the ratio is
+# read over twelve per proxy (with six it read 0.86-1.27x across runs of unchanged code).
 DOWNLOADS_PER_SEGMENT = 6
 
 
