@@ -373,16 +373,19 @@ def _paired_downloads(ctx: Context, a: Arm, b: Arm) -> dict[str, list[Download]]
     url = f"https://{LOOPBACK}:{ctx.up.https}{BIG_PATH}"
     for arm in (a, b, b, a):
         cpu0 = cpu_seconds(arm.pid)
-        for _ in range(DOWNLOADS_PER_SEGMENT):
-            with arm.load_core:
-                download = ctx.gen.curl_download(url=url, proxy_port=arm.port, max_seconds=60)
+        with arm.load_core:  # one window per segment, as the CPU's and _paired's
+            downloads = [
+                ctx.gen.curl_download(url=url, proxy_port=arm.port, max_seconds=60)
+                for _ in range(DOWNLOADS_PER_SEGMENT)
+            ]
+        arm.cpu_s += cpu_seconds(arm.pid) - cpu0
+        for download in downloads:
             if download.status != 200 or download.size != ctx.s.big_bytes:
                 ctx.notes.append(
                     f"{arm.label}, loaded in turn: big download got {download.status}, "
                     f"{download.size} bytes"
                 )
-            got[arm.label].append(download)
-        arm.cpu_s += cpu_seconds(arm.pid) - cpu0
+        got[arm.label] += downloads
     return got
 
 
