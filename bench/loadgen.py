@@ -1,4 +1,5 @@
-"""Load generators (wrk, hey, curl) run as bounded subprocesses, and parsers of what they print."""
+"""Load generators (wrk, hey, curl, our tunload) run as bounded subprocesses, and parsers of what
+they print."""
 
 from __future__ import annotations
 
@@ -102,6 +103,39 @@ def parse_curl(stdout: str) -> Download:
         raise LoadError(f"curl -w printed {stdout!r}") from err
 
 
+_TUNLOAD_LINE = re.compile(r"^BENCH-TUNLOAD (.*)$", re.MULTILINE)
+
+
+def parse_tunload(stdout: str) -> LoadResult:
+    match = _TUNLOAD_LINE.search(stdout)
+    if not match:
+        raise LoadError(f"tunload printed no BENCH-TUNLOAD line:\n{stdout[-2000:]}")
+    try:
+        kv = {k: float(v) for k, v in (item.split("=", 1) for item in match.group(1).split())}
+        return LoadResult(
+            ok=int(kv["ok"]),
+            errors=int(kv["status"]),
+            seconds=kv["seconds"],
+            p50_ms=kv["p50_ms"],
+            p99_ms=kv["p99_ms"],
+        )
+    except (KeyError, ValueError) as err:
+        raise LoadError(f"tunload printed an unreadable line: {match.group(0)!r}") from err
+
+
+TUNLOAD_SOURCE = Path(__file__).with_name("tunload.c")
+
+
+def build_tunload(cc: str, workdir: Path) -> Path:
+    """Compile ``tunload.c`` (beside this module) into ``workdir``; its path."""
+    out = workdir / "tunload"
+    argv = [cc, "-O2", "-Wall", "-o", str(out), str(TUNLOAD_SOURCE)]
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise LoadError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+    return out
+
+
 def clean_env() -> dict[str, str]:
     """The environment without proxy variables (the proxy is always given explicitly)."""
     drop = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
@@ -127,6 +161,7 @@ class Generators:
     curl: str
     prefix: tuple[str, ...]  # e.g. taskset -c 1
     workdir: Path
+    tunload: Path | None = None  # build_tunload's program; only the scenarios that use it need it
 
     def wrk_http(
         self,
@@ -200,7 +235,39 @@ class Generators:
         argv.append(f"https://{address}:{upstream_port}/")
         return parse_hey(_run(argv, seconds + 40, clean_env()))
 
-    def curl_download(self, *, url: str, proxy_port: int | None, max_seconds: float) -> Download:
+    def tunnel_http(
+        self,
+        *,
+        upstream_port: int,
+        proxy_port: int | None,
+        connections: int,
+        seconds: int,
+        limit: int,
+    ) -> LoadResult:
+        """Plain HTTP keep-alive GETs inside long-lived CONNECT tunnels through the proxy at
+        ``proxy_port`` (straight to the upstream when None), time- and count-bounded; the
+        clock starts once every tunnel is open."""
+        if self.tunload is None:
+            raise LoadError("tunload was not built (build_tunload)")
+        target = f"{LOOPBACK}:{upstream_port}"
+        proxy = f"{LOOPBACK}:{proxy_port}" if proxy_port is not None else "-"
+        argv = [
+            *self.prefix,
+            str(self.tunload),
+            proxy,
+            target,
+            "/",
+            str(connections),
+            str(max(seconds, 1)),
+            str(max(limit, 1)),
+        ]
+        return parse_tunload(_run(argv, seconds + 30, clean_env()))
+
+    def curl_download(
+        self, *, url: str, proxy_port: int | None, max_seconds: float, tunnel: bool = False
+    ) -> Download:
+        """One GET of ``url`` to /dev/null. ``tunnel``: through a CONNECT tunnel even for an
+        http:// URL (curl --proxytunnel), so the proxy relays the bytes untouched."""
         argv = [
             *self.prefix,
             self.curl,
@@ -216,6 +283,8 @@ class Generators:
         ]
         if proxy_port is not None:
             argv += ["--proxy", f"http://{LOOPBACK}:{proxy_port}", "--noproxy", ""]
+            if tunnel:
+                argv.append("--proxytunnel")
         else:
             argv += ["--noproxy", "*"]
         argv.append(url)

@@ -13,6 +13,7 @@ PACKAGES: dict[str, str] = {
     "wrk": "wrk",
     "hey": "hey",
     "curl": "curl",
+    "cc": "gcc",  # builds bench/tunload.c, the long-lived tunnels' load generator
 }
 
 _EXTRA_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -39,6 +40,7 @@ class Tools:
     wrk: str
     hey: str
     curl: str
+    cc: str
     taskset: str | None  # None: no CPU pinning
 
 
@@ -58,5 +60,6 @@ def find_tools() -> Tools:
         wrk=str(found["wrk"]),
         hey=str(found["hey"]),
         curl=str(found["curl"]),
+        cc=str(found["cc"]),
         taskset=which("taskset"),
     )

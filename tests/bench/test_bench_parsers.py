@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.loadgen import LoadError, LoadResult, parse_curl, parse_hey, parse_wrk
+from bench.loadgen import LoadError, LoadResult, parse_curl, parse_hey, parse_tunload, parse_wrk
 from bench.procstat import (
     CoreBusy,
     parse_core_ticks,
@@ -74,6 +74,37 @@ def test_parse_hey_counts_2xx_as_ok_and_the_rest_as_errors() -> None:
 def test_parse_hey_without_total_is_an_error() -> None:
     with pytest.raises(LoadError, match="Total"):
         parse_hey("Error: too many open files\n")
+
+
+@pytest.mark.parametrize(
+    ("stdout", "expected"),
+    [
+        (
+            "BENCH-TUNLOAD ok=120404 status=0 seconds=2.000038 p50_ms=0.255 p99_ms=0.435\n",
+            LoadResult(ok=120404, errors=0, seconds=2.000038, p50_ms=0.255, p99_ms=0.435),
+        ),
+        (  # non-2xx answers are errors; a line among others is found
+            "warming\nBENCH-TUNLOAD ok=7 status=3 seconds=1.5 p50_ms=1.005 p99_ms=9.995\n",
+            LoadResult(ok=7, errors=3, seconds=1.5, p50_ms=1.005, p99_ms=9.995),
+        ),
+    ],
+)
+def test_parse_tunload(stdout: str, expected: LoadResult) -> None:
+    assert parse_tunload(stdout) == expected
+
+
+@pytest.mark.parametrize(
+    ("stdout", "message"),
+    [
+        ("", "no BENCH-TUNLOAD line"),
+        ("BENCH-TUNLOAD ok=1 seconds=1 p50_ms=1 p99_ms=1", "unreadable line"),  # no status
+        ("BENCH-TUNLOAD ok=x status=0 seconds=1 p50_ms=1 p99_ms=1", "unreadable line"),
+        ("BENCH-TUNLOAD ok status=0", "unreadable line"),
+    ],
+)
+def test_parse_tunload_names_what_it_cannot_read(stdout: str, message: str) -> None:
+    with pytest.raises(LoadError, match=message):
+        parse_tunload(stdout)
 
 
 @pytest.mark.parametrize(
