@@ -25,8 +25,10 @@ def parser() -> argparse.ArgumentParser:
         "(the firmer ratio on a noisy machine); and "
         "for the sidecar alone: span export on, transparent capture in network namespaces "
         "(root), a large allowlist, DNS queries/s and added latency per query through the DNS "
-        "listener against direct (root). Needs squid, nginx, wrk, hey and curl (Debian: apt-get "
-        "install squid nginx-light wrk hey curl). A full run takes about 3.5 minutes; it prints "
+        "listener against direct (root). Long-lived tunnels and the big download carry plain "
+        "HTTP, so that the proxy bounds them (rows with TLS inside follow). Needs squid, nginx, "
+        "wrk, hey, curl and a C compiler for the bench's own tunnel load generator, "
+        "bench/tunload.c (Debian: apt-get install squid nginx-light wrk hey curl gcc). A full run takes about 3.5 minutes; it prints "
         "Markdown tables and writes them to --out, and the figures as JSON to --json.",
     )
     p.add_argument(

@@ -27,7 +27,9 @@ def nginx_conf(
     workdir: Path, ports: UpstreamPorts, cert: Path, key: Path, address: str = LOOPBACK
 ) -> str:
     """One nginx process (no master), plain HTTP and TLS on ``address`` (loopback, or the outside
-    address of the transparent scenario's namespaces), a tiny body and a big file.
+    address of the transparent scenario's namespaces), a tiny body and a big file on both.
+    The big file over plain HTTP goes out with sendfile, so that the download through a tunnel
+    costs the load generators' core little more than curl's reads: the proxy is its bound.
 
     keepalive_requests is raised so that a keep-alive client (or a proxy's pooled upstream
     connection) is never closed by nginx mid-run: reconnections would blur req/s.
@@ -52,6 +54,9 @@ http {{
     default_type text/plain;
     server {{
         listen {address}:{ports.http} backlog=4096;
+        root {workdir}/www;
+        sendfile on;
+        location = {BIG_PATH} {{ }}
         location / {{ return 200 "{BODY.strip()}\\n"; }}
     }}
     server {{

@@ -38,8 +38,10 @@ class Direct:
     http: LoadResult
     latency: LoadResult
     new_tls: LoadResult
+    long: LoadResult  # plain HTTP, keep-alive (tunload), as in the proxies' long-lived tunnels
     keepalive_tls: LoadResult
-    download: Download
+    download: Download  # plain HTTP (curl)
+    download_tls: Download
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,11 @@ class ProxyRun:
     latency: LoadResult
     new_tunnels: LoadResult
     new_tunnels_cpu_s: float
-    long_tunnels: LoadResult
-    download: Download
+    long_tunnels: LoadResult  # plain HTTP inside (tunload)
+    long_tls_tunnels: LoadResult  # TLS inside (hey)
+    download: Download  # plain HTTP inside the tunnel
     download_cpu_s: float
+    download_tls: Download  # TLS inside
     rss_idle_mib: float
     rss_peak_mib: float  # during the load scenarios above
     load_seconds: float  # wall time of all measured load
@@ -75,9 +79,16 @@ class ProxyRun:
 
     @property
     def errors(self) -> int:
-        return sum(
-            r.errors for r in (self.http, self.latency, self.new_tunnels, self.long_tunnels)
-        ) + (0 if self.download.status == 200 else 1)
+        loads = (
+            self.http,
+            self.latency,
+            self.new_tunnels,
+            self.long_tunnels,
+            self.long_tls_tunnels,
+        )
+        return sum(r.errors for r in loads) + sum(
+            d.status != 200 for d in (self.download, self.download_tls)
+        )
 
 
 def per_10k(cpu_s: float, result: LoadResult) -> float:
@@ -139,7 +150,7 @@ class Alternating:
     squid_tunnels_cpu_s: float
     tunnels: LoadResult
     tunnels_cpu_s: float
-    # Long-lived tunnels (HTTPS keep-alive through CONNECT), in the same order.
+    # Long-lived tunnels (plain HTTP keep-alive inside, tunload), in the same order.
     squid_long: LoadResult
     squid_long_cpu_s: float
     long: LoadResult
@@ -153,6 +164,23 @@ class Alternating:
     rss_peak_mib: float  # the sidecar's, through these rounds
     squid_load_core: LoadCoreBusy
     load_core: LoadCoreBusy
+
+    def proxy_core(self, squid: bool) -> LoadCoreBusy:
+        """The proxy's own CPU over its segments, a share of its one core: near 1, the proxy
+        was the bound; the shares of the four scenarios, as in LoadCoreBusy."""
+        if squid:
+            return LoadCoreBusy(
+                _share(self.squid_http_cpu_s, self.squid_http.seconds),
+                _share(self.squid_tunnels_cpu_s, self.squid_tunnels.seconds),
+                _share(self.squid_long_cpu_s, self.squid_long.seconds),
+                _share(self.squid_downloads_cpu_s, sum(d.seconds for d in self.squid_downloads)),
+            )
+        return LoadCoreBusy(
+            _share(self.http_cpu_s, self.http.seconds),
+            _share(self.tunnels_cpu_s, self.tunnels.seconds),
+            _share(self.long_cpu_s, self.long.seconds),
+            _share(self.downloads_cpu_s, sum(d.seconds for d in self.downloads)),
+        )
 
     @property
     def squid_download_mb_per_s(self) -> float:
@@ -169,6 +197,10 @@ class Alternating:
     @property
     def cpu_per_gb(self) -> float:
         return cpu_per_gb(self.downloads_cpu_s, self.downloads)
+
+
+def _share(cpu_s: float, seconds: float) -> float:
+    return cpu_s / seconds if seconds > 0 else float("nan")
 
 
 def mb_per_s(downloads: tuple[Download, ...]) -> float:
@@ -382,7 +414,7 @@ def rows(report: Report) -> list[Row]:
         ),
         (
             f"long-lived tunnels req/s, c={c}",
-            _num(d.keepalive_tls.rate),
+            _num(d.long.rate),
             sq.long_tunnels.rate,
             us.long_tunnels.rate,
             0,
@@ -403,6 +435,22 @@ def rows(report: Report) -> list[Row]:
             us.cpu_per_gb_tunnel,
             2,
             "↓",
+        ),
+        (
+            f"long-lived TLS tunnels req/s (hey), c={c}",
+            _num(d.keepalive_tls.rate),
+            sq.long_tls_tunnels.rate,
+            us.long_tls_tunnels.rate,
+            0,
+            "↑",
+        ),
+        (
+            f"{mb:g} MB via one tunnel, TLS inside, MB/s",
+            _num(d.download_tls.mb_per_s),
+            sq.download_tls.mb_per_s,
+            us.download_tls.mb_per_s,
+            0,
+            "↑",
         ),
         (
             "added p50 latency, c=1, ms",
@@ -631,6 +679,12 @@ def markdown(report: Report) -> str:
             f"{s.big_bytes / 1e6:g} MB | - | {_busy(report.alternating.squid_load_core)} | "
             f"{_busy(report.alternating.load_core)} | |"
         )
+        lines.append(
+            "| the proxy's own CPU, share of its core, loaded in turn: HTTP / new tunnels / "
+            f"long-lived / {s.big_bytes / 1e6:g} MB | - | "
+            f"{_busy(report.alternating.proxy_core(squid=True))} | "
+            f"{_busy(report.alternating.proxy_core(squid=False))} | |"
+        )
     lines += [
         "",
         "↑ higher is better, ↓ lower is better. The direct column of the latency rows is the "
@@ -646,10 +700,20 @@ def markdown(report: Report) -> str:
             f' Rows marked "{ALTERNATING}": Squid and the sidecar ran side by side on the '
             "proxy's core, loaded in the order Squid, sidecar, sidecar, Squid (each segment "
             "as long as a scenario; the big download a few times in each), so that the machine's "
-            "drift weighs on both alike: the firmer ratios. The load generators' core busy "
-            "(/proc/stat) says what bound each rate: near 100 %, the load generators and the "
-            "upstream on their one core, not the proxy (its own cost is its CPU row)."
+            "drift weighs on both alike: the firmer ratios. The two busy lines say what bound "
+            "each rate: the load generators' core (/proc/stat) near 100 % and the proxy's own "
+            "share under it, the load generators and the upstream on their one core, not the "
+            "proxy (its own cost is then its CPU row); the proxy's share near 100 %, the proxy. "
+            "The proxy's share is its CPU-seconds over the load's own seconds (a download's "
+            "start-up and a load generator's are outside them, so it can read a little over "
+            "100 %)."
         )
+    lines[-1] += (
+        " Long-lived tunnels and the big download carry plain HTTP (tunload, bench/tunload.c; "
+        "curl --proxytunnel; nginx's sendfile), so that the proxy bounds them; the proxy "
+        "relays the bytes untouched either way. The TLS-inside rows (hey, curl decrypting) "
+        "are bound by the load generators' core, which TLS on both ends fills first."
+    )
     extra = sidecar_rows(report)
     if extra:
         lines += [
@@ -705,6 +769,12 @@ def to_json(report: Report) -> dict[str, Any]:
             "table": table,
             "sidecar_scenarios": extra,
             "sidecar_peak_rss_mib": report.sidecar_peak_mib(),
+            "proxy_core_busy": None
+            if report.alternating is None
+            else {
+                "squid": dataclasses.asdict(report.alternating.proxy_core(squid=True)),
+                "sidecar": dataclasses.asdict(report.alternating.proxy_core(squid=False)),
+            },
             "run": dataclasses.asdict(report),
         }
     )

@@ -28,7 +28,7 @@ from bench.configs import (
 )
 from bench.dns import DnsUnavailableError, measure_dns
 from bench.idle import hold_idle_tunnels, raise_nofile
-from bench.loadgen import Download, Generators, LoadResult, checked
+from bench.loadgen import Download, Generators, LoadResult, build_tunload, checked
 from bench.otlp import SpanCounter
 from bench.procstat import CoreBusy, PeakRss, cpu_seconds, rss_mib, runqueue_wait_seconds
 from bench.report import (
@@ -158,9 +158,11 @@ class _Scenarios:
     latency: LoadResult
     new_tls: LoadResult
     new_tls_cpu_s: float
+    long: LoadResult
     keepalive_tls: LoadResult
     download: Download
     download_cpu_s: float
+    download_tls: Download
 
 
 def _run_scenarios(
@@ -204,7 +206,15 @@ def _run_scenarios(
         max_qps_per_worker=s.max_qps_per_worker,
     )
     new_tls_cpu = cpu() - cpu0
-    log(f"{label}: HTTPS keep-alive (through a proxy: long-lived tunnels)")
+    log(f"{label}: HTTP keep-alive inside long-lived tunnels (tunload)")
+    long = gen.tunnel_http(
+        upstream_port=up.http,
+        proxy_port=proxy_port,
+        connections=c,
+        seconds=s.seconds,
+        limit=s.max_requests,
+    )
+    log(f"{label}: HTTPS keep-alive (through a proxy: long-lived TLS tunnels, hey)")
     keepalive_tls = gen.hey_https(
         upstream_port=up.https,
         proxy_port=proxy_port,
@@ -213,19 +223,38 @@ def _run_scenarios(
         new_connection_each=False,
         max_qps_per_worker=s.max_qps_per_worker,
     )
-    log(f"{label}: one big download")
+    log(f"{label}: one big download (through a proxy: in a tunnel)")
     cpu0 = cpu()
     download = gen.curl_download(
+        url=f"http://{LOOPBACK}:{up.http}{BIG_PATH}",
+        proxy_port=proxy_port,
+        max_seconds=60,
+        tunnel=True,
+    )
+    download_cpu = cpu() - cpu0
+    log(f"{label}: one big download over TLS")
+    download_tls = gen.curl_download(
         url=f"https://{LOOPBACK}:{up.https}{BIG_PATH}", proxy_port=proxy_port, max_seconds=60
     )
     return _Scenarios(
-        http, http_cpu, latency, new_tls, new_tls_cpu, keepalive_tls, download, cpu() - cpu0
+        http,
+        http_cpu,
+        latency,
+        new_tls,
+        new_tls_cpu,
+        long,
+        keepalive_tls,
+        download,
+        download_cpu,
+        download_tls,
     )
 
 
 def measure_direct(gen: Generators, up: UpstreamPorts, s: Settings, log: Log) -> Direct:
     sc = _run_scenarios(gen, up, s, label="direct", proxy_port=None, cpu=lambda: 0.0, log=log)
-    return Direct(sc.http, sc.latency, sc.new_tls, sc.keepalive_tls, sc.download)
+    return Direct(
+        sc.http, sc.latency, sc.new_tls, sc.long, sc.keepalive_tls, sc.download, sc.download_tls
+    )
 
 
 def measure_proxy(
@@ -267,8 +296,9 @@ def measure_proxy(
                     f"{name}: {idle.held:,} of {idle.wanted:,} idle tunnels held "
                     f"({idle.failed:,} failed to open)"
                 )
-    if sc.download.status != 200 or sc.download.size != s.big_bytes:
-        notes.append(f"{name}: big download got {sc.download.status}, {sc.download.size} bytes")
+    for what, download in (("big download", sc.download), ("big TLS download", sc.download_tls)):
+        if download.status != 200 or download.size != s.big_bytes:
+            notes.append(f"{name}: {what} got {download.status}, {download.size} bytes")
     return ProxyRun(
         name=name,
         http=checked(f"{name} HTTP keep-alive", sc.http, notes),
@@ -276,9 +306,11 @@ def measure_proxy(
         latency=checked(f"{name} latency c=1", sc.latency, notes),
         new_tunnels=checked(f"{name} new tunnels", sc.new_tls, notes),
         new_tunnels_cpu_s=sc.new_tls_cpu_s,
-        long_tunnels=checked(f"{name} long-lived tunnels", sc.keepalive_tls, notes),
+        long_tunnels=checked(f"{name} long-lived tunnels", sc.long, notes),
+        long_tls_tunnels=checked(f"{name} long-lived TLS tunnels", sc.keepalive_tls, notes),
         download=sc.download,
         download_cpu_s=sc.download_cpu_s,
+        download_tls=sc.download_tls,
         load_seconds=load_seconds,
         cpu_wait_s=cpu_wait,
         rss_idle_mib=rss_idle,
@@ -344,8 +376,8 @@ def _http_load(ctx: Context) -> Load:
     return load
 
 
-def _tunnels_load(ctx: Context, *, new_each: bool) -> Load:
-    """HTTPS through CONNECT tunnels: a new one per request (``new_each``) or long-lived."""
+def _new_tunnels_load(ctx: Context) -> Load:
+    """HTTPS through a new CONNECT tunnel per request (hey)."""
 
     def load(arm: Arm, seconds: int) -> LoadResult:
         return ctx.gen.hey_https(
@@ -353,8 +385,24 @@ def _tunnels_load(ctx: Context, *, new_each: bool) -> Load:
             proxy_port=arm.port,
             connections=ctx.s.connections,
             seconds=seconds,
-            new_connection_each=new_each,
+            new_connection_each=True,
             max_qps_per_worker=ctx.s.max_qps_per_worker,
+        )
+
+    return load
+
+
+def _long_tunnels_load(ctx: Context) -> Load:
+    """Plain HTTP keep-alive inside long-lived CONNECT tunnels (tunload: light enough that the
+    proxy, not the load generators' core, bounds the rate)."""
+
+    def load(arm: Arm, seconds: int) -> LoadResult:
+        return ctx.gen.tunnel_http(
+            upstream_port=ctx.up.http,
+            proxy_port=arm.port,
+            connections=ctx.s.connections,
+            seconds=seconds,
+            limit=ctx.s.max_requests,
         )
 
     return load
@@ -370,12 +418,12 @@ def _paired_downloads(ctx: Context, a: Arm, b: Arm) -> dict[str, list[Download]]
     """The big download through each proxy in the order A B B A, a few each time; each arm's
     CPU through them is added to its ``cpu_s``."""
     got: dict[str, list[Download]] = {a.label: [], b.label: []}
-    url = f"https://{LOOPBACK}:{ctx.up.https}{BIG_PATH}"
+    url = f"http://{LOOPBACK}:{ctx.up.http}{BIG_PATH}"  # in a tunnel: see _run_scenarios
     for arm in (a, b, b, a):
         cpu0 = cpu_seconds(arm.pid)
         with arm.load_core:  # one window per segment, as the CPU's and _paired's
             downloads = [
-                ctx.gen.curl_download(url=url, proxy_port=arm.port, max_seconds=60)
+                ctx.gen.curl_download(url=url, proxy_port=arm.port, max_seconds=60, tunnel=True)
                 for _ in range(DOWNLOADS_PER_SEGMENT)
             ]
         arm.cpu_s += cpu_seconds(arm.pid) - cpu0
@@ -439,8 +487,8 @@ def measure_alternating(
     arms: dict[str, tuple[Arm, Arm]] = {}
     loads = (
         ("http", _http_load(ctx)),
-        ("tunnels", _tunnels_load(ctx, new_each=True)),
-        ("long", _tunnels_load(ctx, new_each=False)),
+        ("tunnels", _new_tunnels_load(ctx)),
+        ("long", _long_tunnels_load(ctx)),
     )
     load_cpu = ctx.pinning.load_cpu
     for kind, load in loads:
@@ -691,7 +739,9 @@ def run(
         if keep_workdir:
             log(f"work directory: {work}")
         notes: list[str] = []
-        gen = Generators(tools.wrk, tools.hey, tools.curl, pinning.load, work)
+        gen = Generators(
+            tools.wrk, tools.hey, tools.curl, pinning.load, work, build_tunload(tools.cc, work)
+        )
         nginx, up = start_nginx(tools.nginx, pinning.load, work / "nginx", settings.big_bytes)
         try:
             direct = measure_direct(gen, up, settings, log)
@@ -765,9 +815,11 @@ def run(
         when=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         machine=machine_description(),
         upstream="nginx (one process; `return 200` body over HTTP and TLS, a file for the "
-        "big download)",
+        "big download over both, plain HTTP's with sendfile)",
         load="wrk (one thread, Lua script sending absolute-form requests) for plain HTTP; "
-        "hey -x for HTTPS through CONNECT; curl for the big download",
+        "hey -x for HTTPS through new CONNECT tunnels and long-lived TLS tunnels; tunload "
+        "(bench/tunload.c) for plain HTTP in long-lived tunnels; curl for the big download "
+        "(--proxytunnel)",
         pinning=pinning.description,
         settings=settings,
         direct=direct,

@@ -36,6 +36,7 @@ from bench.report import (
     Settings,
     TransparentRun,
     markdown,
+    rows,
     sidecar_rows,
     to_json,
 )
@@ -122,8 +123,10 @@ def _proxy(name: str, http_ok: int, http_cpu: float, idle: IdleResult | None) ->
         new_tunnels=_load(400),
         new_tunnels_cpu_s=1.0,
         long_tunnels=_load(1000),
+        long_tls_tunnels=_load(500),
         download=Download(200, 1_000_000, 0.01),
         download_cpu_s=0.01,
+        download_tls=Download(200, 1_000_000, 0.02),
         rss_idle_mib=30.0,
         rss_peak_mib=35.0,
         load_seconds=10.0,
@@ -141,7 +144,15 @@ def _report() -> Report:
         load="l",
         pinning="p",
         settings=Settings(connections=16),
-        direct=Direct(_load(1), _load(1), _load(1), _load(1), Download(200, 1, 1.0)),
+        direct=Direct(
+            _load(1),
+            _load(1),
+            _load(1),
+            _load(3000),
+            _load(2000),
+            Download(200, 1_000_000, 0.001),
+            Download(200, 1_000_000, 0.004),
+        ),
         baseline=_proxy("Squid", 10_000, 0.6, IdleResult(2000, 2000, 0, 27.0, 90.0, 2.0)),
         sidecar=_proxy("sidecar", 10_000, 1.0, IdleResult(2000, 2000, 0, 30.0, 70.0, 2.0)),
         export=ExportRun(
@@ -223,6 +234,24 @@ def test_the_policy_version_is_read_from_the_sidecars_metrics() -> None:
         server.shutdown()
         server.server_close()
     assert _policy_version(server.server_address[1]) is None  # nothing listening
+
+
+def test_the_one_tunnel_rows_say_what_is_inside_the_tunnel() -> None:
+    """The target rows carry plain HTTP (the proxy bound); the TLS-inside rows follow them."""
+    table = {label: (direct, theirs, ours) for label, direct, theirs, ours, _, _ in rows(_report())}
+    assert table["long-lived tunnels req/s, c=16"] == ("3,000", 1000.0, 1000.0)
+    assert table["long-lived TLS tunnels req/s (hey), c=16"] == ("2,000", 500.0, 500.0)
+    assert table["100 MB via one tunnel, MB/s"] == ("1,000", 100.0, 100.0)
+    assert table["100 MB via one tunnel, TLS inside, MB/s"] == ("250", 50.0, 50.0)
+    labels = list(table)
+    assert labels.index("CPU-s per GB through one tunnel") + 1 == labels.index(
+        "long-lived TLS tunnels req/s (hey), c=16"
+    )
+    assert "tunload" in markdown(_report())
+    failed = dataclasses.replace(
+        _proxy("sidecar", 10, 1.0, None), download_tls=Download(502, 0, 0.1)
+    )
+    assert failed.errors == 1  # a failed TLS download counts, as the other one does
 
 
 def test_json_has_both_tables_and_no_nan() -> None:
@@ -310,6 +339,15 @@ def test_the_rounds_loaded_in_turn_sit_under_the_main_cpu_rows() -> None:
     )
     busy = to_json(report)["run"]["alternating"]["load_core"]
     assert busy == {"http": 0.99, "tunnels": 0.98, "long": 0.999, "download": 0.9}
+    # and the proxy's own share of its core: CPU-seconds over the load's seconds
+    assert (
+        "| the proxy's own CPU, share of its core, loaded in turn: HTTP / new tunnels / "
+        "long-lived / 100 MB | - | 200 / 40 / 160 / 20 % | 150 / 50 / 90 / 60 % | |" in table
+    )
+    proxy_busy = to_json(report)["proxy_core_busy"]
+    assert proxy_busy["sidecar"] == {"http": 1.5, "tunnels": 0.5, "long": 0.9, "download": 0.6}
+    assert proxy_busy["squid"]["download"] == pytest.approx(0.2)
+    assert to_json(_report())["proxy_core_busy"] is None
 
 
 def test_core_busy_reads_a_cpu_kept_busy() -> None:

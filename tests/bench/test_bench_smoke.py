@@ -32,6 +32,8 @@ LABELS = [
     "CPU-s per 10k requests in long-lived tunnels, both running, loaded in turn",
     "1 MB via one tunnel, MB/s, both running, loaded in turn (12 each)",
     "CPU-s per GB through one tunnel, both running, loaded in turn",
+    "long-lived TLS tunnels req/s (hey), c=4",
+    "1 MB via one tunnel, TLS inside, MB/s",
     "added p50 latency, c=1, ms",
     "added p99 latency, c=1, ms",
     "RSS idle, MiB",
@@ -59,6 +61,7 @@ SIDECAR_LABELS = [
 RSS_PAIR = re.compile(r"^[\d,]+\.\d / [\d,]+\.\d")
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
 BUSY = re.compile(r"^(\d{1,3} / ){3}\d{1,3} %$")
+SHARES = re.compile(r"^([\d,]+ / ){3}[\d,]+ %$")
 
 
 def _cells(table: str, label: str) -> list[str]:
@@ -79,7 +82,7 @@ def test_help_names_the_scenarios_and_the_packages() -> None:
     ).stdout
     out = " ".join(out.split())  # argparse wraps the description
     assert "--seconds" in out
-    assert "apt-get install squid nginx-light wrk hey curl" in out
+    assert "apt-get install squid nginx-light wrk hey curl gcc" in out
 
 
 @pytest.mark.timeout(150)
@@ -123,6 +126,14 @@ def test_tiny_run_gives_numbers_for_every_scenario(
     pinned = len(affinity) > 1
     for cell in busy[2:4]:
         assert BUSY.match(cell) if pinned else cell == "n/a (not pinned)", busy
+    # the proxy's own share of its core, from its CPU time: read pinned or not
+    own = _cells(
+        table,
+        "the proxy's own CPU, share of its core, loaded in turn: HTTP / new tunnels / long-lived "
+        "/ 1 MB",
+    )
+    for cell in own[2:4]:  # over 100 % when a 1 MB download's CPU ticks outlast its seconds
+        assert SHARES.match(cell), own
     for label in SIDECAR_LABELS:
         _, ours, reference, ratio = _cells(table, label)
         assert NUMBER.match(ours), (label, ours)
