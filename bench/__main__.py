@@ -28,8 +28,9 @@ def parser() -> argparse.ArgumentParser:
         "listener against direct (root). Long-lived tunnels and the big download carry plain "
         "HTTP, so that the proxy bounds them (rows with TLS inside follow). Needs squid, nginx, "
         "wrk, hey, curl and a C compiler for the bench's own tunnel load generator, "
-        "bench/tunload.c (Debian: apt-get install squid nginx-light wrk hey curl gcc). A full run takes about 3.5 minutes; it prints "
-        "Markdown tables and writes them to --out, and the figures as JSON to --json.",
+        "bench/tunload.c (Debian: apt-get install squid nginx-light wrk hey curl gcc). A full "
+        "run takes about 5 minutes; it prints Markdown tables and writes them to --out, and "
+        "the figures as JSON to --json.",
     )
     p.add_argument(
         "--seconds",

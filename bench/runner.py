@@ -408,9 +408,11 @@ def _long_tunnels_load(ctx: Context) -> Load:
     return load
 
 
-# Big downloads per segment of the rounds loaded in turn. One lasts a fraction of a second, and
-# single downloads through one proxy ranged 200-670 MB/s within a minute here, so the ratio is
-# read over twelve per proxy (with six it read 0.86-1.27x across runs of unchanged code).
+# Big downloads per segment of the rounds loaded in turn. One lasts a tenth of a second or less,
+# so the ratio is read over twelve per proxy. (With TLS inside, when the load generators' core
+# bound them, single downloads through one proxy ranged 200-670 MB/s within a minute and six
+# per proxy read 0.86-1.27x across runs of unchanged code; over plain HTTP the twelve through
+# each proxy read 841-1,194 MB/s for Squid and 1,382-2,198 for the sidecar in two runs.)
 DOWNLOADS_PER_SEGMENT = 6
 
 
