@@ -91,6 +91,15 @@ static double percentile(const long *hist, long total, double q) {
     return (double)(BUCKETS * BUCKET_US) / 1e3;
 }
 
+/* Every connection's first request, sent at start; nonzero (and a message) on failure. */
+static int first_requests(struct conn *conns, int n, double start, const char *request, int len) {
+    for (int i = 0; i < n; i++) {
+        conns[i].sent = start;
+        if (write(conns[i].fd, request, (size_t)len) != len) return fail("write", strerror(errno));
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc != 7) {
         fprintf(stderr, "usage: tunload PROXY|- TARGET PATH CONNECTIONS SECONDS LIMIT\n");
@@ -139,11 +148,7 @@ int main(int argc, char **argv) {
     if (ready == n) {  /* direct: no tunnels to wait for */
         start = now();
         end = start + seconds;
-        for (int i = 0; i < n; i++) {
-            conns[i].sent = start;
-            if (write(conns[i].fd, request, (size_t)request_len) != request_len)
-                return fail("write", strerror(errno));
-        }
+        if (first_requests(conns, n, start, request, request_len) != 0) return 1;
     }
     struct epoll_event events[256];
     for (;;) {
@@ -188,11 +193,7 @@ int main(int argc, char **argv) {
                     if (++ready < n) continue;  /* the clock starts when every tunnel is open */
                     start = now();
                     end = start + seconds;
-                    for (int i = 0; i < n; i++) {
-                        conns[i].sent = start;
-                        if (write(conns[i].fd, request, (size_t)request_len) != request_len)
-                            return fail("write", strerror(errno));
-                    }
+                    if (first_requests(conns, n, start, request, request_len) != 0) return 1;
                     continue;
                 }
                 if (status >= 200 && status <= 299) ok++;

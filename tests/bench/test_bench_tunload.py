@@ -31,81 +31,73 @@ def _read_head(conn: socket.socket, buf: bytearray) -> bytes | None:
     return head
 
 
+class _Server:
+    """A threaded TCP server on a free loopback port, its connections served by ``handle``."""
+
+    server: socketserver.ThreadingTCPServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        serve = self.handle
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                serve(self.request)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        assert self.server is not None
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @dataclass
-class Upstream:
+class Upstream(_Server):
     """Answers every request on a kept-alive connection with ``answer``; records the heads."""
 
     answer: bytes = OK
     heads: list[bytes] = field(default_factory=list)
-    server: socketserver.ThreadingTCPServer | None = None
 
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.server_address[1])
-
-    def start(self) -> None:
-        upstream = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                buf = bytearray()
-                while (head := _read_head(self.request, buf)) is not None:
-                    upstream.heads.append(head)
-                    self.request.sendall(upstream.answer)
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        assert self.server is not None
-        self.server.shutdown()
-        self.server.server_close()
+    def handle(self, conn: socket.socket) -> None:
+        buf = bytearray()
+        while (head := _read_head(conn, buf)) is not None:
+            self.heads.append(head)
+            conn.sendall(self.answer)
 
 
 @dataclass
-class ConnectProxy:
+class ConnectProxy(_Server):
     """A CONNECT proxy: ``refuse`` answers every CONNECT with 403, else 200 and a relay."""
 
     refuse: bool = False
     connects: list[bytes] = field(default_factory=list)
-    server: socketserver.ThreadingTCPServer | None = None
 
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.server_address[1])
-
-    def start(self) -> None:
-        proxy = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                buf = bytearray()
-                head = _read_head(self.request, buf)
-                if head is None:
-                    return
-                proxy.connects.append(head)
-                if proxy.refuse:
-                    self.request.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
-                    return
-                host, _, port = head.split(b" ")[1].decode().rpartition(":")
-                with socket.create_connection((host, int(port))) as up:
-                    self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                    if buf:
-                        up.sendall(buf)
-                    threading.Thread(target=_copy, args=(up, self.request), daemon=True).start()
-                    _copy(self.request, up)
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        assert self.server is not None
-        self.server.shutdown()
-        self.server.server_close()
+    def handle(self, conn: socket.socket) -> None:
+        buf = bytearray()
+        head = _read_head(conn, buf)
+        if head is None:
+            return
+        self.connects.append(head)
+        if self.refuse:
+            conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            return
+        host, _, port = head.split(b" ")[1].decode().rpartition(":")
+        with socket.create_connection((host, int(port))) as up:
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if buf:
+                up.sendall(buf)
+            threading.Thread(target=_copy, args=(up, conn), daemon=True).start()
+            _copy(conn, up)
 
 
 def _copy(source: socket.socket, sink: socket.socket) -> None:
