@@ -34,6 +34,11 @@ from sidecar.proxy.headlimits import (
 )
 
 _HEAD_SAMPLE = 8 * 1024 + 64  # enough of a refused head to read its method and target
+# What an HTTP/1 request line may carry. mitmproxy reads "HTTP/2.0" there as an HTTP/2 request
+# (its Host is then the :authority, which an HTTP/1 upstream never sees): the decided host and
+# the Host header the upstream routes by could differ. Refused with 400, as every head HTTP/1
+# forbids is (docs/troubleshooting.md, "invalid request").
+_HTTP1_VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1"})
 
 
 class BoundedChunkedReader(ChunkedReader):
@@ -159,6 +164,17 @@ class GuardedHttp1Server(Http1Server):
         raw = [bytes(x) for x in lines]
         try:
             self.request = http1.read_request_head(raw)
+            if self.request.http_version not in _HTTP1_VERSIONS:
+                yield from self._refuse(
+                    HeadRejection(
+                        400,
+                        Reason.INVALID_REQUEST,
+                        f"HTTP version {self.request.http_version[:16]!r} on an HTTP/1 "
+                        "connection (HTTP/1.0 and HTTP/1.1 only)",
+                    ),
+                    b"\r\n".join(raw[:1]),
+                )
+                return
             expected_body_size = http1.expected_http_body_size(self.request)
             problem = validate_request(
                 self._mode(), self.request, self.context.options.validate_inbound_headers

@@ -156,6 +156,38 @@ print(json.dumps(out))
 """
 
 
+def _send_all(pod: Pod, heads: list[bytes]) -> list[str]:
+    """Each head on its own connection from the app's UID in the pod; the answers' starts."""
+    batch = pod.world.workdir / "heads.b64"
+    batch.write_text("\n".join(base64.b64encode(head).decode() for head in heads))
+    batch.chmod(0o644)
+    proc = pod.world.pod.run(
+        [sys.executable, "-c", _SEND_ALL, str(batch), WEB4], uid=APP_UID, timeout=50
+    )
+    assert proc.returncode == 0, proc.stderr
+    answers: list[str] = json.loads(proc.stdout)
+    return answers
+
+
+def test_an_http_2_version_on_an_http_1_line_is_refused_not_relayed_with_its_host(
+    pod: Pod,
+) -> None:
+    """The transparent listener's HTTP/1 layer too: an absolute-form target decides the host,
+    and an "HTTP/2.0" line once kept the client's Host (the reference read it as HTTP/2)."""
+    mark = pod.upstream.mark()
+    heads = [
+        f"GET http://web.test/ok/1 {version}\r\nHost: other.test\r\n{extra}"
+        "Connection: close\r\n\r\n".encode()
+        for version in ("HTTP/2.0", "HTTP/1.2")
+        for extra in ("", "Upgrade: websocket\r\nConnection: upgrade\r\n")
+    ]
+    for answer in _send_all(pod, heads):
+        assert answer.startswith("HTTP/1.1 400 "), answer
+        assert "x-egress-reason: invalid request" in answer.lower(), answer
+    time.sleep(0.3)  # a late (wrong) upstream connection would show up by now
+    assert not pod.accepted(mark, 80)
+
+
 @settings(
     max_examples=2,
     deadline=None,
@@ -173,14 +205,7 @@ def test_fuzzed_heads_on_the_transparent_listener_never_crash_and_never_pass_the
     pod: Pod, heads: list[bytes]
 ) -> None:
     mark = pod.upstream.mark()
-    batch = pod.world.workdir / "heads.b64"
-    batch.write_text("\n".join(base64.b64encode(head).decode() for head in heads))
-    batch.chmod(0o644)
-    proc = pod.world.pod.run(
-        [sys.executable, "-c", _SEND_ALL, str(batch), WEB4], uid=APP_UID, timeout=50
-    )
-    assert proc.returncode == 0, proc.stderr
-    for received in json.loads(proc.stdout):
+    for received in _send_all(pod, heads):
         if not received:
             continue
         answer = received

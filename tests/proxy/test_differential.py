@@ -258,6 +258,10 @@ CORPUS = {
     "space-in-name": "GET http://{w}/ HTTP/1.1\r\nHost: {w}\r\nBad Header: x\r\n\r\n",
     "nul-in-value": "GET http://{w}/ HTTP/1.1\r\nHost: {w}\r\nX: a\x00b\r\n\r\n",
     "version-2": "GET http://{w}/ HTTP/2.0\r\nHost: {w}\r\nConnection: close\r\n\r\n",
+    # An HTTP/2 version on an HTTP/1 line once let mitmproxy keep a Host the policy never saw.
+    "version-2-other-host": "GET http://{w}/ HTTP/2.0\r\nHost: denied.test\r\n"
+    "Connection: close\r\n\r\n",
+    "version-1.2": "GET http://{w}/ HTTP/1.2\r\nHost: {w}\r\nConnection: close\r\n\r\n",
     "lowercase-method": "get http://{w}/ HTTP/1.1\r\nHost: {w}\r\nConnection: close\r\n\r\n",
     "pipelined": "GET http://{w}/1 HTTP/1.1\r\nHost: {w}\r\n\r\n"
     "GET http://denied.test:{port}/2 HTTP/1.1\r\nHost: denied.test\r\nConnection: close\r\n\r\n",
