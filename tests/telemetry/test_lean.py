@@ -520,6 +520,30 @@ def test_a_lean_span_writes_the_headers_the_w3c_propagator_writes(
     assert ours["traceparent"].split("-")[2] != CALLER_SPAN  # it names our span, not the caller's
 
 
+def test_a_full_batch_leaves_at_once_and_the_rest_waits_for_the_next_one_or_the_delay(
+    receiver: Receiver,
+) -> None:
+    # Stragglers sent with each full batch made a busy sidecar POST batches of ~150, not 512.
+    provider = _lean(
+        _env(receiver.endpoint, OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4", OTEL_BSP_SCHEDULE_DELAY="1500")
+    )
+    spans = DecisionSpans(provider.get_tracer("t"))
+    started = time.monotonic()
+    for _ in range(6):
+        spans.record(_record())
+    assert len(receiver.wait_spans(4, timeout=1.0)) == 4
+    time.sleep(0.3)
+    assert [len(p.request.resource_spans[0].scope_spans[0].spans) for p in receiver.posts] == [4]
+    assert len(receiver.wait_spans(6, timeout=5)) == 6  # the two left: when the delay passed
+    assert time.monotonic() - started >= 1.0
+    for _ in range(4):
+        spans.record(_record())
+    assert len(receiver.wait_spans(10, timeout=1.0)) == 10  # a full batch again: at once
+    provider.shutdown()
+    sizes = [len(p.request.resource_spans[0].scope_spans[0].spans) for p in receiver.posts]
+    assert sizes == [4, 2, 4]
+
+
 # -- failures -------------------------------------------------------------------------------------
 
 
