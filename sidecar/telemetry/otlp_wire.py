@@ -60,6 +60,10 @@ _ARRAY_VALUES = b"\x0a"
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _SMALL = [bytes((i,)) for i in range(128)]
+# Two-byte varints up to the usual size of a span (a length per span in each batch): a list
+# look-up instead of a call that builds them (~180 ns), for ~60 KiB.
+_TWO_BYTE_MAX = 2048
+_VARINTS = _SMALL + [bytes(((n & 0x7F) | 0x80, n >> 7)) for n in range(128, _TWO_BYTE_MAX)]
 _fixed64 = struct.Struct("<Q").pack
 _double = struct.Struct("<d").pack
 _fixed32 = struct.Struct("<I").pack
@@ -118,9 +122,11 @@ class WireSpan(Protocol):
 
 
 def varint(n: int) -> bytes:
-    if n < 0x80:
-        return _SMALL[n] if n >= 0 else varint(n + (1 << 64))
-    if n < 0x4000:  # a span's length, most attributes': two bytes
+    if 0 <= n < _TWO_BYTE_MAX:
+        return _VARINTS[n]
+    if n < 0:
+        return varint(n + (1 << 64))
+    if n < 0x4000:  # two bytes
         return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n > 0x7F:
@@ -262,6 +268,11 @@ def _head(name: str, kind: int) -> bytes:
     return remember(_heads, (name, kind), head, _CACHE_MAX)
 
 
+# A Span attribute field url.full=<n bytes>, for n < _URL_ONE_BYTE: every length in it one byte.
+_URL_FULL_FIELD = _SPAN_ATTR + b"%c" + _URL_FULL_KEY + _KV_VALUE + b"%c" + _ANY_STRING + b"%c%b"
+_URL_ONE_BYTE = 0x80 - len(_URL_FULL_KEY) - 4  # the KeyValue's length stays under 128
+
+
 def _string_attribute(key: bytes, value: str) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     """A Span attribute field of a string value, as parts: ``key`` its encoded key field."""
     raw = value.encode("utf-8", "replace")
@@ -291,8 +302,14 @@ def encode_span(span: WireSpan) -> bytes:
     )
     if span.attributes:
         parts.append(attributes(_SPAN_ATTR, span.attributes))
-    if span.url_full:
-        parts += _string_attribute(_URL_FULL_KEY, span.url_full)
+    url = span.url_full
+    if url:
+        raw = url.encode("utf-8", "replace")
+        n = len(raw)
+        if n < _URL_ONE_BYTE:  # most URLs: the field in one formatting
+            parts.append(_URL_FULL_FIELD % (n + len(_URL_FULL_KEY) + 4, n + 2, n, raw))
+        else:
+            parts += _string_attribute(_URL_FULL_KEY, url)
     if span.events:
         parts += [_event(e) for e in span.events]
     if span.status_code or span.status_message:
@@ -310,7 +327,13 @@ def encode_span(span: WireSpan) -> bytes:
 
 
 def encode_request(resource: bytes, spans: Iterable[WireSpan]) -> bytes:
-    """An ExportTraceServiceRequest: one ResourceSpans, one ScopeSpans per tracer scope.
+    """An ExportTraceServiceRequest of ``spans``: encode_batch of each one encoded."""
+    return encode_batch(resource, [(span.scope, encode_span(span)) for span in spans])
+
+
+def encode_batch(resource: bytes, encoded: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """An ExportTraceServiceRequest of spans encoded already, each as (its scope, its Span
+    message): one ResourceSpans, one ScopeSpans per scope, spans in the order given.
 
     Written with one join: every length is summed as the parts are made, so the batch (a few
     hundred KiB) is copied once. Joined level by level it was copied five times, each into a
@@ -318,10 +341,8 @@ def encode_request(resource: bytes, spans: Iterable[WireSpan]) -> bytes:
     a batch of 512: time spent in the kernel, for each export)."""
     groups: dict[bytes, list[bytes]] = {}
     sizes: dict[bytes, int] = {}
-    for span in spans:
-        body = encode_span(span)
+    for scope, body in encoded:
         length = varint(len(body))
-        scope = span.scope
         group = groups.get(scope)
         if group is None:
             group = groups[scope] = []

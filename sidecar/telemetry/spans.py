@@ -234,22 +234,25 @@ class DecisionSpans:
         )
 
     def finish(self, span: Span, rec: DecisionRecord, *, end_ns: int | None = None) -> None:
-        if not span.is_recording():
-            return  # not sampled, or export off: nothing would keep what is set here
+        # Checked first: the span of nearly every call when export is on (one call less).
         if type(span) is self._deferred and span.deferred:
-            # start_decision's span: every attribute read from the record as the call ends.
+            # start_decision's span, still open: every attribute read from the record now.
             span.deferred = False
             block = decision_block(rec)
-            if block is not None:
+            if block is not None:  # no upstream error (decision_block's condition)
                 span.block = block
                 if rec.url:
                     span.url_full = rec.url
-                status = _end_status(rec)
-                if status is not None:
-                    span.set_status(status)
+                # _end_status's cases without an error, its call spared on an ordinary call
+                if rec.decision.verdict is Verdict.DENY or (rec.status_code or 0) >= 500:
+                    status = _end_status(rec)
+                    if status is not None:
+                        span.set_status(status)
                 span.end(end_time=end_ns)
                 return
             span.set_attributes(decision_attributes(rec))
+        elif not span.is_recording():
+            return  # not sampled, or export off: nothing would keep what is set here
         for key, value in _end_attributes(rec):
             span.set_attribute(key, value)
         status = _end_status(rec)

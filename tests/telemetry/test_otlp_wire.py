@@ -134,6 +134,33 @@ def test_a_span_s_url_full_written_apart_reads_back_with_its_other_attributes(
     assert got.name == "GET" and got.span_id.hex() == "00f067aa0ba902b7"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        # around the one-formatting path's edge (113 bytes) and the varints' byte boundaries
+        *("u" * n for n in (1, 112, 113, 114, 115, 125, 126, 127, 128, 2047, 2048, 16384)),
+        "é" * 56,  # 112 bytes in 56 characters
+        "é" * 57,  # 114 bytes: past the edge by bytes, not by characters
+        "http://web.test/ü?q=✓",
+    ],
+)
+def test_url_full_of_any_length_reads_back(url: str) -> None:
+    block = otlp_wire.attributes(otlp_wire.SPAN_ATTRIBUTES, {"egress.decision": "allow"})
+    (got,) = _decode({}, [Span(block=block, url_full=url)]).resource_spans[0].scope_spans[0].spans
+    assert {a.key: _value(a.value) for a in got.attributes} == {
+        "egress.decision": "allow",
+        "url.full": url,
+    }
+
+
+@pytest.mark.parametrize(
+    "n", [0, 1, 127, 128, 300, 2047, 2048, 16383, 16384, 1 << 35, INT64_MAX, -1, INT64_MIN]
+)
+def test_varint_writes_what_protobuf_writes(n: int) -> None:
+    # An AnyValue's int_value (field 3, a oneof: written even when 0) is its tag and the varint.
+    assert b"\x18" + otlp_wire.varint(n) == AnyValue(int_value=n).SerializeToString()
+
+
 def test_a_root_span_without_status_leaves_those_fields_empty() -> None:
     (got,) = _decode({}, [Span()]).resource_spans[0].scope_spans[0].spans
     assert got.parent_span_id == b"" and got.trace_state == ""
