@@ -565,7 +565,7 @@ def measure_export(ctx: Context, workdir: Path) -> ExportRun:
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         # batches leave at 512 spans under load anyway; this only shortens the wait for the
-        # last partial batch after it (the default is 5 s)
+        # last partial batch after it (the sidecar's default is 1 s)
         "OTEL_BSP_SCHEDULE_DELAY": "500",
     }
     try:
