@@ -36,6 +36,9 @@ class CollectorProtocolError(Exception):
     """The collector's answer was not an HTTP/1.1 response this client can read."""
 
 
+_BLANKS = " \t"  # RFC 9110's OWS
+
+
 def valid_field(name: str, value: str) -> bool:
     """Whether ``name: value`` can be written as a request header field as it is."""
     return _TOKEN.fullmatch(name) is not None and _BAD_VALUE.search(value) is None
@@ -103,7 +106,9 @@ class CollectorConnection:
         host_field = format_hostport(host, port, 443 if scheme == "https" else 80)
         fields = [("Host", host_field), *headers]
         fields.append(("Content-Type", "application/x-protobuf"))
-        lines = "".join(f"{name}: {value}\r\n" for name, value in fields)
+        # Blanks around a value are not part of it (RFC 9110 5.5), but llhttp keeps a trailing
+        # tab: written without them, every parser reads the same value.
+        lines = "".join(f"{name}: {value.strip(_BLANKS)}\r\n" for name, value in fields)
         self._head = f"POST {path} HTTP/1.1\r\n{lines}".encode("latin-1", "replace")
         self._sock: socket.socket | None = None
 
