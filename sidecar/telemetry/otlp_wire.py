@@ -326,11 +326,6 @@ def encode_span(span: WireSpan) -> bytes:
     return b"".join(parts)
 
 
-def encode_request(resource: bytes, spans: Iterable[WireSpan]) -> bytes:
-    """An ExportTraceServiceRequest of ``spans``: encode_batch of each one encoded."""
-    return encode_batch(resource, [(span.scope, encode_span(span)) for span in spans])
-
-
 def encode_batch(resource: bytes, encoded: Iterable[tuple[bytes, bytes]]) -> bytes:
     """An ExportTraceServiceRequest of spans encoded already, each as (its scope, its Span
     message): one ResourceSpans, one ScopeSpans per scope, spans in the order given.

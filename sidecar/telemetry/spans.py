@@ -243,11 +243,9 @@ class DecisionSpans:
                 span.block = block
                 if rec.url:
                     span.url_full = rec.url
-                # _end_status's cases without an error, its call spared on an ordinary call
-                if rec.decision.verdict is Verdict.DENY or (rec.status_code or 0) >= 500:
-                    status = _end_status(rec)
-                    if status is not None:
-                        span.set_status(status)
+                status = _end_status(rec)
+                if status is not None:
+                    span.set_status(status)
                 span.end(end_time=end_ns)
                 return
             span.set_attributes(decision_attributes(rec))

@@ -51,9 +51,14 @@ def _value(v: AnyValue) -> object:
     return getattr(v, kind) if kind else None
 
 
+def _request(resource: Mapping[str, object], spans: list[Span]) -> bytes:
+    """What the exporter sends: each span encoded as it ends, then the batch around them."""
+    encoded = [(span.scope, otlp_wire.encode_span(span)) for span in spans]
+    return otlp_wire.encode_batch(otlp_wire.encode_resource(resource), encoded)
+
+
 def _decode(resource: Mapping[str, object], spans: list[Span]) -> ExportTraceServiceRequest:
-    body = otlp_wire.encode_request(otlp_wire.encode_resource(resource), spans)
-    return ExportTraceServiceRequest.FromString(body)
+    return ExportTraceServiceRequest.FromString(_request(resource, spans))
 
 
 def _same(a: object, b: object) -> bool:
@@ -187,7 +192,7 @@ def test_a_batch_of_any_size_reads_back_whole(count: int) -> None:
         Span(name=f"s{i}", scope=other if i % 3 == 0 else Span.scope, url_full="u" * (i % 200))
         for i in range(count)
     ]
-    body = otlp_wire.encode_request(otlp_wire.encode_resource({"k": "v"}), spans)
+    body = _request({"k": "v"}, spans)
     request = ExportTraceServiceRequest.FromString(body)
     (rs,) = request.resource_spans
     assert [(a.key, a.value.string_value) for a in rs.resource.attributes] == [("k", "v")]
